@@ -1,0 +1,36 @@
+import math
+
+import pytest
+import torch
+
+from vision_rwkv import RWKV7, RWKV7Config
+
+
+def tiny_config(**kw) -> RWKV7Config:
+    base = dict(vocab_size=97, n_layer=3, n_embd=64, head_size=16, d_decay_lora=8, d_aaa_lora=8,
+                d_mv_lora=8, d_gate_lora=16, dim_ffn=128)
+    base.update(kw)
+    return RWKV7Config(**base)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random. The official init zeroes output projections, which would hide bugs."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and not name.endswith("r_k"):
+            std = 1.0 / math.sqrt(p.shape[1])
+            if name == "emb.weight":
+                std = 1.0
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+        elif name.endswith("ln0.weight") or ".ln" in name and name.endswith("weight") or name.startswith("ln_out.weight"):
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return randomize_(RWKV7(tiny_config()).eval())

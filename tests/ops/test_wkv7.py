@@ -1,0 +1,101 @@
+"""The two PyTorch WKV-7 implementations agree: outputs, final states and every gradient."""
+
+import pytest
+import torch
+
+from vision_rwkv import VisionRWKVError
+from vision_rwkv.ops.wkv7 import wkv7, wkv7_chunked, wkv7_reference
+
+
+def make_inputs(B, T, H, N, dtype=torch.float64, seed=0, with_state=True):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    r, w, k, v = rnd(B, T, H, N), 2 * rnd(B, T, H, N), 0.5 * rnd(B, T, H, N), rnd(B, T, H, N)
+    kk = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
+    a = torch.rand(B, T, H, N, generator=g, dtype=dtype)
+    s0 = rnd(B, H, N, N) if with_state else None
+    return [r, w, k, v, -kk, kk * a], s0
+
+
+@pytest.mark.parametrize("T", [1, 5, 31, 32, 33, 100])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_matches_reference_fp64(T, with_state):
+    xs, s0 = make_inputs(2, T, 3, 8, with_state=with_state, seed=T)
+    y1, s1 = wkv7_reference(*xs, s0)
+    y2, s2 = wkv7_chunked(*xs, s0)
+    assert y1.shape == y2.shape == xs[0].shape and s1.shape == s2.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(y2, y1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s2, s1, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_len", [1, 7, 16, 64])
+def test_chunk_length_does_not_change_the_result(chunk_len):
+    xs, s0 = make_inputs(1, 50, 2, 8, seed=3)
+    y1, s1 = wkv7_reference(*xs, s0)
+    y2, s2 = wkv7_chunked(*xs, s0, chunk_len=chunk_len)
+    torch.testing.assert_close(y2, y1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s2, s1, rtol=1e-10, atol=1e-10)
+
+
+def test_fp32_paths_agree_and_keep_fp32_state():
+    xs, s0 = make_inputs(2, 70, 2, 16, dtype=torch.float32, seed=1)
+    y1, s1 = wkv7_reference(*xs, s0.float())
+    y2, s2 = wkv7_chunked(*xs, s0.float())
+    assert s1.dtype == s2.dtype == torch.float32
+    # fp32 rounding over 70 steps of a contracting recurrence: relative error ~1e-6
+    assert (y2 - y1).norm() / y1.norm() < 1e-5
+    assert (s2 - s1).norm() / s1.norm() < 1e-5
+
+
+def test_bf16_inputs_give_bf16_output_and_fp32_state():
+    xs, s0 = make_inputs(1, 40, 2, 16, dtype=torch.float32, seed=2)
+    y, s = wkv7_chunked(*(x.bfloat16() for x in xs), s0)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    y_ref, _ = wkv7_reference(*(x.bfloat16().float() for x in xs), s0)
+    assert (y.float() - y_ref).norm() / y_ref.norm() < 1e-2  # bf16 output rounding
+
+
+@pytest.mark.parametrize("T", [1, 20, 45])
+def test_gradients_agree_for_every_input_and_the_state(T):
+    xs, s0 = make_inputs(2, T, 2, 8, seed=10 + T)
+    grads = []
+    for fn in (wkv7_reference, wkv7_chunked):
+        leaves = [x.clone().requires_grad_() for x in xs] + [s0.clone().requires_grad_()]
+        y, s = fn(*leaves[:6], leaves[6])
+        g = torch.Generator().manual_seed(99)
+        loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() + (s * torch.randn(s.shape, generator=g, dtype=s.dtype)).sum()
+        loss.backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for name, g_ref, g_chunk in zip(["r", "w", "k", "v", "a", "b", "state"], *grads):
+        assert g_ref is not None and g_chunk is not None, name
+        assert g_ref.abs().max() > 0, f"gradient of {name} is identically zero: the test would prove nothing"
+        torch.testing.assert_close(g_chunk, g_ref, rtol=1e-9, atol=1e-9, msg=f"d/d{name}")
+
+
+def test_dispatcher_runs_each_impl_and_rejects_bad_shapes():
+    xs, s0 = make_inputs(1, 9, 2, 8, seed=4)
+    y_ref, s_ref = wkv7(*xs, state=s0, impl="reference")
+    y_chk, s_chk = wkv7(*xs, state=s0, impl="chunked")
+    y_auto, _ = wkv7(*xs, state=s0)
+    torch.testing.assert_close(y_chk, y_ref)
+    torch.testing.assert_close(y_auto, y_chk)
+    with pytest.raises(VisionRWKVError, match="state has shape"):
+        wkv7(*xs, state=s0[:, :1])
+    with pytest.raises(VisionRWKVError, match="k has shape"):
+        wkv7(xs[0], xs[1], xs[2][:, :3], *xs[3:])
+    with pytest.raises(VisionRWKVError, match="impl"):
+        wkv7(*xs, impl="fast")
+    with pytest.raises(VisionRWKVError, match="cannot run"):
+        wkv7(*xs, impl="cuda")
+
+
+def test_decay_is_the_soft_clamped_exponential():
+    # A single step from a known state isolates the decay: S1 = S0 * d (a = b = k = 0), y = S1 r.
+    N = 4
+    w = torch.tensor([-30.0, 0.0, 2.0, 30.0], dtype=torch.float64).view(1, 1, 1, N)
+    zeros = torch.zeros(1, 1, 1, N, dtype=torch.float64)
+    s0 = torch.ones(1, 1, N, N, dtype=torch.float64)
+    _, s1 = wkv7_reference(zeros, w, zeros, zeros, zeros, zeros, s0)
+    expected = torch.exp(-torch.exp(torch.tensor(-0.5, dtype=torch.float64)) * torch.sigmoid(w.view(N)))
+    torch.testing.assert_close(s1[0, 0, 0], expected)
+    assert expected.min() > 0.545 and expected.max() < 1

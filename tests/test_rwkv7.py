@@ -1,0 +1,146 @@
+"""The decoder: GPT mode = RNN mode, chunked prefill = one pass, inputs_embeds, dtypes, bad input."""
+
+import pytest
+import torch
+
+from conftest import randomize_, tiny_config
+from vision_rwkv import RWKV7, RWKVState, VisionRWKVError
+
+
+@torch.no_grad()
+def rnn_logits(model, tokens, state=None):
+    outs = []
+    for t in range(tokens.shape[1]):
+        logits, state = model.step(tokens[:, t], state)
+        outs.append(logits)
+    return torch.stack(outs, dim=1), state
+
+
+@pytest.mark.parametrize("wkv_impl", ["chunked", "reference"])
+def test_gpt_mode_equals_rnn_mode(wkv_impl):
+    model = randomize_(RWKV7(tiny_config(wkv_impl=wkv_impl)).eval(), seed=1)
+    tokens = torch.randint(0, 97, (3, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gpt, gpt_state = model(tokens)
+    rnn, rnn_state = rnn_logits(model, tokens)
+    assert gpt.shape == (3, 64, 97)
+    assert gpt.abs().max() > 1.0, "logits too small for the comparison to mean anything"
+    assert (gpt - rnn).abs().max() <= 1e-5
+    for name in ("att_shift", "wkv", "ffn_shift"):  # states reach |5|: compare relative to size
+        torch.testing.assert_close(getattr(gpt_state, name), getattr(rnn_state, name), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 17, 32, 63])
+def test_chunked_prefill_equals_one_pass(tiny_model, k):
+    tokens = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(k))
+    with torch.no_grad():
+        full, full_state = tiny_model(tokens)
+        first, state = tiny_model(tokens[:, :k])
+        rest, state = tiny_model(tokens[:, k:], state=state)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.wkv, full_state.wkv, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt_prefix_then_rnn_continuation(tiny_model):
+    tokens = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full, _ = tiny_model(tokens)
+        _, state = tiny_model(tokens[:, :20])
+        cont, _ = rnn_logits(tiny_model, tokens[:, 20:], state)
+    torch.testing.assert_close(cont, full[:, 20:], rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_embeds_equal_token_ids(tiny_model):
+    tokens = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        by_ids, s1 = tiny_model(tokens)
+        by_embeds, s2 = tiny_model(inputs_embeds=tiny_model.emb(tokens))
+        last, _ = tiny_model(tokens, last_only=True)
+    torch.testing.assert_close(by_embeds, by_ids)
+    torch.testing.assert_close(s2.wkv, s1.wkv)
+    torch.testing.assert_close(last, by_ids[:, -1])
+
+
+def test_batched_equals_one_by_one(tiny_model):
+    tokens = torch.randint(0, 97, (3, 25))
+    with torch.no_grad():
+        batched, state = tiny_model(tokens)
+        for i in range(3):
+            single, s = tiny_model(tokens[i : i + 1])
+            torch.testing.assert_close(single, batched[i : i + 1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(s.wkv, state[i].wkv, rtol=1e-5, atol=1e-5)
+
+
+def test_state_is_fp32_for_bf16_weights():
+    model = randomize_(RWKV7(tiny_config())).to(torch.bfloat16).eval()
+    tokens = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        logits, state = model(tokens)
+        step_logits, state2 = model.step(tokens[:, 0], state)
+    assert logits.dtype == torch.bfloat16
+    for s in (state, state2):
+        assert s.att_shift.dtype == s.wkv.dtype == s.ffn_shift.dtype == torch.float32
+    assert torch.isfinite(step_logits).all()
+
+
+def test_state_rows_can_be_selected_and_joined(tiny_model):
+    tokens = torch.randint(0, 97, (3, 8))
+    with torch.no_grad():
+        _, state = tiny_model(tokens)
+    picked = state[[2, 0]]
+    assert picked.batch_size == 2
+    torch.testing.assert_close(picked.wkv[:, 0], state.wkv[:, 2])
+    joined = RWKVState.cat([state[0], state[1:]])
+    torch.testing.assert_close(joined.ffn_shift, state.ffn_shift)
+
+
+def test_gradients_flow_through_gpt_mode_and_the_initial_state(tiny_model):
+    tokens = torch.randint(0, 97, (2, 40))
+    state = tiny_model.init_state(2)
+    state.wkv.requires_grad_(True)
+    logits, _ = tiny_model(tokens, state)
+    logits.float().pow(2).mean().backward()
+    assert state.wkv.grad is not None and state.wkv.grad.abs().sum() > 0
+    unused = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}  # layer 0 makes v_first instead
+    for name, p in tiny_model.named_parameters():
+        assert (p.grad is None) == (name in unused), name
+
+
+# ---- bad input: one clear line each -------------------------------------------------------------------
+
+
+def test_token_ids_outside_the_vocabulary(tiny_model):
+    with pytest.raises(VisionRWKVError, match=r"token id 97 is outside .* \[0, 97\)"):
+        tiny_model(torch.tensor([[1, 2, 97]]))
+    with pytest.raises(VisionRWKVError, match="token id -1"):
+        tiny_model.step(torch.tensor([-1]), None)
+
+
+def test_wrong_token_types_and_shapes(tiny_model):
+    with pytest.raises(VisionRWKVError, match="integer"):
+        tiny_model(torch.rand(1, 4))
+    with pytest.raises(VisionRWKVError, match=r"shape \(B, T\)"):
+        tiny_model(torch.tensor([1, 2, 3]))
+    with pytest.raises(VisionRWKVError, match="one token per row"):
+        tiny_model.step(torch.tensor([[1, 2]]), None)
+    with pytest.raises(VisionRWKVError, match="exactly one"):
+        tiny_model()
+    with pytest.raises(VisionRWKVError, match="inputs_embeds must have shape"):
+        tiny_model(inputs_embeds=torch.zeros(1, 3, 65))
+
+
+def test_state_from_another_model_shape(tiny_model):
+    other = RWKV7(tiny_config(n_embd=32, head_size=16)).eval()
+    _, state = other(torch.tensor([[1, 2]]))
+    with pytest.raises(VisionRWKVError, match=r"state\.att_shift has shape .* expects"):
+        tiny_model(torch.tensor([[1, 2]]), state)
+    _, state = tiny_model(torch.tensor([[1, 2], [3, 4]]))
+    with pytest.raises(VisionRWKVError, match="with batch 1"):
+        tiny_model.step(torch.tensor([1]), state)
+    with pytest.raises(VisionRWKVError, match="must be an RWKVState"):
+        tiny_model.step(torch.tensor([1]), [torch.zeros(1)])
+
+
+def test_bad_config_is_one_line():
+    with pytest.raises(VisionRWKVError, match="multiple of decoder.head_size"):
+        RWKV7(tiny_config(n_embd=60))

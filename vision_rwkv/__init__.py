@@ -1,0 +1,34 @@
+"""vision_rwkv: image captioning with a frozen CLIP encoder and an RWKV-7 decoder.
+
+Public API (stable):
+
+    from vision_rwkv import load_decoder
+    lm = load_decoder(path)                    # official RWKV-7 .pth, or a vision_rwkv checkpoint folder
+    logits, state = lm(tokens)                 # GPT mode: (B,T) -> (B,T,V), final state
+    logits, state = lm(tokens, state=state)    # continue from a state
+    logits, state = lm.step(tokens_t, state)   # RNN mode: (B,) -> (B,V)
+"""
+
+from .checkpoint import load_decoder, save_decoder, save_official
+from .config import RWKV7Config, SamplingConfig
+from .errors import VisionRWKVError
+from .generate import generate
+from .rwkv7 import RWKV7
+from .state import RWKVState
+from .tokenizer import HFTokenizer, WorldTokenizer, load_tokenizer, train_bpe
+
+__all__ = [
+    "load_decoder",
+    "save_decoder",
+    "save_official",
+    "RWKV7",
+    "RWKV7Config",
+    "RWKVState",
+    "SamplingConfig",
+    "VisionRWKVError",
+    "generate",
+    "load_tokenizer",
+    "train_bpe",
+    "WorldTokenizer",
+    "HFTokenizer",
+]

@@ -1,0 +1,265 @@
+"""Decoder checkpoints: official RWKV-7 .pth files and this project's own folders.
+
+Our own format is a folder holding ``model.safetensors`` and ``config.yaml`` (plus ``tokenizer.json``
+when the tokenizer is a file). Keys in model.safetensors are the official names, so conversion in
+either direction is a rename-free copy. Folders are written to a temporary sibling and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import RWKV7Config
+from .errors import VisionRWKVError
+from .rwkv7 import RWKV7
+
+FORMAT = "vision_rwkv.decoder"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+
+# Keys that identify other architectures, so a wrong file gets a name rather than a key list.
+_OTHER_ARCHS = [
+    ("blocks.0.att.time_first", "RWKV-4"),
+    ("blocks.0.att.time_maa_x", "RWKV-6 (x060)"),
+    ("blocks.0.att.time_faaaa", "RWKV-5 (x052)"),
+    ("transformer.h.0.attn.c_attn.weight", "GPT-2"),
+    ("model.layers.0.self_attn.q_proj.weight", "a Llama-style transformer"),
+    ("model.layers.0.attn.r_proj.weight", "a flash-linear-attention (Hugging Face) RWKV-7; convert it to the official layout"),
+]
+# Layer 0 makes v_first and never reads its value-residual adapter; official files may omit it.
+_OPTIONAL = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+
+
+def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> RWKV7Config:
+    """Read n_layer, n_embd, head size, low-rank dims, ffn size and vocabulary size off the tensors."""
+    for key, arch in _OTHER_ARCHS:
+        if key in sd:
+            raise VisionRWKVError(f"{source} is {arch} (it has {key}); expected an RWKV-7 (x070) checkpoint")
+    for key in ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.ffn.key.weight"):
+        if key not in sd:
+            raise VisionRWKVError(f"{source} is not an RWKV-7 (x070) checkpoint: missing key {key}")
+    n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit())
+    _, head_size = sd["blocks.0.att.r_k"].shape
+    vocab_size, n_embd = sd["emb.weight"].shape
+
+    def lora_dim(name: str):  # the first layer that has this adapter tells its rank
+        key = next((f"blocks.{i}.att.{name}" for i in range(n_layer) if f"blocks.{i}.att.{name}" in sd), None)
+        return None if key is None else int(sd[key].shape[1])
+
+    return RWKV7Config(
+        vocab_size=int(vocab_size),
+        n_layer=n_layer,
+        n_embd=int(n_embd),
+        head_size=int(head_size),
+        dim_ffn=int(sd["blocks.0.ffn.key.weight"].shape[0]),
+        d_decay_lora=lora_dim("w1"),
+        d_aaa_lora=lora_dim("a1"),
+        d_mv_lora=lora_dim("v1"),
+        d_gate_lora=lora_dim("g1"),
+    )
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one line naming the first missing key, unexpected key or mismatched shape."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in sd and key not in _OPTIONAL:
+            raise VisionRWKVError(f"{source} is missing key {key} (shape {tuple(tensor.shape)})")
+    for key in sd:
+        if key not in expected:
+            raise VisionRWKVError(f"{source} has unexpected key {key}; it does not fit {_shape_name(model)}")
+    for key, tensor in sd.items():
+        want = tuple(expected[key].shape)
+        if tuple(tensor.shape) != want:
+            raise VisionRWKVError(f"{source}: {key} has shape {tuple(tensor.shape)}, expected {want} for {_shape_name(model)}")
+
+
+def _shape_name(model) -> str:
+    c = getattr(model, "config", None)
+    if isinstance(c, RWKV7Config):
+        return f"RWKV-7 L{c.n_layer}-D{c.n_embd} (head {c.head_size}, vocab {c.vocab_size})"
+    return type(model).__name__
+
+
+def _normalise(sd: dict[str, torch.Tensor], model: RWKV7) -> dict[str, torch.Tensor]:
+    """Accept the squeezed shapes some converters write (C,) for (1,1,C); fill layer 0's unused adapter."""
+    expected = model.state_dict()
+    out = {}
+    for key, t in sd.items():
+        want = expected.get(key)
+        if want is not None and t.shape != want.shape and t.numel() == want.numel() and t.dim() < want.dim():
+            t = t.reshape(want.shape)
+        out[key] = t
+    for key in _OPTIONAL:
+        if key not in out and key in expected:
+            out[key] = torch.zeros_like(expected[key])
+    return out
+
+
+def _read_pth(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many kinds here; the user needs the first line only
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise VisionRWKVError(f"cannot read {path} as a PyTorch checkpoint: {first}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise VisionRWKVError(f"{path} does not hold a state dict of tensors; expected an official RWKV-7 .pth")
+    return sd
+
+
+def load_official(path, *, device=None, dtype=None, wkv_impl: str = "auto") -> RWKV7:
+    """Load an official RWKV-7 .pth (BlinkDL key names and shapes) as an RWKV7 module."""
+    path = Path(path)
+    sd = _read_pth(path)
+    cfg = infer_config(sd, str(path))
+    cfg.wkv_impl = wkv_impl
+    return _build(cfg, sd, str(path), device, dtype)
+
+
+def _build(cfg: RWKV7Config, sd, source: str, device, dtype) -> RWKV7:
+    model = RWKV7(cfg, init=False)
+    sd = _normalise(sd, model)
+    check_state_dict(model, sd, source)
+    # Keep the stored dtype unless asked otherwise (official files are usually bf16).
+    model.to(dtype=dtype or sd["emb.weight"].dtype)
+    model.load_state_dict(sd)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def save_official(model: RWKV7, path) -> None:
+    """Write the official .pth layout (bf16 by default in RWKV-LM; we keep the model's dtype)."""
+    path = Path(path)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_file(path) as tmp:
+        torch.save(sd, tmp)
+
+
+def save_decoder(model: RWKV7, folder, *, tokenizer=None, extra_config: dict | None = None) -> Path:
+    """Write our own format: model.safetensors + config.yaml (+ tokenizer), atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "decoder": model.config.to_dict()}
+    if extra_config:
+        config.update(extra_config)
+    with atomic_folder(folder) as tmp:
+        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        if tokenizer is not None:
+            config["tokenizer"] = tokenizer.save(tmp)
+        (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    return folder
+
+
+def read_folder_config(folder: Path) -> dict:
+    cfg_path = folder / CONFIG
+    if not cfg_path.is_file():
+        raise VisionRWKVError(f"{folder} has no {CONFIG}; expected a vision_rwkv checkpoint folder")
+    try:
+        config = yaml.safe_load(cfg_path.read_text())
+    except yaml.YAMLError as e:
+        raise VisionRWKVError(f"{cfg_path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(config, dict) or "decoder" not in config:
+        raise VisionRWKVError(f"{cfg_path} has no 'decoder' section; expected a vision_rwkv checkpoint config")
+    return config
+
+
+def load_folder(folder, *, device=None, dtype=None, wkv_impl: str | None = None) -> RWKV7:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = read_folder_config(folder)
+    cfg = RWKV7Config.from_dict(config["decoder"])
+    if wkv_impl is not None:
+        cfg.wkv_impl = wkv_impl
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise VisionRWKVError(f"{folder} has no {WEIGHTS}")
+    try:
+        sd = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise VisionRWKVError(f"cannot read {weights}: {str(e).splitlines()[0]}") from None
+    if any(k.startswith("decoder.") for k in sd):  # a captioning checkpoint: take its decoder
+        sd = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
+    return _build(cfg, sd, str(weights), device, dtype)
+
+
+def load_decoder(path, *, device=None, dtype=None, wkv_impl: str | None = None) -> RWKV7:
+    """Load a decoder from an official RWKV-7 .pth file or a vision_rwkv checkpoint folder.
+
+    The weights keep their stored dtype unless `dtype` is given; `device` defaults to the CPU.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VisionRWKVError(f"{path} does not exist; expected an RWKV-7 .pth file or a checkpoint folder")
+    if path.is_dir():
+        return load_folder(path, device=device, dtype=dtype, wkv_impl=wkv_impl)
+    if path.suffix == ".safetensors":
+        return load_folder(path.parent, device=device, dtype=dtype, wkv_impl=wkv_impl)
+    return load_official(path, device=device, dtype=dtype, wkv_impl=wkv_impl or "auto")
+
+
+# ---- atomic writes ---------------------------------------------------------------------------------
+
+
+class atomic_folder:
+    """Write into a temporary sibling folder; on success replace the target in one rename."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def __enter__(self) -> Path:
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.tmp-", dir=self.folder.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.folder.exists():
+            old = self.folder.with_name(f".{self.folder.name}.old-{os.getpid()}")
+            os.replace(self.folder, old)
+        os.replace(self.tmp, self.folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+class atomic_file:
+    """Write to a temporary sibling file, fsync, then rename over the target."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return False
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        return False

@@ -1,0 +1,107 @@
+"""Choosing the next token from a batch of logits (B, V), each row on its own.
+
+Order: bans, then penalties, then the filters (top-k, top-p, top-a) on the model's own distribution,
+then temperature over what survives, then a draw from a seeded generator. Greedy takes the argmax
+after bans and penalties.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import SamplingConfig
+
+NEG_INF = float("-inf")
+
+
+def ban_tokens(logits: torch.Tensor, banned) -> torch.Tensor:
+    """Set the banned token ids to -inf in every row."""
+    if banned is None or len(banned) == 0:
+        return logits
+    logits = logits.clone()
+    logits[:, torch.as_tensor(list(banned), dtype=torch.long, device=logits.device)] = NEG_INF
+    return logits
+
+
+def apply_penalties(logits, counts, presence: float, frequency: float) -> torch.Tensor:
+    """logits - presence * [seen] - frequency * count, per row. counts (B,V) are decayed occurrences."""
+    if counts is None or (presence == 0 and frequency == 0):
+        return logits
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
+
+
+def top_k_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """True where a token is kept: the k most probable of each row (ties at the k-th kept)."""
+    if k <= 0 or k >= probs.shape[-1]:
+        return torch.ones_like(probs, dtype=torch.bool)
+    kth = probs.topk(k, dim=-1).values[:, -1:]
+    return probs >= kth
+
+
+def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most probable tokens whose mass reaches p (at least one per row)."""
+    if p >= 1.0:
+        return torch.ones_like(probs, dtype=torch.bool)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    keep_sorted = mass_before < p
+    keep_sorted[:, 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def top_a_mask(probs: torch.Tensor, a: float) -> torch.Tensor:
+    """RWKV-LM's top-a: drop tokens whose probability is below a * p_max**2."""
+    if a <= 0:
+        return torch.ones_like(probs, dtype=torch.bool)
+    p_max = probs.max(dim=-1, keepdim=True).values
+    return probs >= a * p_max * p_max
+
+
+def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Logits (B,V) with every filtered token at -inf, and the temperature applied."""
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    keep = top_k_mask(probs, cfg.top_k) & top_p_mask(probs, cfg.top_p) & top_a_mask(probs, cfg.top_a)
+    logits = logits.masked_fill(~keep, NEG_INF)
+    if cfg.temperature > 0 and cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    return logits
+
+
+class TokenChooser:
+    """Keeps the per-row occurrence counts and the generator; picks one token per row each step."""
+
+    def __init__(self, cfg: SamplingConfig, batch_size: int, vocab_size: int, device, generator=None):
+        self.cfg = cfg.validate()
+        self.counts = None
+        if cfg.presence_penalty or cfg.frequency_penalty:
+            self.counts = torch.zeros(batch_size, vocab_size, device=device)
+        self.generator = generator
+        if generator is None and cfg.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.cfg.strategy == "greedy" or self.cfg.temperature == 0
+
+    def scores(self, logits: torch.Tensor, extra_banned=()) -> torch.Tensor:
+        """Logits after bans and penalties: what greedy and beam search rank by."""
+        logits = ban_tokens(logits.float(), list(self.cfg.banned_tokens) + list(extra_banned))
+        return apply_penalties(logits, self.counts, self.cfg.presence_penalty, self.cfg.frequency_penalty)
+
+    def choose(self, logits: torch.Tensor, extra_banned=()) -> torch.Tensor:
+        """(B,V) logits -> (B,) token ids."""
+        logits = self.scores(logits, extra_banned)
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(filter_logits(logits, self.cfg), dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+    def update(self, tokens: torch.Tensor) -> None:
+        if self.counts is not None:
+            self.counts *= self.cfg.penalty_decay
+            self.counts.scatter_add_(1, tokens.view(-1, 1), torch.ones_like(tokens, dtype=self.counts.dtype).view(-1, 1))
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        if self.counts is not None:
+            self.counts = self.counts[rows]
