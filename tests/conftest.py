@@ -23,7 +23,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if name == "emb.weight":
                 std = 1.0
             p.copy_(torch.randn(p.shape, generator=g) * std)
-        elif name.endswith("ln0.weight") or ".ln" in name and name.endswith("weight") or name.startswith("ln_out.weight"):
+        elif (".ln" in name or name.startswith("ln_out")) and name.endswith("weight"):
             p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
         else:
             p.copy_(0.5 * torch.randn(p.shape, generator=g))

@@ -12,8 +12,8 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import randomize_, tiny_config
+
 from vision_rwkv import RWKV7, load_decoder, save_official
 
 pytest.importorskip("rwkv")

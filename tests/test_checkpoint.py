@@ -3,8 +3,8 @@
 import pytest
 import torch
 import yaml
-
 from conftest import randomize_, tiny_config
+
 from vision_rwkv import RWKV7, VisionRWKVError, load_decoder, load_tokenizer, save_decoder, save_official
 from vision_rwkv.checkpoint import infer_config
 
@@ -31,7 +31,8 @@ def test_official_pth_round_trip_and_inferred_shape(model, tmp_path):
 
 def test_official_layout_without_layer0_value_adapter(model, tmp_path):
     # Some official files omit blocks.0.att.v0/v1/v2 (layer 0 never uses them).
-    sd = {k: v for k, v in model.state_dict().items() if k not in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")}
+    unused = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+    sd = {k: v for k, v in model.state_dict().items() if k not in unused}
     torch.save(sd, tmp_path / "m.pth")
     same_logits(model, load_decoder(tmp_path / "m.pth"))
 
@@ -102,8 +103,11 @@ def test_mismatched_shape(model, tmp_path):
         load_decoder(tmp_path / "m.pth")
 
 
-@pytest.mark.parametrize("key,arch", [("blocks.0.att.time_maa_x", "RWKV-6"), ("blocks.0.att.time_first", "RWKV-4"),
-                                      ("transformer.h.0.attn.c_attn.weight", "GPT-2")])
+@pytest.mark.parametrize("key,arch", [
+    ("blocks.0.att.time_maa_x", "RWKV-6"),
+    ("blocks.0.att.time_first", "RWKV-4"),
+    ("transformer.h.0.attn.c_attn.weight", "GPT-2"),
+])
 def test_other_architecture(tmp_path, key, arch):
     torch.save({key: torch.zeros(2), "emb.weight": torch.zeros(4, 2)}, tmp_path / "m.pth")
     with pytest.raises(VisionRWKVError, match=f"is {arch}.*expected an RWKV-7"):

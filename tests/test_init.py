@@ -3,8 +3,8 @@
 import math
 
 import torch
-
 from conftest import tiny_config
+
 from vision_rwkv import RWKV7
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import randomize_, tiny_config
+
 from vision_rwkv import RWKV7, RWKVState, VisionRWKVError
 
 

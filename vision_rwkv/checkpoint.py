@@ -31,7 +31,7 @@ _OTHER_ARCHS = [
     ("blocks.0.att.time_faaaa", "RWKV-5 (x052)"),
     ("transformer.h.0.attn.c_attn.weight", "GPT-2"),
     ("model.layers.0.self_attn.q_proj.weight", "a Llama-style transformer"),
-    ("model.layers.0.attn.r_proj.weight", "a flash-linear-attention (Hugging Face) RWKV-7; convert it to the official layout"),
+    ("model.layers.0.attn.r_proj.weight", "a flash-linear-attention (Hugging Face) RWKV-7, not the official layout"),
 ]
 # Layer 0 makes v_first and never reads its value-residual adapter; official files may omit it.
 _OPTIONAL = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
@@ -78,7 +78,9 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
     for key, tensor in sd.items():
         want = tuple(expected[key].shape)
         if tuple(tensor.shape) != want:
-            raise VisionRWKVError(f"{source}: {key} has shape {tuple(tensor.shape)}, expected {want} for {_shape_name(model)}")
+            raise VisionRWKVError(
+                f"{source}: {key} has shape {tuple(tensor.shape)}, expected {want} for {_shape_name(model)}"
+            )
 
 
 def _shape_name(model) -> str:

@@ -256,7 +256,7 @@ def _describe(x) -> str:
 def init_official_(model: RWKV7) -> RWKV7:
     """The official RWKV-7 per-parameter initialisation (RWKV-LM train_temp), written out here."""
     cfg = model.config
-    C, H, N, L = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer
+    C, N, L = cfg.n_embd, cfg.head_size, cfg.n_layer
     idx = torch.arange(C, dtype=torch.float32)
     ddd = (idx / C).view(1, 1, C)
     linear = idx / max(C - 1, 1) - 0.5

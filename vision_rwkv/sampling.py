@@ -100,7 +100,8 @@ class TokenChooser:
     def update(self, tokens: torch.Tensor) -> None:
         if self.counts is not None:
             self.counts *= self.cfg.penalty_decay
-            self.counts.scatter_add_(1, tokens.view(-1, 1), torch.ones_like(tokens, dtype=self.counts.dtype).view(-1, 1))
+            ones = torch.ones(tokens.shape[0], 1, dtype=self.counts.dtype, device=self.counts.device)
+            self.counts.scatter_add_(1, tokens.view(-1, 1), ones)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         if self.counts is not None:

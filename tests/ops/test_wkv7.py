@@ -63,7 +63,9 @@ def test_gradients_agree_for_every_input_and_the_state(T):
         leaves = [x.clone().requires_grad_() for x in xs] + [s0.clone().requires_grad_()]
         y, s = fn(*leaves[:6], leaves[6])
         g = torch.Generator().manual_seed(99)
-        loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() + (s * torch.randn(s.shape, generator=g, dtype=s.dtype)).sum()
+        dy = torch.randn(y.shape, generator=g, dtype=y.dtype)
+        ds = torch.randn(s.shape, generator=g, dtype=s.dtype)
+        loss = (y * dy).sum() + (s * ds).sum()
         loss.backward()
         grads.append([leaf.grad for leaf in leaves])
     for name, g_ref, g_chunk in zip(["r", "w", "k", "v", "a", "b", "state"], *grads):

@@ -1,0 +1,112 @@
+"""CPU throughput of the RWKV-7 decoder, side by side with the `rwkv` package on the same weights.
+
+    python bench/decoder_cpu.py [--layers 12 --embd 768 --vocab 65536 --threads N]
+
+RNN mode: tokens/s at batch 1 (and batch 8) through lm.step. GPT mode: prefill tokens/s through lm(...).
+The baseline is RWKV-LM's own inference code (pip package `rwkv`, RWKV_V7_ON=1, strategy "cpu fp32"),
+batch 1 only (it has no batched mode), run in a subprocess because it sets global TorchScript flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BASELINE = r"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[3]))
+from rwkv.model import RWKV
+m = RWKV(model=sys.argv[1], strategy="cpu fp32")
+T, steps = json.loads(sys.argv[2])
+toks = list(range(1, T + 1))
+out, s = m.forward(toks[:16], None); out, s = m.forward([1], s)
+t0 = time.perf_counter(); out, s = m.forward(toks, None); gpt = T / (time.perf_counter() - t0)
+t0 = time.perf_counter()
+for i in range(steps): out, s = m.forward([i + 1], s)
+rnn = steps / (time.perf_counter() - t0)
+print(json.dumps({"gpt": gpt, "rnn": rnn}))
+"""
+
+
+def timed(fn, repeats=3):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--embd", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=65536)
+    ap.add_argument("--prefill", type=int, default=512, help="GPT-mode sequence length")
+    ap.add_argument("--steps", type=int, default=64, help="RNN-mode steps timed")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-baseline", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from vision_rwkv import RWKV7, RWKV7Config, save_official
+
+    lm = RWKV7(RWKV7Config(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.embd)).eval()
+    T, steps = args.prefill, args.steps
+    rows = []
+
+    def rnn(batch):
+        tok = torch.ones(batch, dtype=torch.long)
+        _, s = lm(torch.ones(batch, 8, dtype=torch.long))
+
+        def run():
+            nonlocal s
+            state = s
+            for _ in range(steps):
+                _, state = lm.step(tok, state)
+
+        return batch * steps / timed(run, 2)
+
+    def gpt(batch, length):
+        x = torch.randint(1, args.vocab, (batch, length))
+        return batch * length / timed(lambda: lm(x), 2)
+
+    ours = {"rnn_b1": rnn(1), "rnn_b8": rnn(8), "gpt_b1": gpt(1, T), "gpt_b8": gpt(8, T // 8)}
+    base = None
+    if not args.no_baseline:
+        with tempfile.TemporaryDirectory() as d:
+            save_official(lm, Path(d) / "m.pth")
+            env = {**os.environ, "RWKV_V7_ON": "1", "RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0"}
+            proc = subprocess.run([sys.executable, "-c", BASELINE, str(Path(d) / "m"), json.dumps([T, steps]),
+                                   str(args.threads)], env=env, capture_output=True, text=True)
+            if proc.returncode == 0:
+                base = json.loads(proc.stdout.strip().splitlines()[-1])
+            else:
+                print("baseline failed:", proc.stderr.strip().splitlines()[-1:], file=sys.stderr)
+
+    print(f"RWKV-7 L{args.layers}-D{args.embd} V{args.vocab}, fp32, CPU: {platform.processor() or platform.machine()}, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    print(f"{'mode':<34}{'vision_rwkv tok/s':>18}{'rwkv pkg tok/s':>16}{'ratio':>8}")
+    rows = [("RNN step, batch 1", ours["rnn_b1"], base and base["rnn"]),
+            ("RNN step, batch 8", ours["rnn_b8"], None),
+            (f"GPT prefill, batch 1 x T{T}", ours["gpt_b1"], base and base["gpt"]),
+            (f"GPT prefill, batch 8 x T{T // 8}", ours["gpt_b8"], None)]
+    for name, a, b in rows:
+        bs = f"{b:16.1f}" if b else f"{'-':>16}"
+        ratio = f"{a / b:8.2f}" if b else f"{'-':>8}"
+        print(f"{name:<34}{a:18.1f}{bs}{ratio}")
+
+
+if __name__ == "__main__":
+    main()
