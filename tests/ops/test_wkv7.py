@@ -101,3 +101,26 @@ def test_decay_is_the_soft_clamped_exponential():
     expected = torch.exp(-torch.exp(torch.tensor(-0.5, dtype=torch.float64)) * torch.sigmoid(w.view(N)))
     torch.testing.assert_close(s1[0, 0, 0], expected)
     assert expected.min() > 0.545 and expected.max() < 1
+
+
+def test_fallback_warns_once_with_the_reason():
+    from vision_rwkv.ops import wkv7 as dispatcher
+
+    dispatcher._warned.clear()
+    xs, _ = make_inputs(1, 3, 1, 4, seed=6)
+    with pytest.warns(UserWarning, match="PyTorch path: inputs are on cpu"):
+        wkv7(*xs)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wkv7(*xs)  # the second call stays quiet
+        wkv7(*xs, impl="chunked")  # forcing a path never warns
+
+
+def test_build_failure_reason_names_the_compiler_error():
+    from vision_rwkv.ops.wkv7.cuda import first_error_line
+
+    log = ("Error building extension 'x': [1/2] nvcc ...\nFAILED: wkv7.o\n"
+           "/src/kernels/wkv7.cu(42): error: identifier \"foo\" is undefined\n1 error detected")
+    assert first_error_line(log) == '/src/kernels/wkv7.cu(42): error: identifier "foo" is undefined'

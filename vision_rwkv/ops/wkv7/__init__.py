@@ -23,15 +23,13 @@ __all__ = ["wkv7", "wkv7_reference", "wkv7_chunked", "wkv7_step", "log_decay", "
 _warned: set[str] = set()
 
 
-def cuda_unavailable_reason(device: torch.device) -> str | None:
-    """Why the CUDA kernel cannot serve tensors on `device`, or None when it can."""
-    if device.type != "cuda":
-        return f"inputs are on {device.type}, not CUDA"
-    try:
-        from . import cuda as cuda_impl
-    except ImportError:
-        return "this build has no CUDA WKV-7 kernel"
-    return cuda_impl.unavailable_reason()
+def cuda_unavailable_reason(r: torch.Tensor) -> str | None:
+    """Why the CUDA kernel cannot serve these inputs, or None when it can."""
+    if r.device.type != "cuda":
+        return f"inputs are on {r.device.type}, not CUDA"
+    from . import cuda as cuda_impl
+
+    return cuda_impl.unavailable_reason() or cuda_impl.unsupported(r)
 
 
 def _check(r, w, k, v, a, b, state):
@@ -50,12 +48,12 @@ def wkv7(r, w, k, v, a, b, state=None, *, impl: str = "auto"):
     """Run the recurrence over T steps. See the module docstring for shapes and meaning."""
     _check(r, w, k, v, a, b, state)
     if impl == "auto":
-        reason = cuda_unavailable_reason(r.device)
+        reason = cuda_unavailable_reason(r)
         if reason is None:
             impl = "cuda"
         else:
             impl = "chunked"
-            if r.device.type == "cuda" and reason not in _warned:
+            if reason not in _warned:
                 _warned.add(reason)
                 warnings.warn(f"vision_rwkv: WKV-7 runs on the slower PyTorch path: {reason}", stacklevel=2)
     if impl == "chunked":
@@ -63,7 +61,7 @@ def wkv7(r, w, k, v, a, b, state=None, *, impl: str = "auto"):
     if impl == "reference":
         return wkv7_reference(r, w, k, v, a, b, state)
     if impl == "cuda":
-        reason = cuda_unavailable_reason(r.device)
+        reason = cuda_unavailable_reason(r)
         if reason is not None:
             raise VisionRWKVError(f"wkv7 impl 'cuda' was asked for but cannot run: {reason}")
         from . import cuda as cuda_impl

@@ -1,0 +1,121 @@
+"""WKV-7 forward and forward+backward times, bf16, side by side in one run.
+
+    python bench/wkv7.py [--shapes 8,1024,12 64,64,12 4,4096,32] [--layout 0|1|2]
+
+Columns: this project's CUDA kernel, its PyTorch (chunked) path, and fla's chunk_rwkv7 when the
+flash-linear-attention package is installed. Also the memory-traffic lower bound of each shape:
+every input read once and every output written once (forward: r, w, k, v, a, b in, y out;
+backward: the six inputs and dy in, six gradients out), over the device-to-device copy bandwidth
+measured in the same run. Times are medians of CUDA-event timings after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+import torch
+
+from vision_rwkv.ops.wkv7 import wkv7_chunked
+from vision_rwkv.ops.wkv7.cuda import build, wkv7_cuda
+
+
+def median_ms(fn, reps=30, warmup=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: y.copy_(x), reps=20)
+    return 2 * x.numel() / (ms * 1e-3)  # bytes read + written per second
+
+
+def inputs(B, T, H, N, requires_grad):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda: torch.randn(B, T, H, N, device="cuda", generator=g)  # noqa: E731
+    kk = torch.nn.functional.normalize(rnd(), dim=-1)
+    a = torch.rand(B, T, H, N, device="cuda", generator=g)
+    xs = [rnd(), 2 * rnd(), 0.5 * rnd(), rnd(), -kk, kk * a]
+    return [x.bfloat16().requires_grad_(requires_grad) for x in xs]
+
+
+def fwd_bwd(fn, xs, dy):
+    def run():
+        for x in xs:
+            x.grad = None
+        y = fn(*xs)[0]
+        y.backward(dy)
+    return run
+
+
+def fla_fn():
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except Exception:
+        return None
+    scale = math.exp(-0.5)
+
+    def call(r, w, k, v, a, b):  # fla takes the log-decay; ours takes the raw logit
+        return chunk_rwkv7(r, -scale * torch.sigmoid(w.float()).to(w.dtype), k, v, a, b, scale=1.0,
+                           output_final_state=True)
+    return call
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["8,1024,12", "64,64,12", "4,4096,32"], help="B,T,H (N=64)")
+    ap.add_argument("--layout", type=int, default=None, help="kernel thread layout (default: automatic)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch path (slow at long T)")
+    args = ap.parse_args()
+    reason = build()
+    if reason:
+        raise SystemExit(f"kernel unavailable: {reason}")
+    bw = copy_bandwidth()
+    fla = fla_fn()
+    name = torch.cuda.get_device_name()
+    print(f"{name}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, bf16, N=64, "
+          f"layout {'auto' if args.layout is None else args.layout}")
+    print(f"{'B,T,H':<12}{'pass':<9}{'ours ms':>9}{'torch ms':>10}{'fla ms':>9}{'bound ms':>10}"
+          f"{'vs torch':>10}{'vs fla':>8}")
+    N = 64
+    for spec in args.shapes:
+        B, T, H = map(int, spec.split(","))
+        elems = B * T * H * N
+        bounds = {"fwd": 7 * 2 * elems / bw * 1e3, "fwd+bwd": 20 * 2 * elems / bw * 1e3}
+        ours = lambda *x: wkv7_cuda(*x, layout=args.layout)  # noqa: E731
+        impls = {"ours": ours, "torch": None if args.no_torch else wkv7_chunked, "fla": fla}
+        for pass_name in ("fwd", "fwd+bwd"):
+            row = {}
+            for key, fn in impls.items():
+                if fn is None:
+                    row[key] = float("nan")
+                    continue
+                if pass_name == "fwd":
+                    xs = inputs(B, T, H, N, False)
+                    with torch.no_grad():
+                        row[key] = median_ms(lambda fn=fn, xs=xs: fn(*xs))
+                else:
+                    xs = inputs(B, T, H, N, True)
+                    dy = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
+                    row[key] = median_ms(fwd_bwd(fn, xs, dy))
+                torch.cuda.empty_cache()
+            ratio = {k: f"{row[k] / row['ours']:.2f}x" if not math.isnan(row[k]) else "-" for k in ("torch", "fla")}
+            print(f"{spec:<12}{pass_name:<9}{row['ours']:9.3f}{row['torch']:10.3f}{row['fla']:9.3f}"
+                  f"{bounds[pass_name]:10.3f}{ratio['torch']:>10}{ratio['fla']:>8}")
+
+
+if __name__ == "__main__":
+    main()

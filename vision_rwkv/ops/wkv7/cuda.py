@@ -1,0 +1,156 @@
+"""The custom CUDA WKV-7 kernel: built on first use, then called through torch.ops.vision_rwkv.
+
+The sources (kernels/wkv7.cu, kernels/wkv7_op.cpp) are found beside the installed package (a wheel
+ships them as vision_rwkv/kernels/) or in the source checkout's kernels/ folder. The build goes to a
+cache folder keyed by the sources, torch, CUDA and the target architectures, so it happens once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+SOURCES = ("wkv7_op.cpp", "wkv7.cu")
+CHUNK = 16  # steps per state checkpoint; matches wkv7::CHUNK in the .cu file
+# Head size -> compiled thread layouts (see the dispatch table in kernels/wkv7.cu):
+# 64: 0 = 8 lanes per row x 2 rows per thread, 1 = 8 x 4, 2 = 4 x 2.
+HEAD_SIZES = {16: (0,), 32: (0,), 64: (0, 1, 2)}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def kernel_dir() -> Path | None:
+    here = Path(__file__).resolve()
+    package = here.parents[2]  # .../vision_rwkv
+    for candidate in (package / "kernels", package.parent / "kernels"):
+        if all((candidate / s).is_file() for s in SOURCES):
+            return candidate
+    return None
+
+
+def _nvcc() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def cache_root() -> Path:
+    root = os.environ.get("VISION_RWKV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vision_rwkv")
+    return Path(root) / "torch_extensions"
+
+
+@functools.lru_cache(maxsize=1)
+def build() -> str | None:
+    """Compile and load the ops. Returns None on success, or why it failed (one line)."""
+    if torch.version.cuda is None:
+        return "this PyTorch build has no CUDA support"
+    src = kernel_dir()
+    if src is None:
+        return "the kernel sources (kernels/wkv7.cu) are not installed with the package"
+    if _nvcc() is None:
+        return "no nvcc found (set CUDA_HOME or put nvcc on PATH)"
+    from torch.utils.cpp_extension import load
+
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((src / name).read_bytes())
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if not arch and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        arch = f"{major}.{minor}"
+    digest.update(f"{torch.__version__}|{torch.version.cuda}|{arch}".encode())
+    name = f"vision_rwkv_wkv7_{digest.hexdigest()[:12]}"
+    build_dir = cache_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        load(
+            name=name,
+            sources=[str(src / s) for s in SOURCES],
+            build_directory=str(build_dir),
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "-Xptxas=-O3", "-lineinfo"],
+            is_python_module=False,
+            verbose=os.environ.get("VISION_RWKV_BUILD_VERBOSE") == "1",
+        )
+    except Exception as e:  # a compiler failure: keep its first error line for the warning
+        return f"the CUDA kernel failed to build: {first_error_line(str(e)) or type(e).__name__}"
+    return None
+
+
+def first_error_line(log: str) -> str:
+    """The compiler's first 'error' line in a build log (torch's own summary line last)."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    compiler = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Error building extension")]
+    return (compiler or lines or [""])[0]
+
+
+def unavailable_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return build()
+
+
+def unsupported(r: torch.Tensor) -> str | None:
+    """Why these inputs cannot use the kernel (shape or dtype), or None."""
+    N = r.shape[-1]
+    if N not in HEAD_SIZES:
+        return f"head size {N} has no kernel (compiled: {', '.join(map(str, HEAD_SIZES))})"
+    if r.dtype not in DTYPES:
+        return f"dtype {r.dtype} has no kernel"
+    return None
+
+
+def pick_layout(B: int, H: int, N: int, device: torch.device | None = None) -> int:
+    """The thread layout for this shape, from the H100 measurements in BENCHMARKS.md.
+
+    N = 64: with few heads per multiprocessor the recurrence is latency-bound and layout 2 (4 lanes per
+    row, short shuffle trees) wins; with many (B*H >= 4 per multiprocessor, e.g. 64x12 captioning
+    batches) it is throughput-bound and layout 1 (4 rows per thread, fewer shared-memory reads per FMA)
+    wins. Other head sizes have one layout.
+    """
+    if N != 64:
+        return HEAD_SIZES[N][0]
+    sms = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
+    return 1 if B * H >= 4 * sms.multi_processor_count else 2
+
+
+class WKV7Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, s0, layout):
+        save = any(ctx.needs_input_grad[:7])
+        y, sT, sa, ckpt = torch.ops.vision_rwkv.wkv7_forward(r, w, k, v, a, b, s0, save, layout)
+        if save:
+            ctx.save_for_backward(r, w, k, v, a, b, sa, ckpt)
+        ctx.has_s0 = s0 is not None
+        ctx.layout = layout
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, w, k, v, a, b, sa, ckpt = ctx.saved_tensors
+        dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()
+        dsT = None if dsT is None else dsT.float().contiguous()
+        dr, dw, dk, dv, da, db, ds0 = torch.ops.vision_rwkv.wkv7_backward(
+            r, w, k, v, a, b, dy, dsT, sa, ckpt, ctx.has_s0 and ctx.needs_input_grad[6], ctx.layout
+        )
+        ds0 = ds0 if ctx.has_s0 and ctx.needs_input_grad[6] else None
+        return dr, dw, dk, dv, da, db, ds0, None
+
+
+def wkv7_cuda(r, w, k, v, a, b, state=None, layout: int | None = None):
+    """Same contract as wkv7_reference, on CUDA tensors."""
+    reason = build()
+    if reason is not None:
+        raise RuntimeError(reason)
+    B, T, H, N = r.shape
+    dt = r.dtype
+    r, w, k, v, a, b = (x.to(dt).contiguous() for x in (r, w, k, v, a, b))
+    s0 = None if state is None else state.float().contiguous()
+    layout = pick_layout(B, H, N, r.device) if layout is None else layout
+    return WKV7Function.apply(r, w, k, v, a, b, s0, layout)
