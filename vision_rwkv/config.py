@@ -131,3 +131,147 @@ def from_dict(cls, data: dict[str, Any], where: str):
         if key not in names:
             raise VisionRWKVError(f"unknown key {where}.{key}; expected one of {', '.join(sorted(names))}")
     return cls(**data)
+
+
+# ---- captioning ------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderConfig:
+    """A frozen open_clip image tower.
+
+    pretrained: an open_clip pretrained tag ("openai", "laion2b_s34b_b79k"), a local checkpoint file, or
+    "" for random weights. model may also be "local-dir:/path" (open_clip's folder format: config and
+    weights together), in which case pretrained is ignored.
+    """
+
+    model: str = "ViT-B-16"
+    pretrained: str = ""
+    image_size: Optional[int] = None  # None: the model's own
+    freeze: bool = True  # False: fine-tune the encoder (then it is saved with the checkpoint)
+    # Store the tower's weights in checkpoints. None: only when they cannot be re-created from the name,
+    # i.e. fine-tuned or random (pretrained ""). True suits small towers trained by data_prep.
+    store_weights: Optional[bool] = None
+
+
+@dataclass
+class ProjectorConfig:
+    """Maps encoder features to decoder prefix embeddings.
+
+    kind: linear (patch token -> d_model), mlp (2 layers per patch token), clipcap (pooled vector ->
+    prefix_len tokens through an MLP), resampler (prefix_len learned queries cross-attending to the
+    patch tokens, `layers` deep).
+    """
+
+    kind: str = "mlp"
+    prefix_len: int = 10  # clipcap and resampler; linear/mlp emit one token per patch (+ the pooled one)
+    hidden_mult: float = 2.0  # mlp / clipcap hidden width, as a multiple of d_model
+    layers: int = 2  # resampler depth
+    heads: int = 8  # resampler attention heads
+    dropout: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    """Where captions and images come from (see vision_rwkv/data.py).
+
+    source: karpathy (path = dataset_coco.json / dataset_flickr30k.json, image_root = image folder),
+    folder (path = image folder with metadata.jsonl or metadata.csv), shapes (path = folder written
+    by data_prep/make_shapes.py), disk (path = a datasets.save_to_disk folder from data_prep).
+    """
+
+    source: str = "shapes"
+    path: str = ""
+    image_root: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    feature_cache: Optional[str] = None  # folder for precomputed encoder features (built on first use)
+    max_caption_tokens: int = 48
+    batch_size: int = 32
+    num_workers: int = 0
+    val_subset: int = 200  # images decoded for CIDEr at each evaluation
+    limit: Optional[int] = None  # use only the first N training images (smoke runs)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # stage "all" uses lr_all
+    lr_all: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    out_dir: str = "runs/caption"
+    max_steps: int = 1000
+    projector_steps: int = 0  # first stage: projector only (decoder frozen); then everything
+    eval_every: int = 200
+    save_every: int = 200
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    seed: int = 0
+    resume: bool = False
+    stop_after: Optional[int] = None  # end this invocation after this step (the schedule still spans max_steps)
+    progress: bool = True
+    cider_eval: bool = True
+
+
+@dataclass
+class CaptionConfig:
+    """Everything a captioning model and its training run need; conf/ fills it through Hydra."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    decoder: RWKV7Config = field(default_factory=RWKV7Config)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # decoder weights to start from: "" (from scratch), an official RWKV-7 .pth, or a checkpoint folder
+    init_decoder: str = ""
+    # "world", a tokenizers .json, or "train" (byte-level BPE trained on the training captions)
+    tokenizer: str = "world"
+    tokenizer_vocab_size: int = 1000  # when tokenizer is "train"
+    prompt: str = ""  # optional text between the image prefix and the caption, the same for every image
+
+
+_SECTIONS = {
+    "encoder": EncoderConfig,
+    "projector": ProjectorConfig,
+    "decoder": RWKV7Config,
+    "data": DataConfig,
+    "sampling": SamplingConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+}
+
+
+def caption_config_from_dict(data: dict[str, Any]) -> CaptionConfig:
+    """A CaptionConfig from plain nested dicts (a saved config.yaml, or OmegaConf.to_container output).
+
+    Unknown keys fail with their dotted name; missing sections take their defaults.
+    """
+    if not isinstance(data, dict):
+        raise VisionRWKVError(f"a captioning config must be a mapping, got {type(data).__name__}")
+    top = {f.name for f in dataclasses.fields(CaptionConfig)}
+    kwargs = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            kwargs[key] = from_dict(_SECTIONS[key], value, key)
+        elif key in top:
+            kwargs[key] = value
+        else:
+            raise VisionRWKVError(f"unknown config key {key!r}; expected one of {', '.join(sorted(top))}")
+    return CaptionConfig(**kwargs)
+
+
+def caption_config_to_dict(cfg: CaptionConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

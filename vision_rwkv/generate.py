@@ -7,6 +7,8 @@ shrinks as captions end.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .config import SamplingConfig
@@ -18,8 +20,12 @@ from .state import RWKVState
 
 @torch.no_grad()
 def decode_loop(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: SamplingConfig,
-                stop_ids, generator=None) -> list[list[int]]:
-    """logits (B,V) after the prefix, state for B rows -> B lists of new token ids (stop token excluded)."""
+                stop_ids, generator=None, scores: list[float] | None = None) -> list[list[int]]:
+    """logits (B,V) after the prefix, state for B rows -> B lists of new token ids (stop token excluded).
+
+    If `scores` is a list, it receives each row's log-probability of its tokens (and of the stop token,
+    when one ended the row) under the model's own distribution, i.e. what GPT-mode scoring gives.
+    """
     cfg.validate()
     B = logits.shape[0]
     device = logits.device
@@ -28,10 +34,15 @@ def decode_loop(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
     chooser = TokenChooser(cfg, B, logits.shape[-1], device, generator)
     out: list[list[int]] = [[] for _ in range(B)]
     active = torch.arange(B, device=device)  # which original rows are still generating
+    total = [0.0] * B
     for n in range(cfg.max_new_tokens):
         extra = stop if n < cfg.min_new_tokens else ()
         tokens = chooser.choose(logits, extra_banned=extra)
         chooser.update(tokens)
+        if scores is not None:
+            lp = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+            for row, value in zip(active.tolist(), lp.tolist()):
+                total[row] += value
         done = torch.isin(tokens, stop_t) if stop else torch.zeros_like(tokens, dtype=torch.bool)
         for row, tok, fin in zip(active.tolist(), tokens.tolist(), done.tolist()):
             if not fin:
@@ -45,6 +56,8 @@ def decode_loop(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
             active, tokens, state = active[keep], tokens[keep], state[keep]
             chooser.keep_rows(keep)
         logits, state = lm.step(tokens, state)
+    if scores is not None:
+        scores[:] = total
     return out
 
 
@@ -79,3 +92,145 @@ def generate(lm: RWKV7, tokenizer, prompt, *, sampling: SamplingConfig | None = 
     new = decode_loop(lm, torch.cat(last), RWKVState.cat(states), cfg, stop, generator)
     texts = [tokenizer.decode(ids) for ids in new]
     return texts[0] if single else texts
+
+
+# ---- beam search ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hypothesis:
+    ids: list[int]  # new tokens, stop token excluded
+    logprob: float  # sum of log-probabilities, the stop token's included when it ended the hypothesis
+    score: float  # what beams are ranked by: logprob / length ** length_penalty
+    finished: bool  # ended with a stop token (False: cut at max_new_tokens)
+
+
+def _rank(logprob: float, length: int, penalty: float) -> float:
+    return logprob / max(length, 1) ** penalty
+
+
+@torch.no_grad()
+def beam_search(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: SamplingConfig,
+                stop_ids) -> list[list[Hypothesis]]:
+    """Beam search from B prefixes: logits (B,V) and state for B rows -> for each row its n best
+    hypotheses (cfg.num_return_sequences), best first.
+
+    Beams are ranked by logprob / length ** length_penalty, length counting the stop token. Banned tokens
+    and min_new_tokens apply; presence/frequency penalties and the sampling filters do not (they are for
+    sampling). A row stops once it holds num_beams finished hypotheses and no live beam can rank above
+    the worst of them at its current length.
+    """
+    cfg.validate()
+    B, V = logits.shape
+    nb, device = cfg.num_beams, logits.device
+    stop = sorted({int(s) for s in stop_ids})
+    state = state[torch.arange(B, device=device).repeat_interleave(nb)]  # (B*nb) rows, beam-major per image
+    logits = logits.repeat_interleave(nb, dim=0)
+    beam_lp = torch.full((B, nb), float("-inf"), device=device)
+    beam_lp[:, 0] = 0.0  # all beams start equal: let only the first expand at step 0
+    history: list[list[list[int]]] = [[[] for _ in range(nb)] for _ in range(B)]
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    done = [False] * B
+    banned = list(cfg.banned_tokens)
+    for n in range(cfg.max_new_tokens):
+        extra = banned + (stop if n < cfg.min_new_tokens else [])
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        if extra:
+            lp[:, extra] = float("-inf")
+        cand = (beam_lp.view(-1, 1) + lp).view(B, nb * V)
+        top_lp, top_idx = cand.topk(min(2 * nb, nb * V), dim=1)  # (B, 2nb)
+        next_rows, next_tokens, next_lp = [], [], []
+        for b in range(B):
+            rows, toks, lps = _advance(b, n, top_lp[b].tolist(), top_idx[b].tolist(), V, nb, stop, history,
+                                       finished, done, cfg)
+            next_rows += rows
+            next_tokens += toks
+            next_lp.append(lps)
+        beam_lp = torch.tensor(next_lp, device=device)
+        if all(done) or n == cfg.max_new_tokens - 1:
+            break
+        rows_t = torch.tensor(next_rows, device=device)
+        logits, state = lm.step(torch.tensor(next_tokens, device=device), state[rows_t])
+    for b in range(B):  # rows cut at max_new_tokens: their live beams compete too
+        if not done[b]:
+            for k in range(nb):
+                if beam_lp[b, k] > float("-inf") and history[b][k] is not None:
+                    ids = history[b][k]
+                    value = float(beam_lp[b, k])
+                    finished[b].append(Hypothesis(ids, value, _rank(value, len(ids), cfg.length_penalty), False))
+    return [sorted(f, key=lambda h: -h.score)[: cfg.num_return_sequences] for f in finished]
+
+
+def _advance(b, n, top_lp, top_idx, V, nb, stop, history, finished, done, cfg):
+    """One image's step: file finished candidates, pick the next nb live beams.
+
+    Returns the state rows to continue from (into the B*nb layout), their next tokens and log-probs.
+    A done image keeps nb placeholder beams (row b*nb, token 0, -inf) so the batch shape stays fixed.
+    """
+    if done[b]:
+        return [b * nb] * nb, [0] * nb, [float("-inf")] * nb
+    rows, toks, lps, new_hist = [], [], [], []
+    for rank, (value, idx) in enumerate(zip(top_lp, top_idx)):
+        if value == float("-inf"):
+            break
+        beam, tok = divmod(idx, V)
+        ids = history[b][beam]
+        if tok in stop:
+            if rank < nb:  # a stop among the best nb candidates ends a hypothesis
+                finished[b].append(Hypothesis(list(ids), value, _rank(value, len(ids) + 1, cfg.length_penalty), True))
+            continue
+        rows.append(b * nb + beam)
+        toks.append(tok)
+        lps.append(value)
+        new_hist.append(ids + [tok])
+        if len(rows) == nb:
+            break
+    while len(rows) < nb:  # fewer live candidates than beams: pad with dead beams
+        rows.append(b * nb)
+        toks.append(0)
+        lps.append(float("-inf"))
+        new_hist.append(None)
+    history[b] = new_hist
+    if len(finished[b]) >= nb:
+        worst = sorted(h.score for h in finished[b])[-nb]
+        best_live = max(lps)
+        # Log-probabilities only fall, so a live beam's rank at its next length is bounded by this
+        # (exact for length_penalty 0 and the usual heuristic otherwise).
+        if best_live == float("-inf") or _rank(best_live, n + 1, cfg.length_penalty) <= worst:
+            done[b] = True
+    elif all(v == float("-inf") for v in lps):
+        done[b] = True
+    return rows, toks, lps
+
+
+# ---- captioning -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def caption_features(model, tokens: torch.Tensor, pooled: torch.Tensor, cfg: SamplingConfig,
+                     generator=None) -> list[list[Hypothesis]]:
+    """Captions for a batch of encoder features: the prefix (and prompt) in GPT mode, then RNN mode.
+
+    Every row's prefix has the same length, so the prefill needs no padding and each row's state is
+    exactly its own. Returns, per image, num_return_sequences hypotheses, best first (sampling and
+    greedy: one per draw, ranked by log-probability).
+    """
+    cfg.validate()
+    lm = model.decoder
+    x = model.prefix(tokens, pooled)  # (B,K',C)
+    logits, state = lm(inputs_embeds=x, last_only=True)  # (B,V)
+    stop = [model.eos_id, *cfg.stop_tokens]
+    if cfg.strategy == "beam":
+        return beam_search(lm, logits, state, cfg, stop)
+    n = 1 if cfg.strategy == "greedy" or cfg.temperature == 0 else cfg.num_return_sequences
+    B = logits.shape[0]
+    if n > 1:
+        rows = torch.arange(B, device=logits.device).repeat_interleave(n)
+        logits, state = logits[rows], state[rows]
+    scores: list[float] = []
+    ids = decode_loop(lm, logits, state, cfg, stop, generator, scores=scores)
+    hyps = []
+    for i, s in zip(ids, scores):
+        ended = len(i) < cfg.max_new_tokens  # a row that reached max_new_tokens was cut, not stopped
+        hyps.append(Hypothesis(i, s, _rank(s, len(i) + ended, cfg.length_penalty), ended))
+    return [sorted(hyps[b * n:(b + 1) * n], key=lambda h: -h.logprob) for b in range(B)]

@@ -1,0 +1,133 @@
+"""train_caption.py end to end on the CPU: configs compose, the loss falls, resume is exact."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+import train_caption
+from vision_rwkv.model import load_caption_model
+
+CONF = Path(train_caption.CONF_DIR)
+GROUPS = ["encoder", "projector", "decoder", "data", "sampling", "optim", "trainer", "experiment"]
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), group
+
+
+@pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in options(g)])
+def test_every_config_composes_into_the_schema(override):
+    extra = ["init_decoder=/models/x.pth"] if "coco_vitl14" in override else []
+    cfg = train_caption.to_caption_config(train_caption.compose([override, *extra]))
+    group, name = override.split("=")
+    if group == "experiment" and name == "shapes_demo":
+        assert cfg.encoder.model == "vrwkv-ViT-shapes" and cfg.tokenizer == "train"
+    if group == "experiment" and name.startswith("coco"):
+        assert cfg.encoder.model == "ViT-L-14" and cfg.decoder.n_embd == 1024 and cfg.projector.kind == "resampler"
+
+
+@pytest.mark.parametrize("bad", ["trainer.max_stepz=3", "trainer.max_steps=many", "projector=transformer"])
+def test_misspelt_keys_and_wrong_types_fail_at_compose_time(bad):
+    with pytest.raises((HydraException, OmegaConfBaseException)):
+        train_caption.to_caption_config(train_caption.compose([bad]))
+
+
+def test_main_reports_bad_config_in_one_line(capsys):
+    assert train_caption.main(["trainer.max_stepz=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_stepz" in err[0]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from data_prep import make_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    assert make_shapes.main(["--out", str(root), "--train", "48", "--val", "6", "--test", "4", "--size", "32"]) == 0
+    return root
+
+
+def tiny(shapes, out, *extra):
+    return [
+        "experiment=shapes_demo", "encoder=tiny", f"data.path={shapes}", "data.feature_cache=null",
+        "data.batch_size=8", "decoder.n_layer=2", "decoder.n_embd=64", "decoder.head_size=16",
+        "decoder.wkv_impl=chunked", "tokenizer_vocab_size=80", f"trainer.out_dir={out}", "trainer.log_every=1",
+        "trainer.progress=false", "data.val_subset=3", "sampling.max_new_tokens=6", "optim.warmup_steps=2",
+        *extra,
+    ]
+
+
+def losses(out):
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}, [r for r in rows if "val_loss" in r]
+
+
+def test_tiny_run_lowers_the_loss_and_writes_a_loadable_checkpoint(shapes, tmp_path):
+    out = tmp_path / "run"
+    args = tiny(shapes, out, "trainer.max_steps=24", "trainer.eval_every=12", "trainer.save_every=12",
+                "optim.lr_all=3e-3", "trainer.projector_steps=4")
+    assert train_caption.main(args) == 0
+    loss, evals = losses(out)
+    assert sorted(loss) == list(range(1, 25))
+    assert sum(loss[s] for s in range(21, 25)) / 4 < 0.7 * sum(loss[s] for s in range(1, 5)) / 4
+    assert len(evals) == 2 and evals[1]["val_loss"] < evals[0]["val_loss"] and "val_cider" in evals[0]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step-0000012", "step-0000024"]
+    model = load_caption_model(out / "checkpoints" / "step-0000024")
+    assert model.tokenizer.vocab_size == model.decoder.config.vocab_size
+    assert (out / "checkpoints" / "step-0000024" / "trainer_state.pt").is_file()
+    assert any((out / "tensorboard").iterdir())
+
+
+def test_projector_stage_freezes_the_decoder(shapes, tmp_path):
+    out = tmp_path / "run"
+    assert train_caption.main(tiny(shapes, out, "trainer.max_steps=3", "trainer.projector_steps=3",
+                                   "trainer.eval_every=0", "trainer.save_every=3")) == 0
+    trained = load_caption_model(out / "checkpoints" / "step-0000003")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["stage"] == "projector" for r in rows if "stage" in r)
+    # AdamW keeps state only for parameters that received gradients: the projector's, not the decoder's
+    state = torch.load(out / "checkpoints" / "step-0000003" / "trainer_state.pt", weights_only=False)
+    n_proj = sum(1 for _ in trained.projector.parameters())
+    assert len(state["optimizer"]["state"]) == n_proj
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(shapes, tmp_path):
+    common = ["trainer.max_steps=10", "trainer.eval_every=5", "trainer.save_every=5", "trainer.projector_steps=3"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert train_caption.main(tiny(shapes, full, *common)) == 0
+    assert train_caption.main(tiny(shapes, split, *common, "trainer.stop_after=4")) == 0
+    assert sorted(losses(split)[0]) == [1, 2, 3, 4]
+    assert train_caption.main(tiny(shapes, split, *common, "trainer.resume=true")) == 0
+    a, ea = losses(full)
+    b, eb = losses(split)
+    assert sorted(b) == list(range(1, 11))
+    for step in range(1, 11):
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+    assert [e["val_loss"] for e in ea] == pytest.approx([e["val_loss"] for e in eb], rel=1e-6)
+    ma = load_caption_model(full / "checkpoints" / "step-0000010")
+    mb = load_caption_model(split / "checkpoints" / "step-0000010")
+    for (k, x), y in zip(ma.decoder.state_dict().items(), mb.decoder.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_feature_cache_is_built_once_and_used(shapes, tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = tiny(shapes, out, "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=2",
+                f"data.feature_cache={cache}")
+    assert train_caption.main(args) == 0
+    built = list(cache.glob("*/train/dataset_info.json"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    again = [a for a in args if not a.startswith("trainer.out_dir=")] + [f"trainer.out_dir={tmp_path / 'run2'}"]
+    assert train_caption.main(again) == 0
+    assert built[0].stat().st_mtime_ns == stamp

@@ -1,0 +1,128 @@
+"""From data rows to training batches: image loading or cached encoder features, caption tokens.
+
+Rows (a `datasets.Dataset` with image, image_id, captions) become (image, caption) pairs. Each pair
+yields either the preprocessed image (the encoder runs in the training step) or, with a feature cache,
+the frozen encoder's patch tokens and pooled vector, computed once with `datasets.map` and stored on
+disk under `<cache>/<encoder feature key>/<split>`.
+
+`PairSampler` fixes the order: a permutation per epoch from (seed, epoch), cut into global batches, each
+rank taking its slice. The position (epoch, batches done) is all that resuming needs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from .errors import VisionRWKVError
+from .images import load_image
+
+
+def caption_pairs(ds: datasets.Dataset) -> list[tuple[int, int]]:
+    """(row, caption index) for every caption of every image."""
+    return [(row, j) for row, caps in enumerate(ds["captions"]) for j in range(len(caps))]
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item i -> {"image": (3,H,W)} or {"tokens": (P,Dt), "pooled": (Dp,)}, plus "caption": token ids."""
+
+    def __init__(self, rows: datasets.Dataset, pairs, tokenizer, max_tokens: int, preprocess=None, features=None):
+        self.rows, self.pairs, self.tokenizer, self.max_tokens = rows, pairs, tokenizer, max_tokens
+        self.preprocess, self.features = preprocess, features
+        self.captions = rows["captions"]
+        if features is not None:
+            features.set_format("numpy", columns=["tokens", "pooled"])
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        row, j = self.pairs[i]
+        ids = self.tokenizer.encode(self.captions[row][j])[: self.max_tokens]
+        item = {"caption": ids, "row": row}
+        if self.features is not None:
+            f = self.features[row]
+            item["tokens"] = torch.from_numpy(np.asarray(f["tokens"], dtype=np.float32))
+            item["pooled"] = torch.from_numpy(np.asarray(f["pooled"], dtype=np.float32))
+        else:
+            item["image"] = self.preprocess(load_image(self.rows[row]["image"]))
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    lengths = torch.tensor([len(it["caption"]) for it in items], dtype=torch.long)
+    captions = torch.zeros(len(items), max(1, int(lengths.max())), dtype=torch.long)
+    for i, it in enumerate(items):
+        captions[i, : len(it["caption"])] = torch.tensor(it["caption"], dtype=torch.long)
+    batch = {"captions": captions, "lengths": lengths, "rows": torch.tensor([it["row"] for it in items])}
+    for key in ("image", "tokens", "pooled"):
+        if key in items[0]:
+            batch[key] = torch.stack([it[key] for it in items])
+    return batch
+
+
+class PairSampler(torch.utils.data.Sampler):
+    """Deterministic, resumable order over n pairs: batches of `batch_size` per rank, `world` ranks.
+
+    Epoch e uses the permutation drawn from seed + e; global batch g holds positions
+    [g*B*W, (g+1)*B*W) of it, rank r takes [r*B, (r+1)*B) within that. Incomplete global batches at the
+    end of an epoch are dropped, so every rank sees the same number of batches.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.batches_per_epoch = n // (batch_size * world)
+        if self.batches_per_epoch == 0:
+            raise VisionRWKVError(
+                f"{n} training captions cannot fill one batch of {batch_size} x {world} rank(s); "
+                "lower data.batch_size or add data"
+            )
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, batches_done: int) -> None:
+        self.epoch, self.start = epoch, batches_done
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        span = self.batch_size * self.world
+        for b in range(self.start, self.batches_per_epoch):
+            base = b * span + self.rank * self.batch_size
+            yield perm[base: base + self.batch_size]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start
+
+
+# ---- the feature cache ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def feature_cache(encoder, rows: datasets.Dataset, root, split: str, *, batch_size: int = 64,
+                  device=None) -> datasets.Dataset:
+    """The encoder's features for every row (columns tokens (P,Dt) and pooled (Dp,), float16), computed
+    once with datasets.map and kept under <root>/<encoder key>/<split>; later calls load them."""
+    folder = Path(root) / encoder.feature_key() / split
+    if (folder / "dataset_info.json").is_file():
+        cached = datasets.load_from_disk(str(folder))
+        if len(cached) == len(rows) and cached["image"] == rows["image"]:
+            return cached
+    device = device or next(encoder.parameters()).device
+
+    def encode(batch):
+        images = torch.stack([encoder.preprocess(load_image(p)) for p in batch["image"]]).to(device)
+        tokens, pooled = encoder(images)
+        return {"tokens": tokens.half().cpu().numpy(), "pooled": pooled.half().cpu().numpy()}
+
+    mapped = rows.map(encode, batched=True, batch_size=batch_size, desc=f"encoding {split} images",
+                      new_fingerprint=f"{encoder.feature_key()}-{split}-{len(rows)}", load_from_cache_file=False)
+    tmp = folder.parent / f".{folder.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    mapped.save_to_disk(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return datasets.load_from_disk(str(folder))

@@ -1,0 +1,424 @@
+"""The training loop (no config parsing: train_caption.py turns Hydra's config into a CaptionConfig).
+
+    train(cfg) -> summary dict
+
+- GPT mode over [prefix | prompt | caption | eos]; bf16 autocast on CUDA, fp32 on the CPU.
+- AdamW on the model's parameter groups; linear warmup then cosine, per stage: "projector" (decoder
+  frozen, lr = optim.lr) for trainer.projector_steps steps, then "all" (lr = optim.lr_all).
+- The loss of a step is the sum over every caption token of the global batch (all ranks, all
+  accumulation micro-batches) divided by their count, so 2 ranks x batch B equal 1 rank x batch 2B.
+- Every eval_every steps: validation loss and CIDEr of greedy RNN-mode captions on data.val_subset
+  images. Every save_every steps (and at the end): an atomic checkpoint folder with the weights, the
+  resolved config, the tokenizer, and trainer_state.pt (optimizer, step, data position, RNG states).
+- resume=true continues from <out_dir>/checkpoints/latest exactly: same batches, same RNG draws.
+- Under torchrun each rank reads its slice of every global batch; rank 0 evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import atomic_file
+from .config import CaptionConfig
+from .data import get_split, load_source
+from .errors import VisionRWKVError
+from .features import PairDataset, PairSampler, caption_pairs, collate, feature_cache
+from .generate import caption_features
+from .images import load_image
+from .model import CaptionModel, build_caption_model, load_caption_model, save_caption_model
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+# ---- small pieces -----------------------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: CaptionConfig) -> tuple[str, float]:
+    """(stage, learning rate) at a global step: warmup then cosine within each stage."""
+    o, t = cfg.optim, cfg.trainer
+    if step < t.projector_steps:
+        stage, base, start, length = "projector", o.lr, 0, t.projector_steps
+    else:
+        stage, base, start, length = "all", o.lr_all, t.projector_steps, max(1, t.max_steps - t.projector_steps)
+    s = step - start
+    if s < o.warmup_steps:
+        return stage, base * (s + 1) / o.warmup_steps
+    progress = min(1.0, (s - o.warmup_steps) / max(1, length - o.warmup_steps))
+    return stage, base * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VisionRWKVError(f"trainer.device is {name!r} but no CUDA device is available; use auto or cpu")
+    return torch.device(name if name != "cuda" else f"cuda:{local_rank}")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Dist:
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), plain single-process otherwise."""
+
+    def __init__(self, device_name: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = pick_device(device_name, self.local_rank)
+        if self.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---- the trainer ------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, cfg: CaptionConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.trainer.out_dir)
+        self.dist = Dist(cfg.trainer.device)
+        self.device = self.dist.device
+        precision = cfg.trainer.precision
+        if precision not in ("auto", "fp32", "bf16"):
+            raise VisionRWKVError(f"trainer.precision is {precision!r}; expected auto, fp32 or bf16")
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        seed_everything(cfg.trainer.seed)
+        self.data = load_source(cfg.data)
+        self.train_rows = get_split(self.data, cfg.data.train_split)
+        self.val_rows = self.data[cfg.data.val_split] if cfg.data.val_split in self.data else None
+        self.step, self.epoch, self.batches_done = 0, 0, 0
+        self.resume_from = self._latest() if cfg.trainer.resume else None
+        self.model = self._model()
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.param_groups(cfg.optim.weight_decay, train_decoder=True),
+            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        )
+        self.train_loader, self.sampler = self._loader()
+        self.stage = None
+        self.ddp = None
+        if self.resume_from is not None:
+            self._load_trainer_state(self.resume_from)
+
+    # ---- setup ------------------------------------------------------------------------------------------
+
+    def _latest(self) -> Path | None:
+        pointer = self.out / "checkpoints" / "latest"
+        if not pointer.is_file():
+            return None
+        folder = self.out / "checkpoints" / pointer.read_text().strip()
+        if not (folder / TRAINER_STATE).is_file():
+            raise VisionRWKVError(f"{pointer} names {folder.name}, which has no {TRAINER_STATE}; cannot resume")
+        return folder
+
+    def _model(self) -> CaptionModel:
+        cfg = self.cfg
+        if self.resume_from is not None:
+            model = load_caption_model(self.resume_from)
+            model.config = dataclasses.replace(model.config, trainer=cfg.trainer, data=cfg.data, optim=cfg.optim)
+            return model
+        tok_file = self.out / "tokenizer.json"
+        if cfg.tokenizer == "train":  # rank 0 trains the BPE; every rank loads the same file
+            if self.dist.main:
+                from .tokenizer import train_bpe
+
+                caps = [c for cs in self.train_rows["captions"] for c in cs]
+                tok = train_bpe(caps, cfg.tokenizer_vocab_size)
+                self.out.mkdir(parents=True, exist_ok=True)
+                with atomic_file(tok_file) as tmp:
+                    tok.tk.save(str(tmp))
+            self.dist.barrier()
+            from .tokenizer import HFTokenizer
+
+            return build_caption_model(dataclasses.replace(cfg, tokenizer="train"), tokenizer=HFTokenizer(tok_file))
+        return build_caption_model(cfg)
+
+    def _loader(self):
+        cfg, model = self.cfg, self.model
+        features = None
+        if cfg.data.feature_cache:
+            features = self._features(self.train_rows, cfg.data.train_split)
+        pairs = caption_pairs(self.train_rows)
+        ds = PairDataset(self.train_rows, pairs, model.tokenizer, cfg.data.max_caption_tokens,
+                         preprocess=model.encoder.preprocess, features=features)
+        sampler = PairSampler(len(pairs), cfg.data.batch_size, cfg.trainer.seed, self.dist.rank, self.dist.world)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=cfg.data.num_workers,
+                                             persistent_workers=False, pin_memory=self.device.type == "cuda")
+        return loader, sampler
+
+    def _features(self, rows, split):
+        root = self.cfg.data.feature_cache
+        if self.dist.main:
+            feature_cache(self.model.encoder, rows, root, split, device=self.device)
+        self.dist.barrier()
+        return feature_cache(self.model.encoder, rows, root, split, device=self.device)
+
+    def _set_stage(self, stage: str) -> None:
+        if stage == self.stage:
+            return
+        self.stage = stage
+        self.model.decoder.requires_grad_(stage == "all")
+        if self.dist.world > 1:  # DDP fixes the set of trained parameters when it wraps the model
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                _LossModule(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        log = MetricsLog(self.out, enabled=self.dist.main, truncate_after=self.step)
+        stop_at = t.max_steps if t.stop_after is None else min(t.max_steps, t.stop_after)
+        bar = _progress(self.step, t.max_steps, enabled=t.progress and self.dist.main)
+        batches = self._batches()
+        last = {}
+        start = time.perf_counter()
+        while self.step < stop_at:
+            stage, lr = lr_at(self.step, cfg)
+            self._set_stage(stage)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            loss, tokens, seen = self._train_step(batches)
+            self.step += 1
+            last = {"step": self.step, "loss": loss, "lr": lr, "stage": stage, "tokens": tokens,
+                    "samples_per_s": seen / max(time.perf_counter() - start, 1e-9)}
+            start = time.perf_counter()
+            if self.step % t.log_every == 0 or self.step == stop_at:
+                log.write(last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+            if t.eval_every and self.step % t.eval_every == 0:
+                last.update(self.evaluate(log))
+            if (t.save_every and self.step % t.save_every == 0) or self.step == stop_at:
+                self.save()
+        bar.close()
+        log.close()
+        return last
+
+    def _batches(self):
+        while True:
+            self.sampler.set_position(self.epoch, self.batches_done)
+            for batch in self.train_loader:
+                self.batches_done += 1
+                yield batch
+            self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def _train_step(self, batches) -> tuple[float, int, int]:
+        cfg = self.cfg
+        micro = [next(batches) for _ in range(cfg.optim.grad_accum)]
+        n_local = sum(int(b["lengths"].sum()) + len(b["lengths"]) for b in micro)  # caption tokens + eos
+        n_total = self.dist.sum(float(n_local))
+        module = self.ddp if self.ddp is not None else _LossModule(self.model)
+        self.model.train()
+        total = 0.0
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            sync = nullcontext() if self.ddp is None or i == len(micro) - 1 else self.ddp.no_sync()
+            with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss_sum = module(batch)
+                # DDP averages gradients over ranks; scale so the result is sum / n_total over all ranks
+                (loss_sum * (self.dist.world / n_total)).backward()
+            total += float(loss_sum.detach())
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                           cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        samples = self.dist.sum(float(sum(len(b["lengths"]) for b in micro)))
+        return self.dist.sum(total) / n_total, int(n_total), int(samples)
+
+    # ---- evaluation -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, log) -> dict:
+        """Validation loss and CIDEr on the first data.val_subset validation images (rank 0)."""
+        out = {}
+        if self.val_rows is not None and self.dist.main:
+            rows = self.val_rows.select(range(min(self.cfg.data.val_subset, len(self.val_rows))))
+            out = evaluate_model(self.model, rows, self.cfg, self.device, self.bf16)
+            out["step"] = self.step
+            log.write({"step": self.step, **{f"val_{k}": v for k, v in out.items() if k != "step"}})
+        self.dist.barrier()
+        return {f"val_{k}": v for k, v in out.items() if k != "step"}
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+
+    def save(self) -> Path | None:
+        folder = self.out / "checkpoints" / f"step-{self.step:07d}"
+        if self.dist.main:
+            state = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "batches_done": self.batches_done,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": {"kind": "warmup_cosine", "step": self.step},
+                "rng": rng_state(),
+                "world": self.dist.world,
+            }
+            save_caption_model(self.model, folder, extra=lambda tmp: torch.save(state, tmp / TRAINER_STATE))
+            with atomic_file(self.out / "checkpoints" / "latest") as tmp:
+                tmp.write_text(folder.name)
+        self.dist.barrier()
+        return folder
+
+    def _load_trainer_state(self, folder: Path) -> None:
+        state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
+        if state.get("world", 1) != self.dist.world:  # the global batch changed: keep the epoch, restart it
+            self.batches_done = 0
+        set_rng_state(state["rng"])
+
+
+class _LossModule(torch.nn.Module):
+    """The model's training forward as one module call (what DDP wraps): batch -> summed token loss."""
+
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        m = self.model
+        if "tokens" in batch:
+            tokens, pooled = batch["tokens"], batch["pooled"]
+        else:
+            tokens, pooled = m.encode(batch["image"])
+        logits, targets, _ = m.token_logprobs(tokens, pooled, batch["captions"], batch["lengths"])
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate_model(model: CaptionModel, rows, cfg: CaptionConfig, device, bf16: bool) -> dict:
+    """Mean validation loss over every caption of `rows`, and CIDEr of greedy captions for them."""
+    from .metrics import cider
+
+    model.eval()
+    pairs = caption_pairs(rows)
+    ds = PairDataset(rows, pairs, model.tokenizer, cfg.data.max_caption_tokens, preprocess=model.encoder.preprocess)
+    loss_sum, n = 0.0, 0
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.data.batch_size, collate_fn=collate)
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss_sum += float(_LossModule(model)(batch))
+        n += int(batch["lengths"].sum()) + len(batch["lengths"])
+    result = {"loss": loss_sum / max(n, 1)}
+    if cfg.trainer.cider_eval and len(rows):
+        sampling = dataclasses.replace(cfg.sampling, strategy="greedy", num_return_sequences=1)
+        res, gts = {}, {}
+        images = rows["image"]
+        for i in range(0, len(rows), cfg.data.batch_size):
+            chunk = images[i:i + cfg.data.batch_size]
+            x = torch.stack([model.encoder.preprocess(load_image(p)) for p in chunk]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                tokens, pooled = model.encode(x)
+                hyps = caption_features(model, tokens, pooled, sampling)
+            for j, h in enumerate(hyps):
+                res[i + j] = [model.tokenizer.decode(h[0].ids)]
+                gts[i + j] = list(rows[i + j]["captions"])
+        result["cider"] = cider(gts, res)
+    return result
+
+
+class MetricsLog:
+    """metrics.jsonl (appended, flushed) and TensorBoard; on resume, lines past the step are dropped."""
+
+    def __init__(self, out: Path, enabled: bool, truncate_after: int):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "metrics.jsonl"
+        if self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln).get("step", 0) <= truncate_after]
+            with atomic_file(self.path) as tmp:
+                tmp.write_text("".join(ln + "\n" for ln in keep))
+        self.file = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def train(cfg: CaptionConfig) -> dict:
+    """Run (or resume) a training run; returns the last step's metrics."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()
