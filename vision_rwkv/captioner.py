@@ -1,0 +1,204 @@
+"""Caption image files: a loaded CaptionModel, batched decoding, one result per path in input order.
+
+    captioner = Captioner.load("runs/x/checkpoints/step-0001000")   # or Captioner.load() for the demo model
+    for result in captioner.caption_paths(paths, SamplingConfig(strategy="beam", num_beams=5)):
+        print(result.path, result.caption if result.error is None else result.error)
+
+Images are decoded and preprocessed in DataLoader workers. A file that cannot be decoded becomes an
+error result instead of stopping the run; the good images of each batch are encoded together and
+decoded together, and the batch's results come out in input order with the errors in their places.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .config import SamplingConfig
+from .errors import VisionRWKVError
+from .generate import caption_features
+from .images import load_image
+from .model import CaptionModel, load_caption_model
+
+DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
+
+
+@dataclass
+class CaptionResult:
+    """One input path's outcome: a caption and its score, or an error (the reason, without the path)."""
+
+    path: str
+    caption: str | None
+    score: float | None  # the caption's total log-probability under the model (see Captioner)
+    error: str | None
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> CUDA when available, else CPU; otherwise any torch device name (cpu, cuda, cuda:1)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise VisionRWKVError(f"device {name!r} is not a device name; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VisionRWKVError(f"device is {name!r} but no CUDA device is available; use auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise VisionRWKVError(
+                f"device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist; "
+                f"expected cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    return device
+
+
+class Captioner:
+    """Captions image files with a CaptionModel.
+
+    The score of a result is the best hypothesis' log-probability: the sum over its tokens, and over the
+    end-of-text when the caption ended rather than being cut at max_new_tokens. The same quantity for
+    every strategy, so scores from greedy, sampling and beam runs compare (beam search ranks by
+    logprob / length ** length_penalty, but reports the plain sum here). Captions are the decoded text
+    with runs of whitespace collapsed to one space, so a caption is always one line.
+
+    On CUDA the model runs under bf16 autocast (fp32 weights, as loaded); on the CPU in fp32. With
+    sampling.seed set, draws come from one generator seeded once per caption_paths call, so they depend
+    on the batch size too.
+    """
+
+    def __init__(self, model: CaptionModel, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else model.device
+        self.model = model.to(self.device).eval()
+        self.bf16 = self.device.type == "cuda"
+
+    @classmethod
+    def load(cls, checkpoint: str | os.PathLike | None = None, device: str = "auto") -> Captioner:
+        """A captioner for a checkpoint folder; None loads the demo model shipped in vision_rwkv/assets/demo."""
+        dev = resolve_device(device)
+        if checkpoint is None:
+            if not (DEMO_DIR / "config.yaml").is_file():
+                raise VisionRWKVError(
+                    f"no checkpoint was given and the demo model is not installed ({DEMO_DIR} is missing); "
+                    "pass a caption checkpoint folder, e.g. caption.py checkpoint=runs/x/checkpoints/step-0001000"
+                )
+            checkpoint = DEMO_DIR
+        return cls(load_caption_model(checkpoint, device=dev), dev)
+
+    # ---- captioning ------------------------------------------------------------------------------------
+
+    def caption_paths(self, paths: Iterable[str | os.PathLike], sampling: SamplingConfig, batch_size: int = 32,
+                      num_workers: int = 0, progress: bool = False) -> Iterator[CaptionResult]:
+        """One CaptionResult per path, in input order. Arguments are checked now, not at the first next()."""
+        batches = self.caption_batches(paths, sampling, batch_size, num_workers, progress)
+        return (result for batch in batches for result in batch)
+
+    def caption_batches(self, paths: Iterable[str | os.PathLike], sampling: SamplingConfig, batch_size: int = 32,
+                        num_workers: int = 0, progress: bool = False) -> Iterator[list[CaptionResult]]:
+        """Like caption_paths, but one list per batch of batch_size paths (the last may be shorter), so a
+        writer can flush exactly at batch boundaries."""
+        paths = [str(p) for p in paths]
+        sampling.validate()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise VisionRWKVError(f"batch_size is {batch_size!r}; expected a positive integer")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise VisionRWKVError(f"num_workers is {num_workers!r}; expected 0 (decode in this process) or more")
+        return self._batches(paths, sampling, batch_size, num_workers, progress)
+
+    def _batches(self, paths, sampling, batch_size, num_workers, progress) -> Iterator[list[CaptionResult]]:
+        from tqdm.auto import tqdm
+
+        if not paths:
+            return
+        loader = DataLoader(
+            _ImageFiles(paths, self.model.encoder.preprocess),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=min(num_workers, len(paths)),
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+        )
+        generator = None
+        if sampling.strategy == "sample" and sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+        try:
+            for batch in loader:
+                results = self._caption_batch(paths, batch, sampling, generator)
+                bar.update(len(results))
+                yield results
+        finally:
+            bar.close()
+
+    @torch.no_grad()
+    def _caption_batch(self, paths: list[str], batch: _Batch, sampling: SamplingConfig,
+                       generator) -> list[CaptionResult]:
+        results = {i: CaptionResult(paths[i], None, None, reason) for i, reason in batch.errors.items()}
+        if batch.images is not None:
+            images = batch.images.to(self.device, non_blocking=True)  # (B,3,H,W), the good images only
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                tokens, pooled = self.model.encode(images)
+                hyps = caption_features(self.model, tokens, pooled, sampling, generator)
+            for i, best in zip(batch.good, (h[0] for h in hyps)):
+                text = " ".join(self.model.tokenizer.decode(best.ids).split())
+                results[i] = CaptionResult(paths[i], text, float(best.logprob), None)
+        return [results[i] for i in sorted(results)]
+
+
+# ---- loading images (in DataLoader workers) ---------------------------------------------------------------
+
+
+class _ImageFiles(Dataset):
+    """Item i: (i, preprocessed image tensor, None) or (i, None, one-line reason it could not be read)."""
+
+    def __init__(self, paths: list[str], preprocess):
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        try:
+            return i, self.preprocess(load_image(path)), None
+        except VisionRWKVError as e:
+            return i, None, _without_path(str(e), path)
+        except Exception as e:  # a decoder or transform failing in a way images.py did not foresee
+            return i, None, f"cannot decode or preprocess the image ({type(e).__name__}: {_first_line(e)})"
+
+
+@dataclass
+class _Batch:
+    good: list[int]  # input indices of the images, in order
+    images: torch.Tensor | None  # (len(good),3,H,W), or None when every item of the batch failed
+    errors: dict[int, str]  # input index -> reason
+
+    def pin_memory(self) -> _Batch:  # called by the DataLoader's pin_memory thread
+        images = self.images.pin_memory() if self.images is not None else None
+        return _Batch(self.good, images, self.errors)
+
+
+def _collate(items) -> _Batch:
+    good = [(i, x) for i, x, _ in items if x is not None]
+    errors = {i: reason for i, x, reason in items if x is None}
+    images = torch.stack([x for _, x in good]) if good else None
+    return _Batch([i for i, _ in good], images, errors)
+
+
+def _without_path(message: str, path: str) -> str:
+    # load_image says "<path>: <reason>"; the result carries the path already.
+    for prefix in (f"{path}: ", f"{Path(path)}: "):
+        if message.startswith(prefix):
+            return message[len(prefix):]
+    return message
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "no message"
