@@ -30,9 +30,9 @@ PARAMS_FILE = "shapes.json"
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="output folder")
-    ap.add_argument("--train", type=int, default=10000, help="number of training images")
+    ap.add_argument("--train", type=int, default=20000, help="number of training images")
     ap.add_argument("--val", type=int, default=500, help="number of validation images")
-    ap.add_argument("--test", type=int, default=500, help="number of test images")
+    ap.add_argument("--test", type=int, default=1000, help="number of test images")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -36,6 +36,7 @@ def accuracy(checkpoint, data, split: str = "test", batch_size: int = 64, limit:
         raise VisionRWKVError(f"{data} has no images in split {split!r}")
     sampling = SamplingConfig(max_new_tokens=40)
     exact, f1, examples = 0, 0.0, []
+    by_count: dict[int, list[int]] = {}  # number of shapes -> [exact, images]
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         images = torch.stack([model.encoder.preprocess(load_image(Path(data) / r["file_name"])) for r in chunk])
@@ -45,11 +46,15 @@ def accuracy(checkpoint, data, split: str = "test", batch_size: int = 64, limit:
             text = model.tokenizer.decode(h[0].ids).strip()
             s = score_caption(text, objects[r["image_id"]])
             exact += bool(s["exact"])
+            tally = by_count.setdefault(len(objects[r["image_id"]]), [0, 0])
+            tally[0] += bool(s["exact"])
+            tally[1] += 1
             f1 += s["objects_f1"]
             if len(examples) < 5:
                 examples.append({"file": r["file_name"], "caption": text, "exact": bool(s["exact"])})
     n = len(rows)
-    return {"split": split, "images": n, "exact": exact / n, "objects_f1": f1 / n, "examples": examples}
+    return {"split": split, "images": n, "exact": exact / n, "objects_f1": f1 / n,
+            "exact_by_shapes": {k: v[0] / v[1] for k, v in sorted(by_count.items())}, "examples": examples}
 
 
 def main(argv=None) -> int:
@@ -67,6 +72,7 @@ def main(argv=None) -> int:
         print(f"shapes_accuracy.py: {e}", file=sys.stderr)
         return 2
     print(f"{result['images']} {args.split} images: exact {result['exact']:.3f}, objects F1 {result['objects_f1']:.3f}")
+    print("  exact by number of shapes: " + ", ".join(f"{k}: {v:.3f}" for k, v in result["exact_by_shapes"].items()))
     for ex in result["examples"]:
         print(f"  {ex['file']}: {ex['caption']!r} ({'ok' if ex['exact'] else 'wrong'})")
     if args.out:

@@ -131,3 +131,43 @@ def test_feature_cache_is_built_once_and_used(shapes, tmp_path):
     again = [a for a in args if not a.startswith("trainer.out_dir=")] + [f"trainer.out_dir={tmp_path / 'run2'}"]
     assert train_caption.main(again) == 0
     assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_cached_features_match_the_encoder_and_batches_match_items(shapes, tmp_path):
+    import datasets
+
+    from vision_rwkv.data import load_source
+    from vision_rwkv.encoder import ClipEncoder
+    from vision_rwkv.features import PairDataset, caption_pairs, feature_cache
+    from vision_rwkv.images import load_image
+    from vision_rwkv.tokenizer import train_bpe
+
+    cfg = train_caption.to_caption_config(
+        train_caption.compose(["experiment=shapes_demo", "encoder=tiny", f"data.path={shapes}"]))
+    encoder = ClipEncoder(cfg.encoder)
+    rows = load_source(cfg.data)["train"]
+    cached = feature_cache(encoder, rows, tmp_path / "cache", "train", batch_size=5)
+    assert isinstance(cached.features["tokens"], datasets.Array2D)
+    with torch.no_grad():
+        tokens, pooled = encoder(encoder.preprocess(load_image(rows[3]["image"]))[None])
+    cached.set_format("torch", columns=["tokens", "pooled"])
+    torch.testing.assert_close(cached[3]["tokens"].float(), tokens[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(cached[3]["pooled"].float(), pooled[0], rtol=2e-3, atol=2e-3)
+
+    tok = train_bpe([c for caps in rows["captions"] for c in caps], 80)
+    ds = PairDataset(rows, caption_pairs(rows), tok, 4, features=cached)
+    assert ds.truncated > 0  # captions of the shapes grammar are longer than 4 tokens
+    picks = [7, 0, 31, 7]
+    batch = ds.__getitems__(picks)
+    for i, item in zip(picks, batch):
+        one = ds[i]
+        assert item["caption"] == one["caption"] and len(one["caption"]) <= 4 and item["row"] == one["row"]
+        assert torch.equal(item["tokens"], one["tokens"]) and torch.equal(item["pooled"], one["pooled"])
+
+
+def test_long_captions_are_cut_with_one_warning(shapes, tmp_path):
+    args = tiny(shapes, tmp_path / "run", "trainer.max_steps=1", "trainer.eval_every=0", "trainer.save_every=0",
+                "data.max_caption_tokens=3")
+    with pytest.warns(UserWarning, match=r"training captions are longer than data.max_caption_tokens=3") as rec:
+        assert train_caption.main(args) == 0
+    assert sum("max_caption_tokens" in str(w.message) for w in rec) == 1

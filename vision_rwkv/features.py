@@ -28,12 +28,20 @@ def caption_pairs(ds: datasets.Dataset) -> list[tuple[int, int]]:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item i -> {"image": (3,H,W)} or {"tokens": (P,Dt), "pooled": (Dp,)}, plus "caption": token ids."""
+    """Item i -> {"image": (3,H,W)} or {"tokens": (P,Dt), "pooled": (Dp,)}, plus "caption": token ids.
+
+    Captions are tokenized once, up front (`truncated` counts those longer than max_tokens, which are
+    cut). With a feature cache, the DataLoader fetches a whole batch of features in one Arrow read
+    (`__getitems__`).
+    """
 
     def __init__(self, rows: datasets.Dataset, pairs, tokenizer, max_tokens: int, preprocess=None, features=None):
         self.rows, self.pairs, self.tokenizer, self.max_tokens = rows, pairs, tokenizer, max_tokens
         self.preprocess, self.features = preprocess, features
-        self.captions = rows["captions"]
+        captions = rows["captions"]
+        ids = tokenizer.encode_batch([captions[row][j] for row, j in pairs])
+        self.truncated = sum(len(x) > max_tokens for x in ids)
+        self.ids = [x[:max_tokens] for x in ids]
         if features is not None:
             features.set_format("numpy", columns=["tokens", "pooled"])
 
@@ -41,16 +49,21 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict:
-        row, j = self.pairs[i]
-        ids = self.tokenizer.encode(self.captions[row][j])[: self.max_tokens]
-        item = {"caption": ids, "row": row}
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices) -> list[dict]:
+        rows = [self.pairs[i][0] for i in indices]
+        items = [{"caption": self.ids[i], "row": row} for i, row in zip(indices, rows)]
         if self.features is not None:
-            f = self.features[row]
-            item["tokens"] = torch.from_numpy(np.asarray(f["tokens"], dtype=np.float32))
-            item["pooled"] = torch.from_numpy(np.asarray(f["pooled"], dtype=np.float32))
+            f = self.features[rows]
+            tokens = torch.from_numpy(np.asarray(f["tokens"], dtype=np.float32))
+            pooled = torch.from_numpy(np.asarray(f["pooled"], dtype=np.float32))
+            for k, item in enumerate(items):
+                item["tokens"], item["pooled"] = tokens[k], pooled[k]
         else:
-            item["image"] = self.preprocess(load_image(self.rows[row]["image"]))
-        return item
+            for item, row in zip(items, rows):
+                item["image"] = self.preprocess(load_image(self.rows[row]["image"]))
+        return items
 
 
 def collate(items: list[dict]) -> dict:
@@ -109,8 +122,11 @@ def feature_cache(encoder, rows: datasets.Dataset, root, split: str, *, batch_si
     folder = Path(root) / encoder.feature_key() / split
     if (folder / "dataset_info.json").is_file():
         cached = datasets.load_from_disk(str(folder))
-        if len(cached) == len(rows) and cached["image"] == rows["image"]:
+        fixed = isinstance(cached.features.get("tokens"), datasets.Array2D)  # older caches: nested lists
+        if fixed and len(cached) == len(rows) and cached["image"] == rows["image"]:
             return cached
+    if len(rows) == 0:
+        raise VisionRWKVError(f"split {split!r} has no images; nothing to encode")
     device = device or next(encoder.parameters()).device
 
     def encode(batch):
@@ -118,7 +134,12 @@ def feature_cache(encoder, rows: datasets.Dataset, root, split: str, *, batch_si
         tokens, pooled = encoder(images)
         return {"tokens": tokens.half().cpu().numpy(), "pooled": pooled.half().cpu().numpy()}
 
-    mapped = rows.map(encode, batched=True, batch_size=batch_size, desc=f"encoding {split} images",
+    with torch.no_grad():
+        probe_tokens, probe_pooled = encoder(encoder.preprocess(load_image(rows[0]["image"]))[None].to(device))
+    schema = rows.features.copy()  # fixed-shape arrays: a batch reads back as one numpy array, no nested lists
+    schema["tokens"] = datasets.Array2D(tuple(probe_tokens.shape[1:]), "float16")
+    schema["pooled"] = datasets.Sequence(datasets.Value("float16"), length=probe_pooled.shape[-1])
+    mapped = rows.map(encode, batched=True, batch_size=batch_size, desc=f"encoding {split} images", features=schema,
                       new_fingerprint=f"{encoder.feature_key()}-{split}-{len(rows)}", load_from_cache_file=False)
     tmp = folder.parent / f".{folder.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -29,6 +29,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids) -> str: ...
 
+    def encode_batch(self, texts) -> list[list[int]]: ...
+
     def save(self, folder: Path) -> str: ...
 
 
@@ -78,6 +80,9 @@ class WorldTokenizer:
             ids.append(best)
             pos = best_end
         return ids
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
     def decode_bytes(self, ids) -> bytes:
         out = []
@@ -141,6 +146,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids if int(i) != self.eos_id]

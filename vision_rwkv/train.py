@@ -22,6 +22,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -189,6 +190,10 @@ class Trainer:
         pairs = caption_pairs(self.train_rows)
         ds = PairDataset(self.train_rows, pairs, model.tokenizer, cfg.data.max_caption_tokens,
                          preprocess=model.encoder.preprocess, features=features)
+        if ds.truncated and self.dist.main:
+            warnings.warn(f"vision_rwkv: {ds.truncated} of {len(pairs)} training captions are longer than "
+                          f"data.max_caption_tokens={cfg.data.max_caption_tokens} tokens and are cut; "
+                          "raise data.max_caption_tokens to train on them whole", stacklevel=2)
         sampler = PairSampler(len(pairs), cfg.data.batch_size, cfg.trainer.seed, self.dist.rank, self.dist.world)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
                                              num_workers=cfg.data.num_workers,
