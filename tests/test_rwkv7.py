@@ -144,3 +144,14 @@ def test_state_from_another_model_shape(tiny_model):
 def test_bad_config_is_one_line():
     with pytest.raises(VisionRWKVError, match="multiple of decoder.head_size"):
         RWKV7(tiny_config(n_embd=60))
+
+
+def test_unused_parameters_are_exactly_those_without_a_gradient(tiny_model):
+    """DDP needs every trained parameter to get a gradient; training freezes the ones no pass reads."""
+    tokens = torch.randint(0, 97, (2, 5))
+    logits, _ = tiny_model(tokens)
+    logits.square().mean().backward()
+    no_grad = {n for n, p in tiny_model.named_parameters() if p.grad is None or not p.grad.any()}
+    unused = {id(p) for p in tiny_model.unused_parameters()}
+    assert no_grad == {n for n, p in tiny_model.named_parameters() if id(p) in unused}
+    assert no_grad == {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}

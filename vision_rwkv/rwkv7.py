@@ -158,6 +158,13 @@ class RWKV7(nn.Module):
 
     # ---- inputs ------------------------------------------------------------------------------------
 
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters no forward pass reads: layer 0's value-residual mix (v0, v1, v2; layer 0 makes
+        v_first rather than mixing it). They are kept for the official checkpoint layout; training
+        freezes them, since DistributedDataParallel requires every trained parameter to get a gradient."""
+        att = self.blocks[0].att
+        return [att.v0, att.v1, att.v2]
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,T) token ids -> (B,T,C) embeddings (before ln0), after checking the ids."""
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):

@@ -212,6 +212,8 @@ class Trainer:
             return
         self.stage = stage
         self.model.decoder.requires_grad_(stage == "all")
+        for p in self.model.decoder.unused_parameters():
+            p.requires_grad_(False)
         if self.dist.world > 1:  # DDP fixes the set of trained parameters when it wraps the model
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 _LossModule(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None
