@@ -7,6 +7,7 @@ or a wrong type fails before any work with Hydra's own message.
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
@@ -48,7 +49,8 @@ options (Hydra overrides, key=value; defaults in conf/caption.yaml):
   sampling.KEY=VALUE      any SamplingConfig field, e.g. sampling.num_beams=5 sampling.max_new_tokens=32
                           sampling.temperature=0.7 sampling.top_p=0.9 sampling.seed=1
   batch_size=N            images encoded and decoded together (default 32)
-  num_workers=N           processes decoding image files (default 4; 0: in this process)
+  num_workers=N           processes decoding image files; null (default): one per CPU, at most 8;
+                          0: in this process (never more than there are batches)
   device=DEVICE           auto (default: CUDA when available, in bf16 autocast) | cpu | cuda | cuda:N
   progress=BOOL           progress bar with images/s on stderr; null (default): when stderr is a terminal
   paths=[A,B]             paths as a Hydra list (added to the positional ones)
@@ -77,6 +79,12 @@ gets one line on stderr and an error row; the run goes on. At the end stderr say
 "captioned N images, M failed". Exit status: 0 when done, 1 when every image failed, 2 on a usage,
 config or checkpoint error.
 
+several processes (one per GPU; torchrun's own flags for several machines):
+  torchrun --nproc_per_node=2 caption.py photos/ out=captions.jsonl
+each process captions every 2nd pending image into out.part-R-of-W.jsonl beside out; process 0 then
+merges the parts into out in input order. out is required (any format but text on standard output;
+format=txt needs none). A killed jsonl run resumes with any number of processes.
+
 examples:
   python caption.py photo.jpg
   python caption.py photos/ more.jpg sampling=beam sampling.num_beams=5 out=captions.jsonl
@@ -102,7 +110,7 @@ class CaptionCLIConfig:
     out: Optional[str] = None  # None: standard output
     format: OutputFormat = OutputFormat.auto
     batch_size: int = 32
-    num_workers: int = 4
+    num_workers: Optional[int] = None  # None: one per usable CPU, at most 8
     device: str = "auto"
     progress: Optional[bool] = None  # None: when stderr is a terminal
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -204,53 +212,212 @@ def one_line(e: BaseException) -> str:
 
 
 def run(cfg: CaptionCLIConfig) -> int:
-    from tqdm.auto import tqdm
-
-    from vision_rwkv.captioner import Captioner
-    from vision_rwkv.images import find_images
-
     fmt = output_format(cfg)
     if cfg.batch_size < 1:
         raise VisionRWKVError(f"batch_size is {cfg.batch_size}; expected a positive integer")
+    if cfg.num_workers is None:
+        cfg.num_workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+                              (os.cpu_count() or 1))
     if cfg.num_workers < 0:
         raise VisionRWKVError(f"num_workers is {cfg.num_workers}; expected 0 or more")
     cfg.sampling.validate()
     if not cfg.paths:
         raise VisionRWKVError("no images given; expected image files or folders, e.g. python caption.py photos/ "
                               "(see --help)")
-    with warnings.catch_warnings(record=True) as caught:  # e.g. a folder that cannot be listed: one line each
-        warnings.simplefilter("always")
-        images = [str(p) for p in find_images(cfg.paths)]
-    for w in caught:
-        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
-
+    shard = Shard.from_env()
+    if shard.world > 1:
+        return run_sharded(cfg, fmt, shard)
+    images = list_images(cfg.paths, quiet=False)
     writer = make_writer(fmt, cfg.out, images)
     todo = [p for p in images if _key(p) not in writer.done]
     skipped = len(images) - len(todo)
     if skipped:
         print(f"{PROG}: {skipped} of {len(images)} images are already in {cfg.out}; captioning the other "
               f"{len(todo)}", file=sys.stderr)
-    captioned = failed = 0
     try:
-        if todo:
-            if cfg.checkpoint is None:
-                print(f"{PROG}: no checkpoint given: captioning with the shipped demo model", file=sys.stderr)
-            captioner = Captioner.load(cfg.checkpoint, device=cfg.device)
-            progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
-            batches = captioner.caption_batches(todo, cfg.sampling, batch_size=cfg.batch_size,
-                                                num_workers=cfg.num_workers, progress=progress)
-            for batch in batches:
-                for result in batch:
-                    if result.error is not None:  # through tqdm, so a progress bar is redrawn below the line
-                        tqdm.write(f"{PROG}: {result.path}: {result.error}", file=sys.stderr)
-                failed += sum(r.error is not None for r in batch)
-                captioned += sum(r.error is None for r in batch)
-                writer.write(batch)
+        captioned, failed = caption_into(writer, todo, cfg, cfg.device)
         writer.close()  # the whole-file formats are written here, only after a complete run
     finally:
         writer.release()
     print(f"{PROG}: captioned {captioned} images, {failed} failed"
           + (f" ({skipped} already in {cfg.out})" if skipped else ""), file=sys.stderr)
+    return 1 if failed and not captioned else 0
+
+
+def list_images(paths: list[str], quiet: bool) -> list[str]:
+    from vision_rwkv.images import find_images
+
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a folder that cannot be listed: one line each
+        warnings.simplefilter("always")
+        images = [str(p) for p in find_images(paths)]
+    for w in caught if not quiet else ():
+        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    return images
+
+
+def caption_into(writer: Writer, todo: list[str], cfg: CaptionCLIConfig, device: str,
+                 main_process: bool = True) -> tuple[int, int]:
+    """Caption `todo` batch by batch into writer; one stderr line per failed image. -> (captioned, failed)"""
+    from tqdm.auto import tqdm
+
+    from vision_rwkv.captioner import Captioner
+
+    captioned = failed = 0
+    if not todo:
+        return 0, 0
+    if cfg.checkpoint is None and main_process:
+        print(f"{PROG}: no checkpoint given: captioning with the shipped demo model", file=sys.stderr)
+    captioner = Captioner.load(cfg.checkpoint, device=device)
+    progress = main_process and (sys.stderr.isatty() if cfg.progress is None else cfg.progress)
+    batches = captioner.caption_batches(todo, cfg.sampling, batch_size=cfg.batch_size,
+                                        num_workers=cfg.num_workers, progress=progress)
+    for batch in batches:
+        for result in batch:
+            if result.error is not None:  # through tqdm, so a progress bar is redrawn below the line
+                tqdm.write(f"{PROG}: {result.path}: {result.error}", file=sys.stderr)
+        failed += sum(r.error is not None for r in batch)
+        captioned += sum(r.error is None for r in batch)
+        writer.write(batch)
+    return captioned, failed
+
+
+# ---- several processes (torchrun) ---------------------------------------------------------------------------
+
+
+@dataclass
+class Shard:
+    """This process's place in a torchrun launch (world 1 when run directly)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Shard:
+        try:
+            return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                       int(os.environ.get("LOCAL_RANK", "0")))
+        except ValueError:
+            raise VisionRWKVError("RANK, WORLD_SIZE or LOCAL_RANK is not an integer; expected torchrun's "
+                                  "environment (or none of them)") from None
+
+    def device(self, name: str) -> str:
+        """Each process on its own GPU: auto and cuda mean cuda:LOCAL_RANK; cpu and cuda:N are kept."""
+        import torch
+
+        if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+            return f"cuda:{self.local_rank}"
+        return name
+
+
+def part_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.name}.part-{rank:03d}-of-{world:03d}.jsonl")
+
+
+def existing_parts(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f"{glob.escape(out.name)}.part-*-of-*.jsonl"))
+
+
+def read_part_rows(part: Path) -> list[dict]:
+    """The whole rows of a part file (a last line cut by a kill is left out)."""
+    rows = []
+    for n, line in enumerate(part.read_bytes().split(b"\n")[:-1], 1):
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+            raise VisionRWKVError(f"{part} line {n} is not a caption row; it is a part file of an earlier "
+                                  "multi-process run (fix or remove it)")
+        rows.append(row)
+    return rows
+
+
+def absorb_parts(out: Path, images: list[str]) -> None:
+    """Append the rows of every part file next to a JSONL out (in input order, rows already in out left
+    out, so absorbing twice never duplicates), fsync, then delete the parts."""
+    parts = existing_parts(out)
+    if not parts:
+        return
+    done = set(_read_jsonl_paths(out))
+    order = {_key(p): i for i, p in enumerate(images)}
+    rows: dict[str, dict] = {}
+    for part in parts:
+        for row in read_part_rows(part):
+            key = _key(row["path"])
+            if key not in done:
+                rows.setdefault(key, row)
+    ranked = sorted(rows.items(), key=lambda kv: order.get(kv[0], len(order)))
+    if ranked:
+        with open(out, "a", encoding="utf-8", errors="surrogateescape") as f:
+            f.write("".join(_json_line(row) for _, row in ranked))
+            f.flush()
+            os.fsync(f.fileno())
+    for part in parts:
+        part.unlink()
+
+
+def run_sharded(cfg: CaptionCLIConfig, fmt: OutputFormat, shard: Shard) -> int:
+    """Under torchrun: each process captions every WORLD_SIZE-th image of the pending list into its own
+    part file (JSONL, flushed per batch), then process 0 merges the parts into out in input order.
+
+    JSONL out resumes as usual: parts left by a killed run (any process count) are merged into out first.
+    The whole-file formats are rendered by process 0 from the parts once every process is done; format=txt
+    needs no merge (each process writes its own sidecars).
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if cfg.out is None and fmt is not OutputFormat.txt:
+        raise VisionRWKVError(f"under torchrun (WORLD_SIZE={shard.world}) the processes cannot share standard "
+                              "output; expected out=FILE (each process writes FILE.part-R-of-W.jsonl and process "
+                              "0 merges them) or format=txt")
+    out = Path(cfg.out) if cfg.out is not None else None
+    if out is not None:
+        _check_writable(out)
+    images = list_images(cfg.paths, quiet=shard.rank != 0)
+    if not dist.is_initialized():  # gloo: only barriers and a few integers pass between processes
+        dist.init_process_group("gloo", timeout=timedelta(hours=24))
+    try:
+        main_process = shard.rank == 0
+        if main_process and out is not None:
+            if fmt is OutputFormat.jsonl:
+                absorb_parts(out, images)  # an earlier killed run's parts
+            else:
+                for part in existing_parts(out):  # whole-file formats do not resume: start clean
+                    part.unlink()
+        dist.barrier()
+        done = frozenset(_read_jsonl_paths(out)) if fmt is OutputFormat.jsonl else frozenset()
+        todo = [p for p in images if _key(p) not in done]
+        mine = todo[shard.rank::shard.world]
+        writer = SidecarWriter(mine) if fmt is OutputFormat.txt else JsonlWriter(part_path(out, shard.rank,
+                                                                                            shard.world))
+        try:
+            captioned, failed = caption_into(writer, mine, cfg, shard.device(cfg.device), main_process)
+        finally:
+            writer.release()
+        counts = [None] * shard.world
+        dist.all_gather_object(counts, (captioned, failed))  # also the barrier: every part is complete
+        captioned, failed = (sum(c[i] for c in counts) for i in (0, 1))
+        if main_process and out is not None:
+            if fmt is OutputFormat.jsonl:
+                absorb_parts(out, images)
+            else:
+                rows = {_key(r["path"]): r for part in existing_parts(out) for r in read_part_rows(part)}
+                results = [CaptionResult(**rows[_key(p)]) for p in images if _key(p) in rows]
+                whole = make_writer(fmt, cfg.out, images)
+                whole.write(results)
+                whole.close()
+                for part in existing_parts(out):
+                    part.unlink()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    skipped = len(images) - len(todo)
+    if main_process:
+        print(f"{PROG}: captioned {captioned} images, {failed} failed with {shard.world} processes"
+              + (f" ({skipped} already in {cfg.out})" if skipped else ""), file=sys.stderr)
     return 1 if failed and not captioned else 0
 
 

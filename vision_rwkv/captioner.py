@@ -119,7 +119,7 @@ class Captioner:
             _ImageFiles(paths, self.model.encoder.preprocess),
             batch_size=batch_size,
             shuffle=False,
-            num_workers=min(num_workers, len(paths)),
+            num_workers=min(num_workers, -(-len(paths) // batch_size)),  # no more workers than batches
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
         )
