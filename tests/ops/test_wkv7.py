@@ -103,19 +103,22 @@ def test_decay_is_the_soft_clamped_exponential():
     assert expected.min() > 0.545 and expected.max() < 1
 
 
-def test_fallback_warns_once_with_the_reason():
+def test_fallback_on_cuda_inputs_warns_once_with_the_reason_and_cpu_inputs_never():
+    import warnings
+
     from vision_rwkv.ops import wkv7 as dispatcher
 
     dispatcher._warned.clear()
     xs, _ = make_inputs(1, 3, 1, 4, seed=6)
-    with pytest.warns(UserWarning, match="PyTorch path: inputs are on cpu"):
-        wkv7(*xs)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        wkv7(*xs)  # the second call stays quiet
-        wkv7(*xs, impl="chunked")  # forcing a path never warns
+        wkv7(*xs)  # CPU inputs: the PyTorch path is the only one, and no news
+        dispatcher._note_fallback("inputs are on cpu, not CUDA", "cpu")
+    with pytest.warns(UserWarning, match="PyTorch path: the kernel failed to build: boom"):
+        dispatcher._note_fallback("the kernel failed to build: boom", "cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dispatcher._note_fallback("the kernel failed to build: boom", "cuda")  # the second time stays quiet
 
 
 def test_build_failure_reason_names_the_compiler_error():

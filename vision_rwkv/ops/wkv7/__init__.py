@@ -44,6 +44,13 @@ def _check(r, w, k, v, a, b, state):
         raise VisionRWKVError(f"wkv7: state has shape {tuple(state.shape)}, expected {(B, H, N, N)}")
 
 
+def _note_fallback(reason: str, device_type: str) -> None:
+    """CPU inputs are the caller's choice: no news. CUDA inputs the kernel cannot serve: one warning per reason."""
+    if device_type == "cuda" and reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"vision_rwkv: WKV-7 runs on the slower PyTorch path: {reason}", stacklevel=3)
+
+
 def wkv7(r, w, k, v, a, b, state=None, *, impl: str = "auto"):
     """Run the recurrence over T steps. See the module docstring for shapes and meaning."""
     _check(r, w, k, v, a, b, state)
@@ -53,9 +60,7 @@ def wkv7(r, w, k, v, a, b, state=None, *, impl: str = "auto"):
             impl = "cuda"
         else:
             impl = "chunked"
-            if reason not in _warned:
-                _warned.add(reason)
-                warnings.warn(f"vision_rwkv: WKV-7 runs on the slower PyTorch path: {reason}", stacklevel=2)
+            _note_fallback(reason, r.device.type)
     if impl == "chunked":
         return wkv7_chunked(r, w, k, v, a, b, state)
     if impl == "reference":
