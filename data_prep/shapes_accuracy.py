@@ -4,8 +4,9 @@
 
 Captions every image of the split (greedy, RNN mode) and checks each caption against the image's true
 objects with vision_rwkv.shapes.score_caption: "exact" means the same objects (size, colour, kind) and
-a correct position or relation; objects_f1 gives partial credit. Prints both and writes them as JSON
-with --out.
+a correct position or relation; objects_f1 gives partial credit. Also CIDEr-D of the captions against
+the image's reference captions (vision_rwkv.metrics.cider: simple tokenization, no Java). Prints them
+and writes them as JSON with --out.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from vision_rwkv.data import read_shapes_objects
 from vision_rwkv.errors import VisionRWKVError
 from vision_rwkv.generate import caption_features
 from vision_rwkv.images import load_image
+from vision_rwkv.metrics import cider
 from vision_rwkv.model import load_caption_model
 from vision_rwkv.shapes import score_caption
 
@@ -36,6 +38,7 @@ def accuracy(checkpoint, data, split: str = "test", batch_size: int = 64, limit:
         raise VisionRWKVError(f"{data} has no images in split {split!r}")
     sampling = SamplingConfig(max_new_tokens=40)
     exact, f1, examples = 0, 0.0, []
+    res, gts = {}, {}
     by_count: dict[int, list[int]] = {}  # number of shapes -> [exact, images]
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
@@ -45,6 +48,7 @@ def accuracy(checkpoint, data, split: str = "test", batch_size: int = 64, limit:
         for r, h in zip(chunk, hyps):
             text = model.tokenizer.decode(h[0].ids).strip()
             s = score_caption(text, objects[r["image_id"]])
+            res[r["image_id"]], gts[r["image_id"]] = [text], list(r["captions"])
             exact += bool(s["exact"])
             tally = by_count.setdefault(len(objects[r["image_id"]]), [0, 0])
             tally[0] += bool(s["exact"])
@@ -53,7 +57,7 @@ def accuracy(checkpoint, data, split: str = "test", batch_size: int = 64, limit:
             if len(examples) < 5:
                 examples.append({"file": r["file_name"], "caption": text, "exact": bool(s["exact"])})
     n = len(rows)
-    return {"split": split, "images": n, "exact": exact / n, "objects_f1": f1 / n,
+    return {"split": split, "images": n, "exact": exact / n, "objects_f1": f1 / n, "cider": cider(gts, res),
             "exact_by_shapes": {k: v[0] / v[1] for k, v in sorted(by_count.items())}, "examples": examples}
 
 
@@ -71,7 +75,8 @@ def main(argv=None) -> int:
     except VisionRWKVError as e:
         print(f"shapes_accuracy.py: {e}", file=sys.stderr)
         return 2
-    print(f"{result['images']} {args.split} images: exact {result['exact']:.3f}, objects F1 {result['objects_f1']:.3f}")
+    print(f"{result['images']} {args.split} images: exact {result['exact']:.3f}, "
+          f"objects F1 {result['objects_f1']:.3f}, CIDEr {result['cider']:.3f}")
     print("  exact by number of shapes: " + ", ".join(f"{k}: {v:.3f}" for k, v in result["exact_by_shapes"].items()))
     for ex in result["examples"]:
         print(f"  {ex['file']}: {ex['caption']!r} ({'ok' if ex['exact'] else 'wrong'})")

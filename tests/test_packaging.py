@@ -21,3 +21,5 @@ def test_wheel_contains_every_module_and_the_kernel_sources(tmp_path):
     assert not missing, f"add these packages to [tool.setuptools] packages in pyproject.toml: {missing}"
     for source in ("wkv7.cu", "wkv7_op.cpp"):
         assert f"vision_rwkv/kernels/{source}" in names
+    for asset in ("config.yaml", "model.safetensors", "tokenizer.json"):  # caption.py's default model
+        assert f"vision_rwkv/assets/demo/{asset}" in names
