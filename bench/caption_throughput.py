@@ -1,0 +1,223 @@
+"""Captioning throughput on a folder of JPEGs: images/s end to end, and where the time goes.
+
+    python bench/caption_throughput.py [--images 2000] [--batch-sizes 1 32 256] [--workers 8]
+
+The model is the size the README's real recipe uses at the small end: open_clip ViT-B-16 (random
+weights: 196 patch tokens of width 768), the mlp projector (one prefix embedding per patch), and an
+RWKV-7 L12-D768 decoder with the 65,536-token World vocabulary (random official init). Every caption
+is exactly --new-tokens tokens (end-of-text is banned until then), so every run does the same work.
+
+Three measurements per batch size, in one process:
+  end to end   Captioner.caption_paths over the folder, exactly what caption.py runs (DataLoader
+               workers decode JPEGs while the GPU works), timed from the first call to the last result.
+  stages       the same loop with a device sync between stages: waiting for decoded images, encoder,
+               prefill (projector + GPT-mode pass over the prefix), decoding (RNN mode, one token a step).
+  baseline     decoding the same captions without a recurrent state: every new token re-runs GPT mode
+               over the whole prefix + caption so far (what a decoder without a cache must do), at
+               batch 32 on the first --baseline-images images; also checks both give the same tokens.
+Image decoding alone (the DataLoader with --workers, no model) is timed too, as the ceiling it sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vision_rwkv.captioner import Captioner, _collate, _ImageFiles  # noqa: E402
+from vision_rwkv.config import (  # noqa: E402
+    CaptionConfig,
+    EncoderConfig,
+    ProjectorConfig,
+    RWKV7Config,
+    SamplingConfig,
+)
+from vision_rwkv.generate import decode_loop  # noqa: E402
+from vision_rwkv.model import build_caption_model  # noqa: E402
+
+
+def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """n photo-sized JPEGs (640x480, smooth colour fields plus noise, quality 90), written once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"{i:06d}.jpg"
+        paths.append(path)
+        if path.exists():
+            continue
+        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((640, 480), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.int16) + rng.integers(-20, 21, size=(480, 640, 3))
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    return paths
+
+
+def build_model(device):
+    cfg = CaptionConfig(
+        encoder=EncoderConfig(model="ViT-B-16", pretrained=""),
+        projector=ProjectorConfig(kind="mlp"),
+        decoder=RWKV7Config(vocab_size=65536, n_layer=12, n_embd=768, head_size=64),
+        tokenizer="world",
+    )
+    torch.manual_seed(0)
+    return build_caption_model(cfg).to(device).eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def end_to_end(captioner, paths, sampling, batch_size, workers) -> dict:
+    sync(captioner.device)
+    t = time.perf_counter()
+    results = list(captioner.caption_paths(paths, sampling, batch_size=batch_size, num_workers=workers))
+    sync(captioner.device)
+    seconds = time.perf_counter() - t
+    assert len(results) == len(paths) and all(r.error is None for r in results)
+    return {"images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds}
+
+
+@torch.no_grad()
+def stages(captioner, paths, sampling, batch_size, workers) -> dict:
+    model, device = captioner.model, captioner.device
+    loader = torch.utils.data.DataLoader(_ImageFiles([str(p) for p in paths], model.encoder.preprocess),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                                         pin_memory=device.type == "cuda")
+    totals = dict.fromkeys(("waiting for images", "encoder", "prefill", "decoding"), 0.0)
+    stop = [model.eos_id]
+    sync(device)
+    start = t = time.perf_counter()
+    for batch in loader:
+        now = time.perf_counter()
+        totals["waiting for images"] += now - t
+        images = batch.images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            tokens, pooled = model.encode(images)
+            sync(device)
+            t1 = time.perf_counter()
+            logits, state = model.decoder(inputs_embeds=model.prefix(tokens, pooled), last_only=True)
+            sync(device)
+            t2 = time.perf_counter()
+            decode_loop(model.decoder, logits, state, sampling, stop)
+            sync(device)
+            t = time.perf_counter()
+        totals["encoder"] += t1 - now
+        totals["prefill"] += t2 - t1
+        totals["decoding"] += t - t2
+    seconds = time.perf_counter() - start
+    n = len(paths)
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds,
+            "ms_per_image": {k: 1000 * v / n for k, v in totals.items()}}
+
+
+def decode_only(paths, preprocess, batch_size, workers) -> dict:
+    loader = torch.utils.data.DataLoader(_ImageFiles([str(p) for p in paths], preprocess), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=_collate)
+    t = time.perf_counter()
+    n = sum(len(b.good) for b in loader)
+    seconds = time.perf_counter() - t
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds}
+
+
+@torch.no_grad()
+def baseline(captioner, paths, new_tokens, batch_size) -> dict:
+    """Greedy decoding with no recurrent state: GPT mode over prefix + caption-so-far for every token."""
+    model, device = captioner.model, captioner.device
+    lm = model.decoder
+    loader = torch.utils.data.DataLoader(_ImageFiles([str(p) for p in paths], model.encoder.preprocess),
+                                         batch_size=batch_size, collate_fn=_collate)
+    cached_s = uncached_s = 0.0
+    same = total = 0
+    sampling = SamplingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    for batch in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            tokens, pooled = model.encode(batch.images.to(device))
+            prefix = model.prefix(tokens, pooled)
+            sync(device)
+            t = time.perf_counter()
+            logits, state = lm(inputs_embeds=prefix, last_only=True)
+            cached = decode_loop(lm, logits, state, sampling, [model.eos_id])
+            sync(device)
+            cached_s += time.perf_counter() - t
+            t = time.perf_counter()
+            ids = torch.empty(prefix.shape[0], 0, dtype=torch.long, device=device)
+            for n in range(new_tokens):
+                x = torch.cat([prefix, lm.embed(ids).to(prefix.dtype)], dim=1)
+                logits, _ = lm(inputs_embeds=x, last_only=True)
+                if n < new_tokens - 1:  # end-of-text is banned until the last token, as min_new_tokens does
+                    logits[:, model.eos_id] = float("-inf")
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            sync(device)
+            uncached_s += time.perf_counter() - t
+        for a, b in zip(cached, ids.tolist()):
+            same += sum(x == y for x, y in zip(a, b))
+            total += new_tokens
+    n = len(paths)
+    return {"images": n, "batch_size": batch_size, "rnn_mode_ms_per_image": 1000 * cached_s / n,
+            "gpt_rerun_ms_per_image": 1000 * uncached_s / n, "speedup": uncached_s / cached_s,
+            "same_tokens": same / max(total, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256])
+    ap.add_argument("--batch1-images", type=int, default=200, help="batch size 1 runs on this many images")
+    ap.add_argument("--baseline-images", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=20)
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    ap.add_argument("--folder", default=None, help="where the JPEGs go (default: a temporary folder)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = ap.parse_args()
+
+    folder = Path(args.folder) if args.folder else Path(tempfile.mkdtemp(prefix="caption_bench_"))
+    t = time.perf_counter()
+    paths = make_jpegs(folder, args.images)
+    print(f"{len(paths)} JPEGs (640x480) in {folder}, written in {time.perf_counter() - t:.1f} s", flush=True)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    captioner = Captioner(build_model(device), device)
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    report = {"device": name, "torch": torch.__version__, "workers": args.workers, "new_tokens": args.new_tokens,
+              "model": "ViT-B-16 (random) + mlp projector + RWKV-7 L12-D768 V65536", "runs": []}
+    print(f"device {name}, torch {torch.__version__}, {args.workers} decode workers, "
+          f"{args.new_tokens} new tokens per caption", flush=True)
+
+    end_to_end(captioner, paths[:64], sampling, 32, args.workers)  # warm-up: kernel build, allocator, cuDNN
+    dec = decode_only(paths, captioner.model.encoder.preprocess, 32, args.workers)
+    report["decode_only"] = dec
+    print(f"image decoding alone ({args.workers} workers): {dec['images_per_s']:.0f} images/s", flush=True)
+    for bs in args.batch_sizes:
+        subset = paths[: args.batch1_images] if bs == 1 else paths
+        e2e = end_to_end(captioner, subset, sampling, bs, args.workers)
+        st = stages(captioner, subset, sampling, bs, args.workers)
+        report["runs"].append({"batch_size": bs, "end_to_end": e2e, "stages": st})
+        ms = st["ms_per_image"]
+        print(f"batch {bs:4d} ({len(subset)} images): {e2e['images_per_s']:8.1f} images/s end to end | "
+              f"with syncs {st['images_per_s']:8.1f} images/s; ms/image: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()), flush=True)
+    base = baseline(captioner, paths[: args.baseline_images], args.new_tokens, 32)
+    report["baseline"] = base
+    print(f"baseline, batch 32 ({base['images']} images), decoding {args.new_tokens} tokens: RNN mode "
+          f"{base['rnn_mode_ms_per_image']:.3f} ms/image (prefill included) vs GPT mode re-run per token "
+          f"{base['gpt_rerun_ms_per_image']:.3f} ms/image: {base['speedup']:.1f}x; "
+          f"same tokens {100 * base['same_tokens']:.1f}%", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
