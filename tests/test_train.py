@@ -133,6 +133,24 @@ def test_feature_cache_is_built_once_and_used(shapes, tmp_path):
     assert built[0].stat().st_mtime_ns == stamp
 
 
+def test_cache_features_command_builds_what_training_then_uses(shapes, tmp_path, capsys):
+    from data_prep import cache_features
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = tiny(shapes, out, "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=2",
+                f"data.feature_cache={cache}")
+    assert cache_features.main(["--device", "cpu", "--splits", "train,val", *args]) == 0
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == ["train", "val"]
+    built = sorted(cache.glob("*/*/dataset_info.json"))
+    assert [p.parent.name for p in built] == ["train", "val"]
+    stamps = [p.stat().st_mtime_ns for p in built]
+    assert train_caption.main(args) == 0  # the random tower has the same weights, so the same cache key
+    assert sorted(cache.glob("*/*/dataset_info.json")) == built
+    assert [p.stat().st_mtime_ns for p in built] == stamps
+    assert cache_features.main(["--device", "cpu", *args, "data.feature_cache=null"]) == 2
+    assert "data.feature_cache is not set" in capsys.readouterr().err
+
+
 def test_cached_features_match_the_encoder_and_batches_match_items(shapes, tmp_path):
     import datasets
 
