@@ -15,6 +15,11 @@ Three measurements per batch size, in one process:
   baseline     decoding the same captions without a recurrent state: every new token re-runs GPT mode
                over the whole prefix + caption so far (what a decoder without a cache must do), at
                batch 32 on the first --baseline-images images; also checks both give the same tokens.
+  eager        the stages again with CUDA graphs off (VISION_RWKV_CUDA_GRAPHS=0): every RNN step launched
+               kernel by kernel from Python, as before graphs.
+  GPT-2        when `transformers` is installed: a GPT-2 decoder of the same size (L12-D768, vocabulary
+               65,536, random weights) decoding the same prefix embeddings with its KV cache
+               (generate(), greedy, the same number of new tokens): the usual transformer way.
 Image decoding alone (the DataLoader with --workers, no model) is timed too, as the ceiling it sets.
 """
 
@@ -169,12 +174,46 @@ def baseline(captioner, paths, new_tokens, batch_size) -> dict:
             "same_tokens": same / max(total, 1)}
 
 
+@torch.no_grad()
+def gpt2_baseline(captioner, paths, new_tokens, batch_size) -> dict | None:
+    """Decoding time per image of a same-size GPT-2 with its KV cache, from the same prefix embeddings."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    model, device = captioner.model, captioner.device
+    cfg = GPT2Config(vocab_size=65536, n_positions=512, n_embd=768, n_layer=12, n_head=12)
+    gpt2 = GPT2LMHeadModel(cfg).to(device).eval()
+    loader = torch.utils.data.DataLoader(_ImageFiles([str(p) for p in paths], model.encoder.preprocess),
+                                         batch_size=batch_size, collate_fn=_collate)
+    seconds, n = 0.0, 0
+    for i, batch in enumerate(loader):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            prefix = model.prefix(*model.encode(batch.images.to(device)))
+            mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
+            sync(device)
+            t = time.perf_counter()
+            gpt2.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+            sync(device)
+        if i:  # the first batch warms up
+            seconds += time.perf_counter() - t
+            n += prefix.shape[0]
+    if not n:
+        return None
+    import transformers
+
+    return {"images": n, "batch_size": batch_size, "transformers": transformers.__version__,
+            "ms_per_image": 1000 * seconds / n, "tokens_per_s": n * new_tokens / seconds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256])
     ap.add_argument("--batch1-images", type=int, default=200, help="batch size 1 runs on this many images")
     ap.add_argument("--baseline-images", type=int, default=64)
+    ap.add_argument("--eager-images", type=int, default=512, help="images for the graphs-off and GPT-2 runs")
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--folder", default=None, help="where the JPEGs go (default: a temporary folder)")
@@ -209,6 +248,22 @@ def main() -> None:
         print(f"batch {bs:4d} ({len(subset)} images): {e2e['images_per_s']:8.1f} images/s end to end | "
               f"with syncs {st['images_per_s']:8.1f} images/s; ms/image: "
               + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()), flush=True)
+    os.environ["VISION_RWKV_CUDA_GRAPHS"] = "0"
+    report["eager"] = []
+    for bs in [b for b in args.batch_sizes if b > 1]:
+        st = stages(captioner, paths[: args.eager_images], sampling, bs, args.workers)
+        report["eager"].append({"batch_size": bs, "stages": st})
+        print(f"eager RNN steps (graphs off), batch {bs} ({st['images']} images): {st['images_per_s']:.1f} "
+              f"images/s with syncs; ms/image: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                          st["ms_per_image"].items()), flush=True)
+    os.environ.pop("VISION_RWKV_CUDA_GRAPHS")
+    for bs in [b for b in args.batch_sizes if b > 1]:
+        g2 = gpt2_baseline(captioner, paths[: args.eager_images], args.new_tokens, bs)
+        if g2 is not None:
+            report.setdefault("gpt2", []).append(g2)
+            print(f"GPT-2 L12-D768 with KV cache (transformers {g2['transformers']}), batch {bs} "
+                  f"({g2['images']} images): decoding {g2['ms_per_image']:.3f} ms/image, prefill included; "
+                  f"{g2['tokens_per_s']:.0f} tokens/s", flush=True)
     base = baseline(captioner, paths[: args.baseline_images], args.new_tokens, 32)
     report["baseline"] = base
     print(f"baseline, batch 32 ({base['images']} images), decoding {args.new_tokens} tokens: RNN mode "

@@ -13,6 +13,7 @@ import torch
 
 from .config import SamplingConfig
 from .errors import VisionRWKVError
+from .graphs import rnn_stepper
 from .rwkv7 import RWKV7
 from .sampling import TokenChooser
 from .state import RWKVState
@@ -25,6 +26,10 @@ def decode_loop(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
 
     If `scores` is a list, it receives each row's log-probability of its tokens (and of the stop token,
     when one ended the row) under the model's own distribution, i.e. what GPT-mode scoring gives.
+
+    On CUDA the steps replay CUDA graphs (vision_rwkv.graphs), one per batch size. Finished rows then
+    stay in the batch, ignored, until the live ones fit a smaller power of two, so a batch is captured
+    at a few sizes only; eagerly, finished rows leave at once. Rows never mix, so the tokens are the same.
     """
     cfg.validate()
     B = logits.shape[0]
@@ -32,8 +37,11 @@ def decode_loop(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
     stop = sorted({int(s) for s in stop_ids})
     stop_t = torch.tensor(stop, dtype=torch.long, device=device)
     chooser = TokenChooser(cfg, B, logits.shape[-1], device, generator)
+    step = rnn_stepper(lm)
+    graphed = step is not lm.step
     out: list[list[int]] = [[] for _ in range(B)]
-    active = torch.arange(B, device=device)  # which original rows are still generating
+    rows = list(range(B))  # the original row of each slot of the batch
+    live = [True] * B  # slots still generating (False: finished, or padding)
     total = [0.0] * B
     for n in range(cfg.max_new_tokens):
         extra = stop if n < cfg.min_new_tokens else ()
@@ -41,24 +49,39 @@ def decode_loop(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
         chooser.update(tokens)
         if scores is not None:
             lp = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-            for row, value in zip(active.tolist(), lp.tolist()):
-                total[row] += value
+            for row, ok, value in zip(rows, live, lp.tolist()):
+                if ok:
+                    total[row] += value
         done = torch.isin(tokens, stop_t) if stop else torch.zeros_like(tokens, dtype=torch.bool)
-        for row, tok, fin in zip(active.tolist(), tokens.tolist(), done.tolist()):
-            if not fin:
-                out[row].append(tok)
+        for i, (tok, fin) in enumerate(zip(tokens.tolist(), done.tolist())):
+            if live[i]:
+                if fin:
+                    live[i] = False
+                else:
+                    out[rows[i]].append(tok)
         if n == cfg.max_new_tokens - 1:
             break
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(-1)
-            if keep.numel() == 0:
-                break
-            active, tokens, state = active[keep], tokens[keep], state[keep]
-            chooser.keep_rows(keep)
-        logits, state = lm.step(tokens, state)
+        n_live = sum(live)
+        if n_live == 0:
+            break
+        size = _bucket(n_live) if graphed else n_live
+        if size < len(rows):  # shrink the batch: live slots first, then padding copies of the first one
+            keep = [i for i, ok in enumerate(live) if ok]
+            keep += [keep[0]] * (size - len(keep))
+            keep_t = torch.tensor(keep, device=device)
+            rows = [rows[i] for i in keep]
+            live = [True] * n_live + [False] * (size - n_live)
+            tokens, state = tokens[keep_t], state[keep_t]
+            chooser.keep_rows(keep_t)
+        logits, state = step(tokens, state)
     if scores is not None:
         scores[:] = total
     return out
+
+
+def _bucket(n: int) -> int:
+    """The batch size a graphed decode runs n live rows at: the next power of two."""
+    return 1 << (n - 1).bit_length()
 
 
 @torch.no_grad()
@@ -132,6 +155,7 @@ def beam_search(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     done = [False] * B
     banned = list(cfg.banned_tokens)
+    step = rnn_stepper(lm)  # a CUDA graph replay per step on CUDA (the batch stays B*nb rows)
     for n in range(cfg.max_new_tokens):
         extra = banned + (stop if n < cfg.min_new_tokens else [])
         lp = torch.log_softmax(logits.float(), dim=-1)
@@ -150,7 +174,7 @@ def beam_search(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
         if all(done) or n == cfg.max_new_tokens - 1:
             break
         rows_t = torch.tensor(next_rows, device=device)
-        logits, state = lm.step(torch.tensor(next_tokens, device=device), state[rows_t])
+        logits, state = step(torch.tensor(next_tokens, device=device), state[rows_t])
     for b in range(B):  # rows cut at max_new_tokens: their live beams compete too
         if not done[b]:
             for k in range(nb):

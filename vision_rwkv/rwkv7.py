@@ -167,6 +167,10 @@ class RWKV7(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B,T) token ids -> (B,T,C) embeddings (before ln0), after checking the ids."""
+        self._check_ids(tokens)
+        return self.emb(tokens)
+
+    def _check_ids(self, tokens) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
             raise VisionRWKVError(f"tokens must be an integer (Long) tensor, got {_describe(tokens)}")
         if self.check_inputs and tokens.numel():
@@ -175,7 +179,6 @@ class RWKV7(nn.Module):
             if lo < 0 or hi >= V:
                 bad = lo if lo < 0 else hi
                 raise VisionRWKVError(f"token id {bad} is outside this model's vocabulary: expected ids in [0, {V})")
-        return self.emb(tokens)
 
     def _inputs(self, tokens, inputs_embeds) -> torch.Tensor:
         if (tokens is None) == (inputs_embeds is None):
@@ -225,8 +228,12 @@ class RWKV7(nn.Module):
         """RNN mode: tokens (B,) -> logits (B,V) and the updated state."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
             raise VisionRWKVError(f"step() takes one token per row, shape (B,), got {_describe(tokens)}")
-        x = self.embed(tokens.unsqueeze(1))
-        h, state = self._run(x, self._state_for(state, x.shape[0]), rnn=True)
+        self._check_ids(tokens)
+        return self._step_unchecked(tokens, self._state_for(state, tokens.shape[0]))
+
+    def _step_unchecked(self, tokens: torch.Tensor, state: RWKVState):
+        """step() without the input checks, which read values back to the host (CUDA graphs capture this)."""
+        h, state = self._run(self.emb(tokens.unsqueeze(1)), state, rnn=True)
         return self.head(h[:, 0]), state
 
     # ---- training ----------------------------------------------------------------------------------
