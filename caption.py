@@ -76,8 +76,8 @@ csv, coco and text files are written whole at the end, through a temporary file 
 
 A file that cannot be read (corrupt, truncated, not an image, too large, unreadable, a symlink loop)
 gets one line on stderr and an error row; the run goes on. At the end stderr says
-"captioned N images, M failed". Exit status: 0 when done, 1 when every image failed, 2 on a usage,
-config or checkpoint error.
+"captioned N images, M failed in T s (R images/s)" (T from the loaded model to the last image).
+Exit status: 0 when done, 1 when every image failed, 2 on a usage, config or checkpoint error.
 
 several processes (one per GPU; torchrun's own flags for several machines):
   torchrun --nproc_per_node=2 caption.py photos/ out=captions.jsonl
@@ -235,11 +235,11 @@ def run(cfg: CaptionCLIConfig) -> int:
         print(f"{PROG}: {skipped} of {len(images)} images are already in {cfg.out}; captioning the other "
               f"{len(todo)}", file=sys.stderr)
     try:
-        captioned, failed = caption_into(writer, todo, cfg, cfg.device)
+        captioned, failed, seconds = caption_into(writer, todo, cfg, cfg.device)
         writer.close()  # the whole-file formats are written here, only after a complete run
     finally:
         writer.release()
-    print(f"{PROG}: captioned {captioned} images, {failed} failed"
+    print(f"{PROG}: captioned {captioned} images, {failed} failed{_rate(captioned + failed, seconds)}"
           + (f" ({skipped} already in {cfg.out})" if skipped else ""), file=sys.stderr)
     return 1 if failed and not captioned else 0
 
@@ -256,18 +256,24 @@ def list_images(paths: list[str], quiet: bool) -> list[str]:
 
 
 def caption_into(writer: Writer, todo: list[str], cfg: CaptionCLIConfig, device: str,
-                 main_process: bool = True) -> tuple[int, int]:
-    """Caption `todo` batch by batch into writer; one stderr line per failed image. -> (captioned, failed)"""
+                 main_process: bool = True) -> tuple[int, int, float]:
+    """Caption `todo` batch by batch into writer; one stderr line per failed image.
+
+    Returns (captioned, failed, seconds), the seconds counted from the loaded model to the last batch.
+    """
+    import time
+
     from tqdm.auto import tqdm
 
     from vision_rwkv.captioner import Captioner
 
     captioned = failed = 0
     if not todo:
-        return 0, 0
+        return 0, 0, 0.0
     if cfg.checkpoint is None and main_process:
         print(f"{PROG}: no checkpoint given: captioning with the shipped demo model", file=sys.stderr)
     captioner = Captioner.load(cfg.checkpoint, device=device)
+    start = time.perf_counter()
     progress = main_process and (sys.stderr.isatty() if cfg.progress is None else cfg.progress)
     batches = captioner.caption_batches(todo, cfg.sampling, batch_size=cfg.batch_size,
                                         num_workers=cfg.num_workers, progress=progress)
@@ -278,7 +284,11 @@ def caption_into(writer: Writer, todo: list[str], cfg: CaptionCLIConfig, device:
         failed += sum(r.error is not None for r in batch)
         captioned += sum(r.error is None for r in batch)
         writer.write(batch)
-    return captioned, failed
+    return captioned, failed, time.perf_counter() - start
+
+
+def _rate(images: int, seconds: float) -> str:
+    return f" in {seconds:.1f} s ({images / seconds:.1f} images/s)" if images and seconds > 0 else ""
 
 
 # ---- several processes (torchrun) ---------------------------------------------------------------------------
@@ -394,12 +404,13 @@ def run_sharded(cfg: CaptionCLIConfig, fmt: OutputFormat, shard: Shard) -> int:
         writer = SidecarWriter(mine) if fmt is OutputFormat.txt else JsonlWriter(part_path(out, shard.rank,
                                                                                             shard.world))
         try:
-            captioned, failed = caption_into(writer, mine, cfg, shard.device(cfg.device), main_process)
+            captioned, failed, seconds = caption_into(writer, mine, cfg, shard.device(cfg.device), main_process)
         finally:
             writer.release()
         counts = [None] * shard.world
-        dist.all_gather_object(counts, (captioned, failed))  # also the barrier: every part is complete
+        dist.all_gather_object(counts, (captioned, failed, seconds))  # also the barrier: every part is complete
         captioned, failed = (sum(c[i] for c in counts) for i in (0, 1))
+        seconds = max(c[2] for c in counts)  # the slowest process
         if main_process and out is not None:
             if fmt is OutputFormat.jsonl:
                 absorb_parts(out, images)
@@ -417,7 +428,8 @@ def run_sharded(cfg: CaptionCLIConfig, fmt: OutputFormat, shard: Shard) -> int:
     skipped = len(images) - len(todo)
     if main_process:
         print(f"{PROG}: captioned {captioned} images, {failed} failed with {shard.world} processes"
-              + (f" ({skipped} already in {cfg.out})" if skipped else ""), file=sys.stderr)
+              f"{_rate(captioned + failed, seconds)}" + (f" ({skipped} already in {cfg.out})" if skipped else ""),
+              file=sys.stderr)
     return 1 if failed and not captioned else 0
 
 
