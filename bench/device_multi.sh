@@ -69,4 +69,4 @@ b = {r["path"]: r["caption"] for r in rows["c2"]}
 print(f"same caption from 1 and 2 processes: {sum(a[p] == b.get(p) for p in a)} of {len(a)}")
 EOF
 tail -2 "$OUT/caption_2.log" >> "$S"
-tar -C "$OUT" -czf "$OUT/logs.tgz" --exclude logs.tgz --exclude multi.txt . 2>/dev/null
+tar -C "$OUT" -czf /tmp/multi_logs.tgz --exclude multi.txt . && mv /tmp/multi_logs.tgz "$OUT/logs.tgz"

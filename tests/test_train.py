@@ -62,7 +62,7 @@ def tiny(shapes, out, *extra):
         "data.batch_size=8", "decoder.n_layer=2", "decoder.n_embd=64", "decoder.head_size=16",
         "decoder.wkv_impl=chunked", "tokenizer_vocab_size=80", f"trainer.out_dir={out}", "trainer.log_every=1",
         "trainer.progress=false", "data.val_subset=3", "sampling.max_new_tokens=6", "optim.warmup_steps=2",
-        *extra,
+        "data.num_workers=0", *extra,
     ]
 
 
@@ -118,6 +118,14 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(shapes, tmp_path):
     mb = load_caption_model(split / "checkpoints" / "step-0000010")
     for (k, x), y in zip(ma.decoder.state_dict().items(), mb.decoder.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_dataloader_workers_give_the_same_run(shapes, tmp_path):
+    common = ["trainer.max_steps=4", "trainer.eval_every=0", "trainer.save_every=4", "trainer.projector_steps=1"]
+    common += [f"data.feature_cache={tmp_path / 'cache'}"]  # cached features, read by __getitems__ in the workers
+    assert train_caption.main(tiny(shapes, tmp_path / "w0", *common, "data.num_workers=0")) == 0
+    assert train_caption.main(tiny(shapes, tmp_path / "w2", *common, "data.num_workers=2")) == 0
+    assert losses(tmp_path / "w0")[0] == losses(tmp_path / "w2")[0]
 
 
 def test_feature_cache_is_built_once_and_used(shapes, tmp_path):
