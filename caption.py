@@ -41,7 +41,8 @@ they look like (use it for names that start with '-', '+' or '~', or that contai
 an option's name).
 
 options (Hydra overrides, key=value; defaults in conf/caption.yaml):
-  checkpoint=DIR          caption checkpoint folder (config.yaml, model.safetensors, tokenizer);
+  checkpoint=DIR          caption checkpoint folder (config.yaml, model.safetensors, tokenizer), or a
+                          training run's <out_dir>/checkpoints/latest;
                           null (default): the demo model shipped in vision_rwkv/assets/demo
   out=FILE                where to write; null (default): standard output
   format=FORMAT           auto (default) | text | jsonl | csv | coco | txt (see below)

@@ -84,6 +84,9 @@ def test_tiny_run_lowers_the_loss_and_writes_a_loadable_checkpoint(shapes, tmp_p
     assert ckpts == ["latest", "step-0000012", "step-0000024"]
     model = load_caption_model(out / "checkpoints" / "step-0000024")
     assert model.tokenizer.vocab_size == model.decoder.config.vocab_size
+    latest = load_caption_model(out / "checkpoints" / "latest")  # the run's pointer file works too
+    for x, y in zip(model.state_dict().values(), latest.state_dict().values()):
+        assert torch.equal(x, y)
     assert (out / "checkpoints" / "step-0000024" / "trainer_state.pt").is_file()
     assert any((out / "tensorboard").iterdir())
 

@@ -7,17 +7,30 @@ Public API (stable):
     logits, state = lm(tokens)                 # GPT mode: (B,T) -> (B,T,V), final state
     logits, state = lm(tokens, state=state)    # continue from a state
     logits, state = lm.step(tokens_t, state)   # RNN mode: (B,) -> (B,V)
+
+    from vision_rwkv import Captioner, load_caption_model
+    captioner = Captioner.load(folder)         # a caption checkpoint folder; None: the shipped demo model
+    results = captioner.caption_paths(paths, SamplingConfig(strategy="beam", num_beams=5))
+    model = load_caption_model(folder)         # CaptionModel: encode, prefix, loss, score
 """
 
+from .captioner import Captioner, CaptionResult
 from .checkpoint import load_decoder, save_decoder, save_official
 from .config import RWKV7Config, SamplingConfig
 from .errors import VisionRWKVError
 from .generate import generate
+from .model import CaptionModel, build_caption_model, load_caption_model, save_caption_model
 from .rwkv7 import RWKV7
 from .state import RWKVState
 from .tokenizer import HFTokenizer, WorldTokenizer, load_tokenizer, train_bpe
 
 __all__ = [
+    "Captioner",
+    "CaptionResult",
+    "CaptionModel",
+    "build_caption_model",
+    "load_caption_model",
+    "save_caption_model",
     "load_decoder",
     "save_decoder",
     "save_official",

@@ -213,13 +213,16 @@ def read_caption_config(folder: Path) -> CaptionConfig:
 
 
 def load_caption_model(path, *, device=None, dtype: torch.dtype | None = torch.float32) -> CaptionModel:
-    """Load a caption checkpoint folder (model.safetensors + config.yaml + tokenizer)."""
+    """Load a caption checkpoint folder (model.safetensors + config.yaml + tokenizer), or the folder a
+    training run's <out_dir>/checkpoints/latest names."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(path)
     if folder.is_file() and folder.name in (WEIGHTS, CONFIG):
         folder = folder.parent
+    if folder.is_file() and folder.name == "latest":  # a training run's pointer: <run>/checkpoints/latest
+        folder = folder.parent / folder.read_text().strip()
     if not folder.is_dir():
         raise VisionRWKVError(f"{folder} does not exist; expected a caption checkpoint folder")
     cfg = read_caption_config(folder)
