@@ -387,11 +387,14 @@ def run_sharded(cfg: CaptionCLIConfig, fmt: OutputFormat, shard: Shard) -> int:
     out = Path(cfg.out) if cfg.out is not None else None
     if out is not None:
         _check_writable(out)
-    images = list_images(cfg.paths, quiet=shard.rank != 0)
-    if not dist.is_initialized():  # gloo: only barriers and a few integers pass between processes
+    if not dist.is_initialized():  # gloo: only barriers, the file list and a few integers pass between processes
         dist.init_process_group("gloo", timeout=timedelta(hours=24))
     try:
         main_process = shard.rank == 0
+        # one listing for all: processes listing a folder that changes meanwhile would split different lists
+        listing = [list_images(cfg.paths, quiet=False) if main_process else None]
+        dist.broadcast_object_list(listing, src=0)
+        images = listing[0]
         if main_process and out is not None:
             if fmt is OutputFormat.jsonl:
                 absorb_parts(out, images)  # an earlier killed run's parts

@@ -67,7 +67,7 @@ class GraphedStep:
             self.graphs.clear()
             self.weights = now
 
-    def __call__(self, tokens: torch.Tensor, state: RWKVState):
+    def __call__(self, tokens: torch.Tensor, state: RWKVState | None):
         B = tokens.shape[0]
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         key = (B, *autocast)
@@ -80,7 +80,7 @@ class GraphedStep:
                 warnings.warn(f"vision_rwkv: CUDA graph capture failed, RNN mode runs eagerly: "
                               f"{str(e).splitlines()[0]}", stacklevel=2)
                 return self.lm.step(tokens, state)
-        self.lm._state_for(state, B)  # the checks lm.step makes: shape and device
+        state = self.lm._state_for(state, B)  # what lm.step does: a fresh state for None, else the checks
         g.tokens.copy_(tokens)
         if state is not g.state:
             g.state.att_shift.copy_(state.att_shift)
