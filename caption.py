@@ -392,8 +392,17 @@ def run_sharded(cfg: CaptionCLIConfig, fmt: OutputFormat, shard: Shard) -> int:
     try:
         main_process = shard.rank == 0
         # one listing for all: processes listing a folder that changes meanwhile would split different lists
-        listing = [list_images(cfg.paths, quiet=False) if main_process else None]
+        listing: list = [None]
+        if main_process:
+            try:
+                listing = [list_images(cfg.paths, quiet=False)]
+            except VisionRWKVError as e:
+                listing = [e]
         dist.broadcast_object_list(listing, src=0)
+        if isinstance(listing[0], VisionRWKVError):  # said once, by process 0; the others just stop
+            if main_process:
+                raise listing[0]
+            return 2
         images = listing[0]
         if main_process and out is not None:
             if fmt is OutputFormat.jsonl:

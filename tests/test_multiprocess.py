@@ -22,12 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def torchrun(nproc: int, script: str, *args, cwd=None) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, script: str, *args, cwd=None, ok=True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -156,3 +157,13 @@ def test_sharded_run_needs_an_output_file(checkpoint, tmp_path, monkeypatch, cap
     assert caption.main([f"checkpoint={checkpoint}", *FAST, str(image)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "out=FILE" in err[0]
+
+
+def test_a_sharded_run_with_a_missing_path_says_so_once(checkpoint, tmp_path):
+    proc = torchrun(2, "caption.py", tmp_path / "nothing", f"out={tmp_path / 'x.jsonl'}",
+                    f"checkpoint={checkpoint}", *FAST, ok=False)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("caption.py:")]
+    assert ours == [f"caption.py: {tmp_path / 'nothing'} does not exist; expected an image file or a folder"]
+    assert "[rank" not in proc.stderr  # no process died with a traceback (torchrun reports the exit itself)
+    assert not (tmp_path / "x.jsonl").exists()
