@@ -50,21 +50,32 @@ from vision_rwkv.generate import decode_loop  # noqa: E402
 from vision_rwkv.model import build_caption_model  # noqa: E402
 
 
-def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    """n photo-sized JPEGs (640x480, smooth colour fields plus noise, quality 90), written once."""
+def make_jpegs(folder: Path, n: int, seed: int = 0, processes: int = 1) -> list[Path]:
+    """n photo-sized JPEGs (640x480, smooth colour fields plus noise, quality 90), written once; image i
+    depends only on (seed, i)."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        path = folder / f"{i:06d}.jpg"
-        paths.append(path)
-        if path.exists():
-            continue
-        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-        img = Image.fromarray(coarse).resize((640, 480), Image.BICUBIC)
-        arr = np.asarray(img, dtype=np.int16) + rng.integers(-20, 21, size=(480, 640, 3))
-        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    paths = [folder / f"{i:06d}.jpg" for i in range(n)]
+    todo = [(p, seed, i) for i, p in enumerate(paths) if not p.exists()]
+    if processes > 1 and len(todo) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(processes) as pool:  # before any CUDA use; works from stdin
+            pool.map(_write_jpeg, todo, chunksize=64)
+    else:
+        for job in todo:
+            _write_jpeg(job)
     return paths
+
+
+def _write_jpeg(job) -> None:
+    path, seed, i = job
+    rng = np.random.default_rng([seed, i])
+    coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    img = Image.fromarray(coarse).resize((640, 480), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.int16) + rng.integers(-20, 21, size=(480, 640, 3))
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(tmp, format="JPEG", quality=90)
+    tmp.replace(path)
 
 
 def build_model(device):
@@ -223,7 +234,7 @@ def main() -> None:
 
     folder = Path(args.folder) if args.folder else Path(tempfile.mkdtemp(prefix="caption_bench_"))
     t = time.perf_counter()
-    paths = make_jpegs(folder, args.images)
+    paths = make_jpegs(folder, args.images, processes=args.workers)
     print(f"{len(paths)} JPEGs (640x480) in {folder}, written in {time.perf_counter() - t:.1f} s", flush=True)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
