@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from vision_rwkv.captioner import CaptionResult
 from vision_rwkv.config import SamplingConfig
-from vision_rwkv.errors import VisionRWKVError
+from vision_rwkv.errors import VisionRWKVError, short_warnings
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 PROG = "caption.py"
@@ -695,4 +695,5 @@ def _umask() -> int:
 
 
 if __name__ == "__main__":
+    short_warnings(PROG)  # the library's warnings as one line each (not in-process: tests record them)
     sys.exit(main())

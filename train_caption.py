@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from vision_rwkv.config import CaptionConfig, caption_config_from_dict
-from vision_rwkv.errors import VisionRWKVError
+from vision_rwkv.errors import VisionRWKVError, short_warnings
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 ConfigStore.instance().store(name="caption_schema", node=CaptionConfig)
@@ -33,9 +33,18 @@ def to_caption_config(cfg: DictConfig) -> CaptionConfig:
 
 
 def run(cfg: DictConfig) -> dict:
+    import os
+
     from vision_rwkv.train import train
 
-    return train(to_caption_config(cfg))
+    caption_cfg = to_caption_config(cfg)
+    last = train(caption_cfg)
+    if os.environ.get("RANK", "0") == "0" and last:
+        out = Path(caption_cfg.trainer.out_dir) / "checkpoints"
+        latest = (out / "latest").read_text().strip() if (out / "latest").is_file() else None
+        print(f"train_caption.py: step {last['step']} of {caption_cfg.trainer.max_steps}, loss {last['loss']:.4f}"
+              + (f"; checkpoint {out / latest}" if latest else ""), file=sys.stderr)
+    return last
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -66,6 +75,7 @@ def _one_line(e: BaseException) -> str:
 
 @hydra.main(config_path="conf", config_name="train", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
+    short_warnings("train_caption.py")
     try:
         run(cfg)
     except VisionRWKVError as e:

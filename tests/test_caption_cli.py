@@ -278,3 +278,18 @@ def test_cfg_prints_the_composed_config(capsys):
     assert caption.main(["--cfg", "sampling=beam", "batch_size=3"]) == 0
     text = capsys.readouterr().out
     assert "batch_size: 3" in text and "strategy: beam" in text
+
+
+def test_library_warnings_show_as_one_line(capsys):
+    import warnings
+
+    from vision_rwkv.errors import short_warnings
+
+    with warnings.catch_warnings():  # restores the usual display afterwards
+        warnings.simplefilter("always")
+        short_warnings("caption.py")
+        warnings.warn("vision_rwkv: the kernel failed to build: nvcc: boom", UserWarning, stacklevel=1)
+        warnings.warn("another library's warning", UserWarning, stacklevel=1)
+    err = capsys.readouterr().err.splitlines()
+    # the other warning took Python's own path (under pytest: its recorder), not ours
+    assert err == ["caption.py: warning: the kernel failed to build: nvcc: boom"]
