@@ -155,3 +155,27 @@ def test_unused_parameters_are_exactly_those_without_a_gradient(tiny_model):
     unused = {id(p) for p in tiny_model.unused_parameters()}
     assert no_grad == {n for n, p in tiny_model.named_parameters() if id(p) in unused}
     assert no_grad == {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+
+
+def test_a_saved_state_continues_exactly_like_the_original(tiny_model, tmp_path):
+    from vision_rwkv import RWKVState, VisionRWKVError
+
+    tokens = torch.randint(0, 97, (2, 9))
+    _, state = tiny_model(tokens[:, :6])
+    state.save(tmp_path / "prompt.state")
+    loaded = RWKVState.load(tmp_path / "prompt.state")
+    for name in ("att_shift", "wkv", "ffn_shift"):
+        assert torch.equal(getattr(loaded, name), getattr(state, name))
+    a, _ = tiny_model(tokens[:, 6:], state)
+    b, _ = tiny_model(tokens[:, 6:], loaded)
+    assert torch.equal(a, b)
+    (tmp_path / "junk.state").write_bytes(b"not a state")
+    with pytest.raises(VisionRWKVError, match="cannot read the state file"):
+        RWKVState.load(tmp_path / "junk.state")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(VisionRWKVError, match="not an RWKV state file"):
+        RWKVState.load(tmp_path / "other.safetensors")
+    with pytest.raises(VisionRWKVError, match="state.wkv has shape"):  # another model's shape: one line
+        tiny_model.step(tokens[:, 0], RWKVState.zeros(3, 2, 64, 32))

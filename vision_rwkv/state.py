@@ -8,10 +8,14 @@ dtype. Layers are stacked along dim 0 so rows (dim 1) can be selected, reordered
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .errors import VisionRWKVError
+
+STATE_FORMAT = "vision_rwkv.state"
+STATE_KEYS = ("att_shift", "wkv", "ffn_shift")
 
 
 @dataclass
@@ -63,6 +67,41 @@ class RWKVState:
 
     def detach(self) -> RWKVState:
         return RWKVState(self.att_shift.detach(), self.wkv.detach(), self.ffn_shift.detach())
+
+    # ---- files ----------------------------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        """Write the state to a safetensors file (atomically), e.g. a prompt's state to start many runs from."""
+        from safetensors.torch import save_file
+
+        from .checkpoint import atomic_file
+
+        tensors = {name: getattr(self, name).detach().contiguous().cpu() for name in STATE_KEYS}
+        with atomic_file(Path(path)) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": STATE_FORMAT})
+
+    @classmethod
+    def load(cls, path, device=None) -> RWKVState:
+        """Read a state written by save(). Use it with a model of the same shape (lm.step checks)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta, names = f.metadata() or {}, set(f.keys())
+                if meta.get("format") != STATE_FORMAT or names != set(STATE_KEYS):
+                    raise VisionRWKVError(f"{path} is not an RWKV state file; expected one written by "
+                                          "RWKVState.save (tensors att_shift, wkv, ffn_shift)")
+                state = cls(*(f.get_tensor(name).float().to(device) for name in STATE_KEYS))
+        except (SafetensorError, OSError) as e:
+            raise VisionRWKVError(f"cannot read the state file {path}: {str(e).splitlines()[0]}") from None
+        L, B, C = state.att_shift.shape if state.att_shift.dim() == 3 else (None, None, None)
+        if (L is None or state.wkv.dim() != 5 or state.wkv.shape[:2] != (L, B)
+                or tuple(state.ffn_shift.shape) != (L, B, C)
+                or state.wkv.shape[2] * state.wkv.shape[3] != C or state.wkv.shape[3] != state.wkv.shape[4]):
+            raise VisionRWKVError(f"{path} holds tensors of inconsistent shapes; expected att_shift (L,B,C), "
+                                  "wkv (L,B,H,N,N) with H*N = C, ffn_shift (L,B,C)")
+        return state
 
     def check(self, n_layer: int, n_embd: int, head_size: int, batch_size: int | None = None) -> None:
         """Raise one clear line if this state does not belong to a model of this shape."""
