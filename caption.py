@@ -333,15 +333,21 @@ def read_part_rows(part: Path) -> list[dict]:
     """The whole rows of a part file (a last line cut by a kill is left out)."""
     rows = []
     for n, line in enumerate(part.read_bytes().split(b"\n")[:-1], 1):
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            row = None
-        if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+        row = _caption_row(line)
+        if row is None:
             raise VisionRWKVError(f"{part} line {n} is not a caption row; it is a part file of an earlier "
                                   "multi-process run (fix or remove it)")
         rows.append(row)
     return rows
+
+
+def _caption_row(line: bytes) -> dict | None:
+    """A JSONL output line as its row, or None when it is not one (no JSON object with a string path)."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("path"), str) else None
 
 
 def absorb_parts(out: Path, images: list[str]) -> None:
@@ -619,11 +625,8 @@ def _read_jsonl_paths(path: Path) -> set[str]:
             good_end += len(line)
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                row = None
-            if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+            row = _caption_row(line)
+            if row is None:
                 raise VisionRWKVError(f"{path} line {n} is not a caption row; expected JSON objects with a "
                                       "'path' on every line (fix or remove it, or choose another out)")
             done.add(_key(row["path"]))

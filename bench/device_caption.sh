@@ -3,12 +3,7 @@
 # machine lacks installed from .whl/. Results: $OUT/caption_throughput.{json,log}.
 # Usage (repo root): bash bench/device_caption.sh [caption_throughput.py args]
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 VISION_RWKV_CACHE=${VISION_RWKV_CACHE:-/tmp/vrcache}
+source bench/device_env.sh  # OUT, wheels, PYTHONPATH, kernel cache, multicast off
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/caption_throughput.log"
 python3 -c "from vision_rwkv.ops.wkv7.cuda import build; r = build(); print('kernel:', r or 'ok')" \
   2>&1 | tail -1 | tee -a "$OUT/caption_throughput.log"

@@ -4,13 +4,7 @@
 # L12-D768 checkpoint of random weights (saved bf16), greedy, exactly 20 tokens. Output: $OUT/multi_caption.txt
 # Usage (repo root, 2-GPU machine): [N=20000] bash bench/device_caption_multi.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # keep NVLink multicast off
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 VISION_RWKV_CACHE=${VISION_RWKV_CACHE:-/tmp/vrcache}
+source bench/device_env.sh  # OUT, wheels, PYTHONPATH, kernel cache, multicast off
 S=$OUT/multi_caption.txt; N=${N:-20000}; D=${DIR:-/tmp/jpegs_multi}; M=${MODEL:-/tmp/vitb16_l12}
 nvidia-smi --query-gpu=index,name --format=csv,noheader | tee "$S"
 python3 - "$N" "$D" "$M" <<'PY' 2>&1 | tee -a "$S"

@@ -3,12 +3,7 @@
 # the held-out shapes, and export it (bf16) to $OUT/demo. Every stage is timed and logged to $OUT.
 # Usage (repo root): [TRAIN=6000 VAL=200 TEST=1000 TRAIN_ARGS="..."] bash bench/device_demo.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 VISION_RWKV_CACHE=${VISION_RWKV_CACHE:-/tmp/vrcache}
+source bench/device_env.sh  # OUT, wheels, PYTHONPATH, kernel cache, multicast off
 stage() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "$name: rc=$rc, $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt"; return $rc; }

@@ -4,13 +4,7 @@
 # Usage (repo root): [STEPS=400] bash bench/device_multi.sh
 # (a CPU smoke run: STEPS=4 TRAIN_N=64 TEST_N=40 TRAIN_EXTRA="trainer.device=cpu data.batch_size=8 ...")
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # keep NVLink multicast off
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 VISION_RWKV_CACHE=${VISION_RWKV_CACHE:-/tmp/vrcache}
+source bench/device_env.sh  # OUT, wheels, PYTHONPATH, kernel cache, multicast off
 STEPS=${STEPS:-400}; HALF=$((STEPS / 2))
 S=$OUT/multi.txt
 stage() { local name=$1; shift; local t0=$SECONDS

@@ -5,13 +5,7 @@
 # Usage (repo root): [STEPS=200 FP32_STEPS=60] bash bench/device_multi_check.sh
 # (CPU smoke run: STEPS=30 FP32_STEPS=3 TRAIN_N=64 EXTRA="trainer.device=cpu encoder=tiny data.batch_size=8 ...")
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # keep NVLink multicast off
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 VISION_RWKV_CACHE=${VISION_RWKV_CACHE:-/tmp/vrcache}
+source bench/device_env.sh  # OUT, wheels, PYTHONPATH, kernel cache, multicast off
 STEPS=${STEPS:-200}; FP32_STEPS=${FP32_STEPS:-60}
 S=$OUT/check.txt
 stage() { local name=$1; shift; local t0=$SECONDS

@@ -16,6 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_caption import compose, to_caption_config  # noqa: E402
 from vision_rwkv.captioner import resolve_device  # noqa: E402
@@ -53,17 +56,9 @@ def main(argv=None) -> int:
                                    device=device)
             folder = Path(cfg.data.feature_cache) / encoder.feature_key() / split
             print(f"{split}: {len(cached)} images -> {folder}")
-    except VisionRWKVError as e:
-        print(f"cache_features.py: {e}", file=sys.stderr)
+    except (VisionRWKVError, HydraException, OmegaConfBaseException) as e:  # one line, as train_caption.py
+        print(f"cache_features.py: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    except Exception as e:  # Hydra's compose errors: one line
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
-        if isinstance(e, (HydraException, OmegaConfBaseException)):
-            print(f"cache_features.py: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-            return 2
-        raise
     return 0
 
 

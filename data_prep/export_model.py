@@ -20,12 +20,6 @@ from vision_rwkv.model import load_caption_model, save_caption_model
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve(path: Path) -> Path:
-    if path.name == "latest" and path.is_file():
-        return path.parent / path.read_text().strip()
-    return path
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="a checkpoint folder, or <run>/checkpoints/latest")
@@ -33,7 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     args = ap.parse_args(argv)
     try:
-        model = load_caption_model(resolve(Path(args.checkpoint)))
+        model = load_caption_model(args.checkpoint)  # resolves <run>/checkpoints/latest
         save_caption_model(model, args.out, dtype=DTYPES[args.dtype])
     except VisionRWKVError as e:
         print(f"export_model.py: {e}", file=sys.stderr)

@@ -95,12 +95,11 @@ class RWKVState:
                 state = cls(*(f.get_tensor(name).float().to(device) for name in STATE_KEYS))
         except (SafetensorError, OSError) as e:
             raise VisionRWKVError(f"cannot read the state file {path}: {str(e).splitlines()[0]}") from None
-        L, B, C = state.att_shift.shape if state.att_shift.dim() == 3 else (None, None, None)
-        if (L is None or state.wkv.dim() != 5 or state.wkv.shape[:2] != (L, B)
-                or tuple(state.ffn_shift.shape) != (L, B, C)
-                or state.wkv.shape[2] * state.wkv.shape[3] != C or state.wkv.shape[3] != state.wkv.shape[4]):
-            raise VisionRWKVError(f"{path} holds tensors of inconsistent shapes; expected att_shift (L,B,C), "
-                                  "wkv (L,B,H,N,N) with H*N = C, ffn_shift (L,B,C)")
+        if state.att_shift.dim() != 3 or state.wkv.dim() != 5:
+            raise VisionRWKVError(f"{path} holds tensors of the wrong rank; expected att_shift (L,B,C), "
+                                  "wkv (L,B,H,N,N), ffn_shift (L,B,C)")
+        L, B, C = state.att_shift.shape
+        state.check(L, C, state.wkv.shape[-1], B)  # the three agree with each other
         return state
 
     def check(self, n_layer: int, n_embd: int, head_size: int, batch_size: int | None = None) -> None:
