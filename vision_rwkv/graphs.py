@@ -1,7 +1,7 @@
 """RNN mode on CUDA as one graph launch per step.
 
-One RNN step of an RWKV-7 decoder is a long chain of small kernels (about 130 per layer: the mixes,
-the low-rank paths, the WKV update, norms, the channel mix). Launched one by one from Python, the CPU
+One RNN step of an RWKV-7 decoder is a long chain of small kernels (about a hundred per layer: the
+mixes, the low-rank paths, the WKV update, norms, the channel mix). Launched one by one from Python, the CPU
 needs far longer to issue them than the GPU needs to run them, so a step costs the same at batch 1 and
 batch 256. A CUDA graph captures the chain once per batch size and replays it with a single launch.
 
