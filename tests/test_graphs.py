@@ -79,3 +79,31 @@ def test_graphed_decoding_equals_eager_decoding_as_rows_finish(lm, monkeypatch):
     assert ids_g == ids_e
     assert len({len(r) for r in ids_e}) >= 4  # rows really did end at different steps
     assert sc_g == pytest.approx(sc_e, rel=1e-5, abs=1e-5)
+
+
+@torch.no_grad()
+def test_capture_while_another_thread_pins_memory(lm):
+    """caption.py's DataLoader pins batches in a thread of its own while decoding captures graphs: the
+    capture must not make that thread's CUDA calls fail (it did with the default "global" capture mode)."""
+    import threading
+
+    stop, errors = threading.Event(), []
+
+    def pin():
+        try:
+            while not stop.is_set():
+                torch.empty(1 << 16).pin_memory()
+        except Exception as e:  # what the pin-memory thread would have died of
+            errors.append(e)
+
+    thread = threading.Thread(target=pin)
+    thread.start()
+    try:
+        for B in range(1, 17):  # a fresh capture per batch size
+            tokens = torch.randint(0, 211, (B,), device="cuda")
+            state = lm.init_state(B)
+            close(rnn_stepper(lm)(tokens, state.clone())[0], lm.step(tokens, state.clone())[0], 1e-5)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors[0]

@@ -111,6 +111,8 @@ class GraphedStep:
                 step()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads (a DataLoader's pin-memory thread) may keep calling CUDA while
+        # this thread captures; the default "global" mode makes their calls fail mid-capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             logits = step()
         return _Graph(graph, tokens, state, logits)
