@@ -384,6 +384,7 @@ def run_sharded(cfg: CaptionCLIConfig, fmt: OutputFormat, shard: Shard) -> int:
     """
     from datetime import timedelta
 
+    import torch
     import torch.distributed as dist
 
     if cfg.out is None and fmt is not OutputFormat.txt:
@@ -422,8 +423,11 @@ def run_sharded(cfg: CaptionCLIConfig, fmt: OutputFormat, shard: Shard) -> int:
         mine = todo[shard.rank::shard.world]
         writer = SidecarWriter(mine) if fmt is OutputFormat.txt else JsonlWriter(part_path(out, shard.rank,
                                                                                             shard.world))
+        device = shard.device(cfg.device)
+        if device.startswith("cuda:"):
+            torch.cuda.set_device(device)  # this process's GPU is also the current one (streams, graphs)
         try:
-            captioned, failed, seconds = caption_into(writer, mine, cfg, shard.device(cfg.device), main_process)
+            captioned, failed, seconds = caption_into(writer, mine, cfg, device, main_process)
         finally:
             writer.release()
         counts = [None] * shard.world

@@ -5,6 +5,8 @@ results match the eager ones to rounding noise (1e-5 relative leaves room for cu
 algorithm under capture); decoded tokens must be identical.
 """
 
+import warnings
+
 import pytest
 import torch
 from conftest import randomize_, tiny_config
@@ -107,3 +109,20 @@ def test_capture_while_another_thread_pins_memory(lm):
         stop.set()
         thread.join()
     assert not errors, errors[0]
+
+
+@torch.no_grad()
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_model_on_the_second_gpu_while_the_first_is_current():
+    """A torchrun process on cuda:1 may never call set_device: capture and replay must still happen on
+    the model's GPU (capturing on the current one failed with 'operation failed ... during capture')."""
+    torch.manual_seed(0)
+    lm = randomize_(RWKV7(tiny_config(vocab_size=211, wkv_impl="chunked"))).to("cuda:1").eval()
+    assert torch.cuda.current_device() == 0
+    tokens = torch.tensor([3, 7, 11], device="cuda:1")
+    state = lm.init_state(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns and runs eagerly: that is a failure here
+        for _ in range(2):  # capture, then replay
+            logits, _ = rnn_stepper(lm)(tokens, state.clone())
+    close(logits, lm.step(tokens, state.clone())[0], 1e-5)

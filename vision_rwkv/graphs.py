@@ -68,6 +68,12 @@ class GraphedStep:
             self.weights = now
 
     def __call__(self, tokens: torch.Tensor, state: RWKVState | None):
+        # capture and replay on the model's GPU, whichever is current (a torchrun process on cuda:1
+        # that never called set_device still has cuda:0 current)
+        with torch.cuda.device(self.lm.emb.weight.device):
+            return self._call(tokens, state)
+
+    def _call(self, tokens: torch.Tensor, state: RWKVState | None):
         B = tokens.shape[0]
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         key = (B, *autocast)
@@ -78,7 +84,7 @@ class GraphedStep:
             except RuntimeError as e:  # e.g. out of memory while capturing: carry on eagerly
                 _failed.add(str(e))
                 warnings.warn(f"vision_rwkv: CUDA graph capture failed, RNN mode runs eagerly: "
-                              f"{str(e).splitlines()[0]}", stacklevel=2)
+                              f"{str(e).splitlines()[0]}", stacklevel=3)
                 return self.lm.step(tokens, state)
         state = self.lm._state_for(state, B)  # what lm.step does: a fresh state for None, else the checks
         g.tokens.copy_(tokens)
