@@ -113,16 +113,19 @@ def test_capture_while_another_thread_pins_memory(lm):
 
 @torch.no_grad()
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_model_on_the_second_gpu_while_the_first_is_current():
+def test_model_on_the_second_gpu_while_the_first_is_current(lm):
     """A torchrun process on cuda:1 may never call set_device: capture and replay must still happen on
-    the model's GPU (capturing on the current one failed with 'operation failed ... during capture')."""
+    the model's GPU, also after graphs were captured on cuda:0 (torch's shared capture stream then
+    belongs to cuda:0, and capturing on it failed with 'operation not permitted when stream is capturing')."""
+    tokens = torch.tensor([3, 7, 11], device="cuda:0")
+    rnn_stepper(lm)(tokens, lm.init_state(3))  # a first capture on cuda:0 (the fixture's model)
     torch.manual_seed(0)
-    lm = randomize_(RWKV7(tiny_config(vocab_size=211, wkv_impl="chunked"))).to("cuda:1").eval()
+    lm1 = randomize_(RWKV7(tiny_config(vocab_size=211, wkv_impl="chunked"))).to("cuda:1").eval()
     assert torch.cuda.current_device() == 0
-    tokens = torch.tensor([3, 7, 11], device="cuda:1")
-    state = lm.init_state(3)
+    tokens = tokens.to("cuda:1")
+    state = lm1.init_state(3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture warns and runs eagerly: that is a failure here
         for _ in range(2):  # capture, then replay
-            logits, _ = rnn_stepper(lm)(tokens, state.clone())
-    close(logits, lm.step(tokens, state.clone())[0], 1e-5)
+            logits, _ = rnn_stepper(lm1)(tokens, state.clone())
+    close(logits, lm1.step(tokens, state.clone())[0], 1e-5)

@@ -118,7 +118,9 @@ class GraphedStep:
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: other threads (a DataLoader's pin-memory thread) may keep calling CUDA while
-        # this thread captures; the default "global" mode makes their calls fail mid-capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # this thread captures; the default "global" mode makes their calls fail mid-capture.
+        # stream=side: the warmed-up stream of the model's GPU (torch's shared default capture stream
+        # belongs to whichever GPU was current when it was first made)
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             logits = step()
         return _Graph(graph, tokens, state, logits)
