@@ -2,12 +2,7 @@
 # One device call: install carried wheels, build, run the GPU tests and the WKV-7 benchmark.
 # Usage on the device machine (repo root): [LAYOUTS="auto 0 1 2"] bash bench/device_wkv7.sh
 set -uo pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 VISION_RWKV_CACHE=/tmp/vrcache
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device_env.sh  # OUT, wheels, PYTHONPATH, kernel cache
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "from vision_rwkv.ops.wkv7.cuda import build; r = build(); print('build:', r or 'ok'); assert r is None" 2>&1 | tail -3
 python3 -m pytest -q --tb=line -p no:cacheprovider tests/ops/test_wkv7_cuda.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
