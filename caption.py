@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from vision_rwkv.captioner import CaptionResult
 from vision_rwkv.config import SamplingConfig
 from vision_rwkv.errors import VisionRWKVError, short_warnings
+from vision_rwkv.launch import Launch
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 PROG = "caption.py"
@@ -225,7 +226,7 @@ def run(cfg: CaptionCLIConfig) -> int:
     if not cfg.paths:
         raise VisionRWKVError("no images given; expected image files or folders, e.g. python caption.py photos/ "
                               "(see --help)")
-    shard = Shard.from_env()
+    shard = Launch.from_env()
     if shard.world > 1:
         return run_sharded(cfg, fmt, shard)
     images = list_images(cfg.paths, quiet=False)
@@ -295,32 +296,6 @@ def _rate(images: int, seconds: float) -> str:
 # ---- several processes (torchrun) ---------------------------------------------------------------------------
 
 
-@dataclass
-class Shard:
-    """This process's place in a torchrun launch (world 1 when run directly)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Shard:
-        try:
-            return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                       int(os.environ.get("LOCAL_RANK", "0")))
-        except ValueError:
-            raise VisionRWKVError("RANK, WORLD_SIZE or LOCAL_RANK is not an integer; expected torchrun's "
-                                  "environment (or none of them)") from None
-
-    def device(self, name: str) -> str:
-        """Each process on its own GPU: auto and cuda mean cuda:LOCAL_RANK; cpu and cuda:N are kept."""
-        import torch
-
-        if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-            return f"cuda:{self.local_rank}"
-        return name
-
-
 def part_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.name}.part-{rank:03d}-of-{world:03d}.jsonl")
 
@@ -374,7 +349,7 @@ def absorb_parts(out: Path, images: list[str]) -> None:
         part.unlink()
 
 
-def run_sharded(cfg: CaptionCLIConfig, fmt: OutputFormat, shard: Shard) -> int:
+def run_sharded(cfg: CaptionCLIConfig, fmt: OutputFormat, shard: Launch) -> int:
     """Under torchrun: each process captions every WORLD_SIZE-th image of the pending list into its own
     part file (JSONL, flushed per batch), then process 0 merges the parts into out in input order.
 
@@ -424,10 +399,10 @@ def run_sharded(cfg: CaptionCLIConfig, fmt: OutputFormat, shard: Shard) -> int:
         writer = SidecarWriter(mine) if fmt is OutputFormat.txt else JsonlWriter(part_path(out, shard.rank,
                                                                                             shard.world))
         device = shard.device(cfg.device)
-        if device.startswith("cuda:"):
+        if device.type == "cuda":
             torch.cuda.set_device(device)  # this process's GPU is also the current one (streams, graphs)
         try:
-            captioned, failed, seconds = caption_into(writer, mine, cfg, device, main_process)
+            captioned, failed, seconds = caption_into(writer, mine, cfg, str(device), main_process)
         finally:
             writer.release()
         counts = [None] * shard.world

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 import warnings
@@ -37,6 +36,7 @@ from .errors import VisionRWKVError
 from .features import PairDataset, PairSampler, caption_pairs, collate, feature_cache
 from .generate import caption_features
 from .images import load_image
+from .launch import Launch
 from .model import CaptionModel, build_caption_model, load_caption_model, save_caption_model
 
 TRAINER_STATE = "trainer_state.pt"
@@ -57,14 +57,6 @@ def lr_at(step: int, cfg: CaptionConfig) -> tuple[str, float]:
         return stage, base * (s + 1) / o.warmup_steps
     progress = min(1.0, (s - o.warmup_steps) / max(1, length - o.warmup_steps))
     return stage, base * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise VisionRWKVError(f"trainer.device is {name!r} but no CUDA device is available; use auto or cpu")
-    return torch.device(name if name != "cuda" else f"cuda:{local_rank}")
 
 
 def rng_state() -> dict:
@@ -92,10 +84,9 @@ class Dist:
     """torch.distributed when launched by torchrun (WORLD_SIZE > 1), plain single-process otherwise."""
 
     def __init__(self, device_name: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = pick_device(device_name, self.local_rank)
+        launch = Launch.from_env()
+        self.world, self.rank, self.local_rank = launch.world, launch.rank, launch.local_rank
+        self.device = launch.device(device_name, "trainer.device")
         if self.world > 1 and not dist.is_initialized():
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
