@@ -23,7 +23,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from vision_rwkv.captioner import CaptionResult
+from vision_rwkv.captioner import DTYPES, CaptionResult
 from vision_rwkv.config import SamplingConfig
 from vision_rwkv.errors import VisionRWKVError, short_warnings
 from vision_rwkv.launch import Launch
@@ -53,7 +53,8 @@ options (Hydra overrides, key=value; defaults in conf/caption.yaml):
   batch_size=N            images encoded and decoded together (default 32)
   num_workers=N           processes decoding image files; null (default): one per CPU, at most 8;
                           0: in this process (never more than there are batches)
-  device=DEVICE           auto (default: CUDA when available, in bf16 autocast) | cpu | cuda | cuda:N
+  device=DEVICE           auto (default: CUDA when available) | cpu | cuda | cuda:N
+  dtype=DTYPE             auto (default: bf16 weights and autocast on CUDA, fp32 on the CPU) | bf16 | fp32
   progress=BOOL           progress bar with images/s on stderr; null (default): when stderr is a terminal
   paths=[A,B]             paths as a Hydra list (added to the positional ones)
                           (a value with spaces, commas or brackets needs Hydra's quotes: out="'my file.jsonl'")
@@ -114,6 +115,7 @@ class CaptionCLIConfig:
     batch_size: int = 32
     num_workers: Optional[int] = None  # None: one per usable CPU, at most 8
     device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 weights and autocast on CUDA, fp32 on the CPU | bf16 | fp32
     progress: Optional[bool] = None  # None: when stderr is a terminal
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -223,6 +225,8 @@ def run(cfg: CaptionCLIConfig) -> int:
     if cfg.num_workers < 0:
         raise VisionRWKVError(f"num_workers is {cfg.num_workers}; expected 0 or more")
     cfg.sampling.validate()
+    if cfg.dtype not in DTYPES:
+        raise VisionRWKVError(f"dtype is {cfg.dtype!r}; expected one of {', '.join(DTYPES)}")
     if not cfg.paths:
         raise VisionRWKVError("no images given; expected image files or folders, e.g. python caption.py photos/ "
                               "(see --help)")
@@ -274,7 +278,7 @@ def caption_into(writer: Writer, todo: list[str], cfg: CaptionCLIConfig, device:
         return 0, 0, 0.0
     if cfg.checkpoint is None and main_process:
         print(f"{PROG}: no checkpoint given: captioning with the shipped demo model", file=sys.stderr)
-    captioner = Captioner.load(cfg.checkpoint, device=device)
+    captioner = Captioner.load(cfg.checkpoint, device=device, dtype=cfg.dtype)
     start = time.perf_counter()
     progress = main_process and (sys.stderr.isatty() if cfg.progress is None else cfg.progress)
     batches = captioner.caption_batches(todo, cfg.sampling, batch_size=cfg.batch_size,

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-workers", type=int, default=4, help="image decoding workers")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="weights: auto = bf16 (with autocast) on CUDA, fp32 on the CPU")
     ap.add_argument("--limit", type=int, help="caption only the first N images of the split (smoke runs)")
     ap.add_argument("--beam", type=int, default=1, help="beam width; 1 decodes greedily")
     ap.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens)
@@ -143,7 +145,7 @@ def _caption(rows: list[dict], args) -> tuple[list[dict], int]:
     sampling.validate()
     if args.checkpoint is None:
         print("no --checkpoint given: captioning with the shipped demo model", file=sys.stderr)
-    captioner = Captioner.load(args.checkpoint, device=args.device)
+    captioner = Captioner.load(args.checkpoint, device=args.device, dtype=args.dtype)
     paths = [row["image"] for row in rows]
     outputs = captioner.caption_paths(paths, sampling, batch_size=args.batch_size, num_workers=args.num_workers,
                                       progress=sys.stderr.isatty())

@@ -29,8 +29,11 @@ from vision_rwkv.shapes import score_caption
 
 
 def accuracy(checkpoint, data, split: str = "test", batch_size: int = 64, limit: int | None = None,
-             device: str = "cpu") -> dict:
-    model = load_caption_model(checkpoint, device=device)
+             device: str = "cpu", dtype: str = "fp32") -> dict:
+    """dtype fp32: fp32 weights, no autocast; bf16: bf16 weights under bf16 autocast (what caption.py
+    runs on CUDA)."""
+    bf16 = dtype == "bf16"
+    model = load_caption_model(checkpoint, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     objects = read_shapes_objects(data)
     rows = [json.loads(line) for line in (Path(data) / "metadata.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["split"] == split][:limit]
@@ -43,7 +46,7 @@ def accuracy(checkpoint, data, split: str = "test", batch_size: int = 64, limit:
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         images = torch.stack([model.encoder.preprocess(load_image(Path(data) / r["file_name"])) for r in chunk])
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             hyps = caption_features(model, *model.encode(images.to(device)), sampling)
         for r, h in zip(chunk, hyps):
             text = model.tokenizer.decode(h[0].ids).strip()
@@ -68,10 +71,13 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32 weights, or bf16 weights under bf16 autocast (caption.py's default on CUDA)")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     try:
-        result = accuracy(args.checkpoint, args.data, args.split, limit=args.limit, device=args.device)
+        result = accuracy(args.checkpoint, args.data, args.split, limit=args.limit, device=args.device,
+                          dtype=args.dtype)
     except VisionRWKVError as e:
         print(f"shapes_accuracy.py: {e}", file=sys.stderr)
         return 2

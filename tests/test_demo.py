@@ -64,3 +64,41 @@ def test_caption_py_on_the_examples_folder_gets_every_attribute_right():
     assert sorted(lines) == [str(p.relative_to(REPO)) for p in EXAMPLES]
     for path, caption in lines.items():
         assert score_caption(caption, true_objects(REPO / path))["exact"], (path, caption)
+
+
+def examples_captioned(device: str, dtype: str):
+    import torch
+
+    from vision_rwkv import Captioner, SamplingConfig
+
+    captioner = Captioner.load(device=device, dtype=dtype)
+    weights = {p.dtype for p in captioner.model.parameters()}
+    results = list(captioner.caption_paths(EXAMPLES, SamplingConfig(), batch_size=len(EXAMPLES)))
+    assert all(r.error is None for r in results)
+    return weights, captioner.bf16, [r.caption for r in results], torch
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_demo_in_fp32_and_in_bf16_on_the_cpu(dtype):
+    weights, autocast, captions, torch = examples_captioned("cpu", dtype)
+    assert weights == ({torch.float32} if dtype == "fp32" else {torch.bfloat16})
+    assert autocast == (dtype == "bf16")
+    for example, caption in zip(EXAMPLES, captions):
+        assert score_caption(caption, true_objects(example))["exact"], (example.name, caption)
+
+
+def test_a_bad_dtype_is_one_line():
+    from vision_rwkv import Captioner
+    from vision_rwkv.errors import VisionRWKVError
+
+    with pytest.raises(VisionRWKVError, match="dtype is 'half'; expected one of auto, bf16, fp32"):
+        Captioner.load(device="cpu", dtype="half")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_demo_on_cuda_loads_bf16_weights_by_default():
+    weights, autocast, captions, torch = examples_captioned("cuda", "auto")
+    assert weights == {torch.bfloat16} and autocast
+    for example, caption in zip(EXAMPLES, captions):
+        assert score_caption(caption, true_objects(example))["exact"], (example.name, caption)

@@ -118,7 +118,7 @@ class FakeCaptioner:
     fail: set = set()
 
     @classmethod
-    def load(cls, checkpoint, device="auto"):
+    def load(cls, checkpoint, device="auto", dtype="auto"):
         cls.calls.append(("load", checkpoint, device))
         return cls()
 

@@ -39,6 +39,9 @@ class CaptionResult:
     error: str | None
 
 
+DTYPES = ("auto", "bf16", "fp32")
+
+
 def resolve_device(name: str) -> torch.device:
     """auto -> CUDA when available, else CPU; otherwise any torch device name (cpu, cuda, cuda:1)."""
     if name == "auto":
@@ -67,20 +70,29 @@ class Captioner:
     logprob / length ** length_penalty, but reports the plain sum here). Captions are the decoded text
     with runs of whitespace collapsed to one space, so a caption is always one line.
 
-    On CUDA the model runs under bf16 autocast (fp32 weights, as loaded); on the CPU in fp32. With
+    The model runs under bf16 autocast when it is on CUDA or its weights are bf16 (Captioner.load gives
+    it bf16 weights on CUDA unless asked for fp32), and in plain fp32 otherwise. With
     sampling.seed set, draws come from one generator seeded once per caption_paths call, so they depend
     on the batch size too.
     """
 
-    def __init__(self, model: CaptionModel, device: torch.device | str | None = None):
+    def __init__(self, model: CaptionModel, device: torch.device | str | None = None, *, autocast: bool | None = None):
+        """autocast: run under bf16 autocast; None: when the model is on CUDA or its weights are bf16."""
         self.device = torch.device(device) if device is not None else model.device
         self.model = model.to(self.device).eval()
-        self.bf16 = self.device.type == "cuda"
+        bf16_weights = self.model.decoder.emb.weight.dtype == torch.bfloat16
+        self.bf16 = (self.device.type == "cuda" or bf16_weights) if autocast is None else autocast
 
     @classmethod
-    def load(cls, checkpoint: str | os.PathLike | None = None, device: str = "auto") -> Captioner:
-        """A captioner for a checkpoint folder; None loads the demo model shipped in vision_rwkv/assets/demo."""
+    def load(cls, checkpoint: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto") -> Captioner:
+        """A captioner for a checkpoint folder; None loads the demo model shipped in vision_rwkv/assets/demo.
+
+        dtype: auto (bf16 weights and autocast on CUDA, fp32 on the CPU) | bf16 | fp32 (fp32 weights, no
+        autocast: slower, and the reference the others are compared with)."""
         dev = resolve_device(device)
+        if dtype not in DTYPES:
+            raise VisionRWKVError(f"dtype is {dtype!r}; expected one of {', '.join(DTYPES)}")
+        bf16 = dtype == "bf16" or (dtype == "auto" and dev.type == "cuda")
         if checkpoint is None:
             if not (DEMO_DIR / "config.yaml").is_file():
                 raise VisionRWKVError(
@@ -88,7 +100,8 @@ class Captioner:
                     "pass a caption checkpoint folder, e.g. caption.py checkpoint=runs/x/checkpoints/step-0001000"
                 )
             checkpoint = DEMO_DIR
-        return cls(load_caption_model(checkpoint, device=dev), dev)
+        model = load_caption_model(checkpoint, device=dev, dtype=torch.bfloat16 if bf16 else torch.float32)
+        return cls(model, dev, autocast=bf16)
 
     # ---- captioning ------------------------------------------------------------------------------------
 
