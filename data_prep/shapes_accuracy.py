@@ -29,7 +29,7 @@ from vision_rwkv.shapes import score_caption
 
 
 def accuracy(checkpoint, data, split: str = "test", batch_size: int = 64, limit: int | None = None,
-             device: str = "cpu", dtype: str = "fp32") -> dict:
+             device: str = "cpu", dtype: str = "fp32", with_cider: bool = True) -> dict:
     """dtype fp32: fp32 weights, no autocast; bf16: bf16 weights under bf16 autocast (what caption.py
     runs on CUDA)."""
     bf16 = dtype == "bf16"
@@ -60,7 +60,8 @@ def accuracy(checkpoint, data, split: str = "test", batch_size: int = 64, limit:
             if len(examples) < 5:
                 examples.append({"file": r["file_name"], "caption": text, "exact": bool(s["exact"])})
     n = len(rows)
-    return {"split": split, "images": n, "exact": exact / n, "objects_f1": f1 / n, "cider": cider(gts, res),
+    return {"split": split, "images": n, "exact": exact / n, "objects_f1": f1 / n,
+            "cider": cider(gts, res) if with_cider else None,
             "exact_by_shapes": {k: v[0] / v[1] for k, v in sorted(by_count.items())}, "examples": examples}
 
 
@@ -74,15 +75,17 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                     help="fp32 weights, or bf16 weights under bf16 autocast (caption.py's default on CUDA)")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
+    ap.add_argument("--no-cider", action="store_true", help="skip CIDEr (needs pycocoevalcap)")
     args = ap.parse_args(argv)
     try:
         result = accuracy(args.checkpoint, args.data, args.split, limit=args.limit, device=args.device,
-                          dtype=args.dtype)
+                          dtype=args.dtype, with_cider=not args.no_cider)
     except VisionRWKVError as e:
         print(f"shapes_accuracy.py: {e}", file=sys.stderr)
         return 2
     print(f"{result['images']} {args.split} images: exact {result['exact']:.3f}, "
-          f"objects F1 {result['objects_f1']:.3f}, CIDEr {result['cider']:.3f}")
+          f"objects F1 {result['objects_f1']:.3f}"
+          + (f", CIDEr {result['cider']:.3f}" if result["cider"] is not None else ""))
     print("  exact by number of shapes: " + ", ".join(f"{k}: {v:.3f}" for k, v in result["exact_by_shapes"].items()))
     for ex in result["examples"]:
         print(f"  {ex['file']}: {ex['caption']!r} ({'ok' if ex['exact'] else 'wrong'})")
