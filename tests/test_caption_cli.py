@@ -153,6 +153,18 @@ def test_format_from_an_unknown_suffix_is_an_error(cli, tmp_path):
     assert code == 2 and len(err) == 1 and "format" in err[0]
 
 
+@pytest.mark.parametrize("dtype,ok", [("fp32", True), ("bf16", True), ("half", False)])
+def test_dtype(cli, reference, tmp_path, dtype, ok):
+    [image] = write_images(tmp_path, 1)
+    code, out, err = cli(image, f"dtype={dtype}")
+    if not ok:
+        assert code == 2 and out == "" and err == ["caption.py: dtype is 'half'; expected one of auto, bf16, fp32"]
+        return
+    assert code == 0 and len(out.splitlines()) == 1
+    if dtype == "fp32":  # the CPU default: the reference caption (one image: the caption alone)
+        assert out.rstrip("\n") == reference([image])[str(image)]
+
+
 # ---- resume --------------------------------------------------------------------------------------------------
 
 
