@@ -129,3 +129,41 @@ def test_model_on_the_second_gpu_while_the_first_is_current(lm):
         for _ in range(2):  # capture, then replay
             logits, _ = rnn_stepper(lm1)(tokens, state.clone())
     close(logits, lm1.step(tokens, state.clone())[0], 1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("wkv_impl", ["chunked", "cuda"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_graphed_prefill_equals_eager_and_keeps_its_results(wkv_impl, autocast):
+    """The image-prefix prefill as a graph (prefill_runner): the logits and state of lm(inputs_embeds=x,
+    last_only=True), for new inputs at every replay, with a returned state that later replays leave alone."""
+    from vision_rwkv import graphs
+
+    torch.manual_seed(0)
+    lm = randomize_(RWKV7(tiny_config(vocab_size=211, wkv_impl=wkv_impl))).cuda().eval()
+    g = torch.Generator(device="cuda").manual_seed(4)
+    rtol = 2e-2 if autocast else 1e-5
+    kept = []
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        for B in (1, 3, 3, 3):  # B=3 is captured once and replayed with new inputs
+            x = torch.randn(B, 37, lm.config.n_embd, device="cuda", generator=g)
+            logits, state = graphs.prefill_runner(lm)(x)
+            ref_logits, ref_state = lm(inputs_embeds=x, last_only=True)
+            close(logits.float(), ref_logits.float(), rtol)
+            for name in ("att_shift", "wkv", "ffn_shift"):
+                close(getattr(state, name), getattr(ref_state, name), rtol)
+            kept.append((state, ref_state))
+    assert len(graphs._prefills[lm].graphs) == 2
+    for state, ref_state in kept:  # still the results of their own call
+        close(state.wkv, ref_state.wkv, rtol)
+
+
+@torch.no_grad()
+def test_prefill_beyond_the_token_limit_runs_eagerly(lm, monkeypatch):
+    from vision_rwkv import graphs
+
+    monkeypatch.setattr(graphs, "MAX_PREFILL_TOKENS", 20)
+    x = torch.randn(3, 7, lm.config.n_embd, device="cuda")  # 21 tokens
+    logits, _ = graphs.prefill_runner(lm)(x)
+    close(logits, lm(inputs_embeds=x, last_only=True)[0], 1e-6)
+    assert not graphs._prefills[lm].graphs

@@ -13,7 +13,7 @@ import torch
 
 from .config import SamplingConfig
 from .errors import VisionRWKVError
-from .graphs import rnn_stepper
+from .graphs import prefill_runner, rnn_stepper
 from .rwkv7 import RWKV7
 from .sampling import TokenChooser
 from .state import RWKVState
@@ -242,7 +242,7 @@ def caption_features(model, tokens: torch.Tensor, pooled: torch.Tensor, cfg: Sam
     cfg.validate()
     lm = model.decoder
     x = model.prefix(tokens, pooled)  # (B,K',C)
-    logits, state = lm(inputs_embeds=x, last_only=True)  # (B,V)
+    logits, state = prefill_runner(lm)(x)  # = lm(inputs_embeds=x, last_only=True): (B,V); a graph on CUDA
     stop = [model.eos_id, *cfg.stop_tokens]
     if cfg.strategy == "beam":
         return beam_search(lm, logits, state, cfg, stop)

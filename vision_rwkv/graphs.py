@@ -1,22 +1,27 @@
-"""RNN mode on CUDA as one graph launch per step.
+"""The decoder on CUDA as one graph launch per RNN step, and per image-prefix prefill.
 
 One RNN step of an RWKV-7 decoder is a long chain of small kernels (about a hundred per layer: the
 mixes, the low-rank paths, the WKV update, norms, the channel mix). Launched one by one from Python, the CPU
 needs far longer to issue them than the GPU needs to run them, so a step costs the same at batch 1 and
 batch 256. A CUDA graph captures the chain once per batch size and replays it with a single launch.
+The GPT-mode prefill of an image prefix is the same chain over the prefix's positions, and equally
+launch-bound at small batches; it is captured per (batch size, prefix length) up to
+MAX_PREFILL_TOKENS tokens.
 
     step = rnn_stepper(lm)              # lm.step itself on the CPU, or when graphs are switched off
     logits, state = step(tokens, state)
+    logits, state = prefill_runner(lm)(inputs_embeds)   # = lm(inputs_embeds=..., last_only=True)
 
-Contract (what decode_loop and beam_search rely on; not a public API):
-- same results as lm.step (the same kernels run, in the same order);
-- the returned state is the graph's own buffer: it stays valid only until the next call for the same
-  batch size, so select rows from it (state[rows], which copies) before keeping it across calls;
+Contract (what caption_features, decode_loop and beam_search rely on; not a public API):
+- same results as lm.step / lm(...) (the same kernels run, in the same order);
+- the state a step returns is the graph's own buffer: it stays valid only until the next call for the
+  same batch size, so select rows from it (state[rows], which copies) before keeping it across calls;
+  the prefill returns its own copy;
 - logits are returned as a fresh tensor;
-- graphs are kept per decoder, batch size and autocast setting, and captured again when the
-  decoder's weights move (a .to(), a load that replaces tensors). In-place weight updates need nothing.
+- graphs are kept per decoder, shape and autocast setting, and captured again when the decoder's
+  weights move (a .to(), a load that replaces tensors). In-place weight updates need nothing.
 
-VISION_RWKV_CUDA_GRAPHS=0 switches graphs off (every step then runs eagerly, as lm.step).
+VISION_RWKV_CUDA_GRAPHS=0 switches graphs off (everything then runs eagerly).
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ import torch
 from .rwkv7 import RWKV7
 from .state import RWKVState
 
+# batch x prefix length above this prefills eagerly: on an H100 (bench/prefill.py, 196-position prefix,
+# L12-D768) a graph made the prefill 3.5x faster at batch 1 and 2.2x at 8, and nothing at 32 or 64,
+# where the GPU work already exceeds the launch overhead; a graph also keeps its activations' memory
+MAX_PREFILL_TOKENS = 4096
+
 _steppers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_prefills: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _failed: set[str] = set()
 
 
@@ -38,9 +49,14 @@ def graphs_enabled() -> bool:
     return os.environ.get("VISION_RWKV_CUDA_GRAPHS", "1") != "0" and not _failed
 
 
+def _graphable(lm: RWKV7) -> bool:
+    return lm.emb.weight.device.type == "cuda" and not lm.training and not torch.is_grad_enabled() \
+        and graphs_enabled()
+
+
 def rnn_stepper(lm: RWKV7):
     """A callable (tokens (B,), state) -> (logits (B,V), state): graph replays on CUDA, lm.step elsewhere."""
-    if lm.emb.weight.device.type != "cuda" or lm.training or torch.is_grad_enabled() or not graphs_enabled():
+    if not _graphable(lm):
         return lm.step
     stepper = _steppers.get(lm)
     if stepper is None:
@@ -49,12 +65,26 @@ def rnn_stepper(lm: RWKV7):
     return stepper
 
 
+def prefill_runner(lm: RWKV7):
+    """A callable inputs_embeds (B,T,C) -> (last-position logits (B,V), state), as
+    lm(inputs_embeds=x, last_only=True): graph replays on CUDA for up to MAX_PREFILL_TOKENS tokens."""
+    if not _graphable(lm):
+        return lambda x: lm(inputs_embeds=x, last_only=True)
+    runner = _prefills.get(lm)
+    if runner is None:
+        runner = _prefills[lm] = GraphedPrefill(lm)
+    runner.check_weights()
+    return runner
+
+
 class _Graph:
-    def __init__(self, graph, tokens, state, logits):
-        self.graph, self.tokens, self.state, self.logits = graph, tokens, state, logits
+    def __init__(self, graph, inputs, outputs):
+        self.graph, self.inputs, self.outputs = graph, inputs, outputs
 
 
-class GraphedStep:
+class _Graphs:
+    """Captured graphs of one decoder, by key; the capture itself (warm-up, stream, autocast)."""
+
     def __init__(self, lm: RWKV7):
         self.lm = lm
         self.graphs: dict[tuple, _Graph] = {}
@@ -67,54 +97,33 @@ class GraphedStep:
             self.graphs.clear()
             self.weights = now
 
-    def __call__(self, tokens: torch.Tensor, state: RWKVState | None):
-        # capture and replay on the model's GPU, whichever is current (a torchrun process on cuda:1
-        # that never called set_device still has cuda:0 current)
-        with torch.cuda.device(self.lm.emb.weight.device):
-            return self._call(tokens, state)
-
-    def _call(self, tokens: torch.Tensor, state: RWKVState | None):
-        B = tokens.shape[0]
-        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        key = (B, *autocast)
+    def _get(self, key: tuple, make_inputs, run) -> _Graph | None:
+        """The graph for key, captured on first use from run(*inputs); None if capturing failed."""
         g = self.graphs.get(key)
         if g is None:
             try:
-                g = self.graphs[key] = self._capture(B, *autocast)
+                g = self.graphs[key] = self._capture(make_inputs(), run)
             except RuntimeError as e:  # e.g. out of memory while capturing: carry on eagerly
                 _failed.add(str(e))
-                warnings.warn(f"vision_rwkv: CUDA graph capture failed, RNN mode runs eagerly: "
-                              f"{str(e).splitlines()[0]}", stacklevel=3)
-                return self.lm.step(tokens, state)
-        state = self.lm._state_for(state, B)  # what lm.step does: a fresh state for None, else the checks
-        g.tokens.copy_(tokens)
-        if state is not g.state:
-            g.state.att_shift.copy_(state.att_shift)
-            g.state.wkv.copy_(state.wkv)
-            g.state.ffn_shift.copy_(state.ffn_shift)
-        g.graph.replay()
-        return g.logits.clone(), g.state
+                warnings.warn(f"vision_rwkv: CUDA graph capture failed, the decoder runs eagerly: "
+                              f"{str(e).splitlines()[0]}", stacklevel=4)
+                return None
+        return g
 
-    def _capture(self, B: int, autocast: bool, dtype: torch.dtype) -> _Graph:
-        lm = self.lm
-        device = lm.emb.weight.device
-        tokens = torch.zeros(B, dtype=torch.long, device=device)
-        state = lm.init_state(B)
+    def _capture(self, inputs: tuple, run) -> _Graph:
+        device = self.lm.emb.weight.device
+        autocast, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
-        def step():
+        def body():
             # autocast's weight-cast cache would hand the graph tensors that die with the context
             with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
-                logits, new = lm._step_unchecked(tokens, state)
-            state.att_shift.copy_(new.att_shift)
-            state.wkv.copy_(new.wkv)
-            state.ffn_shift.copy_(new.ffn_shift)
-            return logits
+                return run(*inputs)
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the graph: cuBLAS workspaces, allocator pools
+        with torch.cuda.stream(side):  # warm-up outside the graph: cuBLAS workspaces, allocator pools, kernels
             for _ in range(2):
-                step()
+                body()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: other threads (a DataLoader's pin-memory thread) may keep calling CUDA while
@@ -122,5 +131,61 @@ class GraphedStep:
         # stream=side: the warmed-up stream of the model's GPU (torch's shared default capture stream
         # belongs to whichever GPU was current when it was first made)
         with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-            logits = step()
-        return _Graph(graph, tokens, state, logits)
+            outputs = body()
+        return _Graph(graph, inputs, outputs)
+
+    @staticmethod
+    def _autocast_key() -> tuple:
+        return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+
+
+class GraphedStep(_Graphs):
+    def __call__(self, tokens: torch.Tensor, state: RWKVState | None):
+        # capture and replay on the model's GPU, whichever is current (a torchrun process on cuda:1
+        # that never called set_device still has cuda:0 current)
+        with torch.cuda.device(self.lm.emb.weight.device):
+            return self._call(tokens, state)
+
+    def _call(self, tokens: torch.Tensor, state: RWKVState | None):
+        lm, B = self.lm, tokens.shape[0]
+
+        def make_inputs():
+            return torch.zeros(B, dtype=torch.long, device=lm.emb.weight.device), lm.init_state(B)
+
+        def run(tok, st):
+            logits, new = lm._step_unchecked(tok, st)
+            st.att_shift.copy_(new.att_shift)
+            st.wkv.copy_(new.wkv)
+            st.ffn_shift.copy_(new.ffn_shift)
+            return logits
+
+        g = self._get((B, *self._autocast_key()), make_inputs, run)
+        if g is None:
+            return lm.step(tokens, state)
+        g_tokens, g_state = g.inputs
+        state = lm._state_for(state, B)  # what lm.step does: a fresh state for None, else the checks
+        g_tokens.copy_(tokens)
+        if state is not g_state:
+            g_state.att_shift.copy_(state.att_shift)
+            g_state.wkv.copy_(state.wkv)
+            g_state.ffn_shift.copy_(state.ffn_shift)
+        g.graph.replay()
+        return g.outputs.clone(), g_state
+
+
+class GraphedPrefill(_Graphs):
+    def __call__(self, x: torch.Tensor):
+        lm = self.lm
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.device != lm.emb.weight.device \
+                or x.shape[0] * x.shape[1] > MAX_PREFILL_TOKENS:
+            return lm(inputs_embeds=x, last_only=True)  # lm's own checks, or too big to keep a graph for
+        with torch.cuda.device(lm.emb.weight.device):
+            lm._inputs(None, x)  # the shape checks lm(...) makes, before anything is captured
+            g = self._get((tuple(x.shape), x.dtype, x.device, *self._autocast_key()),
+                          lambda: (torch.zeros_like(x),), lambda xs: lm(inputs_embeds=xs, last_only=True))
+            if g is None:
+                return lm(inputs_embeds=x, last_only=True)
+            g.inputs[0].copy_(x)
+            g.graph.replay()
+            logits, state = g.outputs
+            return logits.clone(), state.clone()
