@@ -70,14 +70,16 @@ class Captioner:
     logprob / length ** length_penalty, but reports the plain sum here). Captions are the decoded text
     with runs of whitespace collapsed to one space, so a caption is always one line.
 
-    The model runs under bf16 autocast when it is on CUDA or its weights are bf16 (Captioner.load gives
-    it bf16 weights on CUDA unless asked for fp32), and in plain fp32 otherwise. With
+    Precision: Captioner.load(dtype=auto) gives the model bf16 weights and runs it under bf16 autocast on
+    CUDA, and keeps fp32 without autocast on the CPU; dtype=fp32 is fp32 without autocast anywhere. A
+    Captioner made from a model runs under bf16 autocast when the model is on CUDA or has bf16 weights,
+    unless autocast= says otherwise. With
     sampling.seed set, draws come from one generator seeded once per caption_paths call, so they depend
     on the batch size too.
     """
 
     def __init__(self, model: CaptionModel, device: torch.device | str | None = None, *, autocast: bool | None = None):
-        """autocast: run under bf16 autocast; None: when the model is on CUDA or its weights are bf16."""
+        """autocast: bf16 autocast on or off; None: on when the model is on CUDA or its weights are bf16."""
         self.device = torch.device(device) if device is not None else model.device
         self.model = model.to(self.device).eval()
         bf16_weights = self.model.decoder.emb.weight.dtype == torch.bfloat16
