@@ -1,22 +1,25 @@
 """Captioning throughput on a folder of JPEGs: images/s end to end, and where the time goes.
 
-    python bench/caption_throughput.py [--images 2000] [--batch-sizes 1 32 256] [--workers 8]
+    python bench/caption_throughput.py [--images 2000] [--batch-sizes 1 32 256] [--workers 8] [--dtype bf16]
 
 The model is the size the README's real recipe uses at the small end: open_clip ViT-B-16 (random
 weights: 196 patch tokens of width 768), the mlp projector (one prefix embedding per patch), and an
 RWKV-7 L12-D768 decoder with the 65,536-token World vocabulary (random official init). Every caption
 is exactly --new-tokens tokens (end-of-text is banned until then), so every run does the same work.
+Weights are bf16 under bf16 autocast on CUDA (caption.py's default; --dtype fp32 keeps fp32 weights
+under autocast, as caption.py ran before 2026-11-26); the GPT-2 baseline gets the same weight dtype.
 
 Three measurements per batch size, in one process:
   end to end   Captioner.caption_paths over the folder, exactly what caption.py runs (DataLoader
                workers decode JPEGs while the GPU works), timed from the first call to the last result.
   stages       the same loop with a device sync between stages: waiting for decoded images, encoder,
-               prefill (projector + GPT-mode pass over the prefix), decoding (RNN mode, one token a step).
+               prefill (projector + GPT-mode pass over the prefix, a CUDA graph up to 4,096 prefix tokens),
+               decoding (RNN mode, one token a step).
   baseline     decoding the same captions without a recurrent state: every new token re-runs GPT mode
                over the whole prefix + caption so far (what a decoder without a cache must do), at
                batch 32 on the first --baseline-images images; also checks both give the same tokens.
-  eager        the stages again with CUDA graphs off (VISION_RWKV_CUDA_GRAPHS=0): every RNN step launched
-               kernel by kernel from Python, as before graphs.
+  eager        the stages again with CUDA graphs off (VISION_RWKV_CUDA_GRAPHS=0): the prefill and every
+               RNN step launched kernel by kernel from Python, as before graphs.
   GPT-2        when `transformers` is installed: a GPT-2 decoder of the same size (L12-D768, vocabulary
                65,536, random weights) decoding the same prefix embeddings with its KV cache
                (generate(), greedy, the same number of new tokens): the usual transformer way.
@@ -47,6 +50,7 @@ from vision_rwkv.config import (  # noqa: E402
     SamplingConfig,
 )
 from vision_rwkv.generate import decode_loop  # noqa: E402
+from vision_rwkv.graphs import prefill_runner  # noqa: E402
 from vision_rwkv.model import build_caption_model  # noqa: E402
 
 
@@ -118,11 +122,11 @@ def stages(captioner, paths, sampling, batch_size, workers) -> dict:
         now = time.perf_counter()
         totals["waiting for images"] += now - t
         images = batch.images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=captioner.bf16):
             tokens, pooled = model.encode(images)
             sync(device)
             t1 = time.perf_counter()
-            logits, state = model.decoder(inputs_embeds=model.prefix(tokens, pooled), last_only=True)
+            logits, state = prefill_runner(model.decoder)(model.prefix(tokens, pooled))  # as caption_features
             sync(device)
             t2 = time.perf_counter()
             decode_loop(model.decoder, logits, state, sampling, stop)
@@ -157,7 +161,7 @@ def baseline(captioner, paths, new_tokens, batch_size) -> dict:
     same = total = 0
     sampling = SamplingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     for batch in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=captioner.bf16):
             tokens, pooled = model.encode(batch.images.to(device))
             prefix = model.prefix(tokens, pooled)
             sync(device)
@@ -194,12 +198,12 @@ def gpt2_baseline(captioner, paths, new_tokens, batch_size) -> dict | None:
         return None
     model, device = captioner.model, captioner.device
     cfg = GPT2Config(vocab_size=65536, n_positions=512, n_embd=768, n_layer=12, n_head=12)
-    gpt2 = GPT2LMHeadModel(cfg).to(device).eval()
+    gpt2 = GPT2LMHeadModel(cfg).to(device, model.decoder.emb.weight.dtype).eval()
     loader = torch.utils.data.DataLoader(_ImageFiles([str(p) for p in paths], model.encoder.preprocess),
                                          batch_size=batch_size, collate_fn=_collate)
     seconds, n = 0.0, 0
     for i, batch in enumerate(loader):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=captioner.bf16):
             prefix = model.prefix(*model.encode(batch.images.to(device)))
             mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
             sync(device)
@@ -229,6 +233,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--folder", default=None, help="where the JPEGs go (default: a temporary folder)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weights (autocast on CUDA either way)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
@@ -238,12 +243,14 @@ def main() -> None:
     print(f"{len(paths)} JPEGs (640x480) in {folder}, written in {time.perf_counter() - t:.1f} s", flush=True)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    captioner = Captioner(build_model(device), device)
+    model = build_model(device)
+    captioner = Captioner(model.to(torch.bfloat16) if args.dtype == "bf16" else model, device)
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     report = {"device": name, "torch": torch.__version__, "workers": args.workers, "new_tokens": args.new_tokens,
+              "dtype": args.dtype,
               "model": "ViT-B-16 (random) + mlp projector + RWKV-7 L12-D768 V65536", "runs": []}
-    print(f"device {name}, torch {torch.__version__}, {args.workers} decode workers, "
+    print(f"device {name}, torch {torch.__version__}, {args.dtype} weights, {args.workers} decode workers, "
           f"{args.new_tokens} new tokens per caption", flush=True)
 
     end_to_end(captioner, paths[:64], sampling, 32, args.workers)  # warm-up: kernel build, allocator, cuDNN
