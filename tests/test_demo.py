@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 
@@ -67,20 +68,19 @@ def test_caption_py_on_the_examples_folder_gets_every_attribute_right():
 
 
 def examples_captioned(device: str, dtype: str):
-    import torch
-
+    """(the set of weight dtypes, whether autocast is on, the captions of the examples)"""
     from vision_rwkv import Captioner, SamplingConfig
 
     captioner = Captioner.load(device=device, dtype=dtype)
     weights = {p.dtype for p in captioner.model.parameters()}
     results = list(captioner.caption_paths(EXAMPLES, SamplingConfig(), batch_size=len(EXAMPLES)))
     assert all(r.error is None for r in results)
-    return weights, captioner.bf16, [r.caption for r in results], torch
+    return weights, captioner.bf16, [r.caption for r in results]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_demo_in_fp32_and_in_bf16_on_the_cpu(dtype):
-    weights, autocast, captions, torch = examples_captioned("cpu", dtype)
+    weights, autocast, captions = examples_captioned("cpu", dtype)
     assert weights == ({torch.float32} if dtype == "fp32" else {torch.bfloat16})
     assert autocast == (dtype == "bf16")
     for example, caption in zip(EXAMPLES, captions):
@@ -96,9 +96,9 @@ def test_a_bad_dtype_is_one_line():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_demo_on_cuda_loads_bf16_weights_by_default():
-    weights, autocast, captions, torch = examples_captioned("cuda", "auto")
+    weights, autocast, captions = examples_captioned("cuda", "auto")
     assert weights == {torch.bfloat16} and autocast
     for example, caption in zip(EXAMPLES, captions):
         assert score_caption(caption, true_objects(example))["exact"], (example.name, caption)
