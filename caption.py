@@ -23,7 +23,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from vision_rwkv.captioner import DTYPES, CaptionResult
+from vision_rwkv.captioner import CaptionResult, check_dtype
 from vision_rwkv.config import SamplingConfig
 from vision_rwkv.errors import VisionRWKVError, short_warnings
 from vision_rwkv.launch import Launch
@@ -225,8 +225,7 @@ def run(cfg: CaptionCLIConfig) -> int:
     if cfg.num_workers < 0:
         raise VisionRWKVError(f"num_workers is {cfg.num_workers}; expected 0 or more")
     cfg.sampling.validate()
-    if cfg.dtype not in DTYPES:
-        raise VisionRWKVError(f"dtype is {cfg.dtype!r}; expected one of {', '.join(DTYPES)}")
+    check_dtype(cfg.dtype)  # now, not after listing the images and loading the model
     if not cfg.paths:
         raise VisionRWKVError("no images given; expected image files or folders, e.g. python caption.py photos/ "
                               "(see --help)")

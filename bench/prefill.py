@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,22 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caption_throughput import build_model  # noqa: E402
+from wkv7 import median_ms  # noqa: E402
 
 from vision_rwkv.graphs import prefill_runner  # noqa: E402
-
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -56,7 +42,7 @@ def main() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             for mode in ("0", "1"):
                 os.environ["VISION_RWKV_CUDA_GRAPHS"] = mode
-                row[mode] = median_ms(lambda x=x: prefill_runner(lm)(x), args.reps)
+                row[mode] = median_ms(lambda x=x: prefill_runner(lm)(x), reps=args.reps, warmup=3)
         print(f"{B:>6}{row['0']:10.2f}{row['1']:10.2f}{row['0'] / row['1']:9.1f}x{row['1'] / B:16.3f}")
 
 

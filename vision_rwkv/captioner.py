@@ -42,6 +42,11 @@ class CaptionResult:
 DTYPES = ("auto", "bf16", "fp32")
 
 
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise VisionRWKVError(f"dtype is {dtype!r}; expected one of {', '.join(DTYPES)}")
+
+
 def resolve_device(name: str) -> torch.device:
     """auto -> CUDA when available, else CPU; otherwise any torch device name (cpu, cuda, cuda:1)."""
     if name == "auto":
@@ -92,8 +97,7 @@ class Captioner:
         dtype: auto (bf16 weights and autocast on CUDA, fp32 on the CPU) | bf16 | fp32 (fp32 weights, no
         autocast: slower, and the reference the others are compared with)."""
         dev = resolve_device(device)
-        if dtype not in DTYPES:
-            raise VisionRWKVError(f"dtype is {dtype!r}; expected one of {', '.join(DTYPES)}")
+        check_dtype(dtype)
         bf16 = dtype == "bf16" or (dtype == "auto" and dev.type == "cuda")
         if checkpoint is None:
             if not (DEMO_DIR / "config.yaml").is_file():
