@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of the WKV-7 kernels at the benchmark shapes (one forward+backward each, bf16).
-# Usage on the device machine (repo root): [SHAPES=...] [LAYOUT=0|1|2] bash bench/ncu_wkv7.sh   -> $OUT/ncu_<shape>.txt
+# Usage on the device machine (repo root): [SHAPES=...] [LAYOUT=0|1|2|3] bash bench/ncu_wkv7.sh   -> $OUT/ncu_<shape>.txt
 set -uo pipefail
 source bench/device_env.sh  # OUT, wheels, PYTHONPATH, kernel cache
 python3 -c "from vision_rwkv.ops.wkv7.cuda import build; assert build() is None"
@@ -14,7 +14,7 @@ import sys, torch
 from vision_rwkv.ops.wkv7.cuda import wkv7_cuda, pick_layout
 B, T, H = map(int, sys.argv[1].split(","))
 xs = [torch.randn(B, T, H, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(6)]
-layout = pick_layout(B, H, 64) if sys.argv[2] == "auto" else int(sys.argv[2])
+layout = pick_layout(B, H, 64, dtype=torch.bfloat16) if sys.argv[2] == "auto" else int(sys.argv[2])
 print("layout", layout)
 y, s = wkv7_cuda(*xs, layout=layout)
 y.backward(torch.randn_like(y))

@@ -9,28 +9,15 @@
 // CHUNK steps the forward writes a checkpoint of S (transposed); the backward walks each chunk in
 // reverse, recovering S_{t-1} from S_t by inverting one step: S_{t-1}[:, i] = (S_t[:, i] - v k_i - sa b_i) / d_i.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 #include <type_traits>
 #include <utility>
 
+#include "wkv7_common.h"
+
 namespace wkv7 {
 
-constexpr int CHUNK = 16;                      // steps per tile and per state checkpoint
-constexpr float LOG_DECAY_SCALE = 0.60653066f;  // exp(-0.5): log d = -exp(-0.5) * sigmoid(w)
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename F> __device__ __forceinline__ F from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
+constexpr int CHUNK = 16;  // steps per tile and per state checkpoint
 
 // Thread layout shared by both kernels. A block serves one (batch, head). Thread (g, lane) owns the R
 // state rows (or, in the backward, indices) i = g*R + rr, and the key columns of the float4 groups

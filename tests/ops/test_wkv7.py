@@ -127,3 +127,25 @@ def test_build_failure_reason_names_the_compiler_error():
     log = ("Error building extension 'x': [1/2] nvcc ...\nFAILED: wkv7.o\n"
            "/src/kernels/wkv7.cu(42): error: identifier \"foo\" is undefined\n1 error detected")
     assert first_error_line(log) == '/src/kernels/wkv7.cu(42): error: identifier "foo" is undefined'
+
+
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 40])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_explicit_chunked_backward_matches_autograd(T, with_state):
+    """wkv7_chunked_backward is the tensor-core kernel's backward algorithm in PyTorch (CI has no GPU):
+    its gradients must equal autograd's through the per-step reference, in float64."""
+    from vision_rwkv.ops.wkv7.chunked import wkv7_chunked_backward
+
+    xs, s0 = make_inputs(2, T, 2, 8, seed=30 + T, with_state=with_state)
+    g = torch.Generator().manual_seed(T)
+    dy = torch.randn(2, T, 2, 8, generator=g, dtype=torch.float64)
+    dsT = torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    s = None if s0 is None else s0.clone().requires_grad_()
+    y, sT = wkv7_reference(*leaves, s)
+    ((y * dy).sum() + (sT * dsT).sum()).backward()
+    ours = wkv7_chunked_backward(*xs, dy, s0, dsT)
+    for name, mine, ref in zip("rwkvab", ours[:6], leaves):
+        torch.testing.assert_close(mine, ref.grad, rtol=1e-9, atol=1e-9, msg=f"d{name}")
+    if s is not None:
+        torch.testing.assert_close(ours[6], s.grad, rtol=1e-9, atol=1e-9)

@@ -147,3 +147,53 @@ def test_auto_dispatch_uses_the_kernel_and_the_model_matches_on_cuda():
         out, s = gpu(tokens.cuda())
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.wkv.cpu(), s_ref.wkv, rtol=1e-4, atol=1e-4)
+
+
+# The tensor-core kernel (layout 3) rounds the operands of its matrix products to tf32 (10-bit mantissa,
+# relative step 2^-11 = 4.9e-4); sums and the carried state stay fp32. Each product term is off by up
+# to ~1e-3 relative, and terms of mixed sign average out, so fp32 inputs get a 3e-3 bound on every
+# output and gradient (two orders above tf32's step would be a bug, not rounding). bf16 inputs keep the
+# bf16 bound of 1e-2 (output rounding, 2e-3, dominates).
+TC_TOL = {torch.float32: 3e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 64, 1000, 4096])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state"])
+def test_tensor_core_kernel_matches_reference(dtype, T, with_state):
+    from vision_rwkv.ops.wkv7.cuda import TENSOR_CORES, wkv7_cuda
+
+    B, H, N = 2, 3, 64
+    xs, s0 = make(B, T, H, N, dtype, seed=T * 5 + 1, with_state=with_state)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    dy = torch.randn(B, T, H, N, device="cuda", generator=g, dtype=torch.float64)
+    dsT = torch.randn(B, H, N, N, device="cuda", generator=g, dtype=torch.float64)
+    ref = run(lambda *a: wkv7_chunked(*(x.double() for x in a[:6]), None if a[6] is None else a[6].double()),
+              xs, s0, dy, dsT)
+    out = run(lambda *a: wkv7_cuda(*a[:6], a[6], layout=TENSOR_CORES), xs, s0, dy, dsT)
+    tol = TC_TOL[dtype]
+    errors = {"y": rel(out[0], ref[0]), "state": rel(out[1], ref[1])}
+    for name, g_out, g_ref in zip(["r", "w", "k", "v", "a", "b", "s0"], out[2], ref[2]):
+        assert g_out is not None and torch.isfinite(g_out).all(), name
+        errors["d" + name] = rel(g_out, g_ref)
+    assert out[0].dtype == dtype and out[1].dtype == torch.float32
+    assert all(e < tol for e in errors.values()), {k: f"{e:.1e}" for k, e in errors.items()}
+
+
+def test_tensor_core_kernel_at_the_strongest_decay_and_without_gradients():
+    """Every decay at its floor (0.545): the chunk's factors e^{+-g} reach e^{+-9.7}, their widest.
+    Also the forward alone (no checkpoints saved) must give the same y and state."""
+    from vision_rwkv.ops.wkv7.cuda import TENSOR_CORES, wkv7_cuda
+
+    xs, s0 = make(2, 200, 3, 64, torch.float32, seed=11, with_state=True)
+    xs[1] = torch.full_like(xs[1], 30.0)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    dy = torch.randn(2, 200, 3, 64, device="cuda", generator=g, dtype=torch.float64)
+    dsT = torch.randn(2, 3, 64, 64, device="cuda", generator=g, dtype=torch.float64)
+    ref = run(lambda *a: wkv7_chunked(*(x.double() for x in a[:6]), a[6].double()), xs, s0, dy, dsT)
+    out = run(lambda *a: wkv7_cuda(*a[:6], a[6], layout=TENSOR_CORES), xs, s0, dy, dsT)
+    errors = [rel(out[0], ref[0]), rel(out[1], ref[1])] + [rel(o, r) for o, r in zip(out[2], ref[2])]
+    assert max(errors) < TC_TOL[torch.float32], errors
+    with torch.no_grad():
+        y, s = wkv7_cuda(*xs, s0, layout=TENSOR_CORES)
+    assert torch.equal(y, out[0]) and torch.equal(s, out[1])

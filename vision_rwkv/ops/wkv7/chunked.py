@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import log_decay
+from .reference import LOG_DECAY_SCALE, log_decay
 
 DEFAULT_CHUNK = 32
 
@@ -86,3 +86,96 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_len: int = DEFAULT_CHUNK):
     if compute != torch.float64:
         s_out = s_out.float()
     return y.to(r.dtype), s_out
+
+
+def wkv7_chunked_backward(r, w, k, v, a, b, dy, state=None, d_state=None, chunk_len: int = 16):
+    """Gradients of sum(y * dy) + sum(final_state * d_state), by the explicit chunked backward.
+
+    This is the algorithm of the tensor-core kernel (kernels/wkv7_chunk.cu) written in PyTorch, so the
+    CPU tests can check its algebra against autograd. Walking the chunks backwards with Z, the gradient
+    of the chunk's final state, Zs = Z diag(e^{G_L}) and U from the forward formulas:
+
+        Q  = (I - A_ab)^{-T} (b~ Zs^T + A_rb^T dY)          (dL/du_t, a unit upper-triangular solve)
+        dV = k~ Zs^T + A_rk^T dY + A_ak^T Q
+        M1 = (dY U^T) lower, M2 = (dY V^T) lower, M3 = (Q U^T) strict, M4 = (Q V^T) strict
+        dr = e^{G} (dY S0 + M1 b~ + M2 k~)             da = e^{G_prev} (Q S0 + M3 b~ + M4 k~)
+        dk = e^{-G} (V Zs + M2^T r~ + M4^T a~)        db = e^{-G} (U Zs + M1^T r~ + M3^T a~)
+        dlog d_t = sum_{s>=t} (r dr - b db - k dk)_s + sum_{s>t} (a da)_s + colsum(Z o S_L)
+        Z  <- Zs + dY^T r~ + Q^T a~                     (the gradient of the chunk's initial state)
+
+    (the tildes as in the module docstring). Returns (dr, dw, dk, dv, da, db, d_state0), in float64.
+    """
+    B, T, H, N = r.shape
+    f = torch.float64
+    L = chunk_len
+    n_chunks = max(1, -(-T // L))
+    pad = n_chunks * L - T
+
+    def prep(x):
+        x = x.to(f)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.view(B, n_chunks, L, H, N).permute(0, 3, 1, 2, 4)  # (B,H,C,L,N)
+
+    sig = torch.sigmoid(w.to(f))
+    lw = prep(-LOG_DECAY_SCALE * sig)
+    r_, k_, v_, a_, b_, dy_ = (prep(x) for x in (r, k, v, a, b, dy))
+    G = lw.cumsum(dim=-2)
+    eG, eGp, einv = G.exp(), (G - lw).exp(), (-G).exp()
+    GC = eG[..., -1:, :]  # (B,H,C,1,N)
+    rt, at, bh, kh = r_ * eG, a_ * eGp, b_ * einv, k_ * einv
+    strict = torch.ones(L, L, dtype=torch.bool).tril(-1)
+    incl = torch.ones(L, L, dtype=torch.bool).tril(0)
+    Aab = (at @ bh.transpose(-1, -2)) * strict
+    Aak = (at @ kh.transpose(-1, -2)) * strict
+    Arb = (rt @ bh.transpose(-1, -2)) * incl
+    Ark = (rt @ kh.transpose(-1, -2)) * incl
+    lower = torch.eye(L, dtype=f) - Aab
+    Wm = torch.linalg.solve_triangular(lower, at, upper=False, unitriangular=True)
+    U0 = torch.linalg.solve_triangular(lower, Aak @ v_, upper=False, unitriangular=True)
+
+    # the chunk-boundary states, as the forward kernel saves them
+    S = torch.zeros(B, H, N, N, dtype=f) if state is None else state.to(f)
+    starts = []
+    for c in range(n_chunks):
+        starts.append(S)
+        U = Wm[:, :, c] @ S.transpose(-1, -2) + U0[:, :, c]
+        S = S * GC[:, :, c] + U.transpose(-1, -2) @ (bh[:, :, c] * GC[:, :, c]) + \
+            v_[:, :, c].transpose(-1, -2) @ (kh[:, :, c] * GC[:, :, c])
+    ends = starts[1:] + [S]
+
+    Z = torch.zeros(B, H, N, N, dtype=f) if d_state is None else d_state.to(f)
+    grads = {n: torch.zeros(B, H, n_chunks, L, N, dtype=f) for n in ("r", "lw", "k", "v", "a", "b")}
+    for c in reversed(range(n_chunks)):
+        S0, SL = starts[c], ends[c]
+        x = {n: t[:, :, c] for n, t in (("rt", rt), ("at", at), ("bh", bh), ("kh", kh), ("V", v_), ("dY", dy_),
+                                         ("Aab", Aab), ("Aak", Aak), ("Arb", Arb), ("Ark", Ark))}
+        tail = (Z * SL).sum(dim=-2)  # colsum(Z o S_L), (B,H,N)
+        Zs = Z * GC[:, :, c]
+        U = Wm[:, :, c] @ S0.transpose(-1, -2) + U0[:, :, c]
+        rhs = x["bh"] @ Zs.transpose(-1, -2) + x["Arb"].transpose(-1, -2) @ x["dY"]
+        Q = torch.linalg.solve_triangular(lower[:, :, c].transpose(-1, -2), rhs, upper=True, unitriangular=True)
+        dV = x["kh"] @ Zs.transpose(-1, -2) + x["Ark"].transpose(-1, -2) @ x["dY"] + x["Aak"].transpose(-1, -2) @ Q
+        M1 = (x["dY"] @ U.transpose(-1, -2)) * incl
+        M2 = (x["dY"] @ x["V"].transpose(-1, -2)) * incl
+        M3 = (Q @ U.transpose(-1, -2)) * strict
+        M4 = (Q @ x["V"].transpose(-1, -2)) * strict
+        dR = eG[:, :, c] * (x["dY"] @ S0 + M1 @ x["bh"] + M2 @ x["kh"])
+        dA = eGp[:, :, c] * (Q @ S0 + M3 @ x["bh"] + M4 @ x["kh"])
+        dK = einv[:, :, c] * (x["V"] @ Zs + M2.transpose(-1, -2) @ x["rt"] + M4.transpose(-1, -2) @ x["at"])
+        dB = einv[:, :, c] * (U @ Zs + M1.transpose(-1, -2) @ x["rt"] + M3.transpose(-1, -2) @ x["at"])
+        dG = r_[:, :, c] * dR - b_[:, :, c] * dB - k_[:, :, c] * dK
+        aDA = a_[:, :, c] * dA
+        # dlog d_t = sum_{s>=t} dG_s + sum_{s>t} aDA_s + tail
+        rev = lambda m: m.flip(-2).cumsum(-2).flip(-2)  # noqa: E731
+        dlw = rev(dG) + rev(aDA) - aDA + tail.unsqueeze(-2)
+        Z = Zs + x["dY"].transpose(-1, -2) @ x["rt"] + Q.transpose(-1, -2) @ x["at"]
+        for name, g in (("r", dR), ("lw", dlw), ("k", dK), ("v", dV), ("a", dA), ("b", dB)):
+            grads[name][:, :, c] = g
+
+    def unprep(g):
+        return g.permute(0, 2, 3, 1, 4).reshape(B, n_chunks * L, H, N)[:, :T]
+
+    dlw = unprep(grads["lw"])
+    dw = dlw * (-LOG_DECAY_SCALE) * sig * (1 - sig)
+    return (unprep(grads["r"]), dw, unprep(grads["k"]), unprep(grads["v"]), unprep(grads["a"]), unprep(grads["b"]), Z)

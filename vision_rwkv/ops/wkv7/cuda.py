@@ -1,7 +1,8 @@
 """The custom CUDA WKV-7 kernel: built on first use, then called through torch.ops.vision_rwkv.
 
-The sources (kernels/wkv7.cu, kernels/wkv7_op.cpp) are found beside the installed package (a wheel
-ships them as vision_rwkv/kernels/) or in the source checkout's kernels/ folder. The build goes to a
+The sources (kernels/wkv7.cu, kernels/wkv7_chunk.cu, kernels/wkv7_common.h, kernels/wkv7_op.cpp) are
+found beside the installed package (a wheel ships them as vision_rwkv/kernels/) or in the source
+checkout's kernels/ folder. The build goes to a
 cache folder keyed by the sources, torch, CUDA and the target architectures, so it happens once.
 """
 
@@ -15,11 +16,14 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("wkv7_op.cpp", "wkv7.cu")
-CHUNK = 16  # steps per state checkpoint; matches wkv7::CHUNK in the .cu file
-# Head size -> compiled thread layouts (see the dispatch table in kernels/wkv7.cu):
-# 64: 0 = 8 lanes per row x 2 rows per thread, 1 = 8 x 4, 2 = 4 x 2.
-HEAD_SIZES = {16: (0,), 32: (0,), 64: (0, 1, 2)}
+SOURCES = ("wkv7_op.cpp", "wkv7.cu", "wkv7_chunk.cu")
+HEADERS = ("wkv7_common.h",)
+CHUNK = 16  # steps per state checkpoint; matches wkv7::CHUNK in the .cu files
+# Head size -> compiled layouts. 0-2 are the row kernels of kernels/wkv7.cu (see its dispatch table;
+# 64: 0 = 8 lanes per row x 2 rows per thread, 1 = 8 x 4, 2 = 4 x 2); 3 is the tensor-core chunked
+# kernel of kernels/wkv7_chunk.cu (head size 64; tf32 products, so bf16/fp16 inputs by default).
+TENSOR_CORES = 3
+HEAD_SIZES = {16: (0,), 32: (0,), 64: (0, 1, 2, TENSOR_CORES)}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -27,7 +31,7 @@ def kernel_dir() -> Path | None:
     here = Path(__file__).resolve()
     package = here.parents[2]  # .../vision_rwkv
     for candidate in (package / "kernels", package.parent / "kernels"):
-        if all((candidate / s).is_file() for s in SOURCES):
+        if all((candidate / s).is_file() for s in SOURCES + HEADERS):
             return candidate
     return None
 
@@ -58,7 +62,7 @@ def build() -> str | None:
     from torch.utils.cpp_extension import load
 
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         digest.update((src / name).read_bytes())
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
     if not arch and torch.cuda.is_available():
@@ -106,16 +110,20 @@ def unsupported(r: torch.Tensor) -> str | None:
     return None
 
 
-def pick_layout(B: int, H: int, N: int, device: torch.device | None = None) -> int:
-    """The thread layout for this shape, from the H100 measurements in BENCHMARKS.md.
+def pick_layout(B: int, H: int, N: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> int:
+    """The kernel for this shape and dtype, from the H100 measurements in BENCHMARKS.md.
 
-    N = 64: with few heads per multiprocessor the recurrence is latency-bound and layout 2 (4 lanes per
-    row, short shuffle trees) wins; with many (B*H >= 4 per multiprocessor, e.g. 64x12 captioning
-    batches) it is throughput-bound and layout 1 (4 rows per thread, fewer shared-memory reads per FMA)
-    wins. Other head sizes have one layout.
+    N = 64 with bf16 or fp16 inputs: the tensor-core chunked kernel (layout 3), fastest at every
+    benchmark shape. Its matrix products read tf32 operands, which is finer than those inputs but
+    coarser than fp32, so fp32 inputs keep the row kernels: with few heads per multiprocessor the
+    recurrence is latency-bound and layout 2 (4 lanes per row, short shuffle trees) wins; with many
+    (B*H >= 4 per multiprocessor, e.g. 64x12 captioning batches) layout 1 (4 rows per thread) wins.
+    Other head sizes have one layout.
     """
     if N != 64:
         return HEAD_SIZES[N][0]
+    if dtype in (torch.bfloat16, torch.float16):
+        return TENSOR_CORES
     sms = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
     return 1 if B * H >= 4 * sms.multi_processor_count else 2
 
@@ -152,5 +160,5 @@ def wkv7_cuda(r, w, k, v, a, b, state=None, layout: int | None = None):
     dt = r.dtype
     r, w, k, v, a, b = (x.to(dt).contiguous() for x in (r, w, k, v, a, b))
     s0 = None if state is None else state.float().contiguous()
-    layout = pick_layout(B, H, N, r.device) if layout is None else layout
+    layout = pick_layout(B, H, N, r.device, dt) if layout is None else layout
     return WKV7Function.apply(r, w, k, v, a, b, s0, layout)

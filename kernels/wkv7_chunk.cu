@@ -1,0 +1,669 @@
+// WKV-7 in chunks of 16 steps on tensor cores (head size 64): forward and backward, state in and out.
+//
+// The math is derived in vision_rwkv/ops/wkv7/chunked.py (wkv7_chunked and wkv7_chunked_grad, the
+// PyTorch mirror of this file, which CI checks against autograd). Per chunk, with g the cumulative
+// log-decay inside the chunk (G = e^g, Gp = e^{g - log d}, GC = G at the chunk's last step):
+//
+//   rt = r G, at = a Gp, bh = b / G, kh = k / G, bb = b GC / G, kb = k GC / G     (element-wise)
+//   Aab = (at bh^T) strictly lower, Aak = (at kh^T) strictly lower,
+//   Brb = (rt bh^T) lower, Brk = (rt kh^T) lower                                     (16 x 16)
+//   [W | U0] = (I - Aab)^{-1} [at | Aak V]                                         (substitution)
+//   U = W S^T + U0,  Y = (rt + Brb W) S^T + Brb U0 + Brk V
+//   S' = S diag(GC) + U^T bb + V^T kb
+//
+// The backward walks the chunks in reverse with Z, the gradient of the chunk's final state:
+//
+//   Q = (I - Aab)^{-T} (bb Z^T + Brb^T dY)                                         (substitution)
+//   dV = kb Z^T + Brk^T dY + Aak^T Q
+//   M1 = (dY U^T) lower, M2 = (dY V^T) lower, M3 = (Q U^T) strict, M4 = (Q V^T) strict
+//   dK = (GC (V Z) + M2^T rt + M4^T at) / G,   dB = (GC (U Z) + M1^T rt + M3^T at) / G
+//   dR = G (dY S + M1 bh + M2 kh),             dA = Gp (Q S + M3 bh + M4 kh)
+//   dlog d_t = sum_{s >= t} (r dR - b dB - k dK)_s + sum_{s > t} (a dA)_s + colsum(Z o S')
+//   Z' = Z diag(GC) + dY^T rt + Q^T at
+//
+// One block of 8 warps per (batch, head) runs the chunks in order. Matrix products are WMMA tf32
+// tiles (16x16x8, fp32 accumulation) out of shared memory; the substitutions and everything
+// element-wise run in fp32 on the CUDA cores. The state stays fp32 in shared memory and is never
+// rounded: only the operands of the products are (tf32, 10-bit mantissa). Every log-decay is in
+// (-0.6065, 0), so inside a chunk of 16 the factors e^{+-g} stay within e^{+-9.7}.
+// The forward saves the state at every chunk boundary (N*N*4 bytes per head per 16 steps); the
+// backward reads them back (cp.async, overlapped with the chunk's first stages) instead of
+// recomputing them.
+
+#include <cuda_pipeline.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "wkv7_common.h"
+
+namespace wkv7 {
+namespace chunked {
+
+constexpr int N = 64;                 // head size
+constexpr int C = 16;                 // steps per chunk
+constexpr int WARPS = 8, THREADS = 32 * WARPS;
+constexpr int LD = N + 4;             // row stride of the C x N and N x N tiles in shared memory
+constexpr int LDC = C + 4;            // row stride of the C x C matrices
+constexpr int VEC = C * LD, MAT = N * LD, CCM = C * LDC;
+constexpr int PER = C * N / THREADS;  // elements of one (C x N) input per thread: rows tr + 4p of column j
+static_assert(PER == 4 && THREADS == 4 * N, "thread (j, tr) owns column j, rows tr, tr+4, tr+8, tr+12");
+
+// Matrix products run on mma.sync m16n8k8 tf32 tiles with fp32 accumulation. A 16 x 16 output tile is
+// two m16n8 accumulators; with g = lane / 4 and t = lane % 4, element c[h][e] sits at row g + 8 (e / 2),
+// column 8 h + 2 t + e % 2 (the PTX fragment layout), so masks and stores work on registers directly.
+// Operands are read from shared memory as fp32 bit patterns; the tensor cores use their top 19 bits
+// (tf32), i.e. they truncate (relative error below 2^-10).
+struct Tile {
+  float c[2][4];
+};
+
+__device__ __forceinline__ int lane_g() { return (threadIdx.x & 31) >> 2; }
+__device__ __forceinline__ int lane_t() { return threadIdx.x & 3; }
+
+__device__ __forceinline__ void zero(Tile& d) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) d.c[h][e] = 0.f;
+}
+
+// d += A (16 x K) B (K x 16). AT: A is stored transposed (element (m, k) at A[k * LDA + m]); BT: B is
+// stored transposed (element (k, n) at B[n * LDB + k]).
+template <int LDA, bool AT, int LDB, bool BT, int K>
+__device__ __forceinline__ void mma(Tile& d, const float* A, const float* B) {
+  const int g = lane_g(), t = lane_t();
+  auto a_at = [&](int m, int k) { return __float_as_uint(AT ? A[k * LDA + m] : A[m * LDA + k]); };
+  auto b_at = [&](int k, int n) { return __float_as_uint(BT ? B[n * LDB + k] : B[k * LDB + n]); };
+#pragma unroll
+  for (int k0 = 0; k0 < K; k0 += 8) {
+    const uint32_t a0 = a_at(g, k0 + t), a1 = a_at(g + 8, k0 + t), a2 = a_at(g, k0 + t + 4),
+                   a3 = a_at(g + 8, k0 + t + 4);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t b0 = b_at(k0 + t, 8 * h + g), b1 = b_at(k0 + t + 4, 8 * h + g);
+      asm volatile(
+          "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+          "{%0,%1,%2,%3};\n"
+          : "+f"(d.c[h][0]), "+f"(d.c[h][1]), "+f"(d.c[h][2]), "+f"(d.c[h][3])
+          : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+  }
+}
+
+template <int LDP>
+__device__ __forceinline__ void load(Tile& d, const float* P) {
+  const int g = lane_g(), t = lane_t();
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float2 v = *reinterpret_cast<const float2*>(P + (g + 8 * r) * LDP + 8 * h + 2 * t);
+      d.c[h][2 * r] = v.x;
+      d.c[h][2 * r + 1] = v.y;
+    }
+}
+
+template <int LDP>
+__device__ __forceinline__ void store(float* P, const Tile& d) {
+  const int g = lane_g(), t = lane_t();
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      *reinterpret_cast<float2*>(P + (g + 8 * r) * LDP + 8 * h + 2 * t) = make_float2(d.c[h][2 * r], d.c[h][2 * r + 1]);
+}
+
+// Keep the lower triangle (strict: below the diagonal only) of a 16 x 16 tile.
+__device__ __forceinline__ void mask_lower(Tile& d, bool strict) {
+  const int g = lane_g(), t = lane_t();
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + 8 * (e / 2), col = 8 * h + 2 * t + e % 2;
+      if (col > row || (strict && col == row)) d.c[h][e] = 0.f;
+    }
+}
+
+// x_t += sum_{s<t} L[t][s] x_s for one column x (in place): solves (I - L) x = rhs, L strictly lower.
+__device__ __forceinline__ void solve_lower(float* x, const float* L) {
+  float v[C];
+#pragma unroll
+  for (int t = 0; t < C; ++t) v[t] = x[t * LD];
+#pragma unroll
+  for (int t = 1; t < C; ++t) {
+    float acc = v[t];
+#pragma unroll
+    for (int s = 0; s < t; ++s) acc += L[t * LDC + s] * v[s];
+    v[t] = acc;
+  }
+#pragma unroll
+  for (int t = 0; t < C; ++t) x[t * LD] = v[t];
+}
+
+// The transposed solve: (I - L)^T x = rhs, i.e. x_t += sum_{s>t} L[s][t] x_s, from the last step back.
+__device__ __forceinline__ void solve_upper(float* x, const float* L) {
+  float v[C];
+#pragma unroll
+  for (int t = 0; t < C; ++t) v[t] = x[t * LD];
+#pragma unroll
+  for (int t = C - 2; t >= 0; --t) {
+    float acc = v[t];
+#pragma unroll
+    for (int s = t + 1; s < C; ++s) acc += L[s * LDC + t] * v[s];
+    v[t] = acc;
+  }
+#pragma unroll
+  for (int t = 0; t < C; ++t) x[t * LD] = v[t];
+}
+
+// The chunk's element-wise preparation, shared by both passes. Thread (j, tr) owns rows tr + 4p of
+// key column j. Given the log-decays lw (already in shared memory), it returns the cumulative g of its
+// rows and of the chunk (gC), and writes rt, at, bh, kh, bb, kb.
+struct Prep {
+  float g[PER], gC;
+};
+
+template <bool WITH_TAIL>  // also write bb and kb (the forward's state update uses them)
+__device__ __forceinline__ Prep prepare(const float* lw, const float (&lwv)[PER], const float (&rv)[PER],
+                                        const float (&kv)[PER], const float (&av)[PER], const float (&bv)[PER],
+                                        float* rt, float* at, float* bh, float* kh, float* bb, float* kb, int j,
+                                        int tr) {
+  Prep p;
+  float run = 0.f;
+  for (int s = 0; s <= tr; ++s) run += lw[s * LD + j];
+  p.g[0] = run;
+#pragma unroll
+  for (int q = 1; q < PER; ++q) {
+    const int t = tr + 4 * q;
+    run += (lw[(t - 3) * LD + j] + lw[(t - 2) * LD + j]) + (lw[(t - 1) * LD + j] + lw[t * LD + j]);
+    p.g[q] = run;
+  }
+  for (int s = tr + 4 * (PER - 1) + 1; s < C; ++s) run += lw[s * LD + j];
+  p.gC = run;
+#pragma unroll
+  for (int q = 0; q < PER; ++q) {
+    const int o = (tr + 4 * q) * LD + j;
+    const float G = __expf(p.g[q]), Gp = __expf(p.g[q] - lwv[q]), inv = __expf(-p.g[q]);
+    rt[o] = rv[q] * G;
+    at[o] = av[q] * Gp;
+    bh[o] = bv[q] * inv;
+    kh[o] = kv[q] * inv;
+    if (WITH_TAIL) {
+      const float tail = __expf(p.gC - p.g[q]);
+      bb[o] = bv[q] * tail;
+      kb[o] = kv[q] * tail;
+    }
+  }
+  return p;
+}
+
+template <typename F>
+struct Inputs {  // one chunk of a (batch, head)'s inputs, prefetched into registers: r w k v a b (dy)
+  F x[7][PER];
+  template <int NSRC>
+  __device__ __forceinline__ void fetch(const F* r, const F* w, const F* k, const F* v, const F* a, const F* b,
+                                        const F* dy, int64_t base, int64_t stride_t, int t0, int T, int j,
+                                        int tr) {
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+      const int t = t0 + tr + 4 * q;
+      if (t < T) {
+        const int64_t idx = base + int64_t(t) * stride_t + j;
+        x[0][q] = r[idx]; x[1][q] = w[idx]; x[2][q] = k[idx]; x[3][q] = v[idx]; x[4][q] = a[idx]; x[5][q] = b[idx];
+        if (NSRC == 7) x[6][q] = dy[idx];
+      }
+    }
+  }
+  // Values as fp32, zero past T (log-decay 0 there: decay 1, the state passes through unchanged).
+  __device__ __forceinline__ float get(int i, int q, int t0, int T, int tr) const {
+    return t0 + tr + 4 * q < T ? to_f(x[i][q]) : 0.f;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------
+
+template <typename F>
+__global__ void __launch_bounds__(THREADS, 2)
+forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
+               const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
+               const float* __restrict__ s0_, F* __restrict__ y_, float* __restrict__ sT_,
+               float* __restrict__ ckpt_) {
+  extern __shared__ __align__(128) float sm[];
+  float* S = sm;
+  float* lw = S + MAT;
+  float* rt = lw + VEC;  // later rt + Brb W
+  float* at = rt + VEC;  // later W
+  float* bh = at + VEC;
+  float* kh = bh + VEC;
+  float* bb = kh + VEC;
+  float* kb = bb + VEC;
+  float* V = kb + VEC;
+  float* X = V + VEC;    // Aak V, then U0, then U
+  float* Y = X + VEC;    // Brk V, then + Brb U0, then y
+  float* Aab = Y + VEC;
+  float* Aak = Aab + CCM;
+  float* Brb = Aak + CCM;
+  float* Brk = Brb + CCM;
+  float* gC = Brk + CCM;  // [N]: e^{g} at the chunk's last step
+
+  const int bhi = blockIdx.x, bi = bhi / H, hi = bhi % H;
+  const int tid = threadIdx.x, warp = tid / 32, j = tid % N, tr = tid / N;
+  const int64_t stride_t = int64_t(H) * N, base = int64_t(bi) * T * stride_t + int64_t(hi) * N;
+  const int n_chunks = (T + C - 1) / C;
+  float* ckpt = ckpt_ ? ckpt_ + int64_t(bhi) * (n_chunks + 1) * N * N : nullptr;
+
+  for (int e = tid * 4; e < N * N; e += THREADS * 4)
+    *reinterpret_cast<float4*>(S + (e / N) * LD + e % N) =
+        s0_ ? *reinterpret_cast<const float4*>(s0_ + int64_t(bhi) * N * N + e) : make_float4(0.f, 0.f, 0.f, 0.f);
+
+  Inputs<F> in;
+  in.template fetch<6>(r_, w_, k_, v_, a_, b_, nullptr, base, stride_t, 0, T, j, tr);
+  for (int c = 0; c < n_chunks; ++c) {
+    const int t0 = c * C;
+    float lwv[PER], rv[PER], kv[PER], av[PER], bv[PER];
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+      const int o = (tr + 4 * q) * LD + j;
+      lwv[q] = t0 + tr + 4 * q < T ? -LOG_DECAY_SCALE * sigmoid(to_f(in.x[1][q])) : 0.f;
+      rv[q] = in.get(0, q, t0, T, tr);
+      kv[q] = in.get(2, q, t0, T, tr);
+      av[q] = in.get(4, q, t0, T, tr);
+      bv[q] = in.get(5, q, t0, T, tr);
+      lw[o] = lwv[q];
+      V[o] = in.get(3, q, t0, T, tr);
+    }
+    __syncthreads();
+    const Prep p = prepare<true>(lw, lwv, rv, kv, av, bv, rt, at, bh, kh, bb, kb, j, tr);
+    if (tr == 0) gC[j] = __expf(p.gC);
+    __syncthreads();
+    if (c + 1 < n_chunks) in.template fetch<6>(r_, w_, k_, v_, a_, b_, nullptr, base, stride_t, t0 + C, T, j, tr);  // in flight meanwhile
+
+    Tile acc;
+    if (warp < 4) {  // the four 16 x 16 interaction matrices
+      zero(acc);
+      mma<LD, false, LD, true, N>(acc, warp < 2 ? at : rt, (warp & 1) ? kh : bh);
+      mask_lower(acc, warp < 2);
+      store<LDC>(warp == 0 ? Aab : warp == 1 ? Aak : warp == 2 ? Brb : Brk, acc);
+    }
+    __syncthreads();
+    {  // X = Aak V (warps 0-3), Y = Brk V (warps 4-7)
+      const int n = (warp & 3) * 16;
+      zero(acc);
+      mma<LDC, false, LD, false, C>(acc, warp < 4 ? Aak : Brk, V + n);
+      store<LD>((warp < 4 ? X : Y) + n, acc);
+    }
+    __syncthreads();
+    if (tid < 2 * N) solve_lower(tid < N ? at + tid : X + (tid - N), Aab);  // at -> W, X -> U0
+    __syncthreads();
+    {  // rt += Brb W (warps 0-3), Y += Brb U0 (warps 4-7)
+      const int n = (warp & 3) * 16;
+      float* out = (warp < 4 ? rt : Y) + n;
+      load<LD>(acc, out);
+      mma<LDC, false, LD, false, C>(acc, Brb, (warp < 4 ? at : X) + n);
+      store<LD>(out, acc);
+    }
+    __syncthreads();
+    {  // U = W S^T + U0 (warps 0-3), Y = (rt + Brb W) S^T + Y (warps 4-7)
+      const int n = (warp & 3) * 16;
+      float* out = (warp < 4 ? X : Y) + n;
+      load<LD>(acc, out);
+      mma<LD, false, LD, true, N>(acc, warp < 4 ? at : rt, S + n * LD);
+      store<LD>(out, acc);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+      const int t = t0 + tr + 4 * q;
+      if (t < T) y_[base + int64_t(t) * stride_t + j] = from_f<F>(Y[(tr + 4 * q) * LD + j]);
+    }
+    for (int e = tid * 4; e < N * N; e += THREADS * 4) {  // save the chunk's initial state, then decay it
+      float4& s = *reinterpret_cast<float4*>(S + (e / N) * LD + e % N);
+      if (ckpt) *reinterpret_cast<float4*>(ckpt + int64_t(c) * N * N + e) = s;
+      const float4 d = *reinterpret_cast<const float4*>(gC + e % N);
+      s.x *= d.x; s.y *= d.y; s.z *= d.z; s.w *= d.w;
+    }
+    __syncthreads();
+    for (int tile = warp; tile < 16; tile += WARPS) {  // S += U^T bb + V^T kb
+      const int mi = (tile / 4) * 16, ni = (tile % 4) * 16;
+      float* out = S + mi * LD + ni;
+      load<LD>(acc, out);
+      mma<LD, true, LD, false, C>(acc, X + mi, bb + ni);
+      mma<LD, true, LD, false, C>(acc, V + mi, kb + ni);
+      store<LD>(out, acc);
+    }
+    __syncthreads();
+  }
+  for (int e = tid * 4; e < N * N; e += THREADS * 4) {
+    const float4 s = *reinterpret_cast<const float4*>(S + (e / N) * LD + e % N);
+    *reinterpret_cast<float4*>(sT_ + int64_t(bhi) * N * N + e) = s;
+    if (ckpt) *reinterpret_cast<float4*>(ckpt + int64_t(n_chunks) * N * N + e) = s;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------
+
+// Shared memory is kept under half a multiprocessor's (two blocks per SM): one state buffer, one
+// gradient buffer scaled and updated in place (Zs = Z diag(GC) turns bb Z^T into bh Zs^T and GC (V Z)
+// into V Zs), and arrays reused once their last reader has passed a barrier.
+template <typename F>
+__global__ void __launch_bounds__(THREADS, 2)
+backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
+                const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
+                const F* __restrict__ dy_, const float* __restrict__ dsT_, const float* __restrict__ ckpt_,
+                F* __restrict__ dr_, F* __restrict__ dw_, F* __restrict__ dk_, F* __restrict__ dv_,
+                F* __restrict__ da_, F* __restrict__ db_, float* __restrict__ ds0_) {
+  extern __shared__ __align__(128) float sm[];
+  float* const S = sm;        // the chunk's initial state
+  float* const Z = S + MAT;   // gradient of the chunk's final state; scaled, then updated in place
+  float* const lw = Z + MAT;  // log-decays; later dA, then a dA
+  float* const rt = lw + VEC;
+  float* const at = rt + VEC;
+  float* const bh = at + VEC;
+  float* const kh = bh + VEC;
+  float* const V = kh + VEC;  // later dG = r dR - b dB - k dK
+  float* const dY = V + VEC;
+  float* const X = dY + VEC;  // Aak V, then U0, then U
+  float* const W = X + VEC;   // later dR
+  float* const Q = W + VEC;   // bh Zs^T + Brb^T dY, then Q
+  float* const dV = Q + VEC;
+  float* const VZ = dV + VEC;
+  float* const UZ = VZ + VEC;
+  float* const dK = UZ + VEC;
+  float* const dB = dK + VEC;
+  float* const Aab = dB + VEC;
+  float* const Aak = Aab + CCM;
+  float* const Brb = Aak + CCM;
+  float* const Brk = Brb + CCM;
+  float* const M1 = Brk + CCM;
+  float* const M2 = M1 + CCM;
+  float* const M3 = M2 + CCM;
+  float* const M4 = M3 + CCM;
+  float* const colsum = M4 + CCM;  // [2][4][N]: partial sums over row quarters of Z o S', double-buffered
+  float* const dR = W;
+  float* const dA = lw;
+  float* const dG = V;
+
+  const int bhi = blockIdx.x, bi = bhi / H, hi = bhi % H;
+  const int tid = threadIdx.x, warp = tid / 32, j = tid % N, tr = tid / N;
+  const int64_t stride_t = int64_t(H) * N, base = int64_t(bi) * T * stride_t + int64_t(hi) * N;
+  const int n_chunks = (T + C - 1) / C;
+  const float* ckpt = ckpt_ + int64_t(bhi) * (n_chunks + 1) * N * N;
+
+  auto load_state = [&](int c) {  // async: 4 x 16 bytes per thread
+    const float* src = ckpt + int64_t(c) * N * N;
+    for (int e = tid * 4; e < N * N; e += THREADS * 4) __pipeline_memcpy_async(S + (e / N) * LD + e % N, src + e, 16);
+    __pipeline_commit();
+  };
+  // The last chunk's colsum reads the final state, the others the next chunk's initial state (below).
+  for (int e = tid; e < N * N; e += THREADS) Z[(e / N) * LD + e % N] = dsT_ ? dsT_[int64_t(bhi) * N * N + e] : 0.f;
+  load_state(n_chunks);
+  __pipeline_wait_prior(0);
+  __syncthreads();
+  {
+    float cs = 0.f;
+    for (int i = tr * 16; i < tr * 16 + 16; ++i) cs += Z[i * LD + j] * S[i * LD + j];
+    colsum[((n_chunks - 1) & 1) * 4 * N + tr * N + j] = cs;
+  }
+
+  Inputs<F> in;
+  in.template fetch<7>(r_, w_, k_, v_, a_, b_, dy_, base, stride_t, (n_chunks - 1) * C, T, j, tr);
+  for (int c = n_chunks - 1; c >= 0; --c) {
+    const int t0 = c * C;
+    __syncthreads();  // the previous chunk is done with every buffer
+    load_state(c);
+
+    float lwv[PER], dlogd[PER];
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+      const int o = (tr + 4 * q) * LD + j;
+      const bool live = t0 + tr + 4 * q < T;
+      const float sg = live ? sigmoid(to_f(in.x[1][q])) : 0.f;
+      lwv[q] = -LOG_DECAY_SCALE * sg;
+      dlogd[q] = -LOG_DECAY_SCALE * sg * (1.f - sg);  // d(log d) / dw
+      lw[o] = lwv[q];
+      V[o] = in.get(3, q, t0, T, tr);
+      dY[o] = in.get(6, q, t0, T, tr);
+    }
+    __syncthreads();
+    Prep p;
+    {
+      float rv[PER], kv[PER], av[PER], bv[PER];
+#pragma unroll
+      for (int q = 0; q < PER; ++q) {
+        rv[q] = in.get(0, q, t0, T, tr);
+        kv[q] = in.get(2, q, t0, T, tr);
+        av[q] = in.get(4, q, t0, T, tr);
+        bv[q] = in.get(5, q, t0, T, tr);
+      }
+      p = prepare<false>(lw, lwv, rv, kv, av, bv, rt, at, bh, kh, nullptr, nullptr, j, tr);
+    }
+    const float GC = __expf(p.gC);
+    for (int i = tr * 16; i < tr * 16 + 16; ++i) Z[i * LD + j] *= GC;  // Zs
+    __syncthreads();
+    if (c > 0) in.template fetch<7>(r_, w_, k_, v_, a_, b_, dy_, base, stride_t, t0 - C, T, j, tr);
+
+    Tile acc;
+    {
+      const int n = (warp & 3) * 16;
+      zero(acc);
+      if (warp < 4) {  // interaction matrices
+        mma<LD, false, LD, true, N>(acc, warp < 2 ? at : rt, (warp & 1) ? kh : bh);
+        mask_lower(acc, warp < 2);
+        store<LDC>(warp == 0 ? Aab : warp == 1 ? Aak : warp == 2 ? Brb : Brk, acc);
+      } else {  // Q = bh Zs^T
+        mma<LD, false, LD, true, N>(acc, bh, Z + n * LD);
+        store<LD>(Q + n, acc);
+      }
+    }
+    __syncthreads();
+    {
+      const int n = (warp & 3) * 16;
+      if (warp < 4) {  // X = Aak V
+        zero(acc);
+        mma<LDC, false, LD, false, C>(acc, Aak, V + n);
+        store<LD>(X + n, acc);
+      } else {  // Q += Brb^T dY
+        load<LD>(acc, Q + n);
+        mma<LDC, true, LD, false, C>(acc, Brb, dY + n);
+        store<LD>(Q + n, acc);
+      }
+    }
+    __syncthreads();
+    if (tid < N) {  // W = (I - Aab)^{-1} at
+      for (int t = 0; t < C; ++t) W[t * LD + tid] = at[t * LD + tid];
+      solve_lower(W + tid, Aab);
+    } else if (tid < 2 * N) {
+      solve_lower(X + (tid - N), Aab);  // U0
+    } else if (tid < 3 * N) {
+      solve_upper(Q + (tid - 2 * N), Aab);  // Q
+    }
+    __pipeline_wait_prior(0);
+    __syncthreads();  // S has landed too
+
+    for (int job = warp; job < 14; job += WARPS) {
+      if (job < 4) {  // U = W S^T + U0
+        const int n = job * 16;
+        load<LD>(acc, X + n);
+        mma<LD, false, LD, true, N>(acc, W, S + n * LD);
+        store<LD>(X + n, acc);
+      } else if (job < 8) {  // dV = kh Zs^T + Brk^T dY + Aak^T Q
+        const int n = (job - 4) * 16;
+        zero(acc);
+        mma<LD, false, LD, true, N>(acc, kh, Z + n * LD);
+        mma<LDC, true, LD, false, C>(acc, Brk, dY + n);
+        mma<LDC, true, LD, false, C>(acc, Aak, Q + n);
+        store<LD>(dV + n, acc);
+      } else if (job < 12) {  // V Zs
+        const int n = (job - 8) * 16;
+        zero(acc);
+        mma<LD, false, LD, false, N>(acc, V, Z + n);
+        store<LD>(VZ + n, acc);
+      } else {  // M2 = dY V^T (lower), M4 = Q V^T (strict)
+        zero(acc);
+        mma<LD, false, LD, true, N>(acc, job == 12 ? dY : Q, V);
+        mask_lower(acc, job != 12);
+        store<LDC>(job == 12 ? M2 : M4, acc);
+      }
+    }
+    __syncthreads();
+    for (int job = warp; job < 18; job += WARPS) {
+      if (job < 4) {  // U Zs
+        const int n = job * 16;
+        zero(acc);
+        mma<LD, false, LD, false, N>(acc, X, Z + n);
+        store<LD>(UZ + n, acc);
+      } else if (job < 6) {  // M1 = dY U^T (lower), M3 = Q U^T (strict)
+        zero(acc);
+        mma<LD, false, LD, true, N>(acc, job == 4 ? dY : Q, X);
+        mask_lower(acc, job != 4);
+        store<LDC>(job == 4 ? M1 : M3, acc);
+      } else if (job < 14) {  // dR = dY S, dA = Q S
+        const int n = ((job - 6) % 4) * 16;
+        zero(acc);
+        mma<LD, false, LD, false, N>(acc, job < 10 ? dY : Q, S + n);
+        store<LD>((job < 10 ? dR : dA) + n, acc);
+      } else {  // dK = M2^T rt + M4^T at
+        const int n = (job - 14) * 16;
+        zero(acc);
+        mma<LDC, true, LD, false, C>(acc, M2, rt + n);
+        mma<LDC, true, LD, false, C>(acc, M4, at + n);
+        store<LD>(dK + n, acc);
+      }
+    }
+    __syncthreads();
+    for (int job = warp; job < 28; job += WARPS) {
+      if (job < 16) {  // Z = Zs + dY^T rt + Q^T at: the gradient of this chunk's initial state
+        const int mi = (job / 4) * 16, ni = (job % 4) * 16;
+        load<LD>(acc, Z + mi * LD + ni);
+        mma<LD, true, LD, false, C>(acc, dY + mi, rt + ni);
+        mma<LD, true, LD, false, C>(acc, Q + mi, at + ni);
+        store<LD>(Z + mi * LD + ni, acc);
+      } else if (job < 24) {  // dR += M1 bh + M2 kh; dA += M3 bh + M4 kh
+        const int n = (job % 4) * 16;
+        float* out = (job < 20 ? dR : dA) + n;
+        load<LD>(acc, out);
+        mma<LDC, false, LD, false, C>(acc, job < 20 ? M1 : M3, bh + n);
+        mma<LDC, false, LD, false, C>(acc, job < 20 ? M2 : M4, kh + n);
+        store<LD>(out, acc);
+      } else {  // dB = M1^T rt + M3^T at
+        const int n = (job % 4) * 16;
+        zero(acc);
+        mma<LDC, true, LD, false, C>(acc, M1, rt + n);
+        mma<LDC, true, LD, false, C>(acc, M3, at + n);
+        store<LD>(dB + n, acc);
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+      const int tt = tr + 4 * q, o = tt * LD + j, t = t0 + tt;
+      const float G = __expf(p.g[q]), Gp = __expf(p.g[q] - lwv[q]), inv = __expf(-p.g[q]);
+      const float gr = G * dR[o], ga = Gp * dA[o];
+      const float gk = (VZ[o] + dK[o]) * inv, gb = (UZ[o] + dB[o]) * inv;
+      // the raw inputs, recovered from their scaled copies: r = rt / G, a = at / Gp, b = bh G, k = kh G
+      dG[o] = rt[o] * inv * gr - bh[o] * G * gb - kh[o] * G * gk;
+      dA[o] = at[o] / Gp * ga;
+      if (t < T) {
+        const int64_t idx = base + int64_t(t) * stride_t + j;
+        dr_[idx] = from_f<F>(gr);
+        da_[idx] = from_f<F>(ga);
+        dk_[idx] = from_f<F>(gk);
+        db_[idx] = from_f<F>(gb);
+        dv_[idx] = from_f<F>(dV[o]);
+      }
+    }
+    {  // the previous chunk's colsum: its gradient Z (just updated) against its final state, S here
+      float cs = 0.f;
+      for (int i = tr * 16; i < tr * 16 + 16; ++i) cs += Z[i * LD + j] * S[i * LD + j];
+      colsum[((c - 1) & 1) * 4 * N + tr * N + j] = cs;
+    }
+    __syncthreads();
+    {
+      const float* mine = colsum + (c & 1) * 4 * N;
+      float tail = mine[j] + mine[N + j] + mine[2 * N + j] + mine[3 * N + j];
+      float out[PER];
+#pragma unroll
+      for (int s = C - 1; s >= 0; --s) {  // dlog d_t = sum_{s>=t} dG_s + sum_{s>t} (a dA)_s + colsum
+#pragma unroll
+        for (int q = 0; q < PER; ++q)
+          if (s == tr + 4 * q) out[q] = tail + dG[s * LD + j];
+        tail += dG[s * LD + j] + dA[s * LD + j];
+      }
+#pragma unroll
+      for (int q = 0; q < PER; ++q) {
+        const int t = t0 + tr + 4 * q;
+        if (t < T) dw_[base + int64_t(t) * stride_t + j] = from_f<F>(out[q] * dlogd[q]);
+      }
+    }
+  }
+  __syncthreads();
+  if (ds0_)
+    for (int e = tid; e < N * N; e += THREADS) ds0_[int64_t(bhi) * N * N + e] = Z[(e / N) * LD + e % N];
+}
+
+constexpr size_t FORWARD_SMEM = sizeof(float) * (MAT + 10 * VEC + 4 * CCM + N);
+constexpr size_t BACKWARD_SMEM = sizeof(float) * (2 * MAT + 15 * VEC + 8 * CCM + 8 * N);
+
+}  // namespace chunked
+}  // namespace wkv7
+
+// ------------------------------------------------------------------------------------------------
+// Host entry points (called from wkv7_op.cpp), dtype 0 fp32, 1 bf16, 2 fp16; head size 64 only.
+// ------------------------------------------------------------------------------------------------
+
+namespace {
+
+template <typename Fn>
+bool by_dtype(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case 0: return fn(float{});
+    case 1: return fn(__nv_bfloat16{});
+    case 2: return fn(__half{});
+    default: return false;
+  }
+}
+
+template <typename K>
+void allow_smem(K kernel, size_t bytes) {
+  static_assert(std::is_pointer<K>::value, "a kernel function pointer");
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
+
+}  // namespace
+
+bool wkv7_chunk_forward_cuda(int dtype, cudaStream_t stream, int B, int T, int H, const void* r, const void* w,
+                             const void* k, const void* v, const void* a, const void* b, const float* s0, void* y,
+                             float* sT, float* ckpt) {
+  using namespace wkv7::chunked;
+  return by_dtype(dtype, [&](auto tag) {
+    using F = decltype(tag);
+    auto kernel = &forward_kernel<F>;
+    allow_smem(kernel, FORWARD_SMEM);
+    kernel<<<B * H, THREADS, FORWARD_SMEM, stream>>>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
+                                                      (const F*)a, (const F*)b, s0, (F*)y, sT, ckpt);
+    return true;
+  });
+}
+
+bool wkv7_chunk_backward_cuda(int dtype, cudaStream_t stream, int B, int T, int H, const void* r, const void* w,
+                              const void* k, const void* v, const void* a, const void* b, const void* dy,
+                              const float* dsT, const float* ckpt, void* dr, void* dw, void* dk, void* dv, void* da,
+                              void* db, float* ds0) {
+  using namespace wkv7::chunked;
+  return by_dtype(dtype, [&](auto tag) {
+    using F = decltype(tag);
+    auto kernel = &backward_kernel<F>;
+    allow_smem(kernel, BACKWARD_SMEM);
+    kernel<<<B * H, THREADS, BACKWARD_SMEM, stream>>>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
+                                                       (const F*)a, (const F*)b, (const F*)dy, dsT, ckpt, (F*)dr,
+                                                       (F*)dw, (F*)dk, (F*)dv, (F*)da, (F*)db, ds0);
+    return true;
+  });
+}
