@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, build, run the GPU tests and the WKV-7 benchmark.
-# Usage on the device machine (repo root): [LAYOUTS="auto 0 1 2"] bash bench/device_wkv7.sh
+# Usage on the device machine (repo root):
+#   [TESTS="tests/ops/test_wkv7_cuda.py"] [LAYOUTS="auto 2"] [BENCH_ARGS=...] bash bench/device_wkv7.sh
+# Layout "auto" also times the PyTorch path; the others skip it.
 set -uo pipefail
 source bench/device_env.sh  # OUT, wheels, PYTHONPATH, kernel cache
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "from vision_rwkv.ops.wkv7.cuda import build; r = build(); print('build:', r or 'ok'); assert r is None" 2>&1 | tail -3
-python3 -m pytest -q --tb=line -p no:cacheprovider tests/ops/test_wkv7_cuda.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
-for layout in ${LAYOUTS:-auto}; do python3 bench/wkv7.py $( [ "$layout" = auto ] || echo --layout $layout) ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_layout$layout.txt"; done
+python3 -m pytest -q --tb=line -p no:cacheprovider -m gpu ${TESTS:-tests/ops/test_wkv7_cuda.py} 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
+for layout in ${LAYOUTS:-auto}; do
+  python3 bench/wkv7.py $( [ "$layout" = auto ] || echo --layout $layout --no-torch) ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_layout$layout.txt"
+done

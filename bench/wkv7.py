@@ -1,12 +1,15 @@
 """WKV-7 forward and forward+backward times, bf16, side by side in one run.
 
-    python bench/wkv7.py [--shapes 8,1024,12 64,64,12 4,4096,32] [--layout 0|1|2]
+    python bench/wkv7.py [--shapes 8,1024,12 64,64,12 4,4096,32] [--layout 0|1|2|3] [--inner 10]
 
 Columns: this project's CUDA kernel, its PyTorch (chunked) path, and fla's chunk_rwkv7 when the
 flash-linear-attention package is installed. Also the memory-traffic lower bound of each shape:
 every input read once and every output written once (forward: r, w, k, v, a, b in, y out;
 backward: the six inputs and dy in, six gradients out), over the device-to-device copy bandwidth
-measured in the same run. Times are medians of CUDA-event timings after warm-up.
+measured in the same run. Times are medians of CUDA-event timings after warm-up, per call, each timing
+covering --inner calls back to back (default 10: the host's launch work overlaps the device's, as in a
+training step; --inner 1 times a lone call, host overhead included). The PyTorch path is always timed
+one call at a time (its device time dwarfs the host's).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from vision_rwkv.ops.wkv7 import wkv7_chunked
 from vision_rwkv.ops.wkv7.cuda import build, wkv7_cuda
 
 
-def median_ms(fn, reps=30, warmup=5):
+def median_ms(fn, reps=30, warmup=5, inner=1):
+    """Median over reps of the time per call, each rep timing `inner` calls back to back (so the host's
+    launch work overlaps the device's, as in a training step with many layers)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -29,10 +34,11 @@ def median_ms(fn, reps=30, warmup=5):
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(inner):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / inner)
     return statistics.median(times)
 
 
@@ -79,6 +85,8 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["8,1024,12", "64,64,12", "4,4096,32"], help="B,T,H (N=64)")
     ap.add_argument("--layout", type=int, default=None, help="kernel thread layout (default: automatic)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch path (slow at long T)")
+    ap.add_argument("--inner", type=int, default=10,
+                    help="calls back to back per timed repetition (1: each call timed alone, host launch included)")
     args = ap.parse_args()
     reason = build()
     if reason:
@@ -87,7 +95,7 @@ def main():
     fla = fla_fn()
     name = torch.cuda.get_device_name()
     print(f"{name}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, bf16, N=64, "
-          f"layout {'auto' if args.layout is None else args.layout}")
+          f"layout {'auto' if args.layout is None else args.layout}, {args.inner} calls per timing")
     print(f"{'B,T,H':<12}{'pass':<9}{'ours ms':>9}{'torch ms':>10}{'fla ms':>9}{'bound ms':>10}"
           f"{'vs torch':>10}{'vs fla':>8}")
     N = 64
@@ -100,17 +108,18 @@ def main():
         for pass_name in ("fwd", "fwd+bwd"):
             row = {}
             for key, fn in impls.items():
+                inner = 1 if key == "torch" else args.inner
                 if fn is None:
                     row[key] = float("nan")
                     continue
                 if pass_name == "fwd":
                     xs = inputs(B, T, H, N, False)
                     with torch.no_grad():
-                        row[key] = median_ms(lambda fn=fn, xs=xs: fn(*xs))
+                        row[key] = median_ms(lambda fn=fn, xs=xs: fn(*xs), inner=inner)
                 else:
                     xs = inputs(B, T, H, N, True)
                     dy = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
-                    row[key] = median_ms(fwd_bwd(fn, xs, dy))
+                    row[key] = median_ms(fwd_bwd(fn, xs, dy), inner=inner)
                 torch.cuda.empty_cache()
             ratio = {k: f"{row[k] / row['ours']:.2f}x" if not math.isnan(row[k]) else "-" for k in ("torch", "fla")}
             print(f"{spec:<12}{pass_name:<9}{row['ours']:9.3f}{row['torch']:10.3f}{row['fla']:9.3f}"

@@ -47,8 +47,11 @@ constexpr int WARPS = 8, THREADS = 32 * WARPS;
 constexpr int LD = N + 4;             // row stride of the C x N and N x N tiles in shared memory
 constexpr int LDC = C + 4;            // row stride of the C x C matrices
 constexpr int VEC = C * LD, MAT = N * LD, CCM = C * LDC;
-constexpr int PER = C * N / THREADS;  // elements of one (C x N) input per thread: rows tr + 4p of column j
-static_assert(PER == 4 && THREADS == 4 * N, "thread (j, tr) owns column j, rows tr, tr+4, tr+8, tr+12");
+// Element-wise work uses two thread mappings of a C x N chunk, 4 elements per thread:
+//  - I/O: thread owns step tid / 16 and the 4 consecutive key columns 4 (tid % 16) (vector loads/stores);
+//  - scan: thread owns key column tid / 4 and the 4 consecutive steps 4 (tid % 4), so sums over steps
+//    are 3 additions plus a 4-lane shuffle scan.
+static_assert(THREADS * 4 == C * N && C == 16 && N == 64, "the two element-wise mappings");
 
 // Matrix products run on mma.sync m16n8k8 tf32 tiles with fp32 accumulation. A 16 x 16 output tile is
 // two m16n8 accumulators; with g = lane / 4 and t = lane % 4, element c[h][e] sits at row g + 8 (e / 2),
@@ -115,6 +118,29 @@ __device__ __forceinline__ void store(float* P, const Tile& d) {
       *reinterpret_cast<float2*>(P + (g + 8 * r) * LDP + 8 * h + 2 * t) = make_float2(d.c[h][2 * r], d.c[h][2 * r + 1]);
 }
 
+// A tile to a dense N-column fp32 matrix in global memory (P at the tile's origin).
+__device__ __forceinline__ void store_global(float* P, const Tile& d) {
+  const int g = lane_g(), t = lane_t();
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      *reinterpret_cast<float2*>(P + (g + 8 * r) * N + 8 * h + 2 * t) = make_float2(d.c[h][2 * r], d.c[h][2 * r + 1]);
+}
+
+// Multiply a tile's columns by scale[0..15].
+__device__ __forceinline__ void scale_columns(Tile& d, const float* scale) {
+  const int t = lane_t();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float2 sc = *reinterpret_cast<const float2*>(scale + 8 * h + 2 * t);
+    d.c[h][0] *= sc.x;
+    d.c[h][1] *= sc.y;
+    d.c[h][2] *= sc.x;
+    d.c[h][3] *= sc.y;
+  }
+}
+
 // Keep the lower triangle (strict: below the diagonal only) of a 16 x 16 tile.
 __device__ __forceinline__ void mask_lower(Tile& d, bool strict) {
   const int g = lane_g(), t = lane_t();
@@ -159,76 +185,108 @@ __device__ __forceinline__ void solve_upper(float* x, const float* L) {
   for (int t = 0; t < C; ++t) x[t * LD] = v[t];
 }
 
-// The chunk's element-wise preparation, shared by both passes. Thread (j, tr) owns rows tr + 4p of
-// key column j. Given the log-decays lw (already in shared memory), it returns the cumulative g of its
-// rows and of the chunk (gC), and writes rt, at, bh, kh, bb, kb.
-struct Prep {
-  float g[PER], gC;
+template <typename F>
+struct alignas(4 * sizeof(F)) F4 {
+  F x[4];
 };
 
-template <bool WITH_TAIL>  // also write bb and kb (the forward's state update uses them)
-__device__ __forceinline__ Prep prepare(const float* lw, const float (&lwv)[PER], const float (&rv)[PER],
-                                        const float (&kv)[PER], const float (&av)[PER], const float (&bv)[PER],
-                                        float* rt, float* at, float* bh, float* kh, float* bb, float* kb, int j,
-                                        int tr) {
+// The I/O mapping's place in the chunk: offset in shared memory and step within the chunk.
+__device__ __forceinline__ int io_row() { return threadIdx.x >> 4; }
+__device__ __forceinline__ int io_col() { return 4 * (threadIdx.x & 15); }
+__device__ __forceinline__ int io_off() { return io_row() * LD + io_col(); }
+
+__device__ __forceinline__ void put4(float* p, float a, float b, float c, float d) {
+  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+}
+
+template <typename F>
+__device__ __forceinline__ void store4(F* dst, const float* src) {  // 4 fp32 from shared memory to 4 F
+  const float4 v = *reinterpret_cast<const float4*>(src);
+  F4<F> o;
+  o.x[0] = from_f<F>(v.x); o.x[1] = from_f<F>(v.y); o.x[2] = from_f<F>(v.z); o.x[3] = from_f<F>(v.w);
+  *reinterpret_cast<F4<F>*>(dst) = o;
+}
+
+// One chunk of a (batch, head)'s inputs (r w k v a b, and dy in the backward), prefetched into registers
+// in the I/O mapping, then staged in shared memory as fp32: zero past T, where the log-decay is 0 too
+// (decay 1: the state passes through unchanged).
+template <typename F, int NSRC>
+struct Inputs {
+  F4<F> x[NSRC];
+  __device__ __forceinline__ void fetch(const F* const (&src)[NSRC], int64_t base, int64_t stride_t, int t0, int T) {
+    const int t = t0 + io_row();
+    if (t < T) {
+      const int64_t idx = base + int64_t(t) * stride_t + io_col();
+#pragma unroll
+      for (int i = 0; i < NSRC; ++i) x[i] = *reinterpret_cast<const F4<F>*>(src[i] + idx);
+    }
+  }
+  // raw values of input i to dst; the log-decay of w to lw
+  __device__ __forceinline__ void stage(int i, float* dst, bool live) const {
+    const int o = io_off();
+    if (live) put4(dst + o, to_f(x[i].x[0]), to_f(x[i].x[1]), to_f(x[i].x[2]), to_f(x[i].x[3]));
+    else put4(dst + o, 0.f, 0.f, 0.f, 0.f);
+  }
+  __device__ __forceinline__ void stage_log_decay(float* lw, bool live) const {
+    float l[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) l[e] = live ? -LOG_DECAY_SCALE * sigmoid(to_f(x[1].x[e])) : 0.f;
+    put4(lw + io_off(), l[0], l[1], l[2], l[3]);
+  }
+};
+
+// The chunk's element-wise preparation, in the scan mapping: cumulative log-decays g over the steps,
+// then in place: r -> rt = r e^g, a -> at = a e^{g - log d}, b -> bh = b e^-g, k -> kh = k e^-g (and,
+// WITH_TAIL, bb = b e^{gC - g}, kb = k e^{gC - g} for the forward's state update).
+struct Prep {
+  float g[4], l[4], gC;  // this thread's steps: cumulative and own log-decays; the chunk's total
+};
+
+template <bool WITH_TAIL>
+__device__ __forceinline__ Prep prepare(const float* lw, float* rt, float* at, float* bh, float* kh, float* bb,
+                                        float* kb) {
+  const int j = threadIdx.x >> 2, part = threadIdx.x & 3, r0 = 4 * part;
   Prep p;
   float run = 0.f;
-  for (int s = 0; s <= tr; ++s) run += lw[s * LD + j];
-  p.g[0] = run;
 #pragma unroll
-  for (int q = 1; q < PER; ++q) {
-    const int t = tr + 4 * q;
-    run += (lw[(t - 3) * LD + j] + lw[(t - 2) * LD + j]) + (lw[(t - 1) * LD + j] + lw[t * LD + j]);
-    p.g[q] = run;
+  for (int i = 0; i < 4; ++i) {
+    p.l[i] = lw[(r0 + i) * LD + j];
+    run += p.l[i];
+    p.g[i] = run;
   }
-  for (int s = tr + 4 * (PER - 1) + 1; s < C; ++s) run += lw[s * LD + j];
-  p.gC = run;
+  float incl = run;  // inclusive scan of the 4 parts' totals across the 4 lanes of this column
 #pragma unroll
-  for (int q = 0; q < PER; ++q) {
-    const int o = (tr + 4 * q) * LD + j;
-    const float G = __expf(p.g[q]), Gp = __expf(p.g[q] - lwv[q]), inv = __expf(-p.g[q]);
-    rt[o] = rv[q] * G;
-    at[o] = av[q] * Gp;
-    bh[o] = bv[q] * inv;
-    kh[o] = kv[q] * inv;
+  for (int d = 1; d < 4; d <<= 1) {
+    const float up = __shfl_up_sync(0xffffffffu, incl, d, 4);
+    if (part >= d) incl += up;
+  }
+  const float before = incl - run;
+  p.gC = __shfl_sync(0xffffffffu, incl, 3, 4);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    p.g[i] += before;
+    const int o = (r0 + i) * LD + j;
+    const float G = __expf(p.g[i]), Gp = __expf(p.g[i] - p.l[i]), inv = __expf(-p.g[i]);
+    const float b = bh[o], k = kh[o];
+    rt[o] *= G;
+    at[o] *= Gp;
+    bh[o] = b * inv;
+    kh[o] = k * inv;
     if (WITH_TAIL) {
-      const float tail = __expf(p.gC - p.g[q]);
-      bb[o] = bv[q] * tail;
-      kb[o] = kv[q] * tail;
+      const float tail = __expf(p.gC - p.g[i]);
+      bb[o] = b * tail;
+      kb[o] = k * tail;
     }
   }
   return p;
 }
 
-template <typename F>
-struct Inputs {  // one chunk of a (batch, head)'s inputs, prefetched into registers: r w k v a b (dy)
-  F x[7][PER];
-  template <int NSRC>
-  __device__ __forceinline__ void fetch(const F* r, const F* w, const F* k, const F* v, const F* a, const F* b,
-                                        const F* dy, int64_t base, int64_t stride_t, int t0, int T, int j,
-                                        int tr) {
-#pragma unroll
-    for (int q = 0; q < PER; ++q) {
-      const int t = t0 + tr + 4 * q;
-      if (t < T) {
-        const int64_t idx = base + int64_t(t) * stride_t + j;
-        x[0][q] = r[idx]; x[1][q] = w[idx]; x[2][q] = k[idx]; x[3][q] = v[idx]; x[4][q] = a[idx]; x[5][q] = b[idx];
-        if (NSRC == 7) x[6][q] = dy[idx];
-      }
-    }
-  }
-  // Values as fp32, zero past T (log-decay 0 there: decay 1, the state passes through unchanged).
-  __device__ __forceinline__ float get(int i, int q, int t0, int T, int tr) const {
-    return t0 + tr + 4 * q < T ? to_f(x[i][q]) : 0.f;
-  }
-};
-
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
 
-template <typename F>
-__global__ void __launch_bounds__(THREADS, 2)
+template <typename F, int MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
                const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
                const float* __restrict__ s0_, F* __restrict__ y_, float* __restrict__ sT_,
@@ -252,7 +310,7 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
   float* gC = Brk + CCM;  // [N]: e^{g} at the chunk's last step
 
   const int bhi = blockIdx.x, bi = bhi / H, hi = bhi % H;
-  const int tid = threadIdx.x, warp = tid / 32, j = tid % N, tr = tid / N;
+  const int tid = threadIdx.x, warp = tid / 32;
   const int64_t stride_t = int64_t(H) * N, base = int64_t(bi) * T * stride_t + int64_t(hi) * N;
   const int n_chunks = (T + C - 1) / C;
   float* ckpt = ckpt_ ? ckpt_ + int64_t(bhi) * (n_chunks + 1) * N * N : nullptr;
@@ -261,27 +319,23 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
     *reinterpret_cast<float4*>(S + (e / N) * LD + e % N) =
         s0_ ? *reinterpret_cast<const float4*>(s0_ + int64_t(bhi) * N * N + e) : make_float4(0.f, 0.f, 0.f, 0.f);
 
-  Inputs<F> in;
-  in.template fetch<6>(r_, w_, k_, v_, a_, b_, nullptr, base, stride_t, 0, T, j, tr);
+  const F* const src[6] = {r_, w_, k_, v_, a_, b_};
+  Inputs<F, 6> in;
+  in.fetch(src, base, stride_t, 0, T);
   for (int c = 0; c < n_chunks; ++c) {
     const int t0 = c * C;
-    float lwv[PER], rv[PER], kv[PER], av[PER], bv[PER];
-#pragma unroll
-    for (int q = 0; q < PER; ++q) {
-      const int o = (tr + 4 * q) * LD + j;
-      lwv[q] = t0 + tr + 4 * q < T ? -LOG_DECAY_SCALE * sigmoid(to_f(in.x[1][q])) : 0.f;
-      rv[q] = in.get(0, q, t0, T, tr);
-      kv[q] = in.get(2, q, t0, T, tr);
-      av[q] = in.get(4, q, t0, T, tr);
-      bv[q] = in.get(5, q, t0, T, tr);
-      lw[o] = lwv[q];
-      V[o] = in.get(3, q, t0, T, tr);
-    }
+    const bool live = t0 + io_row() < T;
+    in.stage_log_decay(lw, live);
+    in.stage(0, rt, live);
+    in.stage(2, kh, live);
+    in.stage(3, V, live);
+    in.stage(4, at, live);
+    in.stage(5, bh, live);
     __syncthreads();
-    const Prep p = prepare<true>(lw, lwv, rv, kv, av, bv, rt, at, bh, kh, bb, kb, j, tr);
-    if (tr == 0) gC[j] = __expf(p.gC);
+    const Prep p = prepare<true>(lw, rt, at, bh, kh, bb, kb);
+    if ((tid & 3) == 0) gC[tid >> 2] = __expf(p.gC);
     __syncthreads();
-    if (c + 1 < n_chunks) in.template fetch<6>(r_, w_, k_, v_, a_, b_, nullptr, base, stride_t, t0 + C, T, j, tr);  // in flight meanwhile
+    if (c + 1 < n_chunks) in.fetch(src, base, stride_t, t0 + C, T);  // in flight meanwhile
 
     Tile acc;
     if (warp < 4) {  // the four 16 x 16 interaction matrices
@@ -316,22 +370,13 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
       store<LD>(out, acc);
     }
     __syncthreads();
-#pragma unroll
-    for (int q = 0; q < PER; ++q) {
-      const int t = t0 + tr + 4 * q;
-      if (t < T) y_[base + int64_t(t) * stride_t + j] = from_f<F>(Y[(tr + 4 * q) * LD + j]);
-    }
-    for (int e = tid * 4; e < N * N; e += THREADS * 4) {  // save the chunk's initial state, then decay it
-      float4& s = *reinterpret_cast<float4*>(S + (e / N) * LD + e % N);
-      if (ckpt) *reinterpret_cast<float4*>(ckpt + int64_t(c) * N * N + e) = s;
-      const float4 d = *reinterpret_cast<const float4*>(gC + e % N);
-      s.x *= d.x; s.y *= d.y; s.z *= d.z; s.w *= d.w;
-    }
-    __syncthreads();
-    for (int tile = warp; tile < 16; tile += WARPS) {  // S += U^T bb + V^T kb
+    if (live) store4(y_ + base + int64_t(t0 + io_row()) * stride_t + io_col(), Y + io_off());
+    for (int tile = warp; tile < 16; tile += WARPS) {  // S = S diag(GC) + U^T bb + V^T kb, tile by tile
       const int mi = (tile / 4) * 16, ni = (tile % 4) * 16;
       float* out = S + mi * LD + ni;
       load<LD>(acc, out);
+      if (ckpt) store_global(ckpt + int64_t(c) * N * N + mi * N + ni, acc);  // the chunk's initial state
+      scale_columns(acc, gC + ni);
       mma<LD, true, LD, false, C>(acc, X + mi, bb + ni);
       mma<LD, true, LD, false, C>(acc, V + mi, kb + ni);
       store<LD>(out, acc);
@@ -352,8 +397,8 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
 // Shared memory is kept under half a multiprocessor's (two blocks per SM): one state buffer, one
 // gradient buffer scaled and updated in place (Zs = Z diag(GC) turns bb Z^T into bh Zs^T and GC (V Z)
 // into V Zs), and arrays reused once their last reader has passed a barrier.
-template <typename F>
-__global__ void __launch_bounds__(THREADS, 2)
+template <typename F, int MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
                 const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
                 const F* __restrict__ dy_, const float* __restrict__ dsT_, const float* __restrict__ ckpt_,
@@ -362,12 +407,12 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
   extern __shared__ __align__(128) float sm[];
   float* const S = sm;        // the chunk's initial state
   float* const Z = S + MAT;   // gradient of the chunk's final state; scaled, then updated in place
-  float* const lw = Z + MAT;  // log-decays; later dA, then a dA
+  float* const lw = Z + MAT;  // log-decays; later dA
   float* const rt = lw + VEC;
   float* const at = rt + VEC;
   float* const bh = at + VEC;
   float* const kh = bh + VEC;
-  float* const V = kh + VEC;  // later dG = r dR - b dB - k dK
+  float* const V = kh + VEC;  // later dw
   float* const dY = V + VEC;
   float* const X = dY + VEC;  // Aak V, then U0, then U
   float* const W = X + VEC;   // later dR
@@ -388,10 +433,10 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
   float* const colsum = M4 + CCM;  // [2][4][N]: partial sums over row quarters of Z o S', double-buffered
   float* const dR = W;
   float* const dA = lw;
-  float* const dG = V;
 
   const int bhi = blockIdx.x, bi = bhi / H, hi = bhi % H;
-  const int tid = threadIdx.x, warp = tid / 32, j = tid % N, tr = tid / N;
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int jb = tid >> 2, part = tid & 3;  // the scan mapping: key column jb, steps / state rows by quarter
   const int64_t stride_t = int64_t(H) * N, base = int64_t(bi) * T * stride_t + int64_t(hi) * N;
   const int n_chunks = (T + C - 1) / C;
   const float* ckpt = ckpt_ + int64_t(bhi) * (n_chunks + 1) * N * N;
@@ -408,46 +453,45 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
   __syncthreads();
   {
     float cs = 0.f;
-    for (int i = tr * 16; i < tr * 16 + 16; ++i) cs += Z[i * LD + j] * S[i * LD + j];
-    colsum[((n_chunks - 1) & 1) * 4 * N + tr * N + j] = cs;
+    for (int i = part * 16; i < part * 16 + 16; ++i) cs += Z[i * LD + jb] * S[i * LD + jb];
+    colsum[((n_chunks - 1) & 1) * 4 * N + part * N + jb] = cs;
   }
 
-  Inputs<F> in;
-  in.template fetch<7>(r_, w_, k_, v_, a_, b_, dy_, base, stride_t, (n_chunks - 1) * C, T, j, tr);
+  // A chunk's gradients, from shared memory in the I/O mapping (vector stores), once the chunk is done.
+  auto write_grads = [&](int c) {
+    if (c * C + io_row() >= T) return;
+    const int64_t idx = base + int64_t(c * C + io_row()) * stride_t + io_col();
+    const int o = io_off();
+    store4(dr_ + idx, dR + o);
+    store4(dw_ + idx, V + o);
+    store4(dk_ + idx, dK + o);
+    store4(dv_ + idx, dV + o);
+    store4(da_ + idx, dA + o);
+    store4(db_ + idx, dB + o);
+  };
+  const F* const src[7] = {r_, w_, k_, v_, a_, b_, dy_};
+  Inputs<F, 7> in;
+  in.fetch(src, base, stride_t, (n_chunks - 1) * C, T);
   for (int c = n_chunks - 1; c >= 0; --c) {
     const int t0 = c * C;
     __syncthreads();  // the previous chunk is done with every buffer
     load_state(c);
+    if (c + 1 < n_chunks) write_grads(c + 1);  // before staging reuses lw and V (same thread, same elements)
 
-    float lwv[PER], dlogd[PER];
-#pragma unroll
-    for (int q = 0; q < PER; ++q) {
-      const int o = (tr + 4 * q) * LD + j;
-      const bool live = t0 + tr + 4 * q < T;
-      const float sg = live ? sigmoid(to_f(in.x[1][q])) : 0.f;
-      lwv[q] = -LOG_DECAY_SCALE * sg;
-      dlogd[q] = -LOG_DECAY_SCALE * sg * (1.f - sg);  // d(log d) / dw
-      lw[o] = lwv[q];
-      V[o] = in.get(3, q, t0, T, tr);
-      dY[o] = in.get(6, q, t0, T, tr);
-    }
+    const bool live = t0 + io_row() < T;
+    in.stage_log_decay(lw, live);
+    in.stage(0, rt, live);
+    in.stage(2, kh, live);
+    in.stage(3, V, live);
+    in.stage(4, at, live);
+    in.stage(5, bh, live);
+    in.stage(6, dY, live);
     __syncthreads();
-    Prep p;
-    {
-      float rv[PER], kv[PER], av[PER], bv[PER];
-#pragma unroll
-      for (int q = 0; q < PER; ++q) {
-        rv[q] = in.get(0, q, t0, T, tr);
-        kv[q] = in.get(2, q, t0, T, tr);
-        av[q] = in.get(4, q, t0, T, tr);
-        bv[q] = in.get(5, q, t0, T, tr);
-      }
-      p = prepare<false>(lw, lwv, rv, kv, av, bv, rt, at, bh, kh, nullptr, nullptr, j, tr);
-    }
+    const Prep p = prepare<false>(lw, rt, at, bh, kh, nullptr, nullptr);
     const float GC = __expf(p.gC);
-    for (int i = tr * 16; i < tr * 16 + 16; ++i) Z[i * LD + j] *= GC;  // Zs
+    for (int i = part * 16; i < part * 16 + 16; ++i) Z[i * LD + jb] *= GC;  // Zs
     __syncthreads();
-    if (c > 0) in.template fetch<7>(r_, w_, k_, v_, a_, b_, dy_, base, stride_t, t0 - C, T, j, tr);
+    if (c > 0) in.fetch(src, base, stride_t, t0 - C, T);
 
     Tile acc;
     {
@@ -561,48 +605,47 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
       }
     }
     __syncthreads();
+    {  // final gradients in the scan mapping, in place (dw into V, free since the products above)
+      float dG[4], e[4], tot = 0.f;
 #pragma unroll
-    for (int q = 0; q < PER; ++q) {
-      const int tt = tr + 4 * q, o = tt * LD + j, t = t0 + tt;
-      const float G = __expf(p.g[q]), Gp = __expf(p.g[q] - lwv[q]), inv = __expf(-p.g[q]);
-      const float gr = G * dR[o], ga = Gp * dA[o];
-      const float gk = (VZ[o] + dK[o]) * inv, gb = (UZ[o] + dB[o]) * inv;
-      // the raw inputs, recovered from their scaled copies: r = rt / G, a = at / Gp, b = bh G, k = kh G
-      dG[o] = rt[o] * inv * gr - bh[o] * G * gb - kh[o] * G * gk;
-      dA[o] = at[o] / Gp * ga;
-      if (t < T) {
-        const int64_t idx = base + int64_t(t) * stride_t + j;
-        dr_[idx] = from_f<F>(gr);
-        da_[idx] = from_f<F>(ga);
-        dk_[idx] = from_f<F>(gk);
-        db_[idx] = from_f<F>(gb);
-        dv_[idx] = from_f<F>(dV[o]);
+      for (int i = 0; i < 4; ++i) {
+        const int o = (4 * part + i) * LD + jb;
+        const float G = __expf(p.g[i]), Gp = __expf(p.g[i] - p.l[i]), inv = __expf(-p.g[i]);
+        const float gr = G * dR[o], ga = Gp * dA[o];
+        const float gk = (VZ[o] + dK[o]) * inv, gb = (UZ[o] + dB[o]) * inv;
+        // the raw inputs, recovered from their scaled copies: r = rt / G, a = at / Gp, b = bh G, k = kh G
+        dG[i] = rt[o] * inv * gr - bh[o] * G * gb - kh[o] * G * gk;
+        e[i] = dG[i] + at[o] / Gp * ga;
+        tot += e[i];
+        dR[o] = gr;
+        dA[o] = ga;
+        dK[o] = gk;
+        dB[o] = gb;
+      }
+      // dlog d_t = dG_t + sum_{s>t} (dG + a dA)_s + colsum: later steps sit in higher lanes of the column
+      float incl = tot;
+#pragma unroll
+      for (int d = 1; d < 4; d <<= 1) {
+        const float down = __shfl_down_sync(0xffffffffu, incl, d, 4);
+        if (part + d < 4) incl += down;
+      }
+      const float* mine = colsum + (c & 1) * 4 * N;
+      float run = incl - tot + mine[jb] + mine[N + jb] + mine[2 * N + jb] + mine[3 * N + jb];
+#pragma unroll
+      for (int i = 3; i >= 0; --i) {
+        const float dlogd = p.l[i] * (1.f + p.l[i] / LOG_DECAY_SCALE);  // d(log d)/dw = log d (1 - sigmoid(w))
+        V[(4 * part + i) * LD + jb] = (dG[i] + run) * dlogd;
+        run += e[i];
       }
     }
     {  // the previous chunk's colsum: its gradient Z (just updated) against its final state, S here
       float cs = 0.f;
-      for (int i = tr * 16; i < tr * 16 + 16; ++i) cs += Z[i * LD + j] * S[i * LD + j];
-      colsum[((c - 1) & 1) * 4 * N + tr * N + j] = cs;
-    }
-    __syncthreads();
-    {
-      const float* mine = colsum + (c & 1) * 4 * N;
-      float tail = mine[j] + mine[N + j] + mine[2 * N + j] + mine[3 * N + j];
-      float out[PER];
-#pragma unroll
-      for (int s = C - 1; s >= 0; --s) {  // dlog d_t = sum_{s>=t} dG_s + sum_{s>t} (a dA)_s + colsum
-#pragma unroll
-        for (int q = 0; q < PER; ++q)
-          if (s == tr + 4 * q) out[q] = tail + dG[s * LD + j];
-        tail += dG[s * LD + j] + dA[s * LD + j];
-      }
-#pragma unroll
-      for (int q = 0; q < PER; ++q) {
-        const int t = t0 + tr + 4 * q;
-        if (t < T) dw_[base + int64_t(t) * stride_t + j] = from_f<F>(out[q] * dlogd[q]);
-      }
+      for (int i = part * 16; i < part * 16 + 16; ++i) cs += Z[i * LD + jb] * S[i * LD + jb];
+      colsum[((c - 1) & 1) * 4 * N + part * N + jb] = cs;
     }
   }
+  __syncthreads();
+  write_grads(0);
   __syncthreads();
   if (ds0_)
     for (int e = tid; e < N * N; e += THREADS) ds0_[int64_t(bhi) * N * N + e] = Z[(e / N) * LD + e % N];
@@ -636,6 +679,16 @@ void allow_smem(K kernel, size_t bytes) {
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 
+// Two register budgets per kernel: with at most one (batch, head) per multiprocessor the chunk loop is
+// latency-bound and gets all the registers it wants (one block per SM); with more, two blocks share an
+// SM (128 registers per thread) so one block's barriers and dependency chains hide behind the other's.
+bool few_heads(int B, int H) {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return int64_t(B) * H <= sms;
+}
+
 }  // namespace
 
 bool wkv7_chunk_forward_cuda(int dtype, cudaStream_t stream, int B, int T, int H, const void* r, const void* w,
@@ -644,7 +697,7 @@ bool wkv7_chunk_forward_cuda(int dtype, cudaStream_t stream, int B, int T, int H
   using namespace wkv7::chunked;
   return by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
-    auto kernel = &forward_kernel<F>;
+    auto kernel = few_heads(B, H) ? &forward_kernel<F, 1> : &forward_kernel<F, 2>;
     allow_smem(kernel, FORWARD_SMEM);
     kernel<<<B * H, THREADS, FORWARD_SMEM, stream>>>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
                                                       (const F*)a, (const F*)b, s0, (F*)y, sT, ckpt);
@@ -659,7 +712,7 @@ bool wkv7_chunk_backward_cuda(int dtype, cudaStream_t stream, int B, int T, int 
   using namespace wkv7::chunked;
   return by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
-    auto kernel = &backward_kernel<F>;
+    auto kernel = few_heads(B, H) ? &backward_kernel<F, 1> : &backward_kernel<F, 2>;
     allow_smem(kernel, BACKWARD_SMEM);
     kernel<<<B * H, THREADS, BACKWARD_SMEM, stream>>>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
                                                        (const F*)a, (const F*)b, (const F*)dy, dsT, ckpt, (F*)dr,
