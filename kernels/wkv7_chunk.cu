@@ -1,7 +1,7 @@
 // WKV-7 in chunks of 16 steps on tensor cores (head size 64): forward and backward, state in and out.
 //
-// The math is derived in vision_rwkv/ops/wkv7/chunked.py (wkv7_chunked and wkv7_chunked_grad, the
-// PyTorch mirror of this file, which CI checks against autograd). Per chunk, with g the cumulative
+// The math is derived in vision_rwkv/ops/wkv7/chunked.py (wkv7_chunked, and wkv7_chunked_backward, the
+// PyTorch mirror of this file's backward, which CI checks against autograd). Per chunk, with g the cumulative
 // log-decay inside the chunk (G = e^g, Gp = e^{g - log d}, GC = G at the chunk's last step):
 //
 //   rt = r G, at = a Gp, bh = b / G, kh = k / G, bb = b GC / G, kb = k GC / G     (element-wise)
@@ -11,7 +11,8 @@
 //   U = W S^T + U0,  Y = (rt + Brb W) S^T + Brb U0 + Brk V
 //   S' = S diag(GC) + U^T bb + V^T kb
 //
-// The backward walks the chunks in reverse with Z, the gradient of the chunk's final state:
+// The backward walks the chunks in reverse with Z, the gradient of the chunk's final state (the code
+// scales Z by GC first, which turns bb Z^T, kb Z^T and GC (V Z) into bh Zs^T, kh Zs^T and V Zs):
 //
 //   Q = (I - Aab)^{-T} (bb Z^T + Brb^T dY)                                         (substitution)
 //   dV = kb Z^T + Brk^T dY + Aak^T Q
@@ -21,8 +22,8 @@
 //   dlog d_t = sum_{s >= t} (r dR - b dB - k dK)_s + sum_{s > t} (a dA)_s + colsum(Z o S')
 //   Z' = Z diag(GC) + dY^T rt + Q^T at
 //
-// One block of 8 warps per (batch, head) runs the chunks in order. Matrix products are WMMA tf32
-// tiles (16x16x8, fp32 accumulation) out of shared memory; the substitutions and everything
+// One block of 8 warps per (batch, head) runs the chunks in order. Matrix products are mma.sync
+// m16n8k8 tf32 tiles (fp32 accumulation) out of shared memory; the substitutions and everything
 // element-wise run in fp32 on the CUDA cores. The state stays fp32 in shared memory and is never
 // rounded: only the operands of the products are (tf32, 10-bit mantissa). Every log-decay is in
 // (-0.6065, 0), so inside a chunk of 16 the factors e^{+-g} stay within e^{+-9.7}.
@@ -31,7 +32,6 @@
 // recomputing them.
 
 #include <cuda_pipeline.h>
-#include <mma.h>
 
 #include <cstdint>
 #include <type_traits>
