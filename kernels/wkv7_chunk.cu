@@ -86,11 +86,16 @@ __device__ __forceinline__ void mma(Tile& d, const float* A, const float* B) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const uint32_t b0 = b_at(k0 + t, 8 * h + g), b1 = b_at(k0 + t + 4, 8 * h + g);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+      (void)a0; (void)a1; (void)a2; (void)a3; (void)b0; (void)b1;
+      __trap();  // tf32 mma.sync needs sm_80; the host entry points never launch this below it
+#else
       asm volatile(
           "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
           "{%0,%1,%2,%3};\n"
           : "+f"(d.c[h][0]), "+f"(d.c[h][1]), "+f"(d.c[h][2]), "+f"(d.c[h][3])
           : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
     }
   }
 }
@@ -653,12 +658,15 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
 
 constexpr size_t FORWARD_SMEM = sizeof(float) * (MAT + 10 * VEC + 4 * CCM + N);
 constexpr size_t BACKWARD_SMEM = sizeof(float) * (2 * MAT + 15 * VEC + 8 * CCM + 8 * N);
+static_assert(BACKWARD_SMEM == 112384 && FORWARD_SMEM < BACKWARD_SMEM,
+              "the shared memory layer 3 needs is also stated in wkv7_op.cpp and vision_rwkv/ops/wkv7/cuda.py");
 
 }  // namespace chunked
 }  // namespace wkv7
 
 // ------------------------------------------------------------------------------------------------
 // Host entry points (called from wkv7_op.cpp), dtype 0 fp32, 1 bf16, 2 fp16; head size 64 only.
+// Each returns false when the GPU cannot run the kernel (see fits) or the dtype is unknown.
 // ------------------------------------------------------------------------------------------------
 
 namespace {
@@ -682,6 +690,16 @@ void allow_smem(K kernel, size_t bytes) {
 // Two register budgets per kernel: with at most one (batch, head) per multiprocessor the chunk loop is
 // latency-bound and gets all the registers it wants (one block per SM); with more, two blocks share an
 // SM (128 registers per thread) so one block's barriers and dependency chains hide behind the other's.
+// The current GPU runs these kernels: tf32 mma.sync needs sm_80 or newer, and the launch needs `bytes`
+// of shared memory per block (the backward's 112 KB exceed the 99 KB of the sm_86/89 parts).
+bool fits(size_t bytes) {
+  int device = 0, major = 0, optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return major >= 8 && size_t(optin) >= bytes;
+}
+
 bool few_heads(int B, int H) {
   int device = 0, sms = 0;
   cudaGetDevice(&device);
@@ -695,6 +713,7 @@ bool wkv7_chunk_forward_cuda(int dtype, cudaStream_t stream, int B, int T, int H
                              const void* k, const void* v, const void* a, const void* b, const float* s0, void* y,
                              float* sT, float* ckpt) {
   using namespace wkv7::chunked;
+  if (!fits(FORWARD_SMEM)) return false;
   return by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
     auto kernel = few_heads(B, H) ? &forward_kernel<F, 1> : &forward_kernel<F, 2>;
@@ -710,6 +729,7 @@ bool wkv7_chunk_backward_cuda(int dtype, cudaStream_t stream, int B, int T, int 
                               const float* dsT, const float* ckpt, void* dr, void* dw, void* dk, void* dv, void* da,
                               void* db, float* ds0) {
   using namespace wkv7::chunked;
+  if (!fits(BACKWARD_SMEM)) return false;
   return by_dtype(dtype, [&](auto tag) {
     using F = decltype(tag);
     auto kernel = few_heads(B, H) ? &backward_kernel<F, 1> : &backward_kernel<F, 2>;

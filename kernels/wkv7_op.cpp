@@ -39,6 +39,9 @@ int64_t n_checkpoints(int64_t T, int64_t layout) {
   return (T + CHUNK - 1) / CHUNK + (layout == TENSOR_CORE_LAYOUT ? 1 : 0);
 }
 bool saves_sa(int64_t layout) { return layout != TENSOR_CORE_LAYOUT; }
+constexpr const char* TENSOR_CORE_NEEDS =
+    "wkv7: the tensor-core kernel (layout 3) needs a GPU of compute capability 8.0 or newer with at least "
+    "112384 bytes of shared memory per block; layouts 0-2 run anywhere";
 
 void check_inputs(const std::vector<at::Tensor>& xs, const at::Tensor& like) {
   for (const auto& x : xs) {
@@ -88,9 +91,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv7_forward(
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (layout == TENSOR_CORE_LAYOUT) {
     TORCH_CHECK(N == 64, "wkv7: the tensor-core kernel (layout 3) needs head size 64, got ", N);
-    wkv7_chunk_forward_cuda(dtype_code(r.scalar_type()), stream, B, T, H, r.data_ptr(), w.data_ptr(),
-                            k.data_ptr(), v.data_ptr(), a.data_ptr(), b.data_ptr(), opt_ptr(s0), y.data_ptr(),
-                            sT.data_ptr<float>(), save_for_backward ? ckpt.data_ptr<float>() : nullptr);
+    const bool ok = wkv7_chunk_forward_cuda(
+        dtype_code(r.scalar_type()), stream, B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
+        a.data_ptr(), b.data_ptr(), opt_ptr(s0), y.data_ptr(), sT.data_ptr<float>(),
+        save_for_backward ? ckpt.data_ptr<float>() : nullptr);
+    TORCH_CHECK(ok, TENSOR_CORE_NEEDS);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {y, sT, sa, ckpt};
   }
@@ -124,10 +129,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (layout == TENSOR_CORE_LAYOUT) {
     TORCH_CHECK(N == 64, "wkv7: the tensor-core kernel (layout 3) needs head size 64, got ", N);
-    wkv7_chunk_backward_cuda(dtype_code(r.scalar_type()), stream, B, T, H, r.data_ptr(), w.data_ptr(),
-                             k.data_ptr(), v.data_ptr(), a.data_ptr(), b.data_ptr(), dy.data_ptr(), opt_ptr(dsT),
-                             ckpt.data_ptr<float>(), dr.data_ptr(), dw.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                             da.data_ptr(), db.data_ptr(), need_ds0 ? ds0.data_ptr<float>() : nullptr);
+    const bool ok = wkv7_chunk_backward_cuda(
+        dtype_code(r.scalar_type()), stream, B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
+        a.data_ptr(), b.data_ptr(), dy.data_ptr(), opt_ptr(dsT), ckpt.data_ptr<float>(), dr.data_ptr(),
+        dw.data_ptr(), dk.data_ptr(), dv.data_ptr(), da.data_ptr(), db.data_ptr(),
+        need_ds0 ? ds0.data_ptr<float>() : nullptr);
+    TORCH_CHECK(ok, TENSOR_CORE_NEEDS);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {dr, dw, dk, dv, da, db, ds0};
   }

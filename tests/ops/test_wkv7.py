@@ -149,3 +149,29 @@ def test_explicit_chunked_backward_matches_autograd(T, with_state):
         torch.testing.assert_close(mine, ref.grad, rtol=1e-9, atol=1e-9, msg=f"d{name}")
     if s is not None:
         torch.testing.assert_close(ours[6], s.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "major,minor,optin,dtype,expected",
+    [
+        (9, 0, 232_448, torch.bfloat16, 3),  # H100: the tensor-core kernel
+        (8, 0, 166_912, torch.float16, 3),  # A100
+        (8, 9, 101_376, torch.bfloat16, 2),  # RTX 40xx: 99 KB of shared memory, too little for layout 3
+        (7, 5, 65_536, torch.bfloat16, 2),  # T4: no tf32 tensor cores
+        (9, 0, 232_448, torch.float32, 2),  # fp32 keeps the exact row kernels
+        (9, 0, None, torch.bfloat16, 3),  # a torch without shared_memory_per_block_optin: by capability
+        (8, 6, None, torch.bfloat16, 2),
+    ],
+)
+def test_kernel_choice_follows_dtype_and_device(monkeypatch, major, minor, optin, dtype, expected):
+    """pick_layout runs anywhere (it only reads device properties): layout 3 only where it can launch."""
+    import types
+
+    from vision_rwkv.ops.wkv7 import cuda as cuda_impl
+
+    props = types.SimpleNamespace(major=major, minor=minor, multi_processor_count=132)
+    if optin is not None:
+        props.shared_memory_per_block_optin = optin
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: props)
+    assert cuda_impl.pick_layout(8, 12, 64, device=0, dtype=dtype) == expected
+    assert cuda_impl.pick_layout(8, 12, 32, device=0, dtype=dtype) == 0  # other head sizes: one layout

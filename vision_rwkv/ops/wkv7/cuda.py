@@ -2,8 +2,8 @@
 
 The sources (kernels/wkv7.cu, kernels/wkv7_chunk.cu, kernels/wkv7_common.h, kernels/wkv7_op.cpp) are
 found beside the installed package (a wheel ships them as vision_rwkv/kernels/) or in the source
-checkout's kernels/ folder. The build goes to a
-cache folder keyed by the sources, torch, CUDA and the target architectures, so it happens once.
+checkout's kernels/ folder. The build goes to a cache folder keyed by the sources, torch, CUDA and the
+target architectures, so it happens once.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ CHUNK = 16  # steps per state checkpoint; matches wkv7::CHUNK in the .cu files
 # 64: 0 = 8 lanes per row x 2 rows per thread, 1 = 8 x 4, 2 = 4 x 2); 3 is the tensor-core chunked
 # kernel of kernels/wkv7_chunk.cu (head size 64; tf32 products, so bf16/fp16 inputs by default).
 TENSOR_CORES = 3
+# Layout 3 needs tf32 mma.sync (compute capability 8.0+) and, for its backward, this much shared memory
+# per block (BACKWARD_SMEM in kernels/wkv7_chunk.cu): more than the 99 KB of sm_86/sm_89 parts.
+TENSOR_CORE_SMEM = 112_384
 HEAD_SIZES = {16: (0,), 32: (0,), 64: (0, 1, 2, TENSOR_CORES)}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -113,19 +116,29 @@ def unsupported(r: torch.Tensor) -> str | None:
 def pick_layout(B: int, H: int, N: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> int:
     """The kernel for this shape and dtype, from the H100 measurements in BENCHMARKS.md.
 
-    N = 64 with bf16 or fp16 inputs: the tensor-core chunked kernel (layout 3), fastest at every
-    benchmark shape. Its matrix products read tf32 operands, which is finer than those inputs but
-    coarser than fp32, so fp32 inputs keep the row kernels: with few heads per multiprocessor the
-    recurrence is latency-bound and layout 2 (4 lanes per row, short shuffle trees) wins; with many
-    (B*H >= 4 per multiprocessor, e.g. 64x12 captioning batches) layout 1 (4 rows per thread) wins.
-    Other head sizes have one layout.
+    N = 64 with bf16 or fp16 inputs, on a GPU that can run it (tensor_cores_fit): the tensor-core
+    chunked kernel (layout 3), faster than the row kernels at every benchmark shape. Its matrix
+    products read tf32 operands, finer than those inputs but coarser than fp32, so fp32 inputs keep
+    the row kernels: with few heads per multiprocessor the recurrence is latency-bound and layout 2
+    (4 lanes per row, short shuffle trees) wins; with many (B*H >= 4 per multiprocessor, e.g. 64x12
+    captioning batches) layout 1 (4 rows per thread) wins. Other head sizes have one layout.
     """
     if N != 64:
         return HEAD_SIZES[N][0]
-    if dtype in (torch.bfloat16, torch.float16):
+    props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
+    if dtype in (torch.bfloat16, torch.float16) and tensor_cores_fit(props):
         return TENSOR_CORES
-    sms = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
-    return 1 if B * H >= 4 * sms.multi_processor_count else 2
+    return 1 if B * H >= 4 * props.multi_processor_count else 2
+
+
+def tensor_cores_fit(props) -> bool:
+    """Whether a GPU (its torch device properties) can run layout 3; otherwise the row kernels serve it."""
+    if props.major < 8:
+        return False
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:  # a torch without the field: the data-centre parts (x.0, 8.7) have >= 163 KB
+        return props.minor == 0 or (props.major, props.minor) == (8, 7)
+    return optin >= TENSOR_CORE_SMEM
 
 
 class WKV7Function(torch.autograd.Function):
