@@ -24,6 +24,37 @@ from .reference import LOG_DECAY_SCALE, log_decay
 DEFAULT_CHUNK = 32
 
 
+def _to_chunks(x, n_chunks: int, L: int, dtype):
+    """(B,T,H,N) -> (B,H,C,L,N) in `dtype`, zero-padded to C*L steps (with a log-decay of 0 past T the
+    padded steps have decay 1 and zero inputs, so the state passes through them unchanged)."""
+    B, T, H, N = x.shape
+    x = x.to(dtype)
+    if n_chunks * L > T:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n_chunks * L - T))
+    return x.view(B, n_chunks, L, H, N).permute(0, 3, 1, 2, 4)
+
+
+def _chunk_terms(lw, r_, k_, v_, a_, b_):
+    """The state-free terms of every chunk at once (chunked inputs (B,H,C,L,N); names as in the module
+    docstring): the cumulative log-decays, the scaled vectors, the four masked interaction matrices and
+    the solves W = (I - A_ab)^{-1} a~, U0 = (I - A_ab)^{-1} A_ak V."""
+    L = lw.shape[-2]
+    G = lw.cumsum(dim=-2)  # inclusive: G_t
+    inv = (-G).exp()
+    t = {"G": G, "rt": r_ * G.exp(), "at": a_ * (G - lw).exp(), "bh": b_ * inv, "kh": k_ * inv}
+    strict = torch.ones(L, L, dtype=torch.bool, device=lw.device).tril(-1)
+    incl = torch.ones(L, L, dtype=torch.bool, device=lw.device).tril(0)
+    t["strict"], t["incl"] = strict, incl
+    t["Aab"] = (t["at"] @ t["bh"].transpose(-1, -2)).masked_fill(~strict, 0)  # (B,H,C,L,L)
+    t["Aak"] = (t["at"] @ t["kh"].transpose(-1, -2)).masked_fill(~strict, 0)
+    t["Arb"] = (t["rt"] @ t["bh"].transpose(-1, -2)).masked_fill(~incl, 0)
+    t["Ark"] = (t["rt"] @ t["kh"].transpose(-1, -2)).masked_fill(~incl, 0)
+    t["lower"] = torch.eye(L, dtype=lw.dtype, device=lw.device) - t["Aab"]
+    t["W"] = torch.linalg.solve_triangular(t["lower"], t["at"], upper=False, unitriangular=True)
+    t["U0"] = torch.linalg.solve_triangular(t["lower"], t["Aak"] @ v_, upper=False, unitriangular=True)
+    return t
+
+
 def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_len: int = DEFAULT_CHUNK):
     """Same contract as wkv7_reference. Differentiable through autograd."""
     B, T, H, N = r.shape
@@ -34,42 +65,17 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_len: int = DEFAULT_CHUNK):
 
     L = min(chunk_len, T)
     n_chunks = -(-T // L)
-    pad = n_chunks * L - T
+    lw = _to_chunks(log_decay(w), n_chunks, L, compute)
+    r_, k_, v_, a_, b_ = (_to_chunks(x, n_chunks, L, compute) for x in (r, k, v, a, b))
 
-    def prep(x, is_log_decay=False):
-        x = x.to(compute)
-        if pad:  # padded steps: zero inputs and decay 1, so the state passes through unchanged
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-        # (B,T,H,N) -> (B,H,C,L,N) with C chunks
-        return x.view(B, n_chunks, L, H, N).permute(0, 3, 1, 2, 4)
-
-    lw = prep(log_decay(w).to(compute), True)
-    r_, k_, v_, a_, b_ = (prep(x) for x in (r, k, v, a, b))
-
-    G = lw.cumsum(dim=-2)  # inclusive: G_t
-    G_prev = G - lw  # exclusive: G_{t-1}
+    # U = (I - A_ab)^{-1} (A~ S0^T + A_ak V): the state-free parts are solved for all chunks at once.
+    terms = _chunk_terms(lw, r_, k_, v_, a_, b_)
+    G, r_t, A_rb = terms["G"], terms["rt"], terms["Arb"]
+    Wa, Uv = terms["W"], terms["U0"]  # (B,H,C,L,N)
     G_last = G[..., -1:, :]  # (B,H,C,1,N)
-    a_t = a_ * G_prev.exp()
-    r_t = r_ * G.exp()
-    inv = (-G).exp()
-    b_t = b_ * inv
-    k_t = k_ * inv
     b_hat = b_ * (G_last - G).exp()  # b_s e^{G_L - G_s}
     k_hat = k_ * (G_last - G).exp()
-
-    strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
-    incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(0)
-    A_ab = (a_t @ b_t.transpose(-1, -2)).masked_fill(~strict, 0)  # (B,H,C,L,L)
-    A_ak = (a_t @ k_t.transpose(-1, -2)).masked_fill(~strict, 0)
-    A_rb = (r_t @ b_t.transpose(-1, -2)).masked_fill(~incl, 0)
-    A_rk = (r_t @ k_t.transpose(-1, -2)).masked_fill(~incl, 0)
-
-    eye = torch.eye(L, dtype=compute, device=r.device)
-    # U = (I - A_ab)^{-1} (A~ S0^T + A_ak V): the state-free parts are solved for all chunks at once.
-    lower = eye - A_ab
-    Wa = torch.linalg.solve_triangular(lower, a_t, upper=False, unitriangular=True)  # (B,H,C,L,N)
-    Uv = torch.linalg.solve_triangular(lower, A_ak @ v_, upper=False, unitriangular=True)
-    Yv = A_rk @ v_  # (B,H,C,L,N)
+    Yv = terms["Ark"] @ v_  # (B,H,C,L,N)
     Sv = k_hat.transpose(-1, -2) @ v_  # (B,H,C,N_key,N_value): the chunk's own contribution to S^T
     decay_all = G_last.exp().squeeze(-2).unsqueeze(-1)  # (B,H,C,N_key,1)
 
@@ -109,30 +115,16 @@ def wkv7_chunked_backward(r, w, k, v, a, b, dy, state=None, d_state=None, chunk_
     f = torch.float64
     L = chunk_len
     n_chunks = max(1, -(-T // L))
-    pad = n_chunks * L - T
-
-    def prep(x):
-        x = x.to(f)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.view(B, n_chunks, L, H, N).permute(0, 3, 1, 2, 4)  # (B,H,C,L,N)
-
     sig = torch.sigmoid(w.to(f))
-    lw = prep(-LOG_DECAY_SCALE * sig)
-    r_, k_, v_, a_, b_, dy_ = (prep(x) for x in (r, k, v, a, b, dy))
-    G = lw.cumsum(dim=-2)
+    lw = _to_chunks(-LOG_DECAY_SCALE * sig, n_chunks, L, f)
+    r_, k_, v_, a_, b_, dy_ = (_to_chunks(x, n_chunks, L, f) for x in (r, k, v, a, b, dy))
+    terms = _chunk_terms(lw, r_, k_, v_, a_, b_)
+    rt, at, bh, kh = terms["rt"], terms["at"], terms["bh"], terms["kh"]
+    Aab, Aak, Arb, Ark, lower = terms["Aab"], terms["Aak"], terms["Arb"], terms["Ark"], terms["lower"]
+    Wm, U0, strict, incl = terms["W"], terms["U0"], terms["strict"], terms["incl"]
+    G = terms["G"]
     eG, eGp, einv = G.exp(), (G - lw).exp(), (-G).exp()
     GC = eG[..., -1:, :]  # (B,H,C,1,N)
-    rt, at, bh, kh = r_ * eG, a_ * eGp, b_ * einv, k_ * einv
-    strict = torch.ones(L, L, dtype=torch.bool).tril(-1)
-    incl = torch.ones(L, L, dtype=torch.bool).tril(0)
-    Aab = (at @ bh.transpose(-1, -2)) * strict
-    Aak = (at @ kh.transpose(-1, -2)) * strict
-    Arb = (rt @ bh.transpose(-1, -2)) * incl
-    Ark = (rt @ kh.transpose(-1, -2)) * incl
-    lower = torch.eye(L, dtype=f) - Aab
-    Wm = torch.linalg.solve_triangular(lower, at, upper=False, unitriangular=True)
-    U0 = torch.linalg.solve_triangular(lower, Aak @ v_, upper=False, unitriangular=True)
 
     # the chunk-boundary states, as the forward kernel saves them
     S = torch.zeros(B, H, N, N, dtype=f) if state is None else state.to(f)
