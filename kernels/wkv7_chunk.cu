@@ -11,10 +11,13 @@
 //   U = W S^T + U0,  Y = (rt + Brb W) S^T + Brb U0 + Brk V
 //   S' = S diag(GC) + U^T bb + V^T kb
 //
-// The backward walks the chunks in reverse with Z, the gradient of the chunk's final state (the code
-// scales Z by GC first, which turns bb Z^T, kb Z^T and GC (V Z) into bh Zs^T, kh Zs^T and V Zs):
+// When a backward will follow, the forward also saves per chunk U and two solves that need no state,
+// Pb = (I - Aab)^{-T} bh and R = (I - Aab)^{-T} Brb^T, with Aak and Brk (12.25 KB next to the state's
+// 16 KB), so that the backward recomputes none of the above. It walks the chunks in reverse with Z, the
+// gradient of the chunk's final state (the code scales Z by GC first, which turns bb Z^T, kb Z^T and
+// GC (V Z) into bh Zs^T, kh Zs^T and V Zs):
 //
-//   Q = (I - Aab)^{-T} (bb Z^T + Brb^T dY)                                         (substitution)
+//   Q = (I - Aab)^{-T} (bb Z^T + Brb^T dY) = Pb Zs^T + R dY
 //   dV = kb Z^T + Brk^T dY + Aak^T Q
 //   M1 = (dY U^T) lower, M2 = (dY V^T) lower, M3 = (Q U^T) strict, M4 = (Q V^T) strict
 //   dK = (GC (V Z) + M2^T rt + M4^T at) / G,   dB = (GC (U Z) + M1^T rt + M3^T at) / G
@@ -28,8 +31,8 @@
 // rounded: only the operands of the products are (tf32, 10-bit mantissa). Every log-decay is in
 // (-0.6065, 0), so inside a chunk of 16 the factors e^{+-g} stay within e^{+-9.7}.
 // The forward saves the state at every chunk boundary (N*N*4 bytes per head per 16 steps); the
-// backward reads them back (cp.async, overlapped with the chunk's first stages) instead of
-// recomputing them.
+// backward reads them back with the saved products (cp.async, overlapped with the chunk's first
+// stages) instead of recomputing them.
 
 #include <cuda_pipeline.h>
 
@@ -47,6 +50,9 @@ constexpr int WARPS = 8, THREADS = 32 * WARPS;
 constexpr int LD = N + 4;             // row stride of the C x N and N x N tiles in shared memory
 constexpr int LDC = C + 4;            // row stride of the C x C matrices
 constexpr int VEC = C * LD, MAT = N * LD, CCM = C * LDC;
+// What the forward saves per chunk for the backward (next to the chunk's initial state), in the backward's
+// shared-memory layout so that it lands there with one flat copy: U and Pb (C x N), Aak, R and Brk (C x C).
+constexpr int SAVED = 2 * VEC + 3 * CCM;
 // Element-wise work uses two thread mappings of a C x N chunk, 4 elements per thread:
 //  - I/O: thread owns step tid / 16 and the 4 consecutive key columns 4 (tid % 16) (vector loads/stores);
 //  - scan: thread owns key column tid / 4 and the 4 consecutive steps 4 (tid % 4), so sums over steps
@@ -123,6 +129,22 @@ __device__ __forceinline__ void store(float* P, const Tile& d) {
       *reinterpret_cast<float2*>(P + (g + 8 * r) * LDP + 8 * h + 2 * t) = make_float2(d.c[h][2 * r], d.c[h][2 * r + 1]);
 }
 
+// The transposed tile: element (row, col) to P[col * LDP + row].
+template <int LDP>
+__device__ __forceinline__ void store_transposed(float* P, const Tile& d) {
+  const int g = lane_g(), t = lane_t();
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) P[(8 * h + 2 * t + e % 2) * LDP + g + 8 * (e / 2)] = d.c[h][e];
+}
+
+// n float4 from shared to global memory (or back, with cp.async, in the backward), all threads.
+__device__ __forceinline__ void copy_out(float* dst, const float* src, int n) {
+  for (int i = threadIdx.x; i < n; i += THREADS)
+    reinterpret_cast<float4*>(dst)[i] = reinterpret_cast<const float4*>(src)[i];
+}
+
 // A tile to a dense N-column fp32 matrix in global memory (P at the tile's origin).
 __device__ __forceinline__ void store_global(float* P, const Tile& d) {
   const int g = lane_g(), t = lane_t();
@@ -158,11 +180,13 @@ __device__ __forceinline__ void mask_lower(Tile& d, bool strict) {
     }
 }
 
-// x_t += sum_{s<t} L[t][s] x_s for one column x (in place): solves (I - L) x = rhs, L strictly lower.
+// x_t += sum_{s<t} L[t][s] x_s for one column x (in place, row stride LDX): solves (I - L) x = rhs, L
+// strictly lower.
+template <int LDX = LD>
 __device__ __forceinline__ void solve_lower(float* x, const float* L) {
   float v[C];
 #pragma unroll
-  for (int t = 0; t < C; ++t) v[t] = x[t * LD];
+  for (int t = 0; t < C; ++t) v[t] = x[t * LDX];
 #pragma unroll
   for (int t = 1; t < C; ++t) {
     float acc = v[t];
@@ -171,14 +195,15 @@ __device__ __forceinline__ void solve_lower(float* x, const float* L) {
     v[t] = acc;
   }
 #pragma unroll
-  for (int t = 0; t < C; ++t) x[t * LD] = v[t];
+  for (int t = 0; t < C; ++t) x[t * LDX] = v[t];
 }
 
 // The transposed solve: (I - L)^T x = rhs, i.e. x_t += sum_{s>t} L[s][t] x_s, from the last step back.
+template <int LDX = LD>
 __device__ __forceinline__ void solve_upper(float* x, const float* L) {
   float v[C];
 #pragma unroll
-  for (int t = 0; t < C; ++t) v[t] = x[t * LD];
+  for (int t = 0; t < C; ++t) v[t] = x[t * LDX];
 #pragma unroll
   for (int t = C - 2; t >= 0; --t) {
     float acc = v[t];
@@ -187,7 +212,7 @@ __device__ __forceinline__ void solve_upper(float* x, const float* L) {
     v[t] = acc;
   }
 #pragma unroll
-  for (int t = 0; t < C; ++t) x[t * LD] = v[t];
+  for (int t = 0; t < C; ++t) x[t * LDX] = v[t];
 }
 
 template <typename F>
@@ -295,13 +320,13 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
                const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
                const float* __restrict__ s0_, F* __restrict__ y_, float* __restrict__ sT_,
-               float* __restrict__ ckpt_) {
+               float* __restrict__ ckpt_, float* __restrict__ saved_) {
   extern __shared__ __align__(128) float sm[];
   float* S = sm;
   float* lw = S + MAT;
   float* rt = lw + VEC;  // later rt + Brb W
   float* at = rt + VEC;  // later W
-  float* bh = at + VEC;
+  float* bh = at + VEC;  // later Pb (saved for the backward)
   float* kh = bh + VEC;
   float* bb = kh + VEC;
   float* kb = bb + VEC;
@@ -312,13 +337,15 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
   float* Aak = Aab + CCM;
   float* Brb = Aak + CCM;
   float* Brk = Brb + CCM;
-  float* gC = Brk + CCM;  // [N]: e^{g} at the chunk's last step
+  float* R = Brk + CCM;   // Brb^T, then R (saved for the backward)
+  float* gC = R + CCM;    // [N]: e^{g} at the chunk's last step
 
   const int bhi = blockIdx.x, bi = bhi / H, hi = bhi % H;
   const int tid = threadIdx.x, warp = tid / 32;
   const int64_t stride_t = int64_t(H) * N, base = int64_t(bi) * T * stride_t + int64_t(hi) * N;
   const int n_chunks = (T + C - 1) / C;
   float* ckpt = ckpt_ ? ckpt_ + int64_t(bhi) * (n_chunks + 1) * N * N : nullptr;
+  float* saved = saved_ ? saved_ + int64_t(bhi) * n_chunks * SAVED : nullptr;
 
   for (int e = tid * 4; e < N * N; e += THREADS * 4)
     *reinterpret_cast<float4*>(S + (e / N) * LD + e % N) =
@@ -348,6 +375,7 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
       mma<LD, false, LD, true, N>(acc, warp < 2 ? at : rt, (warp & 1) ? kh : bh);
       mask_lower(acc, warp < 2);
       store<LDC>(warp == 0 ? Aab : warp == 1 ? Aak : warp == 2 ? Brb : Brk, acc);
+      if (saved && warp == 2) store_transposed<LDC>(R, acc);
     }
     __syncthreads();
     {  // X = Aak V (warps 0-3), Y = Brk V (warps 4-7)
@@ -358,6 +386,8 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
     }
     __syncthreads();
     if (tid < 2 * N) solve_lower(tid < N ? at + tid : X + (tid - N), Aab);  // at -> W, X -> U0
+    else if (saved && tid < 3 * N) solve_upper(bh + (tid - 2 * N), Aab);  // bh -> Pb
+    else if (saved && tid < 3 * N + C) solve_upper<LDC>(R + (tid - 3 * N), Aab);  // Brb^T -> R
     __syncthreads();
     {  // rt += Brb W (warps 0-3), Y += Brb U0 (warps 4-7)
       const int n = (warp & 3) * 16;
@@ -376,6 +406,14 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
     }
     __syncthreads();
     if (live) store4(y_ + base + int64_t(t0 + io_row()) * stride_t + io_col(), Y + io_off());
+    if (saved) {  // U, Pb, Aak, R, Brk in their shared-memory layout (padded rows)
+      float* dst = saved + int64_t(c) * SAVED;
+      copy_out(dst, X, VEC / 4);
+      copy_out(dst + VEC, bh, VEC / 4);
+      copy_out(dst + 2 * VEC, Aak, CCM / 4);
+      copy_out(dst + 2 * VEC + CCM, R, CCM / 4);
+      copy_out(dst + 2 * VEC + 2 * CCM, Brk, CCM / 4);
+    }
     for (int tile = warp; tile < 16; tile += WARPS) {  // S = S diag(GC) + U^T bb + V^T kb, tile by tile
       const int mi = (tile / 4) * 16, ni = (tile % 4) * 16;
       float* out = S + mi * LD + ni;
@@ -399,44 +437,44 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
 // Backward
 // ------------------------------------------------------------------------------------------------
 
-// Shared memory is kept under half a multiprocessor's (two blocks per SM): one state buffer, one
-// gradient buffer scaled and updated in place (Zs = Z diag(GC) turns bb Z^T into bh Zs^T and GC (V Z)
-// into V Zs), and arrays reused once their last reader has passed a barrier.
+// Per chunk, the state and the forward's saved products (U, Pb, Aak, R, Brk) arrive by cp.async while
+// the inputs are staged; what is left is three stages of products: the ones that need only Zs (Q among
+// them), the ones that need Q, and the ones that need those. Shared memory stays under half a
+// multiprocessor's (two blocks per SM): one state buffer, one gradient buffer scaled and updated in
+// place (Zs = Z diag(GC) turns bb Z^T into bh Zs^T and GC (V Z) into V Zs), and arrays reused once
+// their last reader has passed a barrier.
 template <typename F, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
                 const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
                 const F* __restrict__ dy_, const float* __restrict__ dsT_, const float* __restrict__ ckpt_,
-                F* __restrict__ dr_, F* __restrict__ dw_, F* __restrict__ dk_, F* __restrict__ dv_,
-                F* __restrict__ da_, F* __restrict__ db_, float* __restrict__ ds0_) {
+                const float* __restrict__ saved_, F* __restrict__ dr_, F* __restrict__ dw_, F* __restrict__ dk_,
+                F* __restrict__ dv_, F* __restrict__ da_, F* __restrict__ db_, float* __restrict__ ds0_) {
   extern __shared__ __align__(128) float sm[];
   float* const S = sm;        // the chunk's initial state
   float* const Z = S + MAT;   // gradient of the chunk's final state; scaled, then updated in place
-  float* const lw = Z + MAT;  // log-decays; later dA
+  float* const U = Z + MAT;   // the forward's saved products, in this order (SAVED floats)
+  float* const Pb = U + VEC;
+  float* const Aak = Pb + VEC;
+  float* const R = Aak + CCM;
+  float* const Brk = R + CCM;
+  float* const lw = Brk + CCM;  // log-decays; later dA
   float* const rt = lw + VEC;
   float* const at = rt + VEC;
   float* const bh = at + VEC;
   float* const kh = bh + VEC;
   float* const V = kh + VEC;  // later dw
   float* const dY = V + VEC;
-  float* const X = dY + VEC;  // Aak V, then U0, then U
-  float* const W = X + VEC;   // later dR
-  float* const Q = W + VEC;   // bh Zs^T + Brb^T dY, then Q
+  float* const Q = dY + VEC;
   float* const dV = Q + VEC;
-  float* const VZ = dV + VEC;
-  float* const UZ = VZ + VEC;
-  float* const dK = UZ + VEC;
+  float* const dK = dV + VEC;
   float* const dB = dK + VEC;
-  float* const Aab = dB + VEC;
-  float* const Aak = Aab + CCM;
-  float* const Brb = Aak + CCM;
-  float* const Brk = Brb + CCM;
-  float* const M1 = Brk + CCM;
+  float* const dR = dB + VEC;
+  float* const M1 = dR + VEC;
   float* const M2 = M1 + CCM;
   float* const M3 = M2 + CCM;
   float* const M4 = M3 + CCM;
   float* const colsum = M4 + CCM;  // [2][4][N]: partial sums over row quarters of Z o S', double-buffered
-  float* const dR = W;
   float* const dA = lw;
 
   const int bhi = blockIdx.x, bi = bhi / H, hi = bhi % H;
@@ -445,15 +483,20 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
   const int64_t stride_t = int64_t(H) * N, base = int64_t(bi) * T * stride_t + int64_t(hi) * N;
   const int n_chunks = (T + C - 1) / C;
   const float* ckpt = ckpt_ + int64_t(bhi) * (n_chunks + 1) * N * N;
+  const float* saved = saved_ + int64_t(bhi) * n_chunks * SAVED;
 
   auto load_state = [&](int c) {  // async: 4 x 16 bytes per thread
     const float* src = ckpt + int64_t(c) * N * N;
     for (int e = tid * 4; e < N * N; e += THREADS * 4) __pipeline_memcpy_async(S + (e / N) * LD + e % N, src + e, 16);
-    __pipeline_commit();
+  };
+  auto load_saved = [&](int c) {  // async: one flat copy of SAVED floats
+    const float* src = saved + int64_t(c) * SAVED;
+    for (int e = tid * 4; e < SAVED; e += THREADS * 4) __pipeline_memcpy_async(U + e, src + e, 16);
   };
   // The last chunk's colsum reads the final state, the others the next chunk's initial state (below).
   for (int e = tid; e < N * N; e += THREADS) Z[(e / N) * LD + e % N] = dsT_ ? dsT_[int64_t(bhi) * N * N + e] : 0.f;
   load_state(n_chunks);
+  __pipeline_commit();
   __pipeline_wait_prior(0);
   __syncthreads();
   {
@@ -481,6 +524,8 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     const int t0 = c * C;
     __syncthreads();  // the previous chunk is done with every buffer
     load_state(c);
+    load_saved(c);
+    __pipeline_commit();
     if (c + 1 < n_chunks) write_grads(c + 1);  // before staging reuses lw and V (same thread, same elements)
 
     const bool live = t0 + io_row() < T;
@@ -495,118 +540,75 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     const Prep p = prepare<false>(lw, rt, at, bh, kh, nullptr, nullptr);
     const float GC = __expf(p.gC);
     for (int i = part * 16; i < part * 16 + 16; ++i) Z[i * LD + jb] *= GC;  // Zs
-    __syncthreads();
+    __pipeline_wait_prior(0);
+    __syncthreads();  // S and the saved products have landed too
     if (c > 0) in.fetch(src, base, stride_t, t0 - C, T);
 
     Tile acc;
-    {
-      const int n = (warp & 3) * 16;
+    for (int job = warp; job < 22; job += WARPS) {  // what needs only Zs
+      const int n = (job % 4) * 16;
       zero(acc);
-      if (warp < 4) {  // interaction matrices
-        mma<LD, false, LD, true, N>(acc, warp < 2 ? at : rt, (warp & 1) ? kh : bh);
-        mask_lower(acc, warp < 2);
-        store<LDC>(warp == 0 ? Aab : warp == 1 ? Aak : warp == 2 ? Brb : Brk, acc);
-      } else {  // Q = bh Zs^T
-        mma<LD, false, LD, true, N>(acc, bh, Z + n * LD);
+      if (job < 4) {  // Q = Pb Zs^T + R dY
+        mma<LD, false, LD, true, N>(acc, Pb, Z + n * LD);
+        mma<LDC, false, LD, false, C>(acc, R, dY + n);
         store<LD>(Q + n, acc);
-      }
-    }
-    __syncthreads();
-    {
-      const int n = (warp & 3) * 16;
-      if (warp < 4) {  // X = Aak V
-        zero(acc);
-        mma<LDC, false, LD, false, C>(acc, Aak, V + n);
-        store<LD>(X + n, acc);
-      } else {  // Q += Brb^T dY
-        load<LD>(acc, Q + n);
-        mma<LDC, true, LD, false, C>(acc, Brb, dY + n);
-        store<LD>(Q + n, acc);
-      }
-    }
-    __syncthreads();
-    if (tid < N) {  // W = (I - Aab)^{-1} at
-      for (int t = 0; t < C; ++t) W[t * LD + tid] = at[t * LD + tid];
-      solve_lower(W + tid, Aab);
-    } else if (tid < 2 * N) {
-      solve_lower(X + (tid - N), Aab);  // U0
-    } else if (tid < 3 * N) {
-      solve_upper(Q + (tid - 2 * N), Aab);  // Q
-    }
-    __pipeline_wait_prior(0);
-    __syncthreads();  // S has landed too
-
-    for (int job = warp; job < 14; job += WARPS) {
-      if (job < 4) {  // U = W S^T + U0
-        const int n = job * 16;
-        load<LD>(acc, X + n);
-        mma<LD, false, LD, true, N>(acc, W, S + n * LD);
-        store<LD>(X + n, acc);
-      } else if (job < 8) {  // dV = kh Zs^T + Brk^T dY + Aak^T Q
-        const int n = (job - 4) * 16;
-        zero(acc);
+      } else if (job < 8) {  // dV = kh Zs^T + Brk^T dY (+ Aak^T Q below)
         mma<LD, false, LD, true, N>(acc, kh, Z + n * LD);
         mma<LDC, true, LD, false, C>(acc, Brk, dY + n);
+        store<LD>(dV + n, acc);
+      } else if (job < 20) {  // dK = V Zs, dB = U Zs, dR = dY S (each + more below)
+        const int which = (job - 8) / 4;
+        mma<LD, false, LD, false, N>(acc, which == 0 ? V : which == 1 ? U : dY, (which == 2 ? S : Z) + n);
+        store<LD>((which == 0 ? dK : which == 1 ? dB : dR) + n, acc);
+      } else {  // M1 = dY U^T (lower), M2 = dY V^T (lower)
+        mma<LD, false, LD, true, N>(acc, dY, job == 20 ? U : V);
+        mask_lower(acc, false);
+        store<LDC>(job == 20 ? M1 : M2, acc);
+      }
+    }
+    __syncthreads();
+    for (int job = warp; job < 14; job += WARPS) {  // what needs Q
+      const int n = (job % 4) * 16;
+      if (job < 2) {  // M3 = Q U^T (strict), M4 = Q V^T (strict)
+        zero(acc);
+        mma<LD, false, LD, true, N>(acc, Q, job == 0 ? U : V);
+        mask_lower(acc, true);
+        store<LDC>(job == 0 ? M3 : M4, acc);
+      } else if (job < 6) {  // dA = Q S
+        zero(acc);
+        mma<LD, false, LD, false, N>(acc, Q, S + n);
+        store<LD>(dA + n, acc);
+      } else if (job < 10) {  // dV += Aak^T Q
+        load<LD>(acc, dV + n);
         mma<LDC, true, LD, false, C>(acc, Aak, Q + n);
         store<LD>(dV + n, acc);
-      } else if (job < 12) {  // V Zs
-        const int n = (job - 8) * 16;
-        zero(acc);
-        mma<LD, false, LD, false, N>(acc, V, Z + n);
-        store<LD>(VZ + n, acc);
-      } else {  // M2 = dY V^T (lower), M4 = Q V^T (strict)
-        zero(acc);
-        mma<LD, false, LD, true, N>(acc, job == 12 ? dY : Q, V);
-        mask_lower(acc, job != 12);
-        store<LDC>(job == 12 ? M2 : M4, acc);
+      } else {  // dR += M1 bh + M2 kh
+        load<LD>(acc, dR + n);
+        mma<LDC, false, LD, false, C>(acc, M1, bh + n);
+        mma<LDC, false, LD, false, C>(acc, M2, kh + n);
+        store<LD>(dR + n, acc);
       }
     }
     __syncthreads();
-    for (int job = warp; job < 18; job += WARPS) {
-      if (job < 4) {  // U Zs
-        const int n = job * 16;
-        zero(acc);
-        mma<LD, false, LD, false, N>(acc, X, Z + n);
-        store<LD>(UZ + n, acc);
-      } else if (job < 6) {  // M1 = dY U^T (lower), M3 = Q U^T (strict)
-        zero(acc);
-        mma<LD, false, LD, true, N>(acc, job == 4 ? dY : Q, X);
-        mask_lower(acc, job != 4);
-        store<LDC>(job == 4 ? M1 : M3, acc);
-      } else if (job < 14) {  // dR = dY S, dA = Q S
-        const int n = ((job - 6) % 4) * 16;
-        zero(acc);
-        mma<LD, false, LD, false, N>(acc, job < 10 ? dY : Q, S + n);
-        store<LD>((job < 10 ? dR : dA) + n, acc);
-      } else {  // dK = M2^T rt + M4^T at
-        const int n = (job - 14) * 16;
-        zero(acc);
-        mma<LDC, true, LD, false, C>(acc, M2, rt + n);
-        mma<LDC, true, LD, false, C>(acc, M4, at + n);
-        store<LD>(dK + n, acc);
-      }
-    }
-    __syncthreads();
-    for (int job = warp; job < 28; job += WARPS) {
+    for (int job = warp; job < 28; job += WARPS) {  // what needs M3 and M4; and the state gradient
       if (job < 16) {  // Z = Zs + dY^T rt + Q^T at: the gradient of this chunk's initial state
         const int mi = (job / 4) * 16, ni = (job % 4) * 16;
         load<LD>(acc, Z + mi * LD + ni);
         mma<LD, true, LD, false, C>(acc, dY + mi, rt + ni);
         mma<LD, true, LD, false, C>(acc, Q + mi, at + ni);
         store<LD>(Z + mi * LD + ni, acc);
-      } else if (job < 24) {  // dR += M1 bh + M2 kh; dA += M3 bh + M4 kh
-        const int n = (job % 4) * 16;
-        float* out = (job < 20 ? dR : dA) + n;
+      } else {
+        const int n = (job % 4) * 16, which = (job - 16) / 4;
+        float* out = (which == 0 ? dA : which == 1 ? dK : dB) + n;
         load<LD>(acc, out);
-        mma<LDC, false, LD, false, C>(acc, job < 20 ? M1 : M3, bh + n);
-        mma<LDC, false, LD, false, C>(acc, job < 20 ? M2 : M4, kh + n);
+        if (which == 0) {  // dA += M3 bh + M4 kh
+          mma<LDC, false, LD, false, C>(acc, M3, bh + n);
+          mma<LDC, false, LD, false, C>(acc, M4, kh + n);
+        } else {  // dK += M2^T rt + M4^T at, dB += M1^T rt + M3^T at
+          mma<LDC, true, LD, false, C>(acc, which == 1 ? M2 : M1, rt + n);
+          mma<LDC, true, LD, false, C>(acc, which == 1 ? M4 : M3, at + n);
+        }
         store<LD>(out, acc);
-      } else {  // dB = M1^T rt + M3^T at
-        const int n = (job % 4) * 16;
-        zero(acc);
-        mma<LDC, true, LD, false, C>(acc, M1, rt + n);
-        mma<LDC, true, LD, false, C>(acc, M3, at + n);
-        store<LD>(dB + n, acc);
       }
     }
     __syncthreads();
@@ -616,8 +618,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
       for (int i = 0; i < 4; ++i) {
         const int o = (4 * part + i) * LD + jb;
         const float G = __expf(p.g[i]), Gp = __expf(p.g[i] - p.l[i]), inv = __expf(-p.g[i]);
-        const float gr = G * dR[o], ga = Gp * dA[o];
-        const float gk = (VZ[o] + dK[o]) * inv, gb = (UZ[o] + dB[o]) * inv;
+        const float gr = G * dR[o], ga = Gp * dA[o], gk = dK[o] * inv, gb = dB[o] * inv;
         // the raw inputs, recovered from their scaled copies: r = rt / G, a = at / Gp, b = bh G, k = kh G
         dG[i] = rt[o] * inv * gr - bh[o] * G * gb - kh[o] * G * gk;
         e[i] = dG[i] + at[o] / Gp * ga;
@@ -656,9 +657,10 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     for (int e = tid; e < N * N; e += THREADS) ds0_[int64_t(bhi) * N * N + e] = Z[(e / N) * LD + e % N];
 }
 
-constexpr size_t FORWARD_SMEM = sizeof(float) * (MAT + 10 * VEC + 4 * CCM + N);
-constexpr size_t BACKWARD_SMEM = sizeof(float) * (2 * MAT + 15 * VEC + 8 * CCM + 8 * N);
-static_assert(BACKWARD_SMEM == 112384 && FORWARD_SMEM < BACKWARD_SMEM,
+constexpr size_t FORWARD_SMEM = sizeof(float) * (MAT + 10 * VEC + 5 * CCM + N);
+constexpr size_t BACKWARD_SMEM = sizeof(float) * (2 * MAT + SAVED + 12 * VEC + 4 * CCM + 8 * N);
+static_assert(SAVED == 3136, "the size of the saved products is also stated in wkv7_op.cpp");
+static_assert(BACKWARD_SMEM == 106752 && FORWARD_SMEM < BACKWARD_SMEM,
               "the shared memory layer 3 needs is also stated in wkv7_op.cpp and vision_rwkv/ops/wkv7/cuda.py");
 
 }  // namespace chunked
@@ -691,7 +693,7 @@ void allow_smem(K kernel, size_t bytes) {
 // latency-bound and gets all the registers it wants (one block per SM); with more, two blocks share an
 // SM (128 registers per thread) so one block's barriers and dependency chains hide behind the other's.
 // The current GPU runs these kernels: tf32 mma.sync needs sm_80 or newer, and the launch needs `bytes`
-// of shared memory per block (the backward's 112 KB exceed the 99 KB of the sm_86/89 parts).
+// of shared memory per block (the backward's 104 KB exceed the 99 KB of the sm_86/89 parts).
 bool fits(size_t bytes) {
   int device = 0, major = 0, optin = 0;
   cudaGetDevice(&device);
@@ -711,7 +713,7 @@ bool few_heads(int B, int H) {
 
 bool wkv7_chunk_forward_cuda(int dtype, cudaStream_t stream, int B, int T, int H, const void* r, const void* w,
                              const void* k, const void* v, const void* a, const void* b, const float* s0, void* y,
-                             float* sT, float* ckpt) {
+                             float* sT, float* ckpt, float* saved) {
   using namespace wkv7::chunked;
   if (!fits(FORWARD_SMEM)) return false;
   return by_dtype(dtype, [&](auto tag) {
@@ -719,15 +721,16 @@ bool wkv7_chunk_forward_cuda(int dtype, cudaStream_t stream, int B, int T, int H
     auto kernel = few_heads(B, H) ? &forward_kernel<F, 1> : &forward_kernel<F, 2>;
     allow_smem(kernel, FORWARD_SMEM);
     kernel<<<B * H, THREADS, FORWARD_SMEM, stream>>>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
-                                                      (const F*)a, (const F*)b, s0, (F*)y, sT, ckpt);
+                                                      (const F*)a, (const F*)b, s0, (F*)y, sT, ckpt,
+                                                      saved);
     return true;
   });
 }
 
 bool wkv7_chunk_backward_cuda(int dtype, cudaStream_t stream, int B, int T, int H, const void* r, const void* w,
                               const void* k, const void* v, const void* a, const void* b, const void* dy,
-                              const float* dsT, const float* ckpt, void* dr, void* dw, void* dk, void* dv, void* da,
-                              void* db, float* ds0) {
+                              const float* dsT, const float* ckpt, const float* saved, void* dr, void* dw, void* dk,
+                              void* dv, void* da, void* db, float* ds0) {
   using namespace wkv7::chunked;
   if (!fits(BACKWARD_SMEM)) return false;
   return by_dtype(dtype, [&](auto tag) {
@@ -735,7 +738,7 @@ bool wkv7_chunk_backward_cuda(int dtype, cudaStream_t stream, int B, int T, int 
     auto kernel = few_heads(B, H) ? &backward_kernel<F, 1> : &backward_kernel<F, 2>;
     allow_smem(kernel, BACKWARD_SMEM);
     kernel<<<B * H, THREADS, BACKWARD_SMEM, stream>>>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
-                                                       (const F*)a, (const F*)b, (const F*)dy, dsT, ckpt, (F*)dr,
+                                                       (const F*)a, (const F*)b, (const F*)dy, dsT, ckpt, saved, (F*)dr,
                                                        (F*)dw, (F*)dk, (F*)dv, (F*)da, (F*)db, ds0);
     return true;
   });

@@ -21,27 +21,31 @@ bool wkv7_backward_cuda(int dtype, int N, int layout, cudaStream_t stream, int B
 
 bool wkv7_chunk_forward_cuda(int dtype, cudaStream_t stream, int B, int T, int H, const void* r, const void* w,
                              const void* k, const void* v, const void* a, const void* b, const float* s0, void* y,
-                             float* sT, float* ckpt);
+                             float* sT, float* ckpt, float* saved);
 bool wkv7_chunk_backward_cuda(int dtype, cudaStream_t stream, int B, int T, int H, const void* r, const void* w,
                               const void* k, const void* v, const void* a, const void* b, const void* dy,
-                              const float* dsT, const float* ckpt, void* dr, void* dw, void* dk, void* dv, void* da,
-                              void* db, float* ds0);
+                              const float* dsT, const float* ckpt, const float* saved, void* dr, void* dw, void* dk,
+                              void* dv, void* da, void* db, float* ds0);
 
 namespace {
 
 constexpr int64_t CHUNK = 16;  // must match wkv7::CHUNK in wkv7.cu and wkv7::chunked::C in wkv7_chunk.cu
 constexpr int64_t TENSOR_CORE_LAYOUT = 3;  // wkv7_chunk.cu: chunks on tensor cores, head size 64
 
-// States saved by the forward for the backward: the row kernels keep the state at the end of every
-// chunk (transposed) plus S a per step; the tensor-core kernel keeps the state at every chunk boundary,
-// the initial and the final one included.
+// What the forward saves for the backward. The row kernels keep the state at the end of every chunk
+// (transposed, in ckpt) plus S a per step (in sa). The tensor-core kernel keeps the state at every chunk
+// boundary, the initial and the final one included (in ckpt), and in the sa slot, per chunk, the
+// products of the chunk's inputs that its backward would otherwise recompute (SAVED in wkv7_chunk.cu).
+constexpr int64_t TENSOR_CORE_SAVED = 3136;
 int64_t n_checkpoints(int64_t T, int64_t layout) {
   return (T + CHUNK - 1) / CHUNK + (layout == TENSOR_CORE_LAYOUT ? 1 : 0);
 }
-bool saves_sa(int64_t layout) { return layout != TENSOR_CORE_LAYOUT; }
+int64_t sa_numel(int64_t B, int64_t T, int64_t H, int64_t N, int64_t layout) {
+  return layout == TENSOR_CORE_LAYOUT ? B * H * ((T + CHUNK - 1) / CHUNK) * TENSOR_CORE_SAVED : B * T * H * N;
+}
 constexpr const char* TENSOR_CORE_NEEDS =
     "wkv7: the tensor-core kernel (layout 3) needs a GPU of compute capability 8.0 or newer with at least "
-    "112384 bytes of shared memory per block; layouts 0-2 run anywhere";
+    "106752 bytes of shared memory per block; layouts 0-2 run anywhere";
 
 void check_inputs(const std::vector<at::Tensor>& xs, const at::Tensor& like) {
   for (const auto& x : xs) {
@@ -82,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv7_forward(
   auto y = at::empty_like(r);
   auto sT = at::empty({B, H, N, N}, f32);
   const int64_t n_ckpt = n_checkpoints(T, layout);
-  auto sa = save_for_backward && saves_sa(layout) ? at::empty({B, T, H, N}, f32) : at::empty({0}, f32);
+  auto sa = save_for_backward ? at::empty({sa_numel(B, T, H, N, layout)}, f32) : at::empty({0}, f32);
   auto ckpt = save_for_backward ? at::empty({B, H, n_ckpt, N, N}, f32) : at::empty({0}, f32);
   if (T == 0) {
     if (s0.has_value()) sT.copy_(*s0); else sT.zero_();
@@ -94,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv7_forward(
     const bool ok = wkv7_chunk_forward_cuda(
         dtype_code(r.scalar_type()), stream, B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
         a.data_ptr(), b.data_ptr(), opt_ptr(s0), y.data_ptr(), sT.data_ptr<float>(),
-        save_for_backward ? ckpt.data_ptr<float>() : nullptr);
+        save_for_backward ? ckpt.data_ptr<float>() : nullptr, save_for_backward ? sa.data_ptr<float>() : nullptr);
     TORCH_CHECK(ok, TENSOR_CORE_NEEDS);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {y, sT, sa, ckpt};
@@ -123,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (need_ds0) { if (dsT.has_value()) ds0.copy_(*dsT); else ds0.zero_(); }
     return {dr, dw, dk, dv, da, db, ds0};
   }
-  TORCH_CHECK((!saves_sa(layout) || sa.numel() == B * T * H * N) &&
+  TORCH_CHECK(sa.numel() == sa_numel(B, T, H, N, layout) &&
                   ckpt.numel() == B * H * n_checkpoints(T, layout) * N * N,
               "wkv7_backward: the forward was run without save_for_backward (or with another layout)");
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -131,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     TORCH_CHECK(N == 64, "wkv7: the tensor-core kernel (layout 3) needs head size 64, got ", N);
     const bool ok = wkv7_chunk_backward_cuda(
         dtype_code(r.scalar_type()), stream, B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
-        a.data_ptr(), b.data_ptr(), dy.data_ptr(), opt_ptr(dsT), ckpt.data_ptr<float>(), dr.data_ptr(),
+        a.data_ptr(), b.data_ptr(), dy.data_ptr(), opt_ptr(dsT), ckpt.data_ptr<float>(), sa.data_ptr<float>(), dr.data_ptr(),
         dw.data_ptr(), dk.data_ptr(), dv.data_ptr(), da.data_ptr(), db.data_ptr(),
         need_ds0 ? ds0.data_ptr<float>() : nullptr);
     TORCH_CHECK(ok, TENSOR_CORE_NEEDS);

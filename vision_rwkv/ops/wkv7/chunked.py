@@ -98,10 +98,11 @@ def wkv7_chunked_backward(r, w, k, v, a, b, dy, state=None, d_state=None, chunk_
     """Gradients of sum(y * dy) + sum(final_state * d_state), by the explicit chunked backward.
 
     This is the algorithm of the tensor-core kernel (kernels/wkv7_chunk.cu) written in PyTorch, so the
-    CPU tests can check its algebra against autograd. Walking the chunks backwards with Z, the gradient
-    of the chunk's final state, Zs = Z diag(e^{G_L}) and U from the forward formulas:
+    CPU tests can check its algebra against autograd. The forward keeps, per chunk, U and two solves
+    that need no state, Pb = (I - A_ab)^{-T} b~ and R = (I - A_ab)^{-T} A_rb^T. Walking the chunks
+    backwards with Z, the gradient of the chunk's final state, and Zs = Z diag(e^{G_L}):
 
-        Q  = (I - A_ab)^{-T} (b~ Zs^T + A_rb^T dY)          (dL/du_t, a unit upper-triangular solve)
+        Q  = Pb Zs^T + R dY                              (dL/du_t = (I - A_ab)^{-T} (b~ Zs^T + A_rb^T dY))
         dV = k~ Zs^T + A_rk^T dY + A_ak^T Q
         M1 = (dY U^T) lower, M2 = (dY V^T) lower, M3 = (Q U^T) strict, M4 = (Q V^T) strict
         dr = e^{G} (dY S0 + M1 b~ + M2 k~)             da = e^{G_prev} (Q S0 + M3 b~ + M4 k~)
@@ -120,18 +121,22 @@ def wkv7_chunked_backward(r, w, k, v, a, b, dy, state=None, d_state=None, chunk_
     r_, k_, v_, a_, b_, dy_ = (_to_chunks(x, n_chunks, L, f) for x in (r, k, v, a, b, dy))
     terms = _chunk_terms(lw, r_, k_, v_, a_, b_)
     rt, at, bh, kh = terms["rt"], terms["at"], terms["bh"], terms["kh"]
-    Aab, Aak, Arb, Ark, lower = terms["Aab"], terms["Aak"], terms["Arb"], terms["Ark"], terms["lower"]
+    Aak, Arb, Ark, lower = terms["Aak"], terms["Arb"], terms["Ark"], terms["lower"]
     Wm, U0, strict, incl = terms["W"], terms["U0"], terms["strict"], terms["incl"]
     G = terms["G"]
     eG, eGp, einv = G.exp(), (G - lw).exp(), (-G).exp()
     GC = eG[..., -1:, :]  # (B,H,C,1,N)
 
-    # the chunk-boundary states, as the forward kernel saves them
+    # what the forward kernel saves: the chunk-boundary states, U, and the state-free solves Pb and R
+    upper = lower.transpose(-1, -2)
+    Pb = torch.linalg.solve_triangular(upper, bh, upper=True, unitriangular=True)
+    Rm = torch.linalg.solve_triangular(upper, Arb.transpose(-1, -2), upper=True, unitriangular=True)
     S = torch.zeros(B, H, N, N, dtype=f) if state is None else state.to(f)
-    starts = []
+    starts, Us = [], []
     for c in range(n_chunks):
         starts.append(S)
         U = Wm[:, :, c] @ S.transpose(-1, -2) + U0[:, :, c]
+        Us.append(U)
         S = S * GC[:, :, c] + U.transpose(-1, -2) @ (bh[:, :, c] * GC[:, :, c]) + \
             v_[:, :, c].transpose(-1, -2) @ (kh[:, :, c] * GC[:, :, c])
     ends = starts[1:] + [S]
@@ -141,12 +146,11 @@ def wkv7_chunked_backward(r, w, k, v, a, b, dy, state=None, d_state=None, chunk_
     for c in reversed(range(n_chunks)):
         S0, SL = starts[c], ends[c]
         x = {n: t[:, :, c] for n, t in (("rt", rt), ("at", at), ("bh", bh), ("kh", kh), ("V", v_), ("dY", dy_),
-                                         ("Aab", Aab), ("Aak", Aak), ("Arb", Arb), ("Ark", Ark))}
+                                         ("Aak", Aak), ("Ark", Ark), ("Pb", Pb), ("R", Rm))}
         tail = (Z * SL).sum(dim=-2)  # colsum(Z o S_L), (B,H,N)
         Zs = Z * GC[:, :, c]
-        U = Wm[:, :, c] @ S0.transpose(-1, -2) + U0[:, :, c]
-        rhs = x["bh"] @ Zs.transpose(-1, -2) + x["Arb"].transpose(-1, -2) @ x["dY"]
-        Q = torch.linalg.solve_triangular(lower[:, :, c].transpose(-1, -2), rhs, upper=True, unitriangular=True)
+        U = Us[c]
+        Q = x["Pb"] @ Zs.transpose(-1, -2) + x["R"] @ x["dY"]
         dV = x["kh"] @ Zs.transpose(-1, -2) + x["Ark"].transpose(-1, -2) @ x["dY"] + x["Aak"].transpose(-1, -2) @ Q
         M1 = (x["dY"] @ U.transpose(-1, -2)) * incl
         M2 = (x["dY"] @ x["V"].transpose(-1, -2)) * incl
