@@ -1,6 +1,7 @@
 """WKV-7 forward and forward+backward times, bf16, side by side in one run.
 
     python bench/wkv7.py [--shapes 8,1024,12 64,64,12 4,4096,32] [--layout 0|1|2|3] [--inner 10]
+                         [--no-torch] [--no-fla]
 
 Columns: this project's CUDA kernel, its PyTorch (chunked) path, and fla's chunk_rwkv7 when the
 flash-linear-attention package is installed. Also the memory-traffic lower bound of each shape:
@@ -85,6 +86,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["8,1024,12", "64,64,12", "4,4096,32"], help="B,T,H (N=64)")
     ap.add_argument("--layout", type=int, default=None, help="kernel thread layout (default: automatic)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch path (slow at long T)")
+    ap.add_argument("--no-fla", action="store_true", help="skip fla's chunk_rwkv7 even when it is installed")
     ap.add_argument("--inner", type=int, default=10,
                     help="calls back to back per timed repetition (1: each call timed alone, host launch included)")
     args = ap.parse_args()
@@ -92,7 +94,7 @@ def main():
     if reason:
         raise SystemExit(f"kernel unavailable: {reason}")
     bw = copy_bandwidth()
-    fla = fla_fn()
+    fla = None if args.no_fla else fla_fn()
     name = torch.cuda.get_device_name()
     print(f"{name}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, bf16, N=64, "
           f"layout {'auto' if args.layout is None else args.layout}, {args.inner} calls per timing")

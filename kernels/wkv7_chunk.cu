@@ -33,6 +33,11 @@
 // The forward saves the state at every chunk boundary (N*N*4 bytes per head per 16 steps); the
 // backward reads them back with the saved products (cp.async, overlapped with the chunk's first
 // stages) instead of recomputing them.
+//
+// Shared memory is the bottleneck (every product operand is read from it), so every matrix is stored
+// with an XOR swizzle (at<COLS> below) that makes every access pattern of the kernels free of bank
+// conflicts: the tensor-core fragments in both orientations, the tiles' float2 rows, the float4 rows of
+// the I/O mapping and the columns of the scan mapping.
 
 #include <cuda_pipeline.h>
 
@@ -47,17 +52,31 @@ namespace chunked {
 constexpr int N = 64;                 // head size
 constexpr int C = 16;                 // steps per chunk
 constexpr int WARPS = 8, THREADS = 32 * WARPS;
-constexpr int LD = N + 4;             // row stride of the C x N and N x N tiles in shared memory
-constexpr int LDC = C + 4;            // row stride of the C x C matrices
-constexpr int VEC = C * LD, MAT = N * LD, CCM = C * LDC;
+constexpr int VEC = C * N, MAT = N * N, CCM = C * C;  // C x N chunk vectors, N x N states, C x C matrices
 // What the forward saves per chunk for the backward (next to the chunk's initial state), in the backward's
 // shared-memory layout so that it lands there with one flat copy: U and Pb (C x N), Aak, R and Brk (C x C).
 constexpr int SAVED = 2 * VEC + 3 * CCM;
 // Element-wise work uses two thread mappings of a C x N chunk, 4 elements per thread:
 //  - I/O: thread owns step tid / 16 and the 4 consecutive key columns 4 (tid % 16) (vector loads/stores);
-//  - scan: thread owns key column tid / 4 and the 4 consecutive steps 4 (tid % 4), so sums over steps
-//    are 3 additions plus a 4-lane shuffle scan.
+//  - scan: thread owns key column tid / 4 and the steps tid % 4 + 4 i (i = 0..3), so sums over steps are
+//    4-lane shuffle scans.
 static_assert(THREADS * 4 == C * N && C == 16 && N == 64, "the two element-wise mappings");
+
+// Shared-memory layout of a matrix with COLS (64 or 16) columns: element (row, col) sits at
+// row * COLS + (col ^ swizzle(row)). The swizzle is a multiple of 4 below 32 that depends on row % 8, so
+// groups of 4 columns stay contiguous (float2 / float4 access), a row offset that is a multiple of 8 can
+// be folded into the pointer, and a column offset cannot (it goes through the XOR). The swizzles make
+// each of these warp accesses hit 32 distinct banks:
+//  - fragments, (row g + 8 i, col c + t) and (row c + t, col g + 8 i), for g < 8, t < 4, c % 8 == 0;
+//  - 16 lanes of float2 at (row g, col c + 2 t), g < 4; 8 lanes of float4 at (row r, col 4 l), l < 8;
+//  - the scan mapping's (row t + 4 i, col c + j), t < 4, j < 8.
+template <int COLS> __device__ __forceinline__ int swizzle(int row);
+template <> __device__ __forceinline__ int swizzle<N>(int row) { return ((row & 3) << 3) | (row & 4); }
+template <> __device__ __forceinline__ int swizzle<C>(int row) { return ((row & 2) << 2) | (row & 4); }
+template <int COLS>
+__device__ __forceinline__ int at(int row, int col) {
+  return row * COLS + (col ^ swizzle<COLS>(row));
+}
 
 // Matrix products run on mma.sync m16n8k8 tf32 tiles with fp32 accumulation. A 16 x 16 output tile is
 // two m16n8 accumulators; with g = lane / 4 and t = lane % 4, element c[h][e] sits at row g + 8 (e / 2),
@@ -67,6 +86,19 @@ static_assert(THREADS * 4 == C * N && C == 16 && N == 64, "the two element-wise 
 struct Tile {
   float c[2][4];
 };
+
+// A product operand: a matrix with COLS columns (pointer at its first row in use) and its first column.
+template <int COLS>
+struct Op {
+  const float* p;
+  int c0;
+};
+template <int COLS>
+__device__ __forceinline__ Op<COLS> op(const float* p, int row0 = 0, int col0 = 0) {
+  return {p + row0 * COLS, col0};
+}
+__device__ __forceinline__ Op<N> vecs(const float* p, int col0 = 0) { return op<N>(p, 0, col0); }
+__device__ __forceinline__ Op<C> small(const float* p) { return op<C>(p); }
 
 __device__ __forceinline__ int lane_g() { return (threadIdx.x & 31) >> 2; }
 __device__ __forceinline__ int lane_t() { return threadIdx.x & 3; }
@@ -78,20 +110,35 @@ __device__ __forceinline__ void zero(Tile& d) {
     for (int e = 0; e < 4; ++e) d.c[h][e] = 0.f;
 }
 
-// d += A (16 x K) B (K x 16). AT: A is stored transposed (element (m, k) at A[k * LDA + m]); BT: B is
-// stored transposed (element (k, n) at B[n * LDB + k]).
-template <int LDA, bool AT, int LDB, bool BT, int K>
-__device__ __forceinline__ void mma(Tile& d, const float* A, const float* B) {
+// Column c8 + u (c8 % 8 == 0, u < 8) of a row whose row % 8 is r8, in the swizzled layout: the same as
+// at<COLS>'s column, written so that the parts that do not depend on c8 % 32 fold into constants.
+template <int COLS>
+__device__ __forceinline__ int swizzled_col(int r8, int c8, int u) {
+  return (c8 & ~31) + (((c8 & 31) ^ swizzle<COLS>(r8)) ^ u);
+}
+
+// d += A (16 x K) B (K x 16). AT: A is stored transposed (element (m, k) at row k, column m); BT: B is
+// stored transposed (element (k, n) at row n, column k).
+template <bool AT, bool BT, int K, int AC, int BC>
+__device__ __forceinline__ void mma(Tile& d, Op<AC> A, Op<BC> B) {
   const int g = lane_g(), t = lane_t();
-  auto a_at = [&](int m, int k) { return __float_as_uint(AT ? A[k * LDA + m] : A[m * LDA + k]); };
-  auto b_at = [&](int k, int n) { return __float_as_uint(BT ? B[n * LDB + k] : B[k * LDB + n]); };
+  // A's element (m = g + 8 r, k = k0 + t + 4 q) and B's (k = k0 + t + 4 q, n = 8 h + g); k0 % 8 == 0
+  auto a_at = [&](int r, int k0, int q) {
+    const int i = AT ? (k0 + t + 4 * q) * AC + swizzled_col<AC>(t + 4 * q, A.c0 + 8 * r, g)
+                     : (g + 8 * r) * AC + swizzled_col<AC>(g, A.c0 + k0, t + 4 * q);
+    return __float_as_uint(A.p[i]);
+  };
+  auto b_at = [&](int h, int k0, int q) {
+    const int i = BT ? (8 * h + g) * BC + swizzled_col<BC>(g, B.c0 + k0, t + 4 * q)
+                     : (k0 + t + 4 * q) * BC + swizzled_col<BC>(t + 4 * q, B.c0 + 8 * h, g);
+    return __float_as_uint(B.p[i]);
+  };
 #pragma unroll
   for (int k0 = 0; k0 < K; k0 += 8) {
-    const uint32_t a0 = a_at(g, k0 + t), a1 = a_at(g + 8, k0 + t), a2 = a_at(g, k0 + t + 4),
-                   a3 = a_at(g + 8, k0 + t + 4);
+    const uint32_t a0 = a_at(0, k0, 0), a1 = a_at(1, k0, 0), a2 = a_at(0, k0, 1), a3 = a_at(1, k0, 1);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const uint32_t b0 = b_at(k0 + t, 8 * h + g), b1 = b_at(k0 + t + 4, 8 * h + g);
+      const uint32_t b0 = b_at(h, k0, 0), b1 = b_at(h, k0, 1);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
       (void)a0; (void)a1; (void)a2; (void)a3; (void)b0; (void)b1;
       __trap();  // tf32 mma.sync needs sm_80; the host entry points never launch this below it
@@ -106,40 +153,42 @@ __device__ __forceinline__ void mma(Tile& d, const float* A, const float* B) {
   }
 }
 
-template <int LDP>
-__device__ __forceinline__ void load(Tile& d, const float* P) {
+// The 16 x 16 tile at rows 0..15 of P (a COLS-column matrix, pointer at the tile's first row), columns
+// c0..c0+15, to and from registers.
+template <int COLS>
+__device__ __forceinline__ void load(Tile& d, const float* P, int c0 = 0) {
   const int g = lane_g(), t = lane_t();
 #pragma unroll
   for (int h = 0; h < 2; ++h)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float2 v = *reinterpret_cast<const float2*>(P + (g + 8 * r) * LDP + 8 * h + 2 * t);
+      const float2 v = *reinterpret_cast<const float2*>(P + (g + 8 * r) * COLS + swizzled_col<COLS>(g, c0 + 8 * h, 2 * t));
       d.c[h][2 * r] = v.x;
       d.c[h][2 * r + 1] = v.y;
     }
 }
 
-template <int LDP>
-__device__ __forceinline__ void store(float* P, const Tile& d) {
+template <int COLS>
+__device__ __forceinline__ void store(float* P, const Tile& d, int c0 = 0) {
   const int g = lane_g(), t = lane_t();
 #pragma unroll
   for (int h = 0; h < 2; ++h)
 #pragma unroll
     for (int r = 0; r < 2; ++r)
-      *reinterpret_cast<float2*>(P + (g + 8 * r) * LDP + 8 * h + 2 * t) = make_float2(d.c[h][2 * r], d.c[h][2 * r + 1]);
+      *reinterpret_cast<float2*>(P + (g + 8 * r) * COLS + swizzled_col<COLS>(g, c0 + 8 * h, 2 * t)) =
+          make_float2(d.c[h][2 * r], d.c[h][2 * r + 1]);
 }
 
-// The transposed tile: element (row, col) to P[col * LDP + row].
-template <int LDP>
+// The transposed tile of a C x C matrix: element (row, col) to (col, row).
 __device__ __forceinline__ void store_transposed(float* P, const Tile& d) {
   const int g = lane_g(), t = lane_t();
 #pragma unroll
   for (int h = 0; h < 2; ++h)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) P[(8 * h + 2 * t + e % 2) * LDP + g + 8 * (e / 2)] = d.c[h][e];
+    for (int e = 0; e < 4; ++e) P[at<C>(8 * h + 2 * t + e % 2, g + 8 * (e / 2))] = d.c[h][e];
 }
 
-// n float4 from shared to global memory (or back, with cp.async, in the backward), all threads.
+// n float4 from shared to global memory, all threads (layout-blind: the backward copies them back flat).
 __device__ __forceinline__ void copy_out(float* dst, const float* src, int n) {
   for (int i = threadIdx.x; i < n; i += THREADS)
     reinterpret_cast<float4*>(dst)[i] = reinterpret_cast<const float4*>(src)[i];
@@ -154,6 +203,9 @@ __device__ __forceinline__ void store_global(float* P, const Tile& d) {
     for (int r = 0; r < 2; ++r)
       *reinterpret_cast<float2*>(P + (g + 8 * r) * N + 8 * h + 2 * t) = make_float2(d.c[h][2 * r], d.c[h][2 * r + 1]);
 }
+
+// An N x N state between dense global memory (row-major) and the swizzled shared layout.
+__device__ __forceinline__ int state_at(int e) { return at<N>(e / N, e % N); }
 
 // Multiply a tile's columns by scale[0..15].
 __device__ __forceinline__ void scale_columns(Tile& d, const float* scale) {
@@ -180,39 +232,39 @@ __device__ __forceinline__ void mask_lower(Tile& d, bool strict) {
     }
 }
 
-// x_t += sum_{s<t} L[t][s] x_s for one column x (in place, row stride LDX): solves (I - L) x = rhs, L
-// strictly lower.
-template <int LDX = LD>
-__device__ __forceinline__ void solve_lower(float* x, const float* L) {
+// x_t += sum_{s<t} L[t][s] x_s for column `col` of a C-row matrix x with COLS columns (in place): solves
+// (I - L) x = rhs, L strictly lower (C x C).
+template <int COLS>
+__device__ __forceinline__ void solve_lower(float* x, int col, const float* L) {
   float v[C];
 #pragma unroll
-  for (int t = 0; t < C; ++t) v[t] = x[t * LDX];
+  for (int t = 0; t < C; ++t) v[t] = x[at<COLS>(t, col)];
 #pragma unroll
   for (int t = 1; t < C; ++t) {
     float acc = v[t];
 #pragma unroll
-    for (int s = 0; s < t; ++s) acc += L[t * LDC + s] * v[s];
+    for (int s = 0; s < t; ++s) acc += L[at<C>(t, s)] * v[s];
     v[t] = acc;
   }
 #pragma unroll
-  for (int t = 0; t < C; ++t) x[t * LDX] = v[t];
+  for (int t = 0; t < C; ++t) x[at<COLS>(t, col)] = v[t];
 }
 
 // The transposed solve: (I - L)^T x = rhs, i.e. x_t += sum_{s>t} L[s][t] x_s, from the last step back.
-template <int LDX = LD>
-__device__ __forceinline__ void solve_upper(float* x, const float* L) {
+template <int COLS>
+__device__ __forceinline__ void solve_upper(float* x, int col, const float* L) {
   float v[C];
 #pragma unroll
-  for (int t = 0; t < C; ++t) v[t] = x[t * LDX];
+  for (int t = 0; t < C; ++t) v[t] = x[at<COLS>(t, col)];
 #pragma unroll
   for (int t = C - 2; t >= 0; --t) {
     float acc = v[t];
 #pragma unroll
-    for (int s = t + 1; s < C; ++s) acc += L[s * LDC + t] * v[s];
+    for (int s = t + 1; s < C; ++s) acc += L[at<C>(s, t)] * v[s];
     v[t] = acc;
   }
 #pragma unroll
-  for (int t = 0; t < C; ++t) x[t * LDX] = v[t];
+  for (int t = 0; t < C; ++t) x[at<COLS>(t, col)] = v[t];
 }
 
 template <typename F>
@@ -223,7 +275,7 @@ struct alignas(4 * sizeof(F)) F4 {
 // The I/O mapping's place in the chunk: offset in shared memory and step within the chunk.
 __device__ __forceinline__ int io_row() { return threadIdx.x >> 4; }
 __device__ __forceinline__ int io_col() { return 4 * (threadIdx.x & 15); }
-__device__ __forceinline__ int io_off() { return io_row() * LD + io_col(); }
+__device__ __forceinline__ int io_off() { return at<N>(io_row(), io_col()); }
 
 __device__ __forceinline__ void put4(float* p, float a, float b, float c, float d) {
   *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
@@ -265,6 +317,11 @@ struct Inputs {
   }
 };
 
+// The scan mapping: key column tid / 4, steps scan_step(i) = tid % 4 + 4 i.
+__device__ __forceinline__ int scan_col() { return threadIdx.x >> 2; }
+__device__ __forceinline__ int scan_part() { return threadIdx.x & 3; }
+__device__ __forceinline__ int scan_step(int i) { return scan_part() + 4 * i; }
+
 // The chunk's element-wise preparation, in the scan mapping: cumulative log-decays g over the steps,
 // then in place: r -> rt = r e^g, a -> at = a e^{g - log d}, b -> bh = b e^-g, k -> kh = k e^-g (and,
 // WITH_TAIL, bb = b e^{gC - g}, kb = k e^{gC - g} for the forward's state update).
@@ -273,33 +330,31 @@ struct Prep {
 };
 
 template <bool WITH_TAIL>
-__device__ __forceinline__ Prep prepare(const float* lw, float* rt, float* at, float* bh, float* kh, float* bb,
+__device__ __forceinline__ Prep prepare(const float* lw, float* rt, float* at_, float* bh, float* kh, float* bb,
                                         float* kb) {
-  const int j = threadIdx.x >> 2, part = threadIdx.x & 3, r0 = 4 * part;
+  const int j = scan_col(), part = scan_part();
   Prep p;
-  float run = 0.f;
+  float before = 0.f;  // the log-decays of the rounds before this one (steps < 4 i)
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    p.l[i] = lw[(r0 + i) * LD + j];
-    run += p.l[i];
-    p.g[i] = run;
-  }
-  float incl = run;  // inclusive scan of the 4 parts' totals across the 4 lanes of this column
+    p.l[i] = lw[at<N>(scan_step(i), j)];
+    float incl = p.l[i];  // inclusive scan over the 4 lanes (steps 4 i .. 4 i + 3) of this column
 #pragma unroll
-  for (int d = 1; d < 4; d <<= 1) {
-    const float up = __shfl_up_sync(0xffffffffu, incl, d, 4);
-    if (part >= d) incl += up;
+    for (int d = 1; d < 4; d <<= 1) {
+      const float up = __shfl_up_sync(0xffffffffu, incl, d, 4);
+      if (part >= d) incl += up;
+    }
+    p.g[i] = before + incl;
+    before += __shfl_sync(0xffffffffu, incl, 3, 4);
   }
-  const float before = incl - run;
-  p.gC = __shfl_sync(0xffffffffu, incl, 3, 4);
+  p.gC = before;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    p.g[i] += before;
-    const int o = (r0 + i) * LD + j;
+    const int o = at<N>(scan_step(i), j);
     const float G = __expf(p.g[i]), Gp = __expf(p.g[i] - p.l[i]), inv = __expf(-p.g[i]);
     const float b = bh[o], k = kh[o];
     rt[o] *= G;
-    at[o] *= Gp;
+    at_[o] *= Gp;
     bh[o] = b * inv;
     kh[o] = k * inv;
     if (WITH_TAIL) {
@@ -325,8 +380,8 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
   float* S = sm;
   float* lw = S + MAT;
   float* rt = lw + VEC;  // later rt + Brb W
-  float* at = rt + VEC;  // later W
-  float* bh = at + VEC;  // later Pb (saved for the backward)
+  float* at_ = rt + VEC;  // later W
+  float* bh = at_ + VEC;  // later Pb (saved for the backward)
   float* kh = bh + VEC;
   float* bb = kh + VEC;
   float* kb = bb + VEC;
@@ -348,7 +403,7 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
   float* saved = saved_ ? saved_ + int64_t(bhi) * n_chunks * SAVED : nullptr;
 
   for (int e = tid * 4; e < N * N; e += THREADS * 4)
-    *reinterpret_cast<float4*>(S + (e / N) * LD + e % N) =
+    *reinterpret_cast<float4*>(S + state_at(e)) =
         s0_ ? *reinterpret_cast<const float4*>(s0_ + int64_t(bhi) * N * N + e) : make_float4(0.f, 0.f, 0.f, 0.f);
 
   const F* const src[6] = {r_, w_, k_, v_, a_, b_};
@@ -361,52 +416,52 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
     in.stage(0, rt, live);
     in.stage(2, kh, live);
     in.stage(3, V, live);
-    in.stage(4, at, live);
+    in.stage(4, at_, live);
     in.stage(5, bh, live);
     __syncthreads();
-    const Prep p = prepare<true>(lw, rt, at, bh, kh, bb, kb);
-    if ((tid & 3) == 0) gC[tid >> 2] = __expf(p.gC);
+    const Prep p = prepare<true>(lw, rt, at_, bh, kh, bb, kb);
+    if (scan_part() == 0) gC[scan_col()] = __expf(p.gC);
     __syncthreads();
     if (c + 1 < n_chunks) in.fetch(src, base, stride_t, t0 + C, T);  // in flight meanwhile
 
     Tile acc;
     if (warp < 4) {  // the four 16 x 16 interaction matrices
       zero(acc);
-      mma<LD, false, LD, true, N>(acc, warp < 2 ? at : rt, (warp & 1) ? kh : bh);
+      mma<false, true, N>(acc, vecs(warp < 2 ? at_ : rt), vecs((warp & 1) ? kh : bh));
       mask_lower(acc, warp < 2);
-      store<LDC>(warp == 0 ? Aab : warp == 1 ? Aak : warp == 2 ? Brb : Brk, acc);
-      if (saved && warp == 2) store_transposed<LDC>(R, acc);
+      store<C>(warp == 0 ? Aab : warp == 1 ? Aak : warp == 2 ? Brb : Brk, acc);
+      if (saved && warp == 2) store_transposed(R, acc);
     }
     __syncthreads();
     {  // X = Aak V (warps 0-3), Y = Brk V (warps 4-7)
       const int n = (warp & 3) * 16;
       zero(acc);
-      mma<LDC, false, LD, false, C>(acc, warp < 4 ? Aak : Brk, V + n);
-      store<LD>((warp < 4 ? X : Y) + n, acc);
+      mma<false, false, C>(acc, small(warp < 4 ? Aak : Brk), vecs(V, n));
+      store<N>(warp < 4 ? X : Y, acc, n);
     }
     __syncthreads();
-    if (tid < 2 * N) solve_lower(tid < N ? at + tid : X + (tid - N), Aab);  // at -> W, X -> U0
-    else if (saved && tid < 3 * N) solve_upper(bh + (tid - 2 * N), Aab);  // bh -> Pb
-    else if (saved && tid < 3 * N + C) solve_upper<LDC>(R + (tid - 3 * N), Aab);  // Brb^T -> R
+    if (tid < 2 * N) solve_lower<N>(tid < N ? at_ : X, tid % N, Aab);  // at -> W, X -> U0
+    else if (saved && tid < 3 * N) solve_upper<N>(bh, tid - 2 * N, Aab);  // bh -> Pb
+    else if (saved && tid < 3 * N + C) solve_upper<C>(R, tid - 3 * N, Aab);  // Brb^T -> R
     __syncthreads();
     {  // rt += Brb W (warps 0-3), Y += Brb U0 (warps 4-7)
       const int n = (warp & 3) * 16;
-      float* out = (warp < 4 ? rt : Y) + n;
-      load<LD>(acc, out);
-      mma<LDC, false, LD, false, C>(acc, Brb, (warp < 4 ? at : X) + n);
-      store<LD>(out, acc);
+      float* out = warp < 4 ? rt : Y;
+      load<N>(acc, out, n);
+      mma<false, false, C>(acc, small(Brb), vecs(warp < 4 ? at_ : X, n));
+      store<N>(out, acc, n);
     }
     __syncthreads();
     {  // U = W S^T + U0 (warps 0-3), Y = (rt + Brb W) S^T + Y (warps 4-7)
       const int n = (warp & 3) * 16;
-      float* out = (warp < 4 ? X : Y) + n;
-      load<LD>(acc, out);
-      mma<LD, false, LD, true, N>(acc, warp < 4 ? at : rt, S + n * LD);
-      store<LD>(out, acc);
+      float* out = warp < 4 ? X : Y;
+      load<N>(acc, out, n);
+      mma<false, true, N>(acc, vecs(warp < 4 ? at_ : rt), op<N>(S, n));
+      store<N>(out, acc, n);
     }
     __syncthreads();
     if (live) store4(y_ + base + int64_t(t0 + io_row()) * stride_t + io_col(), Y + io_off());
-    if (saved) {  // U, Pb, Aak, R, Brk in their shared-memory layout (padded rows)
+    if (saved) {  // U, Pb, Aak, R, Brk in their shared-memory layout
       float* dst = saved + int64_t(c) * SAVED;
       copy_out(dst, X, VEC / 4);
       copy_out(dst + VEC, bh, VEC / 4);
@@ -416,18 +471,18 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
     }
     for (int tile = warp; tile < 16; tile += WARPS) {  // S = S diag(GC) + U^T bb + V^T kb, tile by tile
       const int mi = (tile / 4) * 16, ni = (tile % 4) * 16;
-      float* out = S + mi * LD + ni;
-      load<LD>(acc, out);
+      float* out = S + mi * N;
+      load<N>(acc, out, ni);
       if (ckpt) store_global(ckpt + int64_t(c) * N * N + mi * N + ni, acc);  // the chunk's initial state
       scale_columns(acc, gC + ni);
-      mma<LD, true, LD, false, C>(acc, X + mi, bb + ni);
-      mma<LD, true, LD, false, C>(acc, V + mi, kb + ni);
-      store<LD>(out, acc);
+      mma<true, false, C>(acc, vecs(X, mi), vecs(bb, ni));
+      mma<true, false, C>(acc, vecs(V, mi), vecs(kb, ni));
+      store<N>(out, acc, ni);
     }
     __syncthreads();
   }
   for (int e = tid * 4; e < N * N; e += THREADS * 4) {
-    const float4 s = *reinterpret_cast<const float4*>(S + (e / N) * LD + e % N);
+    const float4 s = *reinterpret_cast<const float4*>(S + state_at(e));
     *reinterpret_cast<float4*>(sT_ + int64_t(bhi) * N * N + e) = s;
     if (ckpt) *reinterpret_cast<float4*>(ckpt + int64_t(n_chunks) * N * N + e) = s;
   }
@@ -460,8 +515,8 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
   float* const Brk = R + CCM;
   float* const lw = Brk + CCM;  // log-decays; later dA
   float* const rt = lw + VEC;
-  float* const at = rt + VEC;
-  float* const bh = at + VEC;
+  float* const at_ = rt + VEC;
+  float* const bh = at_ + VEC;
   float* const kh = bh + VEC;
   float* const V = kh + VEC;  // later dw
   float* const dY = V + VEC;
@@ -479,7 +534,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
 
   const int bhi = blockIdx.x, bi = bhi / H, hi = bhi % H;
   const int tid = threadIdx.x, warp = tid / 32;
-  const int jb = tid >> 2, part = tid & 3;  // the scan mapping: key column jb, steps / state rows by quarter
+  const int jb = scan_col(), part = scan_part();
   const int64_t stride_t = int64_t(H) * N, base = int64_t(bi) * T * stride_t + int64_t(hi) * N;
   const int n_chunks = (T + C - 1) / C;
   const float* ckpt = ckpt_ + int64_t(bhi) * (n_chunks + 1) * N * N;
@@ -487,23 +542,25 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
 
   auto load_state = [&](int c) {  // async: 4 x 16 bytes per thread
     const float* src = ckpt + int64_t(c) * N * N;
-    for (int e = tid * 4; e < N * N; e += THREADS * 4) __pipeline_memcpy_async(S + (e / N) * LD + e % N, src + e, 16);
+    for (int e = tid * 4; e < N * N; e += THREADS * 4) __pipeline_memcpy_async(S + state_at(e), src + e, 16);
   };
   auto load_saved = [&](int c) {  // async: one flat copy of SAVED floats
     const float* src = saved + int64_t(c) * SAVED;
     for (int e = tid * 4; e < SAVED; e += THREADS * 4) __pipeline_memcpy_async(U + e, src + e, 16);
   };
+  // colsum(Z o S') in the scan mapping, by row quarter (rows part + 4 i) into colsum[slot]
+  auto column_sums = [&](int slot) {
+    float cs = 0.f;
+    for (int i = part; i < N; i += 4) cs += Z[at<N>(i, jb)] * S[at<N>(i, jb)];
+    colsum[(slot & 1) * 4 * N + part * N + jb] = cs;
+  };
   // The last chunk's colsum reads the final state, the others the next chunk's initial state (below).
-  for (int e = tid; e < N * N; e += THREADS) Z[(e / N) * LD + e % N] = dsT_ ? dsT_[int64_t(bhi) * N * N + e] : 0.f;
+  for (int e = tid; e < N * N; e += THREADS) Z[state_at(e)] = dsT_ ? dsT_[int64_t(bhi) * N * N + e] : 0.f;
   load_state(n_chunks);
   __pipeline_commit();
   __pipeline_wait_prior(0);
   __syncthreads();
-  {
-    float cs = 0.f;
-    for (int i = part * 16; i < part * 16 + 16; ++i) cs += Z[i * LD + jb] * S[i * LD + jb];
-    colsum[((n_chunks - 1) & 1) * 4 * N + part * N + jb] = cs;
-  }
+  column_sums(n_chunks - 1);
 
   // A chunk's gradients, from shared memory in the I/O mapping (vector stores), once the chunk is done.
   auto write_grads = [&](int c) {
@@ -533,13 +590,13 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     in.stage(0, rt, live);
     in.stage(2, kh, live);
     in.stage(3, V, live);
-    in.stage(4, at, live);
+    in.stage(4, at_, live);
     in.stage(5, bh, live);
     in.stage(6, dY, live);
     __syncthreads();
-    const Prep p = prepare<false>(lw, rt, at, bh, kh, nullptr, nullptr);
+    const Prep p = prepare<false>(lw, rt, at_, bh, kh, nullptr, nullptr);
     const float GC = __expf(p.gC);
-    for (int i = part * 16; i < part * 16 + 16; ++i) Z[i * LD + jb] *= GC;  // Zs
+    for (int i = part; i < N; i += 4) Z[at<N>(i, jb)] *= GC;  // Zs
     __pipeline_wait_prior(0);
     __syncthreads();  // S and the saved products have landed too
     if (c > 0) in.fetch(src, base, stride_t, t0 - C, T);
@@ -549,21 +606,21 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
       const int n = (job % 4) * 16;
       zero(acc);
       if (job < 4) {  // Q = Pb Zs^T + R dY
-        mma<LD, false, LD, true, N>(acc, Pb, Z + n * LD);
-        mma<LDC, false, LD, false, C>(acc, R, dY + n);
-        store<LD>(Q + n, acc);
+        mma<false, true, N>(acc, vecs(Pb), op<N>(Z, n));
+        mma<false, false, C>(acc, small(R), vecs(dY, n));
+        store<N>(Q, acc, n);
       } else if (job < 8) {  // dV = kh Zs^T + Brk^T dY (+ Aak^T Q below)
-        mma<LD, false, LD, true, N>(acc, kh, Z + n * LD);
-        mma<LDC, true, LD, false, C>(acc, Brk, dY + n);
-        store<LD>(dV + n, acc);
+        mma<false, true, N>(acc, vecs(kh), op<N>(Z, n));
+        mma<true, false, C>(acc, small(Brk), vecs(dY, n));
+        store<N>(dV, acc, n);
       } else if (job < 20) {  // dK = V Zs, dB = U Zs, dR = dY S (each + more below)
         const int which = (job - 8) / 4;
-        mma<LD, false, LD, false, N>(acc, which == 0 ? V : which == 1 ? U : dY, (which == 2 ? S : Z) + n);
-        store<LD>((which == 0 ? dK : which == 1 ? dB : dR) + n, acc);
+        mma<false, false, N>(acc, vecs(which == 0 ? V : which == 1 ? U : dY), op<N>(which == 2 ? S : Z, 0, n));
+        store<N>(which == 0 ? dK : which == 1 ? dB : dR, acc, n);
       } else {  // M1 = dY U^T (lower), M2 = dY V^T (lower)
-        mma<LD, false, LD, true, N>(acc, dY, job == 20 ? U : V);
+        mma<false, true, N>(acc, vecs(dY), vecs(job == 20 ? U : V));
         mask_lower(acc, false);
-        store<LDC>(job == 20 ? M1 : M2, acc);
+        store<C>(job == 20 ? M1 : M2, acc);
       }
     }
     __syncthreads();
@@ -571,96 +628,92 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
       const int n = (job % 4) * 16;
       if (job < 2) {  // M3 = Q U^T (strict), M4 = Q V^T (strict)
         zero(acc);
-        mma<LD, false, LD, true, N>(acc, Q, job == 0 ? U : V);
+        mma<false, true, N>(acc, vecs(Q), vecs(job == 0 ? U : V));
         mask_lower(acc, true);
-        store<LDC>(job == 0 ? M3 : M4, acc);
+        store<C>(job == 0 ? M3 : M4, acc);
       } else if (job < 6) {  // dA = Q S
         zero(acc);
-        mma<LD, false, LD, false, N>(acc, Q, S + n);
-        store<LD>(dA + n, acc);
+        mma<false, false, N>(acc, vecs(Q), op<N>(S, 0, n));
+        store<N>(dA, acc, n);
       } else if (job < 10) {  // dV += Aak^T Q
-        load<LD>(acc, dV + n);
-        mma<LDC, true, LD, false, C>(acc, Aak, Q + n);
-        store<LD>(dV + n, acc);
+        load<N>(acc, dV, n);
+        mma<true, false, C>(acc, small(Aak), vecs(Q, n));
+        store<N>(dV, acc, n);
       } else {  // dR += M1 bh + M2 kh
-        load<LD>(acc, dR + n);
-        mma<LDC, false, LD, false, C>(acc, M1, bh + n);
-        mma<LDC, false, LD, false, C>(acc, M2, kh + n);
-        store<LD>(dR + n, acc);
+        load<N>(acc, dR, n);
+        mma<false, false, C>(acc, small(M1), vecs(bh, n));
+        mma<false, false, C>(acc, small(M2), vecs(kh, n));
+        store<N>(dR, acc, n);
       }
     }
     __syncthreads();
     for (int job = warp; job < 28; job += WARPS) {  // what needs M3 and M4; and the state gradient
       if (job < 16) {  // Z = Zs + dY^T rt + Q^T at: the gradient of this chunk's initial state
         const int mi = (job / 4) * 16, ni = (job % 4) * 16;
-        load<LD>(acc, Z + mi * LD + ni);
-        mma<LD, true, LD, false, C>(acc, dY + mi, rt + ni);
-        mma<LD, true, LD, false, C>(acc, Q + mi, at + ni);
-        store<LD>(Z + mi * LD + ni, acc);
+        load<N>(acc, Z + mi * N, ni);
+        mma<true, false, C>(acc, vecs(dY, mi), vecs(rt, ni));
+        mma<true, false, C>(acc, vecs(Q, mi), vecs(at_, ni));
+        store<N>(Z + mi * N, acc, ni);
       } else {
         const int n = (job % 4) * 16, which = (job - 16) / 4;
-        float* out = (which == 0 ? dA : which == 1 ? dK : dB) + n;
-        load<LD>(acc, out);
+        float* out = which == 0 ? dA : which == 1 ? dK : dB;
+        load<N>(acc, out, n);
         if (which == 0) {  // dA += M3 bh + M4 kh
-          mma<LDC, false, LD, false, C>(acc, M3, bh + n);
-          mma<LDC, false, LD, false, C>(acc, M4, kh + n);
+          mma<false, false, C>(acc, small(M3), vecs(bh, n));
+          mma<false, false, C>(acc, small(M4), vecs(kh, n));
         } else {  // dK += M2^T rt + M4^T at, dB += M1^T rt + M3^T at
-          mma<LDC, true, LD, false, C>(acc, which == 1 ? M2 : M1, rt + n);
-          mma<LDC, true, LD, false, C>(acc, which == 1 ? M4 : M3, at + n);
+          mma<true, false, C>(acc, small(which == 1 ? M2 : M1), vecs(rt, n));
+          mma<true, false, C>(acc, small(which == 1 ? M4 : M3), vecs(at_, n));
         }
-        store<LD>(out, acc);
+        store<N>(out, acc, n);
       }
     }
     __syncthreads();
     {  // final gradients in the scan mapping, in place (dw into V, free since the products above)
-      float dG[4], e[4], tot = 0.f;
+      float dG[4], e[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int o = (4 * part + i) * LD + jb;
+        const int o = at<N>(scan_step(i), jb);
         const float G = __expf(p.g[i]), Gp = __expf(p.g[i] - p.l[i]), inv = __expf(-p.g[i]);
         const float gr = G * dR[o], ga = Gp * dA[o], gk = dK[o] * inv, gb = dB[o] * inv;
         // the raw inputs, recovered from their scaled copies: r = rt / G, a = at / Gp, b = bh G, k = kh G
         dG[i] = rt[o] * inv * gr - bh[o] * G * gb - kh[o] * G * gk;
-        e[i] = dG[i] + at[o] / Gp * ga;
-        tot += e[i];
+        e[i] = dG[i] + at_[o] / Gp * ga;
         dR[o] = gr;
         dA[o] = ga;
         dK[o] = gk;
         dB[o] = gb;
       }
-      // dlog d_t = dG_t + sum_{s>t} (dG + a dA)_s + colsum: later steps sit in higher lanes of the column
-      float incl = tot;
-#pragma unroll
-      for (int d = 1; d < 4; d <<= 1) {
-        const float down = __shfl_down_sync(0xffffffffu, incl, d, 4);
-        if (part + d < 4) incl += down;
-      }
+      // dlog d_t = dG_t + sum_{s>t} (dG + a dA)_s + colsum. Step part + 4 i: the later steps of its round
+      // sit in the higher lanes of the column, the later rounds are summed in `later`.
       const float* mine = colsum + (c & 1) * 4 * N;
-      float run = incl - tot + mine[jb] + mine[N + jb] + mine[2 * N + jb] + mine[3 * N + jb];
+      float later = mine[jb] + mine[N + jb] + mine[2 * N + jb] + mine[3 * N + jb];
 #pragma unroll
       for (int i = 3; i >= 0; --i) {
+        float incl = e[i];  // inclusive suffix sum over the lanes of this round
+#pragma unroll
+        for (int d = 1; d < 4; d <<= 1) {
+          const float down = __shfl_down_sync(0xffffffffu, incl, d, 4);
+          if (part + d < 4) incl += down;
+        }
         const float dlogd = p.l[i] * (1.f + p.l[i] / LOG_DECAY_SCALE);  // d(log d)/dw = log d (1 - sigmoid(w))
-        V[(4 * part + i) * LD + jb] = (dG[i] + run) * dlogd;
-        run += e[i];
+        V[at<N>(scan_step(i), jb)] = (dG[i] + later + incl - e[i]) * dlogd;
+        later += __shfl_sync(0xffffffffu, incl, 0, 4);
       }
     }
-    {  // the previous chunk's colsum: its gradient Z (just updated) against its final state, S here
-      float cs = 0.f;
-      for (int i = part * 16; i < part * 16 + 16; ++i) cs += Z[i * LD + jb] * S[i * LD + jb];
-      colsum[((c - 1) & 1) * 4 * N + part * N + jb] = cs;
-    }
+    column_sums(c - 1);  // the previous chunk's: its gradient Z (just updated) against its final state, S here
   }
   __syncthreads();
   write_grads(0);
   __syncthreads();
   if (ds0_)
-    for (int e = tid; e < N * N; e += THREADS) ds0_[int64_t(bhi) * N * N + e] = Z[(e / N) * LD + e % N];
+    for (int e = tid; e < N * N; e += THREADS) ds0_[int64_t(bhi) * N * N + e] = Z[state_at(e)];
 }
 
 constexpr size_t FORWARD_SMEM = sizeof(float) * (MAT + 10 * VEC + 5 * CCM + N);
 constexpr size_t BACKWARD_SMEM = sizeof(float) * (2 * MAT + SAVED + 12 * VEC + 4 * CCM + 8 * N);
-static_assert(SAVED == 3136, "the size of the saved products is also stated in wkv7_op.cpp");
-static_assert(BACKWARD_SMEM == 106752 && FORWARD_SMEM < BACKWARD_SMEM,
+static_assert(SAVED == 2816, "the size of the saved products is also stated in wkv7_op.cpp");
+static_assert(BACKWARD_SMEM == 99328 && FORWARD_SMEM < BACKWARD_SMEM,
               "the shared memory layer 3 needs is also stated in wkv7_op.cpp and vision_rwkv/ops/wkv7/cuda.py");
 
 }  // namespace chunked

@@ -36,7 +36,7 @@ constexpr int64_t TENSOR_CORE_LAYOUT = 3;  // wkv7_chunk.cu: chunks on tensor co
 // (transposed, in ckpt) plus S a per step (in sa). The tensor-core kernel keeps the state at every chunk
 // boundary, the initial and the final one included (in ckpt), and in the sa slot, per chunk, the
 // products of the chunk's inputs that its backward would otherwise recompute (SAVED in wkv7_chunk.cu).
-constexpr int64_t TENSOR_CORE_SAVED = 3136;
+constexpr int64_t TENSOR_CORE_SAVED = 2816;
 int64_t n_checkpoints(int64_t T, int64_t layout) {
   return (T + CHUNK - 1) / CHUNK + (layout == TENSOR_CORE_LAYOUT ? 1 : 0);
 }
@@ -45,7 +45,7 @@ int64_t sa_numel(int64_t B, int64_t T, int64_t H, int64_t N, int64_t layout) {
 }
 constexpr const char* TENSOR_CORE_NEEDS =
     "wkv7: the tensor-core kernel (layout 3) needs a GPU of compute capability 8.0 or newer with at least "
-    "106752 bytes of shared memory per block; layouts 0-2 run anywhere";
+    "99328 bytes of shared memory per block; layouts 0-2 run anywhere";
 
 void check_inputs(const std::vector<at::Tensor>& xs, const at::Tensor& like) {
   for (const auto& x : xs) {

@@ -25,7 +25,7 @@ CHUNK = 16  # steps per state checkpoint; matches wkv7::CHUNK in the .cu files
 TENSOR_CORES = 3
 # Layout 3 needs tf32 mma.sync (compute capability 8.0+) and, for its backward, this much shared memory
 # per block (BACKWARD_SMEM in kernels/wkv7_chunk.cu): more than the 99 KB of sm_86/sm_89 parts.
-TENSOR_CORE_SMEM = 106_752
+TENSOR_CORE_SMEM = 99_328
 HEAD_SIZES = {16: (0,), 32: (0,), 64: (0, 1, 2, TENSOR_CORES)}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -145,6 +145,7 @@ class WKV7Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, s0, layout):
         save = any(ctx.needs_input_grad[:7])
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no zero tensor to read)
         y, sT, sa, ckpt = torch.ops.vision_rwkv.wkv7_forward(r, w, k, v, a, b, s0, save, layout)
         if save:
             ctx.save_for_backward(r, w, k, v, a, b, sa, ckpt)
