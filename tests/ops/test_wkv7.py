@@ -156,11 +156,13 @@ def test_explicit_chunked_backward_matches_autograd(T, with_state):
     [
         (9, 0, 232_448, torch.bfloat16, 3),  # H100: the tensor-core kernel
         (8, 0, 166_912, torch.float16, 3),  # A100
-        (8, 9, 101_376, torch.bfloat16, 2),  # RTX 40xx: 99 KB of shared memory, too little for layout 3
+        (8, 9, 101_376, torch.bfloat16, 3),  # RTX 40xx: 99 KB of shared memory per block, enough
+        (8, 0, 98_304, torch.bfloat16, 2),  # a part with less shared memory than layout 3's backward
         (7, 5, 65_536, torch.bfloat16, 2),  # T4: no tf32 tensor cores
         (9, 0, 232_448, torch.float32, 2),  # fp32 keeps the exact row kernels
         (9, 0, None, torch.bfloat16, 3),  # a torch without shared_memory_per_block_optin: by capability
-        (8, 6, None, torch.bfloat16, 2),
+        (8, 6, None, torch.bfloat16, 3),
+        (7, 0, None, torch.bfloat16, 2),
     ],
 )
 def test_kernel_choice_follows_dtype_and_device(monkeypatch, major, minor, optin, dtype, expected):

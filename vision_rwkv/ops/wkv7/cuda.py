@@ -24,7 +24,8 @@ CHUNK = 16  # steps per state checkpoint; matches wkv7::CHUNK in the .cu files
 # kernel of kernels/wkv7_chunk.cu (head size 64; tf32 products, so bf16/fp16 inputs by default).
 TENSOR_CORES = 3
 # Layout 3 needs tf32 mma.sync (compute capability 8.0+) and, for its backward, this much shared memory
-# per block (BACKWARD_SMEM in kernels/wkv7_chunk.cu): more than the 99 KB of sm_86/sm_89 parts.
+# per block (BACKWARD_SMEM in kernels/wkv7_chunk.cu): just under the 99 KB (101,376 bytes) that the
+# smallest sm_8x/9x parts (sm_86, sm_89) allow.
 TENSOR_CORE_SMEM = 99_328
 HEAD_SIZES = {16: (0,), 32: (0,), 64: (0, 1, 2, TENSOR_CORES)}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -122,6 +123,7 @@ def pick_layout(B: int, H: int, N: int, device: torch.device | None = None, dtyp
     the row kernels: with few heads per multiprocessor the recurrence is latency-bound and layout 2
     (4 lanes per row, short shuffle trees) wins; with many (B*H >= 4 per multiprocessor, e.g. 64x12
     captioning batches) layout 1 (4 rows per thread) wins. Other head sizes have one layout.
+    (Layout 3 was measured on the H100 only; the 99 KB parts, sm_86/89, fit one of its blocks per SM.)
     """
     if N != 64:
         return HEAD_SIZES[N][0]
@@ -136,8 +138,8 @@ def tensor_cores_fit(props) -> bool:
     if props.major < 8:
         return False
     optin = getattr(props, "shared_memory_per_block_optin", None)
-    if optin is None:  # a torch without the field: the data-centre parts (x.0, 8.7) have >= 163 KB
-        return props.minor == 0 or (props.major, props.minor) == (8, 7)
+    if optin is None:  # a torch without the field: every part of compute capability 8.0+ has >= 99 KB
+        return True
     return optin >= TENSOR_CORE_SMEM
 
 
