@@ -1,7 +1,7 @@
 """WKV-7 forward and forward+backward times, bf16, side by side in one run.
 
     python bench/wkv7.py [--shapes 8,1024,12 64,64,12 4,4096,32] [--layout 0|1|2|3] [--inner 10]
-                         [--no-torch] [--no-fla]
+                         [--no-torch] [--no-fla] [--graph]
 
 Columns: this project's CUDA kernel, its PyTorch (chunked) path, and fla's chunk_rwkv7 when the
 flash-linear-attention package is installed. Also the memory-traffic lower bound of each shape:
@@ -10,7 +10,9 @@ backward: the six inputs and dy in, six gradients out), over the device-to-devic
 measured in the same run. Times are medians of CUDA-event timings after warm-up, per call, each timing
 covering --inner calls back to back (default 10: the host's launch work overlaps the device's, as in a
 training step; --inner 1 times a lone call, host overhead included). The PyTorch path is always timed
-one call at a time (its device time dwarfs the host's).
+one call at a time (its device time dwarfs the host's). A forward+backward call includes a whole
+autograd backward pass, whose host cost (about 0.25 ms on the H100 machines) can exceed the device
+time at small shapes; --graph replays the calls from a CUDA graph instead, which times the device only.
 """
 
 from __future__ import annotations
@@ -25,21 +27,38 @@ from vision_rwkv.ops.wkv7 import wkv7_chunked
 from vision_rwkv.ops.wkv7.cuda import build, wkv7_cuda
 
 
-def median_ms(fn, reps=30, warmup=5, inner=1):
+def median_ms(fn, reps=30, warmup=5, inner=1, graph=False):
     """Median over reps of the time per call, each rep timing `inner` calls back to back (so the host's
-    launch work overlaps the device's, as in a training step with many layers)."""
-    for _ in range(warmup):
-        fn()
+    launch work overlaps the device's, as in a training step with many layers). graph: the `inner` calls
+    are captured once in a CUDA graph and each rep replays it, so no host work is timed at all."""
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (allocations, builds, autotuning) outside the capture
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(inner):
+                fn()
+        run, calls_per_rep = g.replay, inner
+    else:
+        def run():
+            for _ in range(inner):
+                fn()
+        calls_per_rep = inner
+    for _ in range(2 if graph else warmup):
+        run()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(inner):
-            fn()
+        run()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
+        times.append(start.elapsed_time(end) / calls_per_rep)
     return statistics.median(times)
 
 
@@ -87,6 +106,8 @@ def main():
     ap.add_argument("--layout", type=int, default=None, help="kernel thread layout (default: automatic)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch path (slow at long T)")
     ap.add_argument("--no-fla", action="store_true", help="skip fla's chunk_rwkv7 even when it is installed")
+    ap.add_argument("--graph", action="store_true",
+                    help="replay the --inner calls from a CUDA graph: device time only, no host overhead")
     ap.add_argument("--inner", type=int, default=10,
                     help="calls back to back per timed repetition (1: each call timed alone, host launch included)")
     args = ap.parse_args()
@@ -97,7 +118,8 @@ def main():
     fla = None if args.no_fla else fla_fn()
     name = torch.cuda.get_device_name()
     print(f"{name}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, bf16, N=64, "
-          f"layout {'auto' if args.layout is None else args.layout}, {args.inner} calls per timing")
+          f"layout {'auto' if args.layout is None else args.layout}, {args.inner} calls per timing"
+          f"{', replayed from a CUDA graph' if args.graph else ''}")
     print(f"{'B,T,H':<12}{'pass':<9}{'ours ms':>9}{'torch ms':>10}{'fla ms':>9}{'bound ms':>10}"
           f"{'vs torch':>10}{'vs fla':>8}")
     N = 64
@@ -114,14 +136,20 @@ def main():
                 if fn is None:
                     row[key] = float("nan")
                     continue
-                if pass_name == "fwd":
-                    xs = inputs(B, T, H, N, False)
-                    with torch.no_grad():
-                        row[key] = median_ms(lambda fn=fn, xs=xs: fn(*xs), inner=inner)
-                else:
-                    xs = inputs(B, T, H, N, True)
-                    dy = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
-                    row[key] = median_ms(fwd_bwd(fn, xs, dy), inner=inner)
+                try:
+                    if pass_name == "fwd":
+                        xs = inputs(B, T, H, N, False)
+                        with torch.no_grad():
+                            row[key] = median_ms(lambda fn=fn, xs=xs: fn(*xs), inner=inner, graph=args.graph)
+                    else:
+                        xs = inputs(B, T, H, N, True)
+                        dy = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
+                        row[key] = median_ms(fwd_bwd(fn, xs, dy), inner=inner, graph=args.graph)
+                except RuntimeError as e:  # e.g. an implementation that cannot be captured in a graph
+                    if not args.graph:
+                        raise
+                    print(f"  ({key} {pass_name}: no graph timing: {str(e).splitlines()[0]})")
+                    row[key] = float("nan")
                 torch.cuda.empty_cache()
             ratio = {k: f"{row[k] / row['ours']:.2f}x" if not math.isnan(row[k]) else "-" for k in ("torch", "fla")}
             print(f"{spec:<12}{pass_name:<9}{row['ours']:9.3f}{row['torch']:10.3f}{row['fla']:9.3f}"

@@ -399,7 +399,8 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
   const int tid = threadIdx.x, warp = tid / 32;
   const int64_t stride_t = int64_t(H) * N, base = int64_t(bi) * T * stride_t + int64_t(hi) * N;
   const int n_chunks = (T + C - 1) / C;
-  float* ckpt = ckpt_ ? ckpt_ + int64_t(bhi) * (n_chunks + 1) * N * N : nullptr;
+  float* ckpt = ckpt_ ? ckpt_ + int64_t(bhi) * n_chunks * N * N : nullptr;
+  const bool keep_first = s0_ != nullptr;  // a zero initial state is not saved (the backward knows it)
   float* saved = saved_ ? saved_ + int64_t(bhi) * n_chunks * SAVED : nullptr;
 
   for (int e = tid * 4; e < N * N; e += THREADS * 4)
@@ -473,7 +474,8 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
       const int mi = (tile / 4) * 16, ni = (tile % 4) * 16;
       float* out = S + mi * N;
       load<N>(acc, out, ni);
-      if (ckpt) store_global(ckpt + int64_t(c) * N * N + mi * N + ni, acc);  // the chunk's initial state
+      if (ckpt && (c > 0 || keep_first))  // the chunk's initial state
+        store_global(ckpt + int64_t(c) * N * N + mi * N + ni, acc);
       scale_columns(acc, gC + ni);
       mma<true, false, C>(acc, vecs(X, mi), vecs(bb, ni));
       mma<true, false, C>(acc, vecs(V, mi), vecs(kb, ni));
@@ -481,11 +483,8 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
     }
     __syncthreads();
   }
-  for (int e = tid * 4; e < N * N; e += THREADS * 4) {
-    const float4 s = *reinterpret_cast<const float4*>(S + state_at(e));
-    *reinterpret_cast<float4*>(sT_ + int64_t(bhi) * N * N + e) = s;
-    if (ckpt) *reinterpret_cast<float4*>(ckpt + int64_t(n_chunks) * N * N + e) = s;
-  }
+  for (int e = tid * 4; e < N * N; e += THREADS * 4)  // (the backward reads the final state from here)
+    *reinterpret_cast<float4*>(sT_ + int64_t(bhi) * N * N + e) = *reinterpret_cast<const float4*>(S + state_at(e));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -503,7 +502,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
                 const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
                 const F* __restrict__ dy_, const float* __restrict__ dsT_, const float* __restrict__ ckpt_,
-                const float* __restrict__ saved_, F* __restrict__ dr_, F* __restrict__ dw_, F* __restrict__ dk_,
+                const float* __restrict__ saved_, const float* __restrict__ sT_, bool zero_s0, F* __restrict__ dr_, F* __restrict__ dw_, F* __restrict__ dk_,
                 F* __restrict__ dv_, F* __restrict__ da_, F* __restrict__ db_, float* __restrict__ ds0_) {
   extern __shared__ __align__(128) float sm[];
   float* const S = sm;        // the chunk's initial state
@@ -537,12 +536,15 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
   const int jb = scan_col(), part = scan_part();
   const int64_t stride_t = int64_t(H) * N, base = int64_t(bi) * T * stride_t + int64_t(hi) * N;
   const int n_chunks = (T + C - 1) / C;
-  const float* ckpt = ckpt_ + int64_t(bhi) * (n_chunks + 1) * N * N;
+  const float* ckpt = ckpt_ + int64_t(bhi) * n_chunks * N * N;
   const float* saved = saved_ + int64_t(bhi) * n_chunks * SAVED;
 
-  auto load_state = [&](int c) {  // async: 4 x 16 bytes per thread
-    const float* src = ckpt + int64_t(c) * N * N;
-    for (int e = tid * 4; e < N * N; e += THREADS * 4) __pipeline_memcpy_async(S + state_at(e), src + e, 16);
+  // An N x N state from global memory (async: 4 x 16 bytes per thread), or zeros where src is null.
+  auto load_state = [&](float* dst, const float* src) {
+    for (int e = tid * 4; e < N * N; e += THREADS * 4) {
+      if (src) __pipeline_memcpy_async(dst + state_at(e), src + e, 16);
+      else *reinterpret_cast<float4*>(dst + state_at(e)) = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
   };
   auto load_saved = [&](int c) {  // async: one flat copy of SAVED floats
     const float* src = saved + int64_t(c) * SAVED;
@@ -555,8 +557,8 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     colsum[(slot & 1) * 4 * N + part * N + jb] = cs;
   };
   // The last chunk's colsum reads the final state, the others the next chunk's initial state (below).
-  for (int e = tid; e < N * N; e += THREADS) Z[state_at(e)] = dsT_ ? dsT_[int64_t(bhi) * N * N + e] : 0.f;
-  load_state(n_chunks);
+  load_state(Z, dsT_ ? dsT_ + int64_t(bhi) * N * N : nullptr);
+  load_state(S, sT_ + int64_t(bhi) * N * N);
   __pipeline_commit();
   __pipeline_wait_prior(0);
   __syncthreads();
@@ -580,7 +582,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
   for (int c = n_chunks - 1; c >= 0; --c) {
     const int t0 = c * C;
     __syncthreads();  // the previous chunk is done with every buffer
-    load_state(c);
+    load_state(S, c == 0 && zero_s0 ? nullptr : ckpt + int64_t(c) * N * N);
     load_saved(c);
     __pipeline_commit();
     if (c + 1 < n_chunks) write_grads(c + 1);  // before staging reuses lw and V (same thread, same elements)
@@ -783,8 +785,8 @@ bool wkv7_chunk_forward_cuda(int dtype, cudaStream_t stream, int B, int T, int H
 
 bool wkv7_chunk_backward_cuda(int dtype, cudaStream_t stream, int B, int T, int H, const void* r, const void* w,
                               const void* k, const void* v, const void* a, const void* b, const void* dy,
-                              const float* dsT, const float* ckpt, const float* saved, void* dr, void* dw, void* dk,
-                              void* dv, void* da, void* db, float* ds0) {
+                              const float* dsT, const float* ckpt, const float* saved, const float* sT, bool zero_s0,
+                              void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0) {
   using namespace wkv7::chunked;
   if (!fits(BACKWARD_SMEM)) return false;
   return by_dtype(dtype, [&](auto tag) {
@@ -792,8 +794,8 @@ bool wkv7_chunk_backward_cuda(int dtype, cudaStream_t stream, int B, int T, int 
     auto kernel = few_heads(B, H) ? &backward_kernel<F, 1> : &backward_kernel<F, 2>;
     allow_smem(kernel, BACKWARD_SMEM);
     kernel<<<B * H, THREADS, BACKWARD_SMEM, stream>>>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
-                                                       (const F*)a, (const F*)b, (const F*)dy, dsT, ckpt, saved, (F*)dr,
-                                                       (F*)dw, (F*)dk, (F*)dv, (F*)da, (F*)db, ds0);
+                                                       (const F*)a, (const F*)b, (const F*)dy, dsT, ckpt, saved, sT,
+                                                       zero_s0, (F*)dr, (F*)dw, (F*)dk, (F*)dv, (F*)da, (F*)db, ds0);
     return true;
   });
 }

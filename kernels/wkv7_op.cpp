@@ -24,8 +24,8 @@ bool wkv7_chunk_forward_cuda(int dtype, cudaStream_t stream, int B, int T, int H
                              float* sT, float* ckpt, float* saved);
 bool wkv7_chunk_backward_cuda(int dtype, cudaStream_t stream, int B, int T, int H, const void* r, const void* w,
                               const void* k, const void* v, const void* a, const void* b, const void* dy,
-                              const float* dsT, const float* ckpt, const float* saved, void* dr, void* dw, void* dk,
-                              void* dv, void* da, void* db, float* ds0);
+                              const float* dsT, const float* ckpt, const float* saved, const float* sT, bool zero_s0,
+                              void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0);
 
 namespace {
 
@@ -33,13 +33,12 @@ constexpr int64_t CHUNK = 16;  // must match wkv7::CHUNK in wkv7.cu and wkv7::ch
 constexpr int64_t TENSOR_CORE_LAYOUT = 3;  // wkv7_chunk.cu: chunks on tensor cores, head size 64
 
 // What the forward saves for the backward. The row kernels keep the state at the end of every chunk
-// (transposed, in ckpt) plus S a per step (in sa). The tensor-core kernel keeps the state at every chunk
-// boundary, the initial and the final one included (in ckpt), and in the sa slot, per chunk, the
-// products of the chunk's inputs that its backward would otherwise recompute (SAVED in wkv7_chunk.cu).
+// (transposed, in ckpt) plus S a per step (in sa). The tensor-core kernel keeps the state at the start
+// of every chunk (in ckpt; the first only when the initial state is not zero; the backward reads the
+// final state from the forward's output), and in the sa slot, per chunk, the products of the chunk's
+// inputs that its backward would otherwise recompute (SAVED in wkv7_chunk.cu).
 constexpr int64_t TENSOR_CORE_SAVED = 2816;
-int64_t n_checkpoints(int64_t T, int64_t layout) {
-  return (T + CHUNK - 1) / CHUNK + (layout == TENSOR_CORE_LAYOUT ? 1 : 0);
-}
+int64_t n_checkpoints(int64_t T) { return (T + CHUNK - 1) / CHUNK; }
 int64_t sa_numel(int64_t B, int64_t T, int64_t H, int64_t N, int64_t layout) {
   return layout == TENSOR_CORE_LAYOUT ? B * H * ((T + CHUNK - 1) / CHUNK) * TENSOR_CORE_SAVED : B * T * H * N;
 }
@@ -85,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv7_forward(
   auto f32 = r.options().dtype(at::kFloat);
   auto y = at::empty_like(r);
   auto sT = at::empty({B, H, N, N}, f32);
-  const int64_t n_ckpt = n_checkpoints(T, layout);
+  const int64_t n_ckpt = n_checkpoints(T);
   auto sa = save_for_backward ? at::empty({sa_numel(B, T, H, N, layout)}, f32) : at::empty({0}, f32);
   auto ckpt = save_for_backward ? at::empty({B, H, n_ckpt, N, N}, f32) : at::empty({0}, f32);
   if (T == 0) {
@@ -115,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv7_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv7_backward(
     const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const at::Tensor& a,
     const at::Tensor& b, const at::Tensor& dy, const c10::optional<at::Tensor>& dsT, const at::Tensor& sa,
-    const at::Tensor& ckpt, bool need_ds0, int64_t layout) {
+    const at::Tensor& ckpt, const c10::optional<at::Tensor>& sT, bool zero_s0, bool need_ds0, int64_t layout) {
   check_inputs({r, w, k, v, a, b, dy}, r);
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   check_state(dsT, B, H, N);
@@ -128,16 +127,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return {dr, dw, dk, dv, da, db, ds0};
   }
   TORCH_CHECK(sa.numel() == sa_numel(B, T, H, N, layout) &&
-                  ckpt.numel() == B * H * n_checkpoints(T, layout) * N * N,
+                  ckpt.numel() == B * H * n_checkpoints(T) * N * N,
               "wkv7_backward: the forward was run without save_for_backward (or with another layout)");
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (layout == TENSOR_CORE_LAYOUT) {
     TORCH_CHECK(N == 64, "wkv7: the tensor-core kernel (layout 3) needs head size 64, got ", N);
+    TORCH_CHECK(sT.has_value(), "wkv7_backward: layout 3 needs the forward's final state");
+    check_state(sT, B, H, N);
     const bool ok = wkv7_chunk_backward_cuda(
         dtype_code(r.scalar_type()), stream, B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
-        a.data_ptr(), b.data_ptr(), dy.data_ptr(), opt_ptr(dsT), ckpt.data_ptr<float>(), sa.data_ptr<float>(), dr.data_ptr(),
-        dw.data_ptr(), dk.data_ptr(), dv.data_ptr(), da.data_ptr(), db.data_ptr(),
-        need_ds0 ? ds0.data_ptr<float>() : nullptr);
+        a.data_ptr(), b.data_ptr(), dy.data_ptr(), opt_ptr(dsT), ckpt.data_ptr<float>(), sa.data_ptr<float>(),
+        sT->data_ptr<float>(), zero_s0, dr.data_ptr(), dw.data_ptr(), dk.data_ptr(), dv.data_ptr(), da.data_ptr(),
+        db.data_ptr(), need_ds0 ? ds0.data_ptr<float>() : nullptr);
     TORCH_CHECK(ok, TENSOR_CORE_NEEDS);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {dr, dw, dk, dv, da, db, ds0};
@@ -158,7 +159,8 @@ TORCH_LIBRARY(vision_rwkv, m) {
   m.def("wkv7_forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? s0, "
         "bool save_for_backward, int layout) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("wkv7_backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor dy, Tensor? dsT, "
-        "Tensor sa, Tensor ckpt, bool need_ds0, int layout) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor sa, Tensor ckpt, Tensor? sT, bool zero_s0, bool need_ds0, int layout) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vision_rwkv, CUDA, m) {

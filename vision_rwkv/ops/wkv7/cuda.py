@@ -149,19 +149,20 @@ class WKV7Function(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:7])
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no zero tensor to read)
         y, sT, sa, ckpt = torch.ops.vision_rwkv.wkv7_forward(r, w, k, v, a, b, s0, save, layout)
-        if save:
-            ctx.save_for_backward(r, w, k, v, a, b, sa, ckpt)
+        if save:  # (layout 3's backward reads the final state from the output itself)
+            ctx.save_for_backward(r, w, k, v, a, b, sa, ckpt, sT)
         ctx.has_s0 = s0 is not None
         ctx.layout = layout
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, w, k, v, a, b, sa, ckpt = ctx.saved_tensors
+        r, w, k, v, a, b, sa, ckpt, sT = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()
         dsT = None if dsT is None else dsT.float().contiguous()
         dr, dw, dk, dv, da, db, ds0 = torch.ops.vision_rwkv.wkv7_backward(
-            r, w, k, v, a, b, dy, dsT, sa, ckpt, ctx.has_s0 and ctx.needs_input_grad[6], ctx.layout
+            r, w, k, v, a, b, dy, dsT, sa, ckpt, sT, not ctx.has_s0, ctx.has_s0 and ctx.needs_input_grad[6],
+            ctx.layout,
         )
         ds0 = ds0 if ctx.has_s0 and ctx.needs_input_grad[6] else None
         return dr, dw, dk, dv, da, db, ds0, None
