@@ -12,10 +12,11 @@
 //   S' = S diag(GC) + U^T bb + V^T kb
 //
 // When a backward will follow, the forward also saves per chunk U and two solves that need no state,
-// Pb = (I - Aab)^{-T} bh and R = (I - Aab)^{-T} Brb^T, with Aak and Brk (12.25 KB next to the state's
-// 16 KB), so that the backward recomputes none of the above. It walks the chunks in reverse with Z, the
-// gradient of the chunk's final state (the code scales Z by GC first, which turns bb Z^T, kb Z^T and
-// GC (V Z) into bh Zs^T, kh Zs^T and V Zs):
+// Pb = (I - Aab)^{-T} bh (times diag(GC)) and R = (I - Aab)^{-T} Brb^T, with Aak and Brk (11 KB next
+// to the state's 16 KB), so that the backward recomputes none of the above. It walks the chunks in
+// reverse with Z, the gradient of the chunk's final state; with Zs = Z diag(GC), bb Z^T, kb Z^T and
+// GC (V Z) are bh Zs^T, kh Zs^T and V Zs (the code applies GC to the operands or the results, and
+// keeps Z itself unscaled):
 //
 //   Q = (I - Aab)^{-T} (bb Z^T + Brb^T dY) = Pb Zs^T + R dY
 //   dV = kb Z^T + Brk^T dY + Aak^T Q
@@ -120,7 +121,8 @@ __device__ __forceinline__ int swizzled_col(int r8, int c8, int u) {
 // d += A (16 x K) B (K x 16). AT: A is stored transposed (element (m, k) at row k, column m); BT: B is
 // stored transposed (element (k, n) at row n, column k).
 template <bool AT, bool BT, int K, int AC, int BC>
-__device__ __forceinline__ void mma(Tile& d, Op<AC> A, Op<BC> B) {
+__device__ __forceinline__ void mma(Tile& d, Op<AC> A, Op<BC> B, const float* a_scale = nullptr) {
+  // a_scale (K floats, or null): A's column k is multiplied by a_scale[k] first
   const int g = lane_g(), t = lane_t();
   // A's element (m = g + 8 r, k = k0 + t + 4 q) and B's (k = k0 + t + 4 q, n = 8 h + g); k0 % 8 == 0
   auto a_at = [&](int r, int k0, int q) {
@@ -135,7 +137,14 @@ __device__ __forceinline__ void mma(Tile& d, Op<AC> A, Op<BC> B) {
   };
 #pragma unroll
   for (int k0 = 0; k0 < K; k0 += 8) {
-    const uint32_t a0 = a_at(0, k0, 0), a1 = a_at(1, k0, 0), a2 = a_at(0, k0, 1), a3 = a_at(1, k0, 1);
+    uint32_t a0 = a_at(0, k0, 0), a1 = a_at(1, k0, 0), a2 = a_at(0, k0, 1), a3 = a_at(1, k0, 1);
+    if (a_scale) {
+      const float s0 = a_scale[k0 + t], s1 = a_scale[k0 + t + 4];
+      a0 = __float_as_uint(__uint_as_float(a0) * s0);
+      a1 = __float_as_uint(__uint_as_float(a1) * s0);
+      a2 = __float_as_uint(__uint_as_float(a2) * s1);
+      a3 = __float_as_uint(__uint_as_float(a3) * s1);
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const uint32_t b0 = b_at(h, k0, 0), b1 = b_at(h, k0, 1);
@@ -312,7 +321,8 @@ struct Inputs {
   __device__ __forceinline__ void stage_log_decay(float* lw, bool live) const {
     float l[4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) l[e] = live ? -LOG_DECAY_SCALE * sigmoid(to_f(x[1].x[e])) : 0.f;
+    for (int e = 0; e < 4; ++e)  // -scale sigmoid(w), with the fast reciprocal (2 ulp)
+      l[e] = live ? __fdividef(-LOG_DECAY_SCALE, 1.f + __expf(-to_f(x[1].x[e]))) : 0.f;
     put4(lw + io_off(), l[0], l[1], l[2], l[3]);
   }
 };
@@ -381,7 +391,7 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
   float* lw = S + MAT;
   float* rt = lw + VEC;  // later rt + Brb W
   float* at_ = rt + VEC;  // later W
-  float* bh = at_ + VEC;  // later Pb (saved for the backward)
+  float* bh = at_ + VEC;  // later Pb, then Pb diag(GC) (saved for the backward)
   float* kh = bh + VEC;
   float* bb = kh + VEC;
   float* kb = bb + VEC;
@@ -452,6 +462,11 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
       mma<false, false, C>(acc, small(Brb), vecs(warp < 4 ? at_ : X, n));
       store<N>(out, acc, n);
     }
+    if (saved) {  // Pb -> Pb diag(GC), as the backward uses it
+      float4* pb = reinterpret_cast<float4*>(bh + io_off());
+      const float4 gc = *reinterpret_cast<const float4*>(gC + io_col()), v = *pb;
+      *pb = make_float4(v.x * gc.x, v.y * gc.y, v.z * gc.z, v.w * gc.w);
+    }
     __syncthreads();
     {  // U = W S^T + U0 (warps 0-3), Y = (rt + Brb W) S^T + Y (warps 4-7)
       const int n = (warp & 3) * 16;
@@ -494,9 +509,8 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
 // Per chunk, the state and the forward's saved products (U, Pb, Aak, R, Brk) arrive by cp.async while
 // the inputs are staged; what is left is three stages of products: the ones that need only Zs (Q among
 // them), the ones that need Q, and the ones that need those. Shared memory stays under half a
-// multiprocessor's (two blocks per SM): one state buffer, one gradient buffer scaled and updated in
-// place (Zs = Z diag(GC) turns bb Z^T into bh Zs^T and GC (V Z) into V Zs), and arrays reused once
-// their last reader has passed a barrier.
+// multiprocessor's (two blocks per SM): one state buffer, one gradient buffer updated in place, and
+// arrays reused once their last reader has passed a barrier.
 template <typename F, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
@@ -529,6 +543,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
   float* const M3 = M2 + CCM;
   float* const M4 = M3 + CCM;
   float* const colsum = M4 + CCM;  // [2][4][N]: partial sums over row quarters of Z o S', double-buffered
+  float* const gC = colsum + 8 * N;  // [N]: e^{g} at the chunk's last step
   float* const dA = lw;
 
   const int bhi = blockIdx.x, bi = bhi / H, hi = bhi % H;
@@ -597,8 +612,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     in.stage(6, dY, live);
     __syncthreads();
     const Prep p = prepare<false>(lw, rt, at_, bh, kh, nullptr, nullptr);
-    const float GC = __expf(p.gC);
-    for (int i = part; i < N; i += 4) Z[at<N>(i, jb)] *= GC;  // Zs
+    if (part == 0) gC[jb] = __expf(p.gC);
     __pipeline_wait_prior(0);
     __syncthreads();  // S and the saved products have landed too
     if (c > 0) in.fetch(src, base, stride_t, t0 - C, T);
@@ -607,17 +621,18 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     for (int job = warp; job < 22; job += WARPS) {  // what needs only Zs
       const int n = (job % 4) * 16;
       zero(acc);
-      if (job < 4) {  // Q = Pb Zs^T + R dY
+      if (job < 4) {  // Q = Pb Zs^T + R dY (Pb as saved is Pb diag(GC))
         mma<false, true, N>(acc, vecs(Pb), op<N>(Z, n));
         mma<false, false, C>(acc, small(R), vecs(dY, n));
         store<N>(Q, acc, n);
-      } else if (job < 8) {  // dV = kh Zs^T + Brk^T dY (+ Aak^T Q below)
-        mma<false, true, N>(acc, vecs(kh), op<N>(Z, n));
+      } else if (job < 8) {  // dV = kh Zs^T + Brk^T dY (+ Aak^T Q below), kh Zs^T = (kh diag(GC)) Z^T
+        mma<false, true, N>(acc, vecs(kh), op<N>(Z, n), gC);
         mma<true, false, C>(acc, small(Brk), vecs(dY, n));
         store<N>(dV, acc, n);
       } else if (job < 20) {  // dK = V Zs, dB = U Zs, dR = dY S (each + more below)
         const int which = (job - 8) / 4;
         mma<false, false, N>(acc, vecs(which == 0 ? V : which == 1 ? U : dY), op<N>(which == 2 ? S : Z, 0, n));
+        if (which < 2) scale_columns(acc, gC + n);  // V Zs = (V Z) diag(GC)
         store<N>(which == 0 ? dK : which == 1 ? dB : dR, acc, n);
       } else {  // M1 = dY U^T (lower), M2 = dY V^T (lower)
         mma<false, true, N>(acc, vecs(dY), vecs(job == 20 ? U : V));
@@ -653,6 +668,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
       if (job < 16) {  // Z = Zs + dY^T rt + Q^T at: the gradient of this chunk's initial state
         const int mi = (job / 4) * 16, ni = (job % 4) * 16;
         load<N>(acc, Z + mi * N, ni);
+        scale_columns(acc, gC + ni);
         mma<true, false, C>(acc, vecs(dY, mi), vecs(rt, ni));
         mma<true, false, C>(acc, vecs(Q, mi), vecs(at_, ni));
         store<N>(Z + mi * N, acc, ni);
@@ -677,14 +693,14 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
       for (int i = 0; i < 4; ++i) {
         const int o = at<N>(scan_step(i), jb);
         const float G = __expf(p.g[i]), Gp = __expf(p.g[i] - p.l[i]), inv = __expf(-p.g[i]);
-        const float gr = G * dR[o], ga = Gp * dA[o], gk = dK[o] * inv, gb = dB[o] * inv;
-        // the raw inputs, recovered from their scaled copies: r = rt / G, a = at / Gp, b = bh G, k = kh G
-        dG[i] = rt[o] * inv * gr - bh[o] * G * gb - kh[o] * G * gk;
-        e[i] = dG[i] + at_[o] / Gp * ga;
-        dR[o] = gr;
-        dA[o] = ga;
-        dK[o] = gk;
-        dB[o] = gb;
+        const float xr = dR[o], xa = dA[o], xk = dK[o], xb = dB[o];
+        // r dR - b dB - k dK with dR = G xr, dB = xb / G, ..., and r = rt / G, b = bh G, ...: the scalings cancel
+        dG[i] = rt[o] * xr - bh[o] * xb - kh[o] * xk;
+        e[i] = dG[i] + at_[o] * xa;
+        dR[o] = G * xr;
+        dA[o] = Gp * xa;
+        dK[o] = inv * xk;
+        dB[o] = inv * xb;
       }
       // dlog d_t = dG_t + sum_{s>t} (dG + a dA)_s + colsum. Step part + 4 i: the later steps of its round
       // sit in the higher lanes of the column, the later rounds are summed in `later`.
@@ -698,7 +714,8 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
           const float down = __shfl_down_sync(0xffffffffu, incl, d, 4);
           if (part + d < 4) incl += down;
         }
-        const float dlogd = p.l[i] * (1.f + p.l[i] / LOG_DECAY_SCALE);  // d(log d)/dw = log d (1 - sigmoid(w))
+        // d(log d)/dw = log d (1 - sigmoid(w)) = log d (1 + log d / LOG_DECAY_SCALE)
+        const float dlogd = p.l[i] * (1.f + p.l[i] * (1.f / LOG_DECAY_SCALE));
         V[at<N>(scan_step(i), jb)] = (dG[i] + later + incl - e[i]) * dlogd;
         later += __shfl_sync(0xffffffffu, incl, 0, 4);
       }
@@ -713,9 +730,9 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
 }
 
 constexpr size_t FORWARD_SMEM = sizeof(float) * (MAT + 10 * VEC + 5 * CCM + N);
-constexpr size_t BACKWARD_SMEM = sizeof(float) * (2 * MAT + SAVED + 12 * VEC + 4 * CCM + 8 * N);
+constexpr size_t BACKWARD_SMEM = sizeof(float) * (2 * MAT + SAVED + 12 * VEC + 4 * CCM + 9 * N);
 static_assert(SAVED == 2816, "the size of the saved products is also stated in wkv7_op.cpp");
-static_assert(BACKWARD_SMEM == 99328 && FORWARD_SMEM < BACKWARD_SMEM,
+static_assert(BACKWARD_SMEM == 99584 && FORWARD_SMEM < BACKWARD_SMEM,
               "the shared memory layer 3 needs is also stated in wkv7_op.cpp and vision_rwkv/ops/wkv7/cuda.py");
 
 }  // namespace chunked

@@ -26,7 +26,7 @@ TENSOR_CORES = 3
 # Layout 3 needs tf32 mma.sync (compute capability 8.0+) and, for its backward, this much shared memory
 # per block (BACKWARD_SMEM in kernels/wkv7_chunk.cu): just under the 99 KB (101,376 bytes) that the
 # smallest sm_8x/9x parts (sm_86, sm_89) allow.
-TENSOR_CORE_SMEM = 99_328
+TENSOR_CORE_SMEM = 99_584
 HEAD_SIZES = {16: (0,), 32: (0,), 64: (0, 1, 2, TENSOR_CORES)}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
