@@ -241,6 +241,27 @@ __device__ __forceinline__ void mask_lower(Tile& d, bool strict) {
     }
 }
 
+// out[0..15] = the column sums of the tile d times (elementwise) the tile of P at columns c0..c0+15.
+__device__ __forceinline__ void tile_column_sums(float* out, const Tile& d, const float* P, int c0) {
+  Tile p;
+  load<N>(p, P, c0);
+  float cs[2][2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float v = d.c[h][e] * p.c[h][e] + d.c[h][e + 2] * p.c[h][e + 2];  // rows g and g + 8
+#pragma unroll
+      for (int m = 4; m < 32; m <<= 1) v += __shfl_xor_sync(0xffffffffu, v, m);  // over g
+      cs[h][e] = v;
+    }
+  if (lane_g() == 0) {
+    const int t = lane_t();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) *reinterpret_cast<float2*>(out + 8 * h + 2 * t) = make_float2(cs[h][0], cs[h][1]);
+  }
+}
+
 // x_t += sum_{s<t} L[t][s] x_s for column `col` of a C-row matrix x with COLS columns (in place): solves
 // (I - L) x = rhs, L strictly lower (C x C).
 template <int COLS>
@@ -565,7 +586,8 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     const float* src = saved + int64_t(c) * SAVED;
     for (int e = tid * 4; e < SAVED; e += THREADS * 4) __pipeline_memcpy_async(U + e, src + e, 16);
   };
-  // colsum(Z o S') in the scan mapping, by row quarter (rows part + 4 i) into colsum[slot]
+  // colsum(Z o S') in the scan mapping, by row quarter (rows part + 4 i) into colsum[slot] (for the last
+  // chunk; the others' come from the Z update's tiles, by row block, see tile_column_sums)
   auto column_sums = [&](int slot) {
     float cs = 0.f;
     for (int i = part; i < N; i += 4) cs += Z[at<N>(i, jb)] * S[at<N>(i, jb)];
@@ -578,6 +600,18 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
   __pipeline_wait_prior(0);
   __syncthreads();
   column_sums(n_chunks - 1);
+  __syncthreads();
+  // Each chunk's state and saved products are requested while the chunk before it (in this walk) ends.
+  auto request_chunk_state = [&](int c) {
+    load_state(S, c == 0 && zero_s0 ? nullptr : ckpt + int64_t(c) * N * N);
+    __pipeline_commit();
+  };
+  auto request_saved = [&](int c) {
+    load_saved(c);
+    __pipeline_commit();
+  };
+  request_chunk_state(n_chunks - 1);
+  request_saved(n_chunks - 1);
 
   // A chunk's gradients, from shared memory in the I/O mapping (vector stores), once the chunk is done.
   auto write_grads = [&](int c) {
@@ -597,9 +631,6 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
   for (int c = n_chunks - 1; c >= 0; --c) {
     const int t0 = c * C;
     __syncthreads();  // the previous chunk is done with every buffer
-    load_state(S, c == 0 && zero_s0 ? nullptr : ckpt + int64_t(c) * N * N);
-    load_saved(c);
-    __pipeline_commit();
     if (c + 1 < n_chunks) write_grads(c + 1);  // before staging reuses lw and V (same thread, same elements)
 
     const bool live = t0 + io_row() < T;
@@ -664,6 +695,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
       }
     }
     __syncthreads();
+    if (c > 0) request_saved(c - 1);  // U, Pb, Aak, R and Brk have had their last reader
     for (int job = warp; job < 28; job += WARPS) {  // what needs M3 and M4; and the state gradient
       if (job < 16) {  // Z = Zs + dY^T rt + Q^T at: the gradient of this chunk's initial state
         const int mi = (job / 4) * 16, ni = (job % 4) * 16;
@@ -672,6 +704,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
         mma<true, false, C>(acc, vecs(dY, mi), vecs(rt, ni));
         mma<true, false, C>(acc, vecs(Q, mi), vecs(at_, ni));
         store<N>(Z + mi * N, acc, ni);
+        tile_column_sums(colsum + ((c - 1) & 1) * 4 * N + (mi / 16) * N + ni, acc, S + mi * N, ni);
       } else {
         const int n = (job % 4) * 16, which = (job - 16) / 4;
         float* out = which == 0 ? dA : which == 1 ? dK : dB;
@@ -687,6 +720,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
       }
     }
     __syncthreads();
+    if (c > 0) request_chunk_state(c - 1);  // S has had its last reader
     {  // final gradients in the scan mapping, in place (dw into V, free since the products above)
       float dG[4], e[4];
 #pragma unroll
@@ -720,7 +754,6 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
         later += __shfl_sync(0xffffffffu, incl, 0, 4);
       }
     }
-    column_sums(c - 1);  // the previous chunk's: its gradient Z (just updated) against its final state, S here
   }
   __syncthreads();
   write_grads(0);
