@@ -325,13 +325,13 @@ __device__ __forceinline__ void store4(F* dst, const float* src) {  // 4 fp32 fr
 template <typename F, int NSRC>
 struct Inputs {
   F4<F> x[NSRC];
+  // Unconditional loads (steps past T read the last step; stage() zeroes them): a conditional load would
+  // make the compiler merge old and new register values right here, waiting for the loads to land.
   __device__ __forceinline__ void fetch(const F* const (&src)[NSRC], int64_t base, int64_t stride_t, int t0, int T) {
-    const int t = t0 + io_row();
-    if (t < T) {
-      const int64_t idx = base + int64_t(t) * stride_t + io_col();
+    const int t = min(t0 + io_row(), T - 1);
+    const int64_t idx = base + int64_t(t) * stride_t + io_col();
 #pragma unroll
-      for (int i = 0; i < NSRC; ++i) x[i] = *reinterpret_cast<const F4<F>*>(src[i] + idx);
-    }
+    for (int i = 0; i < NSRC; ++i) x[i] = *reinterpret_cast<const F4<F>*>(src[i] + idx);
   }
   // raw values of input i to dst; the log-decay of w to lw
   __device__ __forceinline__ void stage(int i, float* dst, bool live) const {
@@ -649,8 +649,9 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     if (c > 0) in.fetch(src, base, stride_t, t0 - C, T);
 
     Tile acc;
+    // A warp's jobs in a stage are warp + 8 i, so they share one column block n (job % 4 == warp % 4).
+    const int n = (warp & 3) * 16;
     for (int job = warp; job < 22; job += WARPS) {  // what needs only Zs
-      const int n = (job % 4) * 16;
       zero(acc);
       if (job < 4) {  // Q = Pb Zs^T + R dY (Pb as saved is Pb diag(GC))
         mma<false, true, N>(acc, vecs(Pb), op<N>(Z, n));
@@ -673,7 +674,6 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     }
     __syncthreads();
     for (int job = warp; job < 14; job += WARPS) {  // what needs Q
-      const int n = (job % 4) * 16;
       if (job < 2) {  // M3 = Q U^T (strict), M4 = Q V^T (strict)
         zero(acc);
         mma<false, true, N>(acc, vecs(Q), vecs(job == 0 ? U : V));
@@ -698,7 +698,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     if (c > 0) request_saved(c - 1);  // U, Pb, Aak, R and Brk have had their last reader
     for (int job = warp; job < 28; job += WARPS) {  // what needs M3 and M4; and the state gradient
       if (job < 16) {  // Z = Zs + dY^T rt + Q^T at: the gradient of this chunk's initial state
-        const int mi = (job / 4) * 16, ni = (job % 4) * 16;
+        const int mi = (job / 4) * 16, ni = n;
         load<N>(acc, Z + mi * N, ni);
         scale_columns(acc, gC + ni);
         mma<true, false, C>(acc, vecs(dY, mi), vecs(rt, ni));
@@ -706,7 +706,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
         store<N>(Z + mi * N, acc, ni);
         tile_column_sums(colsum + ((c - 1) & 1) * 4 * N + (mi / 16) * N + ni, acc, S + mi * N, ni);
       } else {
-        const int n = (job % 4) * 16, which = (job - 16) / 4;
+        const int which = (job - 16) / 4;
         float* out = which == 0 ? dA : which == 1 ? dK : dB;
         load<N>(acc, out, n);
         if (which == 0) {  // dA += M3 bh + M4 kh
