@@ -594,13 +594,19 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     colsum[(slot & 1) * 4 * N + part * N + jb] = cs;
   };
   // The last chunk's colsum reads the final state, the others the next chunk's initial state (below).
-  load_state(Z, dsT_ ? dsT_ + int64_t(bhi) * N * N : nullptr);
-  load_state(S, sT_ + int64_t(bhi) * N * N);
-  __pipeline_commit();
-  __pipeline_wait_prior(0);
-  __syncthreads();
-  column_sums(n_chunks - 1);
-  __syncthreads();
+  if (dsT_) {
+    load_state(Z, dsT_ + int64_t(bhi) * N * N);
+    load_state(S, sT_ + int64_t(bhi) * N * N);
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    column_sums(n_chunks - 1);
+    __syncthreads();
+  } else {  // no gradient for the final state (its output was not used): Z = 0, colsum = 0
+    load_state(Z, nullptr);
+    colsum[((n_chunks - 1) & 1) * 4 * N + tid] = 0.f;
+    static_assert(THREADS == 4 * N, "one colsum entry per thread");
+  }
   // Each chunk's state and saved products are requested while the chunk before it (in this walk) ends.
   auto request_chunk_state = [&](int c) {
     load_state(S, c == 0 && zero_s0 ? nullptr : ckpt + int64_t(c) * N * N);
@@ -673,7 +679,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
       }
     }
     __syncthreads();
-    for (int job = warp; job < 14; job += WARPS) {  // what needs Q
+    for (int job = warp; job < 10; job += WARPS) {  // what needs Q
       if (job < 2) {  // M3 = Q U^T (strict), M4 = Q V^T (strict)
         zero(acc);
         mma<false, true, N>(acc, vecs(Q), vecs(job == 0 ? U : V));
@@ -683,20 +689,15 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
         zero(acc);
         mma<false, false, N>(acc, vecs(Q), op<N>(S, 0, n));
         store<N>(dA, acc, n);
-      } else if (job < 10) {  // dV += Aak^T Q
+      } else {  // dV += Aak^T Q
         load<N>(acc, dV, n);
         mma<true, false, C>(acc, small(Aak), vecs(Q, n));
         store<N>(dV, acc, n);
-      } else {  // dR += M1 bh + M2 kh
-        load<N>(acc, dR, n);
-        mma<false, false, C>(acc, small(M1), vecs(bh, n));
-        mma<false, false, C>(acc, small(M2), vecs(kh, n));
-        store<N>(dR, acc, n);
       }
     }
     __syncthreads();
     if (c > 0) request_saved(c - 1);  // U, Pb, Aak, R and Brk have had their last reader
-    for (int job = warp; job < 28; job += WARPS) {  // what needs M3 and M4; and the state gradient
+    for (int job = warp; job < 32; job += WARPS) {  // what needs M3 and M4 (or is left); the state gradient
       if (job < 16) {  // Z = Zs + dY^T rt + Q^T at: the gradient of this chunk's initial state
         const int mi = (job / 4) * 16, ni = n;
         load<N>(acc, Z + mi * N, ni);
@@ -707,11 +708,11 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
         tile_column_sums(colsum + ((c - 1) & 1) * 4 * N + (mi / 16) * N + ni, acc, S + mi * N, ni);
       } else {
         const int which = (job - 16) / 4;
-        float* out = which == 0 ? dA : which == 1 ? dK : dB;
+        float* out = which == 0 ? dA : which == 1 ? dK : which == 2 ? dB : dR;
         load<N>(acc, out, n);
-        if (which == 0) {  // dA += M3 bh + M4 kh
-          mma<false, false, C>(acc, small(M3), vecs(bh, n));
-          mma<false, false, C>(acc, small(M4), vecs(kh, n));
+        if (which == 0 || which == 3) {  // dA += M3 bh + M4 kh, dR += M1 bh + M2 kh
+          mma<false, false, C>(acc, small(which == 0 ? M3 : M1), vecs(bh, n));
+          mma<false, false, C>(acc, small(which == 0 ? M4 : M2), vecs(kh, n));
         } else {  // dK += M2^T rt + M4^T at, dB += M1^T rt + M3^T at
           mma<true, false, C>(acc, small(which == 1 ? M2 : M1), vecs(rt, n));
           mma<true, false, C>(acc, small(which == 1 ? M4 : M3), vecs(at_, n));
