@@ -118,46 +118,93 @@ __device__ __forceinline__ int swizzled_col(int r8, int c8, int u) {
   return (c8 & ~31) + (((c8 & 31) ^ swizzle<COLS>(r8)) ^ u);
 }
 
-// d += A (16 x K) B (K x 16). AT: A is stored transposed (element (m, k) at row k, column m); BT: B is
-// stored transposed (element (k, n) at row n, column k).
-template <bool AT, bool BT, int K, int AC, int BC>
-__device__ __forceinline__ void mma(Tile& d, Op<AC> A, Op<BC> B, const float* a_scale = nullptr) {
-  // a_scale (K floats, or null): A's column k is multiplied by a_scale[k] first
+// Fragments of the m16n8k8 operands, read from shared memory. AT: A is stored transposed (element
+// (m, k) at row k, column m); BT: B is stored transposed (element (k, n) at row n, column k). A's
+// element (m = g + 8 r, k = k0 + t + 4 q) and B's (k = k0 + t + 4 q, n = 8 h + g); k0 % 8 == 0.
+// a_scale (K floats, or null): A's column k is multiplied by a_scale[k] first.
+template <bool AT, int AC>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], Op<AC> A, int k0, const float* a_scale) {
   const int g = lane_g(), t = lane_t();
-  // A's element (m = g + 8 r, k = k0 + t + 4 q) and B's (k = k0 + t + 4 q, n = 8 h + g); k0 % 8 == 0
-  auto a_at = [&](int r, int k0, int q) {
-    const int i = AT ? (k0 + t + 4 * q) * AC + swizzled_col<AC>(t + 4 * q, A.c0 + 8 * r, g)
-                     : (g + 8 * r) * AC + swizzled_col<AC>(g, A.c0 + k0, t + 4 * q);
-    return __float_as_uint(A.p[i]);
-  };
-  auto b_at = [&](int h, int k0, int q) {
+#pragma unroll
+  for (int q = 0; q < 2; ++q)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = AT ? (k0 + t + 4 * q) * AC + swizzled_col<AC>(t + 4 * q, A.c0 + 8 * r, g)
+                       : (g + 8 * r) * AC + swizzled_col<AC>(g, A.c0 + k0, t + 4 * q);
+      float v = A.p[i];
+      if (a_scale) v *= a_scale[k0 + t + 4 * q];
+      a[2 * q + r] = __float_as_uint(v);
+    }
+}
+
+template <bool BT, int BC>
+__device__ __forceinline__ void load_b(uint32_t (&b)[2], Op<BC> B, int k0, int h) {
+  const int g = lane_g(), t = lane_t();
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
     const int i = BT ? (8 * h + g) * BC + swizzled_col<BC>(g, B.c0 + k0, t + 4 * q)
                      : (k0 + t + 4 * q) * BC + swizzled_col<BC>(t + 4 * q, B.c0 + 8 * h, g);
-    return __float_as_uint(B.p[i]);
-  };
+    b[q] = __float_as_uint(B.p[i]);
+  }
+}
+
+// d.c[h] += A B for one k-step, on the tensor cores.
+__device__ __forceinline__ void mma_step(Tile& d, int h, const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  (void)d; (void)h; (void)a; (void)b;
+  __trap();  // tf32 mma.sync needs sm_80; the host entry points never launch this below it
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d.c[h][0]), "+f"(d.c[h][1]), "+f"(d.c[h][2]), "+f"(d.c[h][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+__device__ __forceinline__ void add(Tile& d, const Tile& x) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) d.c[h][e] += x.c[h][e];
+}
+
+// d += A (16 x K) B (K x 16); operand layouts as in load_a / load_b.
+// ILP: for K >= 32 the odd k-steps accumulate separately (two dependency chains of K / 16 tensor-core
+// ops instead of one of K / 8), which needs 8 more registers: for the one-block-per-SM launches.
+template <bool AT, bool BT, int K, bool ILP = false, int AC, int BC>
+__device__ __forceinline__ void mma(Tile& d, Op<AC> A, Op<BC> B, const float* a_scale = nullptr) {
+  constexpr bool SPLIT = ILP && K >= 32;
+  Tile d2;
+  if (SPLIT) zero(d2);
 #pragma unroll
   for (int k0 = 0; k0 < K; k0 += 8) {
-    uint32_t a0 = a_at(0, k0, 0), a1 = a_at(1, k0, 0), a2 = a_at(0, k0, 1), a3 = a_at(1, k0, 1);
-    if (a_scale) {
-      const float s0 = a_scale[k0 + t], s1 = a_scale[k0 + t + 4];
-      a0 = __float_as_uint(__uint_as_float(a0) * s0);
-      a1 = __float_as_uint(__uint_as_float(a1) * s0);
-      a2 = __float_as_uint(__uint_as_float(a2) * s1);
-      a3 = __float_as_uint(__uint_as_float(a3) * s1);
-    }
+    Tile& acc = (SPLIT && (k0 / 8) % 2 == 1) ? d2 : d;
+    uint32_t a[4], b[2];
+    load_a<AT>(a, A, k0, a_scale);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const uint32_t b0 = b_at(h, k0, 0), b1 = b_at(h, k0, 1);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-      (void)a0; (void)a1; (void)a2; (void)a3; (void)b0; (void)b1;
-      __trap();  // tf32 mma.sync needs sm_80; the host entry points never launch this below it
-#else
-      asm volatile(
-          "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-          "{%0,%1,%2,%3};\n"
-          : "+f"(d.c[h][0]), "+f"(d.c[h][1]), "+f"(d.c[h][2]), "+f"(d.c[h][3])
-          : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
+      load_b<BT>(b, B, k0, h);
+      mma_step(acc, h, a, b);
+    }
+  }
+  if (SPLIT) add(d, d2);
+}
+
+// d1 += A1 B and d2 += A2 B: two tiles that share B's fragments (a third fewer operand loads).
+template <bool AT, bool BT, int K, int AC, int BC>
+__device__ __forceinline__ void mma2(Tile& d1, Tile& d2, Op<AC> A1, Op<AC> A2, Op<BC> B,
+                                     const float* a2_scale = nullptr) {
+#pragma unroll
+  for (int k0 = 0; k0 < K; k0 += 8) {
+    uint32_t a1[4], a2[4], b[2];
+    load_a<AT>(a1, A1, k0, nullptr);
+    load_a<AT>(a2, A2, k0, a2_scale);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      load_b<BT>(b, B, k0, h);
+      mma_step(d1, h, a1, b);
+      mma_step(d2, h, a2, b);
     }
   }
 }
@@ -407,6 +454,7 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
                const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
                const float* __restrict__ s0_, F* __restrict__ y_, float* __restrict__ sT_,
                float* __restrict__ ckpt_, float* __restrict__ saved_) {
+  constexpr bool ILP = MIN_BLOCKS == 1;  // registers to spare: see mma
   extern __shared__ __align__(128) float sm[];
   float* S = sm;
   float* lw = S + MAT;
@@ -459,7 +507,7 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
     Tile acc;
     if (warp < 4) {  // the four 16 x 16 interaction matrices
       zero(acc);
-      mma<false, true, N>(acc, vecs(warp < 2 ? at_ : rt), vecs((warp & 1) ? kh : bh));
+      mma<false, true, N, ILP>(acc, vecs(warp < 2 ? at_ : rt), vecs((warp & 1) ? kh : bh));
       mask_lower(acc, warp < 2);
       store<C>(warp == 0 ? Aab : warp == 1 ? Aak : warp == 2 ? Brb : Brk, acc);
       if (saved && warp == 2) store_transposed(R, acc);
@@ -468,7 +516,7 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
     {  // X = Aak V (warps 0-3), Y = Brk V (warps 4-7)
       const int n = (warp & 3) * 16;
       zero(acc);
-      mma<false, false, C>(acc, small(warp < 4 ? Aak : Brk), vecs(V, n));
+      mma<false, false, C, ILP>(acc, small(warp < 4 ? Aak : Brk), vecs(V, n));
       store<N>(warp < 4 ? X : Y, acc, n);
     }
     __syncthreads();
@@ -480,7 +528,7 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
       const int n = (warp & 3) * 16;
       float* out = warp < 4 ? rt : Y;
       load<N>(acc, out, n);
-      mma<false, false, C>(acc, small(Brb), vecs(warp < 4 ? at_ : X, n));
+      mma<false, false, C, ILP>(acc, small(Brb), vecs(warp < 4 ? at_ : X, n));
       store<N>(out, acc, n);
     }
     if (saved) {  // Pb -> Pb diag(GC), as the backward uses it
@@ -493,7 +541,7 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
       const int n = (warp & 3) * 16;
       float* out = warp < 4 ? X : Y;
       load<N>(acc, out, n);
-      mma<false, true, N>(acc, vecs(warp < 4 ? at_ : rt), op<N>(S, n));
+      mma<false, true, N, ILP>(acc, vecs(warp < 4 ? at_ : rt), op<N>(S, n));
       store<N>(out, acc, n);
     }
     __syncthreads();
@@ -513,8 +561,8 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
       if (ckpt && (c > 0 || keep_first))  // the chunk's initial state
         store_global(ckpt + int64_t(c) * N * N + mi * N + ni, acc);
       scale_columns(acc, gC + ni);
-      mma<true, false, C>(acc, vecs(X, mi), vecs(bb, ni));
-      mma<true, false, C>(acc, vecs(V, mi), vecs(kb, ni));
+      mma<true, false, C, ILP>(acc, vecs(X, mi), vecs(bb, ni));
+      mma<true, false, C, ILP>(acc, vecs(V, mi), vecs(kb, ni));
       store<N>(out, acc, ni);
     }
     __syncthreads();
@@ -539,6 +587,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
                 const F* __restrict__ dy_, const float* __restrict__ dsT_, const float* __restrict__ ckpt_,
                 const float* __restrict__ saved_, const float* __restrict__ sT_, bool zero_s0, F* __restrict__ dr_, F* __restrict__ dw_, F* __restrict__ dk_,
                 F* __restrict__ dv_, F* __restrict__ da_, F* __restrict__ db_, float* __restrict__ ds0_) {
+  constexpr bool ILP = MIN_BLOCKS == 1;  // registers to spare: see mma
   extern __shared__ __align__(128) float sm[];
   float* const S = sm;        // the chunk's initial state
   float* const Z = S + MAT;   // gradient of the chunk's final state; scaled, then updated in place
@@ -657,65 +706,80 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     Tile acc;
     // A warp's jobs in a stage are warp + 8 i, so they share one column block n (job % 4 == warp % 4).
     const int n = (warp & 3) * 16;
-    for (int job = warp; job < 22; job += WARPS) {  // what needs only Zs
-      zero(acc);
-      if (job < 4) {  // Q = Pb Zs^T + R dY (Pb as saved is Pb diag(GC))
-        mma<false, true, N>(acc, vecs(Pb), op<N>(Z, n));
-        mma<false, false, C>(acc, small(R), vecs(dY, n));
-        store<N>(Q, acc, n);
-      } else if (job < 8) {  // dV = kh Zs^T + Brk^T dY (+ Aak^T Q below), kh Zs^T = (kh diag(GC)) Z^T
-        mma<false, true, N>(acc, vecs(kh), op<N>(Z, n), gC);
-        mma<true, false, C>(acc, small(Brk), vecs(dY, n));
-        store<N>(dV, acc, n);
-      } else if (job < 20) {  // dK = V Zs, dB = U Zs, dR = dY S (each + more below)
-        const int which = (job - 8) / 4;
-        mma<false, false, N>(acc, vecs(which == 0 ? V : which == 1 ? U : dY), op<N>(which == 2 ? S : Z, 0, n));
-        if (which < 2) scale_columns(acc, gC + n);  // V Zs = (V Z) diag(GC)
-        store<N>(which == 0 ? dK : which == 1 ? dB : dR, acc, n);
+    for (int job = warp; job < 14; job += WARPS) {  // what needs only Zs
+      if (job < 4) {  // Q = Pb Zs^T + R dY and dV = kh Zs^T + Brk^T dY (+ Aak^T Q below), sharing Zs^T
+        Tile q, v;  // (Pb as saved is Pb diag(GC); kh Zs^T = (kh diag(GC)) Z^T)
+        zero(q);
+        zero(v);
+        mma2<false, true, N>(q, v, vecs(Pb), vecs(kh), op<N>(Z, n), gC);
+        mma<false, false, C>(q, small(R), vecs(dY, n));
+        mma<true, false, C>(v, small(Brk), vecs(dY, n));
+        store<N>(Q, q, n);
+        store<N>(dV, v, n);
+      } else if (job < 8) {  // dK = V Zs and dB = U Zs (each + more below), sharing Z: (V Z) diag(GC)
+        Tile k, b;
+        zero(k);
+        zero(b);
+        mma2<false, false, N>(k, b, vecs(V), vecs(U), op<N>(Z, 0, n));
+        scale_columns(k, gC + n);
+        scale_columns(b, gC + n);
+        store<N>(dK, k, n);
+        store<N>(dB, b, n);
+      } else if (job < 12) {  // dR = dY S (+ more below)
+        zero(acc);
+        mma<false, false, N, ILP>(acc, vecs(dY), op<N>(S, 0, n));
+        store<N>(dR, acc, n);
       } else {  // M1 = dY U^T (lower), M2 = dY V^T (lower)
-        mma<false, true, N>(acc, vecs(dY), vecs(job == 20 ? U : V));
+        zero(acc);
+        mma<false, true, N, ILP>(acc, vecs(dY), vecs(job == 12 ? U : V));
         mask_lower(acc, false);
-        store<C>(job == 20 ? M1 : M2, acc);
+        store<C>(job == 12 ? M1 : M2, acc);
       }
     }
     __syncthreads();
     for (int job = warp; job < 10; job += WARPS) {  // what needs Q
       if (job < 2) {  // M3 = Q U^T (strict), M4 = Q V^T (strict)
         zero(acc);
-        mma<false, true, N>(acc, vecs(Q), vecs(job == 0 ? U : V));
+        mma<false, true, N, ILP>(acc, vecs(Q), vecs(job == 0 ? U : V));
         mask_lower(acc, true);
         store<C>(job == 0 ? M3 : M4, acc);
       } else if (job < 6) {  // dA = Q S
         zero(acc);
-        mma<false, false, N>(acc, vecs(Q), op<N>(S, 0, n));
+        mma<false, false, N, ILP>(acc, vecs(Q), op<N>(S, 0, n));
         store<N>(dA, acc, n);
       } else {  // dV += Aak^T Q
         load<N>(acc, dV, n);
-        mma<true, false, C>(acc, small(Aak), vecs(Q, n));
+        mma<true, false, C, ILP>(acc, small(Aak), vecs(Q, n));
         store<N>(dV, acc, n);
       }
     }
     __syncthreads();
     if (c > 0) request_saved(c - 1);  // U, Pb, Aak, R and Brk have had their last reader
-    for (int job = warp; job < 32; job += WARPS) {  // what needs M3 and M4 (or is left); the state gradient
-      if (job < 16) {  // Z = Zs + dY^T rt + Q^T at: the gradient of this chunk's initial state
-        const int mi = (job / 4) * 16, ni = n;
-        load<N>(acc, Z + mi * N, ni);
-        scale_columns(acc, gC + ni);
-        mma<true, false, C>(acc, vecs(dY, mi), vecs(rt, ni));
-        mma<true, false, C>(acc, vecs(Q, mi), vecs(at_, ni));
-        store<N>(Z + mi * N, acc, ni);
-        tile_column_sums(colsum + ((c - 1) & 1) * 4 * N + (mi / 16) * N + ni, acc, S + mi * N, ni);
+    for (int job = warp; job < 24; job += WARPS) {  // what needs M3 and M4 (or is left); the state gradient
+      if (job < 8) {  // Z = Zs + dY^T rt + Q^T at (the gradient of this chunk's initial state): row blocks
+        const int mi = (job / 4) * 16;  // mi and mi + 32, sharing rt's and at's fragments
+        Tile z1, z2;
+        load<N>(z1, Z + mi * N, n);
+        load<N>(z2, Z + (mi + 32) * N, n);
+        scale_columns(z1, gC + n);
+        scale_columns(z2, gC + n);
+        mma2<true, false, C>(z1, z2, vecs(dY, mi), vecs(dY, mi + 32), vecs(rt, n));
+        mma2<true, false, C>(z1, z2, vecs(Q, mi), vecs(Q, mi + 32), vecs(at_, n));
+        store<N>(Z + mi * N, z1, n);
+        store<N>(Z + (mi + 32) * N, z2, n);
+        float* cs = colsum + ((c - 1) & 1) * 4 * N + n;
+        tile_column_sums(cs + (mi / 16) * N, z1, S + mi * N, n);
+        tile_column_sums(cs + (mi / 16 + 2) * N, z2, S + (mi + 32) * N, n);
       } else {
-        const int which = (job - 16) / 4;
+        const int which = (job - 8) / 4;
         float* out = which == 0 ? dA : which == 1 ? dK : which == 2 ? dB : dR;
         load<N>(acc, out, n);
         if (which == 0 || which == 3) {  // dA += M3 bh + M4 kh, dR += M1 bh + M2 kh
-          mma<false, false, C>(acc, small(which == 0 ? M3 : M1), vecs(bh, n));
-          mma<false, false, C>(acc, small(which == 0 ? M4 : M2), vecs(kh, n));
+          mma<false, false, C, ILP>(acc, small(which == 0 ? M3 : M1), vecs(bh, n));
+          mma<false, false, C, ILP>(acc, small(which == 0 ? M4 : M2), vecs(kh, n));
         } else {  // dK += M2^T rt + M4^T at, dB += M1^T rt + M3^T at
-          mma<true, false, C>(acc, small(which == 1 ? M2 : M1), vecs(rt, n));
-          mma<true, false, C>(acc, small(which == 1 ? M4 : M3), vecs(at_, n));
+          mma<true, false, C, ILP>(acc, small(which == 1 ? M2 : M1), vecs(rt, n));
+          mma<true, false, C, ILP>(acc, small(which == 1 ? M4 : M3), vecs(at_, n));
         }
         store<N>(out, acc, n);
       }
