@@ -191,6 +191,23 @@ __device__ __forceinline__ void mma(Tile& d, Op<AC> A, Op<BC> B, const float* a_
   if (SPLIT) add(d, d2);
 }
 
+// d1 += A B1 and d2 += A B2: two tiles that share A's fragments.
+template <bool AT, bool BT, int K, int AC, int BC>
+__device__ __forceinline__ void mma2b(Tile& d1, Tile& d2, Op<AC> A, Op<BC> B1, Op<BC> B2) {
+#pragma unroll
+  for (int k0 = 0; k0 < K; k0 += 8) {
+    uint32_t a[4], b[2];
+    load_a<AT>(a, A, k0, nullptr);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      load_b<BT>(b, B1, k0, h);
+      mma_step(d1, h, a, b);
+      load_b<BT>(b, B2, k0, h);
+      mma_step(d2, h, a, b);
+    }
+  }
+}
+
 // d1 += A1 B and d2 += A2 B: two tiles that share B's fragments (a third fewer operand loads).
 template <bool AT, bool BT, int K, int AC, int BC>
 __device__ __forceinline__ void mma2(Tile& d1, Tile& d2, Op<AC> A1, Op<AC> A2, Op<BC> B,
@@ -537,12 +554,20 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
       *pb = make_float4(v.x * gc.x, v.y * gc.y, v.z * gc.z, v.w * gc.w);
     }
     __syncthreads();
-    {  // U = W S^T + U0 (warps 0-3), Y = (rt + Brb W) S^T + Y (warps 4-7)
+    if (ILP) {  // U = W S^T + U0 (warps 0-3), Y = (rt + Brb W) S^T + Y (warps 4-7)
       const int n = (warp & 3) * 16;
       float* out = warp < 4 ? X : Y;
       load<N>(acc, out, n);
       mma<false, true, N, ILP>(acc, vecs(warp < 4 ? at_ : rt), op<N>(S, n));
       store<N>(out, acc, n);
+    } else if (warp < 4) {  // the same with fewer operand loads, U and Y sharing S^T (two blocks per SM)
+      const int n = warp * 16;
+      Tile u, y;
+      load<N>(u, X, n);
+      load<N>(y, Y, n);
+      mma2<false, true, N>(u, y, vecs(at_), vecs(rt), op<N>(S, n));
+      store<N>(X, u, n);
+      store<N>(Y, y, n);
     }
     __syncthreads();
     if (live) store4(y_ + base + int64_t(t0 + io_row()) * stride_t + io_col(), Y + io_off());
@@ -554,16 +579,21 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
       copy_out(dst + 2 * VEC + CCM, R, CCM / 4);
       copy_out(dst + 2 * VEC + 2 * CCM, Brk, CCM / 4);
     }
-    for (int tile = warp; tile < 16; tile += WARPS) {  // S = S diag(GC) + U^T bb + V^T kb, tile by tile
-      const int mi = (tile / 4) * 16, ni = (tile % 4) * 16;
-      float* out = S + mi * N;
-      load<N>(acc, out, ni);
-      if (ckpt && (c > 0 || keep_first))  // the chunk's initial state
-        store_global(ckpt + int64_t(c) * N * N + mi * N + ni, acc);
-      scale_columns(acc, gC + ni);
-      mma<true, false, C, ILP>(acc, vecs(X, mi), vecs(bb, ni));
-      mma<true, false, C, ILP>(acc, vecs(V, mi), vecs(kb, ni));
-      store<N>(out, acc, ni);
+    {  // S = S diag(GC) + U^T bb + V^T kb: each warp the tiles (mi, ni) and (mi + 32, ni), sharing bb, kb
+      const int mi = (warp / 4) * 16, ni = (warp % 4) * 16;
+      Tile s1, s2;
+      load<N>(s1, S + mi * N, ni);
+      load<N>(s2, S + (mi + 32) * N, ni);
+      if (ckpt && (c > 0 || keep_first)) {  // the chunk's initial state
+        store_global(ckpt + int64_t(c) * N * N + mi * N + ni, s1);
+        store_global(ckpt + int64_t(c) * N * N + (mi + 32) * N + ni, s2);
+      }
+      scale_columns(s1, gC + ni);
+      scale_columns(s2, gC + ni);
+      mma2<true, false, C>(s1, s2, vecs(X, mi), vecs(X, mi + 32), vecs(bb, ni));
+      mma2<true, false, C>(s1, s2, vecs(V, mi), vecs(V, mi + 32), vecs(kb, ni));
+      store<N>(S + mi * N, s1, ni);
+      store<N>(S + (mi + 32) * N, s2, ni);
     }
     __syncthreads();
   }
@@ -706,7 +736,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     Tile acc;
     // A warp's jobs in a stage are warp + 8 i, so they share one column block n (job % 4 == warp % 4).
     const int n = (warp & 3) * 16;
-    for (int job = warp; job < 14; job += WARPS) {  // what needs only Zs
+    for (int job = warp; job < 13; job += WARPS) {  // what needs only Zs
       if (job < 4) {  // Q = Pb Zs^T + R dY and dV = kh Zs^T + Brk^T dY (+ Aak^T Q below), sharing Zs^T
         Tile q, v;  // (Pb as saved is Pb diag(GC); kh Zs^T = (kh diag(GC)) Z^T)
         zero(q);
@@ -729,11 +759,15 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
         zero(acc);
         mma<false, false, N, ILP>(acc, vecs(dY), op<N>(S, 0, n));
         store<N>(dR, acc, n);
-      } else {  // M1 = dY U^T (lower), M2 = dY V^T (lower)
-        zero(acc);
-        mma<false, true, N, ILP>(acc, vecs(dY), vecs(job == 12 ? U : V));
-        mask_lower(acc, false);
-        store<C>(job == 12 ? M1 : M2, acc);
+      } else {  // M1 = dY U^T (lower) and M2 = dY V^T (lower), sharing dY
+        Tile m1, m2;
+        zero(m1);
+        zero(m2);
+        mma2b<false, true, N>(m1, m2, vecs(dY), vecs(U), vecs(V));
+        mask_lower(m1, false);
+        mask_lower(m2, false);
+        store<C>(M1, m1);
+        store<C>(M2, m2);
       }
     }
     __syncthreads();
