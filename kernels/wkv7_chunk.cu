@@ -522,31 +522,59 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
     if (c + 1 < n_chunks) in.fetch(src, base, stride_t, t0 + C, T);  // in flight meanwhile
 
     Tile acc;
-    if (warp < 4) {  // the four 16 x 16 interaction matrices
+    // The next three stages: with one block per SM (ILP), one product per warp, for the shortest stage;
+    // with two, the warps that share an operand pair up (fewer operand loads), the other warps idle.
+    if (ILP && warp < 4) {  // the four 16 x 16 interaction matrices
       zero(acc);
       mma<false, true, N, ILP>(acc, vecs(warp < 2 ? at_ : rt), vecs((warp & 1) ? kh : bh));
       mask_lower(acc, warp < 2);
       store<C>(warp == 0 ? Aab : warp == 1 ? Aak : warp == 2 ? Brb : Brk, acc);
       if (saved && warp == 2) store_transposed(R, acc);
+    } else if (!ILP && warp < 2) {  // the same, in pairs sharing at (Aab, Aak) or rt (Brb, Brk)
+      Tile x, y;
+      zero(x);
+      zero(y);
+      mma2b<false, true, N>(x, y, vecs(warp == 0 ? at_ : rt), vecs(bh), vecs(kh));
+      mask_lower(x, warp == 0);
+      mask_lower(y, warp == 0);
+      store<C>(warp == 0 ? Aab : Brb, x);
+      store<C>(warp == 0 ? Aak : Brk, y);
+      if (saved && warp == 1) store_transposed(R, x);
     }
     __syncthreads();
-    {  // X = Aak V (warps 0-3), Y = Brk V (warps 4-7)
+    if (ILP) {  // X = Aak V (warps 0-3), Y = Brk V (warps 4-7)
       const int n = (warp & 3) * 16;
       zero(acc);
       mma<false, false, C, ILP>(acc, small(warp < 4 ? Aak : Brk), vecs(V, n));
       store<N>(warp < 4 ? X : Y, acc, n);
+    } else if (warp < 4) {  // the same, sharing V
+      const int n = warp * 16;
+      Tile x, y;
+      zero(x);
+      zero(y);
+      mma2<false, false, C>(x, y, small(Aak), small(Brk), vecs(V, n));
+      store<N>(X, x, n);
+      store<N>(Y, y, n);
     }
     __syncthreads();
     if (tid < 2 * N) solve_lower<N>(tid < N ? at_ : X, tid % N, Aab);  // at -> W, X -> U0
     else if (saved && tid < 3 * N) solve_upper<N>(bh, tid - 2 * N, Aab);  // bh -> Pb
     else if (saved && tid < 3 * N + C) solve_upper<C>(R, tid - 3 * N, Aab);  // Brb^T -> R
     __syncthreads();
-    {  // rt += Brb W (warps 0-3), Y += Brb U0 (warps 4-7)
+    if (ILP) {  // rt += Brb W (warps 0-3), Y += Brb U0 (warps 4-7)
       const int n = (warp & 3) * 16;
       float* out = warp < 4 ? rt : Y;
       load<N>(acc, out, n);
       mma<false, false, C, ILP>(acc, small(Brb), vecs(warp < 4 ? at_ : X, n));
       store<N>(out, acc, n);
+    } else if (warp < 4) {  // the same, sharing Brb
+      const int n = warp * 16;
+      Tile x, y;
+      load<N>(x, rt, n);
+      load<N>(y, Y, n);
+      mma2b<false, false, C>(x, y, small(Brb), vecs(at_, n), vecs(X, n));
+      store<N>(rt, x, n);
+      store<N>(Y, y, n);
     }
     if (saved) {  // Pb -> Pb diag(GC), as the backward uses it
       float4* pb = reinterpret_cast<float4*>(bh + io_off());
