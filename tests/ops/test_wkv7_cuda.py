@@ -202,3 +202,28 @@ def test_tensor_core_kernel_at_the_strongest_decay_and_without_gradients():
     with torch.no_grad():
         y, s = wkv7_cuda(*xs, s0, layout=TENSOR_CORES)
     assert torch.equal(y, out[0]) and torch.equal(s, out[1])
+
+
+@pytest.mark.parametrize("T", [17, 64])
+@pytest.mark.parametrize("state", ["none", "frozen", "trained"])
+def test_tensor_core_kernel_when_only_y_is_used(T, state):
+    """The training case: the loss sees y only, so the final state's gradient is None (the backward then
+    skips its column sums), and the initial state is absent (not saved: zero), frozen (saved, no
+    gradient) or trained (saved, with a gradient)."""
+    from vision_rwkv.ops.wkv7.cuda import TENSOR_CORES, wkv7_cuda
+
+    xs, s0 = make(2, T, 3, 64, torch.bfloat16, seed=T, with_state=state != "none")
+    dy = torch.randn(2, T, 3, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(8),
+                     dtype=torch.float64)
+
+    def grads(fn):
+        leaves = [x.detach().clone().requires_grad_() for x in xs]
+        s = None if s0 is None else s0.detach().clone().requires_grad_(state == "trained")
+        y, _ = fn(*leaves, s)
+        (y.double() * dy).sum().backward()
+        return [x.grad for x in leaves] + ([s.grad] if state == "trained" else [])
+
+    ref = grads(lambda *a: wkv7_chunked(*(x.double() for x in a[:6]), None if a[6] is None else a[6].double()))
+    out = grads(lambda *a: wkv7_cuda(*a[:6], a[6], layout=TENSOR_CORES))
+    errors = {name: rel(o, r) for name, o, r in zip(["r", "w", "k", "v", "a", "b", "s0"], out, ref)}
+    assert all(e < TC_TOL[torch.bfloat16] for e in errors.values()), {k: f"{e:.1e}" for k, e in errors.items()}
