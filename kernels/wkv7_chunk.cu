@@ -799,21 +799,44 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
       }
     }
     __syncthreads();
-    for (int job = warp; job < 10; job += WARPS) {  // what needs Q
-      if (job < 2) {  // M3 = Q U^T (strict), M4 = Q V^T (strict)
-        zero(acc);
-        mma<false, true, N, ILP>(acc, vecs(Q), vecs(job == 0 ? U : V));
-        mask_lower(acc, true);
-        store<C>(job == 0 ? M3 : M4, acc);
-      } else if (job < 6) {  // dA = Q S
-        zero(acc);
-        mma<false, false, N, ILP>(acc, vecs(Q), op<N>(S, 0, n));
-        store<N>(dA, acc, n);
-      } else {  // dV += Aak^T Q
-        load<N>(acc, dV, n);
-        mma<true, false, C, ILP>(acc, small(Aak), vecs(Q, n));
-        store<N>(dV, acc, n);
+    if (ILP) {
+      for (int job = warp; job < 10; job += WARPS) {  // what needs Q
+        if (job < 2) {  // M3 = Q U^T (strict), M4 = Q V^T (strict)
+          zero(acc);
+          mma<false, true, N, ILP>(acc, vecs(Q), vecs(job == 0 ? U : V));
+          mask_lower(acc, true);
+          store<C>(job == 0 ? M3 : M4, acc);
+        } else if (job < 6) {  // dA = Q S
+          zero(acc);
+          mma<false, false, N, ILP>(acc, vecs(Q), op<N>(S, 0, n));
+          store<N>(dA, acc, n);
+        } else {  // dV += Aak^T Q
+          load<N>(acc, dV, n);
+          mma<true, false, C, ILP>(acc, small(Aak), vecs(Q, n));
+          store<N>(dV, acc, n);
+        }
       }
+    } else if (warp < 3) {  // the same in pairs sharing Q: (M3, M4), dA at columns (0, 16) and (32, 48)
+      Tile x, y;
+      zero(x);
+      zero(y);
+      if (warp == 0) {
+        mma2b<false, true, N>(x, y, vecs(Q), vecs(U), vecs(V));
+        mask_lower(x, true);
+        mask_lower(y, true);
+        store<C>(M3, x);
+        store<C>(M4, y);
+      } else {
+        const int n0 = (warp - 1) * 32;
+        mma2b<false, false, N>(x, y, vecs(Q), op<N>(S, 0, n0), op<N>(S, 0, n0 + 16));
+        store<N>(dA, x, n0);
+        store<N>(dA, y, n0 + 16);
+      }
+    } else if (warp < 7) {  // dV += Aak^T Q
+      const int n1 = (warp - 3) * 16;
+      load<N>(acc, dV, n1);
+      mma<true, false, C>(acc, small(Aak), vecs(Q, n1));
+      store<N>(dV, acc, n1);
     }
     __syncthreads();
     if (c > 0) request_saved(c - 1);  // U, Pb, Aak, R and Brk have had their last reader
