@@ -11,7 +11,7 @@ measured in the same run. Times are medians of CUDA-event timings after warm-up,
 covering --inner calls back to back (default 10: the host's launch work overlaps the device's, as in a
 training step; --inner 1 times a lone call, host overhead included). The PyTorch path is always timed
 one call at a time (its device time dwarfs the host's). A forward+backward call includes a whole
-autograd backward pass, whose host cost (about 0.25 ms on the H100 machines) can exceed the device
+autograd backward pass, whose host cost (0.24-0.35 ms on the H100 machines) can exceed the device
 time at small shapes; --graph replays the calls from a CUDA graph instead, which times the device only.
 """
 

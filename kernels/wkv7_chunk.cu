@@ -31,14 +31,16 @@
 // element-wise run in fp32 on the CUDA cores. The state stays fp32 in shared memory and is never
 // rounded: only the operands of the products are (tf32, 10-bit mantissa). Every log-decay is in
 // (-0.6065, 0), so inside a chunk of 16 the factors e^{+-g} stay within e^{+-9.7}.
-// The forward saves the state at every chunk boundary (N*N*4 bytes per head per 16 steps); the
-// backward reads them back with the saved products (cp.async, overlapped with the chunk's first
-// stages) instead of recomputing them.
+// The forward saves the state at the start of every chunk (N*N*4 bytes per head per 16 steps; not the
+// first when the initial state is zero; the final state is the forward's output); the backward reads
+// them back with the saved products (cp.async, requested while the chunk before ends) instead of
+// recomputing them.
 //
-// Shared memory is the bottleneck (every product operand is read from it), so every matrix is stored
-// with an XOR swizzle (at<COLS> below) that makes every access pattern of the kernels free of bank
-// conflicts: the tensor-core fragments in both orientations, the tiles' float2 rows, the float4 rows of
-// the I/O mapping and the columns of the scan mapping.
+// Every product operand comes from shared memory, so every matrix there is stored with an XOR swizzle
+// (at<COLS> below) that makes every access pattern of the kernels free of bank conflicts: the
+// tensor-core fragments in both orientations, the tiles' float2 rows, the float4 rows of the I/O mapping
+// and the columns of the scan mapping. Products that share an operand run in pairs (mma2, mma2b), which
+// read the shared fragments once.
 
 #include <cuda_pipeline.h>
 
