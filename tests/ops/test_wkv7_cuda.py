@@ -227,3 +227,24 @@ def test_tensor_core_kernel_when_only_y_is_used(T, state):
     out = grads(lambda *a: wkv7_cuda(*a[:6], a[6], layout=TENSOR_CORES))
     errors = {name: rel(o, r) for name, o, r in zip(["r", "w", "k", "v", "a", "b", "s0"], out, ref)}
     assert all(e < TC_TOL[torch.bfloat16] for e in errors.values()), {k: f"{e:.1e}" for k, e in errors.items()}
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state"])
+def test_tensor_core_kernel_with_more_heads_than_multiprocessors(with_state):
+    """B*H above the SM count selects the other launches (two blocks per SM, 128 registers, products
+    paired by shared operand): they must match the reference as the one-block launches do."""
+    from vision_rwkv.ops.wkv7.cuda import TENSOR_CORES, wkv7_cuda
+
+    H = 4
+    B = torch.cuda.get_device_properties(0).multi_processor_count // H + 2
+    T = 40  # two whole chunks and a partial one
+    xs, s0 = make(B, T, H, 64, torch.bfloat16, seed=21, with_state=with_state)
+    g = torch.Generator(device="cuda").manual_seed(6)
+    dy = torch.randn(B, T, H, 64, device="cuda", generator=g, dtype=torch.float64)
+    dsT = torch.randn(B, H, 64, 64, device="cuda", generator=g, dtype=torch.float64)
+    ref = run(lambda *a: wkv7_chunked(*(x.double() for x in a[:6]), None if a[6] is None else a[6].double()),
+              xs, s0, dy, dsT)
+    out = run(lambda *a: wkv7_cuda(*a[:6], a[6], layout=TENSOR_CORES), xs, s0, dy, dsT)
+    errors = {"y": rel(out[0], ref[0]), "state": rel(out[1], ref[1])}
+    errors.update({"d" + n: rel(o, r) for n, o, r in zip(["r", "w", "k", "v", "a", "b", "s0"], out[2], ref[2])})
+    assert all(e < TC_TOL[torch.bfloat16] for e in errors.values()), {k: f"{e:.1e}" for k, e in errors.items()}
