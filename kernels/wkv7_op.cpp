@@ -40,7 +40,7 @@ constexpr int64_t TENSOR_CORE_LAYOUT = 3;  // wkv7_chunk.cu: chunks on tensor co
 constexpr int64_t TENSOR_CORE_SAVED = 2816;
 int64_t n_checkpoints(int64_t T) { return (T + CHUNK - 1) / CHUNK; }
 int64_t sa_numel(int64_t B, int64_t T, int64_t H, int64_t N, int64_t layout) {
-  return layout == TENSOR_CORE_LAYOUT ? B * H * ((T + CHUNK - 1) / CHUNK) * TENSOR_CORE_SAVED : B * T * H * N;
+  return layout == TENSOR_CORE_LAYOUT ? B * H * n_checkpoints(T) * TENSOR_CORE_SAVED : B * T * H * N;
 }
 constexpr const char* TENSOR_CORE_NEEDS =
     "wkv7: the tensor-core kernel (layout 3) needs a GPU of compute capability 8.0 or newer with at least "
