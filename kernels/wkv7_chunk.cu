@@ -363,26 +363,53 @@ __device__ __forceinline__ void solve_upper(float* x, int col, const float* L) {
   for (int t = 0; t < C; ++t) x[at<COLS>(t, col)] = v[t];
 }
 
+// Four consecutive values of F moved as raw bits with one vector access (8 bytes for bf16 and fp16, 16 for
+// fp32), converted only where they are used. Element e sits in the bits a little-endian load gives it.
+// (A struct of four F made the compiler split the loaded registers into 16-bit values right after the
+// load, so the thread waited for the load there instead of where the values are used.)
 template <typename F>
-struct alignas(4 * sizeof(F)) F4 {
-  F x[4];
+struct Packed4 {
+  uint2 u;
 };
+template <>
+struct Packed4<float> {
+  uint4 u;
+};
+
+__device__ __forceinline__ float4 unpack(Packed4<float> p) {
+  return make_float4(__uint_as_float(p.u.x), __uint_as_float(p.u.y), __uint_as_float(p.u.z), __uint_as_float(p.u.w));
+}
+__device__ __forceinline__ float4 unpack(Packed4<__nv_bfloat16> p) {  // a bf16 is the top half of its fp32
+  return make_float4(__uint_as_float(p.u.x << 16), __uint_as_float(p.u.x & 0xffff0000u), __uint_as_float(p.u.y << 16),
+                     __uint_as_float(p.u.y & 0xffff0000u));
+}
+__device__ __forceinline__ float4 unpack(Packed4<__half> p) {
+  const auto h = [](uint32_t bits) { return __half2float(__ushort_as_half(static_cast<unsigned short>(bits))); };
+  return make_float4(h(p.u.x), h(p.u.x >> 16), h(p.u.y), h(p.u.y >> 16));
+}
+
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+__device__ __forceinline__ uint32_t bits16(__half x) { return __half_as_ushort(x); }
+template <typename F>
+__device__ __forceinline__ Packed4<F> pack(float4 v) {  // rounded as from_f rounds
+  if constexpr (std::is_same<F, float>::value) {
+    return {make_uint4(__float_as_uint(v.x), __float_as_uint(v.y), __float_as_uint(v.z), __float_as_uint(v.w))};
+  } else {
+    return {make_uint2(bits16(from_f<F>(v.x)) | bits16(from_f<F>(v.y)) << 16,
+                       bits16(from_f<F>(v.z)) | bits16(from_f<F>(v.w)) << 16)};
+  }
+}
 
 // The I/O mapping's place in the chunk: offset in shared memory and step within the chunk.
 __device__ __forceinline__ int io_row() { return threadIdx.x >> 4; }
 __device__ __forceinline__ int io_col() { return 4 * (threadIdx.x & 15); }
 __device__ __forceinline__ int io_off() { return at<N>(io_row(), io_col()); }
 
-__device__ __forceinline__ void put4(float* p, float a, float b, float c, float d) {
-  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
-}
+__device__ __forceinline__ void put4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
 
 template <typename F>
 __device__ __forceinline__ void store4(F* dst, const float* src) {  // 4 fp32 from shared memory to 4 F
-  const float4 v = *reinterpret_cast<const float4*>(src);
-  F4<F> o;
-  o.x[0] = from_f<F>(v.x); o.x[1] = from_f<F>(v.y); o.x[2] = from_f<F>(v.z); o.x[3] = from_f<F>(v.w);
-  *reinterpret_cast<F4<F>*>(dst) = o;
+  *reinterpret_cast<Packed4<F>*>(dst) = pack<F>(*reinterpret_cast<const float4*>(src));
 }
 
 // One chunk of a (batch, head)'s inputs (r w k v a b, and dy in the backward), prefetched into registers
@@ -390,27 +417,24 @@ __device__ __forceinline__ void store4(F* dst, const float* src) {  // 4 fp32 fr
 // (decay 1: the state passes through unchanged).
 template <typename F, int NSRC>
 struct Inputs {
-  F4<F> x[NSRC];
+  Packed4<F> x[NSRC];
   // Unconditional loads (steps past T read the last step; stage() zeroes them): a conditional load would
   // make the compiler merge old and new register values right here, waiting for the loads to land.
   __device__ __forceinline__ void fetch(const F* const (&src)[NSRC], int64_t base, int64_t stride_t, int t0, int T) {
     const int t = min(t0 + io_row(), T - 1);
     const int64_t idx = base + int64_t(t) * stride_t + io_col();
 #pragma unroll
-    for (int i = 0; i < NSRC; ++i) x[i] = *reinterpret_cast<const F4<F>*>(src[i] + idx);
+    for (int i = 0; i < NSRC; ++i) x[i] = *reinterpret_cast<const Packed4<F>*>(src[i] + idx);
   }
   // raw values of input i to dst; the log-decay of w to lw
   __device__ __forceinline__ void stage(int i, float* dst, bool live) const {
-    const int o = io_off();
-    if (live) put4(dst + o, to_f(x[i].x[0]), to_f(x[i].x[1]), to_f(x[i].x[2]), to_f(x[i].x[3]));
-    else put4(dst + o, 0.f, 0.f, 0.f, 0.f);
+    put4(dst + io_off(), live ? unpack(x[i]) : make_float4(0.f, 0.f, 0.f, 0.f));
   }
   __device__ __forceinline__ void stage_log_decay(float* lw, bool live) const {
-    float l[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e)  // -scale sigmoid(w), with the fast reciprocal (2 ulp)
-      l[e] = live ? __fdividef(-LOG_DECAY_SCALE, 1.f + __expf(-to_f(x[1].x[e]))) : 0.f;
-    put4(lw + io_off(), l[0], l[1], l[2], l[3]);
+    const float4 w = unpack(x[1]);
+    // -scale sigmoid(w), with the fast reciprocal (2 ulp)
+    const auto l = [&](float x) { return live ? __fdividef(-LOG_DECAY_SCALE, 1.f + __expf(-x)) : 0.f; };
+    put4(lw + io_off(), make_float4(l(w.x), l(w.y), l(w.z), l(w.w)));
   }
 };
 
