@@ -426,15 +426,17 @@ struct Inputs {
 #pragma unroll
     for (int i = 0; i < NSRC; ++i) x[i] = *reinterpret_cast<const Packed4<F>*>(src[i] + idx);
   }
-  // raw values of input i to dst; the log-decay of w to lw
-  __device__ __forceinline__ void stage(int i, float* dst, bool live) const {
-    put4(dst + io_off(), live ? unpack(x[i]) : make_float4(0.f, 0.f, 0.f, 0.f));
-  }
-  __device__ __forceinline__ void stage_log_decay(float* lw, bool live) const {
-    const float4 w = unpack(x[1]);
-    // -scale sigmoid(w), with the fast reciprocal (2 ulp)
-    const auto l = [&](float x) { return live ? __fdividef(-LOG_DECAY_SCALE, 1.f + __expf(-x)) : 0.f; };
-    put4(lw + io_off(), make_float4(l(w.x), l(w.y), l(w.z), l(w.w)));
+  // The chunk into shared memory: input i to dst[i] (in the order of src), w (i = 1) as its log-decay
+  // -scale sigmoid(w), with the fast reciprocal (2 ulp).
+  __device__ __forceinline__ void stage(float* const (&dst)[NSRC], bool live) const {
+    const auto l = [&](float w) { return live ? __fdividef(-LOG_DECAY_SCALE, 1.f + __expf(-w)) : 0.f; };
+#pragma unroll
+    for (int i = 0; i < NSRC; ++i) {
+      float4 v = unpack(x[i]);
+      if (i == 1) v = make_float4(l(v.x), l(v.y), l(v.z), l(v.w));
+      else if (!live) v = make_float4(0.f, 0.f, 0.f, 0.f);
+      put4(dst[i] + io_off(), v);
+    }
   }
 };
 
@@ -535,12 +537,7 @@ forward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_,
   for (int c = 0; c < n_chunks; ++c) {
     const int t0 = c * C;
     const bool live = t0 + io_row() < T;
-    in.stage_log_decay(lw, live);
-    in.stage(0, rt, live);
-    in.stage(2, kh, live);
-    in.stage(3, V, live);
-    in.stage(4, at_, live);
-    in.stage(5, bh, live);
+    in.stage({rt, lw, kh, V, at_, bh}, live);
     __syncthreads();
     const Prep p = prepare<true>(lw, rt, at_, bh, kh, bb, kb);
     if (scan_part() == 0) gC[scan_col()] = __expf(p.gC);
@@ -773,13 +770,7 @@ backward_kernel(int T, int H, const F* __restrict__ r_, const F* __restrict__ w_
     if (c + 1 < n_chunks) write_grads(c + 1);  // before staging reuses lw and V (same thread, same elements)
 
     const bool live = t0 + io_row() < T;
-    in.stage_log_decay(lw, live);
-    in.stage(0, rt, live);
-    in.stage(2, kh, live);
-    in.stage(3, V, live);
-    in.stage(4, at_, live);
-    in.stage(5, bh, live);
-    in.stage(6, dY, live);
+    in.stage({rt, lw, kh, V, at_, bh, dY}, live);
     __syncthreads();
     const Prep p = prepare<false>(lw, rt, at_, bh, kh, nullptr, nullptr);
     if (part == 0) gC[jb] = __expf(p.gC);
