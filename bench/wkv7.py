@@ -1,7 +1,7 @@
 """WKV-7 forward and forward+backward times, bf16, side by side in one run.
 
     python bench/wkv7.py [--shapes 8,1024,12 64,64,12 4,4096,32] [--layout 0|1|2|3] [--inner 10]
-                         [--no-torch] [--no-fla] [--graph]
+                         [--no-torch] [--no-fla] [--graph] [--chain 1]
 
 Columns: this project's CUDA kernel, its PyTorch (chunked) path, and fla's chunk_rwkv7 when the
 flash-linear-attention package is installed. Also the memory-traffic lower bound of each shape:
@@ -13,6 +13,8 @@ training step; --inner 1 times a lone call, host overhead included). The PyTorch
 one call at a time (its device time dwarfs the host's). A forward+backward call includes a whole
 autograd backward pass, whose host cost (0.24-0.35 ms on the H100 machines) can exceed the device
 time at small shapes; --graph replays the calls from a CUDA graph instead, which times the device only.
+--chain K runs K independent calls (as the layers of a model do) before one backward pass over all of
+them, and reports the time per call: the backward pass's fixed host cost is shared as in training.
 """
 
 from __future__ import annotations
@@ -78,12 +80,14 @@ def inputs(B, T, H, N, requires_grad):
     return [x.bfloat16().requires_grad_(requires_grad) for x in xs]
 
 
-def fwd_bwd(fn, xs, dy):
+def fwd_bwd(fn, xsets, dy):
+    """len(xsets) calls on independent inputs, then one autograd backward pass over all of them."""
     def run():
-        for x in xs:
-            x.grad = None
-        y = fn(*xs)[0]
-        y.backward(dy)
+        for xs in xsets:
+            for x in xs:
+                x.grad = None
+        ys = [fn(*xs)[0] for xs in xsets]
+        torch.autograd.backward(ys, [dy] * len(ys))
     return run
 
 
@@ -108,6 +112,8 @@ def main():
     ap.add_argument("--no-fla", action="store_true", help="skip fla's chunk_rwkv7 even when it is installed")
     ap.add_argument("--graph", action="store_true",
                     help="replay the --inner calls from a CUDA graph: device time only, no host overhead")
+    ap.add_argument("--chain", type=int, default=1,
+                    help="fwd+bwd: this many calls per autograd backward pass, time per call (not the PyTorch path)")
     ap.add_argument("--inner", type=int, default=10,
                     help="calls back to back per timed repetition (1: each call timed alone, host launch included)")
     args = ap.parse_args()
@@ -119,6 +125,7 @@ def main():
     name = torch.cuda.get_device_name()
     print(f"{name}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s, bf16, N=64, "
           f"layout {'auto' if args.layout is None else args.layout}, {args.inner} calls per timing"
+          f"{f', {args.chain} calls per backward pass' if args.chain > 1 else ''}"
           f"{', replayed from a CUDA graph' if args.graph else ''}")
     print(f"{'B,T,H':<12}{'pass':<9}{'ours ms':>9}{'torch ms':>10}{'fla ms':>9}{'bound ms':>10}"
           f"{'vs torch':>10}{'vs fla':>8}")
@@ -142,9 +149,11 @@ def main():
                         with torch.no_grad():
                             row[key] = median_ms(lambda fn=fn, xs=xs: fn(*xs), inner=inner, graph=args.graph)
                     else:
-                        xs = inputs(B, T, H, N, True)
+                        chain = 1 if key == "torch" else max(1, args.chain)
+                        xsets = [inputs(B, T, H, N, True) for _ in range(chain)]
                         dy = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16)
-                        row[key] = median_ms(fwd_bwd(fn, xs, dy), inner=inner, graph=args.graph)
+                        row[key] = median_ms(fwd_bwd(fn, xsets, dy), inner=max(1, inner // chain),
+                                             graph=args.graph) / chain
                 except RuntimeError as e:  # e.g. an implementation that cannot be captured in a graph
                     if not args.graph:
                         raise
