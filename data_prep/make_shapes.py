@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from pathlib import Path
 
-from vision_rwkv.data import read_prep_record, write_text_atomic
+from vision_rwkv._fs import atomic_file, atomic_write
+from vision_rwkv.data import read_prep_record
 from vision_rwkv.errors import VisionRWKVError
 from vision_rwkv.shapes import make_captions, render, sample_objects
 
@@ -77,7 +77,7 @@ def make_shapes(out: Path, counts: dict[str, int], size: int, seed: int) -> tupl
     metadata = out / "metadata.jsonl"
     changed = not metadata.is_file() or metadata.read_text(encoding="utf-8") != text
     if changed:
-        write_text_atomic(metadata, text)
+        atomic_write(metadata, text)
     return written, kept, changed
 
 
@@ -94,7 +94,7 @@ def _claim_params(out: Path, size: int, seed: int) -> None:
     if any((out / "images").glob("*/*.png")):
         raise VisionRWKVError(f"{out}/images holds images but no {PARAMS_FILE}; expected an empty or a "
                               "make_shapes.py folder")
-    write_text_atomic(path, json.dumps(params) + "\n")
+    atomic_write(path, json.dumps(params) + "\n")
 
 
 def _example(out: Path, split: str, image_id: int, index: int, size: int, seed: int) -> tuple[dict, bool]:
@@ -104,9 +104,8 @@ def _example(out: Path, split: str, image_id: int, index: int, size: int, seed: 
     path = out / file_name
     new = not path.is_file()
     if new:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        render(objects, size).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            render(objects, size).save(tmp, format="PNG")
     record = {"file_name": file_name, "image_id": image_id, "split": split, "captions": make_captions(objects),
               "objects": objects}
     return record, new

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from vision_rwkv._fs import atomic_write
 from vision_rwkv.data import (
     METADATA_FILES,
     fingerprint,
@@ -24,7 +25,6 @@ from vision_rwkv.data import (
     read_image_folder,
     read_karpathy,
     read_prep_record,
-    write_text_atomic,
 )
 from vision_rwkv.errors import VisionRWKVError
 from vision_rwkv.tokenizer import train_bpe
@@ -58,8 +58,8 @@ def main(argv=None) -> int:
         captions = read_captions(source, data, args.split)
         tokenizer = train_bpe(captions, args.vocab_size, min_frequency=args.min_frequency)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.out, tokenizer.tk.to_str())
-        write_text_atomic(record_path, json.dumps(record, indent=1) + "\n")
+        atomic_write(args.out, tokenizer.tk.to_str())
+        atomic_write(record_path, json.dumps(record, indent=1) + "\n")
     except VisionRWKVError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

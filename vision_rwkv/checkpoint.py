@@ -7,14 +7,12 @@ either direction is a rename-free copy. Folders are written to a temporary sibli
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
+from ._fs import atomic_file, atomic_folder
 from .config import RWKV7Config
 from .errors import VisionRWKVError
 from .rwkv7 import RWKV7
@@ -214,54 +212,3 @@ def load_decoder(path, *, device=None, dtype=None, wkv_impl: str | None = None) 
     if path.suffix == ".safetensors":
         return load_folder(path.parent, device=device, dtype=dtype, wkv_impl=wkv_impl)
     return load_official(path, device=device, dtype=dtype, wkv_impl=wkv_impl or "auto")
-
-
-# ---- atomic writes ---------------------------------------------------------------------------------
-
-
-class atomic_folder:
-    """Write into a temporary sibling folder; on success replace the target in one rename."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    def __enter__(self) -> Path:
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.tmp-", dir=self.folder.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.folder.exists():
-            old = self.folder.with_name(f".{self.folder.name}.old-{os.getpid()}")
-            os.replace(self.folder, old)
-        os.replace(self.tmp, self.folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
-
-
-class atomic_file:
-    """Write to a temporary sibling file, fsync, then rename over the target."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
-            return False
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
-        return False

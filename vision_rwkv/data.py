@@ -20,12 +20,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
 
+from ._fs import atomic_folder, atomic_write
 from .config import DataConfig
 from .errors import VisionRWKVError
 
@@ -394,33 +394,8 @@ def read_prep_record(path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Write a whole file or nothing: a temporary file beside it, then a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_dataset(dsd: datasets.DatasetDict, out, record: dict) -> None:
-    """save_to_disk into a temporary folder, add the prep record, then rename it to out (replacing any old one)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = out.with_name(f".{out.name}.tmp-{os.getpid()}"), out.with_name(f".{out.name}.old-{os.getpid()}")
-    try:
+    """save_to_disk into a temporary folder with the prep record, then replace out with it in one step."""
+    with atomic_folder(out) as tmp:
         dsd.save_to_disk(str(tmp))
-        (tmp / PREP_RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        if old.exists() and not out.exists():  # put the previous output back rather than leave none
-            os.replace(old, out)
-        raise
-    finally:
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
+        atomic_write(tmp / PREP_RECORD, json.dumps(record, indent=1) + "\n")

@@ -1,6 +1,8 @@
-"""The one exception type for user errors (bad paths, configs, checkpoints, inputs).
+"""The one exception type for user errors (bad paths, configs, checkpoints, inputs), and the exit statuses.
 
-Entry scripts print its message (one line) and exit with status 2. Bugs stay ordinary tracebacks.
+Entry scripts print its message (one line) and exit with status 2 (EXIT_USAGE); OutputError, a write that
+failed once work had begun (disk full, a read-only file system), exits 3 (EXIT_OUTPUT) and keeps what was
+already written. Bugs stay ordinary tracebacks.
 The library's own warnings start with "vision_rwkv: "; short_warnings() makes an entry script show
 them as one line under its own name.
 """
@@ -11,11 +13,26 @@ import warnings
 PREFIX = "vision_rwkv: "
 
 
+EXIT_OK = 0
+EXIT_ALL_FAILED = 1  # caption.py: every image failed
+EXIT_USAGE = 2  # a bad option, config, path or checkpoint: nothing was done
+EXIT_OUTPUT = 3  # an output could not be written: what was written before is kept, a re-run resumes
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
 class VisionRWKVError(Exception):
     """A user error: the message says what was wrong and what was expected, on one line."""
 
+    exit_code = EXIT_USAGE
+
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class OutputError(VisionRWKVError):
+    """Writing an output failed (no space left, a read-only file system, permissions)."""
+
+    exit_code = EXIT_OUTPUT
 
 
 def short_warnings(prog: str) -> None:

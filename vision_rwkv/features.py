@@ -11,13 +11,15 @@ rank taking its slice. The position (epoch, batches done) is all that resuming n
 
 from __future__ import annotations
 
-import shutil
+import warnings
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
+from ._fs import atomic_folder, write_failed
 from .errors import VisionRWKVError
 from .images import load_image
 
@@ -118,32 +120,60 @@ class PairSampler(torch.utils.data.Sampler):
 def feature_cache(encoder, rows: datasets.Dataset, root, split: str, *, batch_size: int = 64,
                   device=None) -> datasets.Dataset:
     """The encoder's features for every row (columns tokens (P,Dt) and pooled (Dp,), float16), computed
-    once with datasets.map and kept under <root>/<encoder key>/<split>; later calls load them."""
+    once with datasets.map and kept under <root>/<encoder key>/<split>; later calls load them.
+
+    Runs that share a cache take turns: the build holds a file lock beside the folder, and a run that
+    finds it held waits, then uses what the other one built. The folder appears whole (atomic_folder).
+    """
     folder = Path(root) / encoder.feature_key() / split
-    if (folder / "dataset_info.json").is_file():
-        cached = datasets.load_from_disk(str(folder))
-        fixed = isinstance(cached.features.get("tokens"), datasets.Array2D)  # older caches: nested lists
-        if fixed and len(cached) == len(rows) and cached["image"] == rows["image"]:
-            return cached
+    cached = _cached(folder, rows)
+    if cached is not None:
+        return cached
     if len(rows) == 0:
         raise VisionRWKVError(f"split {split!r} has no images; nothing to encode")
-    device = device or next(encoder.parameters()).device
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failed(folder.parent, e) from None
+    lock = FileLock(str(folder.parent / f".{split}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        warnings.warn(f"vision_rwkv: another process is building the feature cache {folder}; waiting for it",
+                      stacklevel=2)
+        lock.acquire()
+    try:
+        cached = _cached(folder, rows)  # built by the process we waited for
+        if cached is not None:
+            return cached
+        mapped = _encode(encoder, rows, split, batch_size, device or next(encoder.parameters()).device)
+        with atomic_folder(folder) as tmp:
+            mapped.save_to_disk(str(tmp))
+    finally:
+        lock.release()
+    return datasets.load_from_disk(str(folder))
 
+
+def _cached(folder: Path, rows: datasets.Dataset) -> datasets.Dataset | None:
+    """The cache in folder when it is complete and holds exactly these images, else None."""
+    if not (folder / "dataset_info.json").is_file():
+        return None
+    cached = datasets.load_from_disk(str(folder))
+    fixed = isinstance(cached.features.get("tokens"), datasets.Array2D)  # older caches: nested lists
+    if fixed and len(cached) == len(rows) and cached["image"] == rows["image"]:
+        return cached
+    return None
+
+
+def _encode(encoder, rows: datasets.Dataset, split: str, batch_size: int, device) -> datasets.Dataset:
     def encode(batch):
         images = torch.stack([encoder.preprocess(load_image(p)) for p in batch["image"]]).to(device)
         tokens, pooled = encoder(images)
         return {"tokens": tokens.half().cpu().numpy(), "pooled": pooled.half().cpu().numpy()}
 
-    with torch.no_grad():
-        probe_tokens, probe_pooled = encoder(encoder.preprocess(load_image(rows[0]["image"]))[None].to(device))
+    probe_tokens, probe_pooled = encoder(encoder.preprocess(load_image(rows[0]["image"]))[None].to(device))
     schema = rows.features.copy()  # fixed-shape arrays: a batch reads back as one numpy array, no nested lists
     schema["tokens"] = datasets.Array2D(tuple(probe_tokens.shape[1:]), "float16")
     schema["pooled"] = datasets.Sequence(datasets.Value("float16"), length=probe_pooled.shape[-1])
-    mapped = rows.map(encode, batched=True, batch_size=batch_size, desc=f"encoding {split} images", features=schema,
-                      new_fingerprint=f"{encoder.feature_key()}-{split}-{len(rows)}", load_from_cache_file=False)
-    tmp = folder.parent / f".{folder.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    mapped.save_to_disk(str(tmp))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return datasets.load_from_disk(str(folder))
+    return rows.map(encode, batched=True, batch_size=batch_size, desc=f"encoding {split} images", features=schema,
+                    new_fingerprint=f"{encoder.feature_key()}-{split}-{len(rows)}", load_from_cache_file=False)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from .checkpoint import CONFIG, WEIGHTS, _build, atomic_folder, load_decoder
+from ._fs import atomic_folder
+from .checkpoint import CONFIG, WEIGHTS, _build, load_decoder
 from .config import CaptionConfig, caption_config_from_dict, caption_config_to_dict
 from .encoder import ClipEncoder
 from .errors import VisionRWKVError

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ._fs import atomic_file
 from .errors import VisionRWKVError
 
 STATE_FORMAT = "vision_rwkv.state"
@@ -73,8 +74,6 @@ class RWKVState:
     def save(self, path) -> None:
         """Write the state to a safetensors file (atomically), e.g. a prompt's state to start many runs from."""
         from safetensors.torch import save_file
-
-        from .checkpoint import atomic_file
 
         tensors = {name: getattr(self, name).detach().contiguous().cpu() for name in STATE_KEYS}
         with atomic_file(Path(path)) as tmp:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import atomic_file
+from ._fs import atomic_file
 from .config import CaptionConfig
 from .data import get_split, load_source
 from .errors import VisionRWKVError
