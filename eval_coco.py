@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from vision_rwkv._fs import atomic_write, check_writable
 from vision_rwkv.config import SamplingConfig
 from vision_rwkv.errors import VisionRWKVError
 from vision_rwkv.metrics import coco_scores
@@ -34,9 +33,9 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except VisionRWKVError as e:
+    except VisionRWKVError as e:  # OutputError (a write failed after captioning began) exits 3
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,7 +74,7 @@ def _run(args) -> int:
     results_path = args.results if not captioning else (args.out or Path(f"coco_{args.split}_results.json"))
     metrics_path = args.metrics_out or results_path.with_suffix(".metrics.json")
     for path in ([results_path] if captioning else []) + [metrics_path]:
-        _check_writable(path)
+        check_writable(path, "--out" if path == results_path and captioning else "--metrics-out")
 
     rows = _split_rows(args.karpathy, args.image_root, args.split, check_images=captioning)
     failed = 0
@@ -98,8 +97,9 @@ def _run(args) -> int:
     spice = {"auto": None, "on": True, "off": False}[args.spice]
     scores = coco_scores(gts, res, tokenize=args.tokenize, spice=spice)
     skipped = scores.pop("skipped")
+    tokenize = scores.pop("tokenize")  # "simple" when the PTB tokenizer could not run
 
-    print(f"scored {len(res)} of {len(gts)} images of split {args.split!r} (tokenize {args.tokenize})"
+    print(f"scored {len(res)} of {len(gts)} images of split {args.split!r} (tokenize {tokenize})"
           + (f"; {failed} failed to caption and are not scored" if failed else ""))
     for name, label in METRIC_LABELS.items():
         if name in scores:
@@ -115,7 +115,8 @@ def _run(args) -> int:
         "images_in_split": len(gts),
         "images_scored": len(res),
         "failed_images": failed,
-        "tokenize": args.tokenize,
+        "tokenize": tokenize,
+        "tokenize_requested": args.tokenize,
         "metrics": scores,
         "skipped": skipped,
     }
@@ -201,29 +202,9 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_writable(path: Path) -> None:
-    """Fail before hours of captioning, not after."""
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise VisionRWKVError(f"cannot create the folder {parent} for {path} ({e.strerror}); "
-                              "expected a writable path") from None
-    if path.is_dir() or not os.access(parent, os.W_OK):
-        raise VisionRWKVError(f"cannot write {path}; expected a writable file path")
-
-
 def _write_json(path: Path, data) -> None:
-    """Written to a temporary file in the same folder, then renamed: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The whole file or nothing (vision_rwkv._fs): a crash never leaves half a file."""
+    atomic_write(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def coco_scores(gts: Captions, res: Captions, *, tokenize: str = "ptb", spice: O
     "simple" (see simple_tokenize). spice: None runs SPICE when its jars are installed, False never,
     True requires it (a failure raises).
 
-    Returns {"Bleu_1": float, ..., "CIDEr": float[, "SPICE": float], "skipped": {name: reason}}.
+    Returns {"Bleu_1": float, ..., "CIDEr": float[, "SPICE": float], "skipped": {name: reason},
+    "tokenize": the tokenization actually used ("simple" when the PTB tokenizer could not run)}.
     """
     if tokenize not in TOKENIZERS:
         raise VisionRWKVError(f"tokenize is {tokenize!r}; expected one of {', '.join(TOKENIZERS)}")
@@ -74,6 +75,7 @@ def coco_scores(gts: Captions, res: Captions, *, tokenize: str = "ptb", spice: O
                 raise VisionRWKVError(f"SPICE was required but failed: {_reason(e)}") from e
             skipped[name] = _reason(e)
     scores["skipped"] = skipped
+    scores["tokenize"] = tokenize
     return scores
 
 
