@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -23,10 +22,20 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from vision_rwkv._faults import fault_point
+from vision_rwkv._fs import AppendLog, atomic_write, check_writable, write_failed
 from vision_rwkv.captioner import CaptionResult, check_dtype
 from vision_rwkv.config import SamplingConfig
-from vision_rwkv.errors import VisionRWKVError, short_warnings
-from vision_rwkv.launch import Launch
+from vision_rwkv.errors import (
+    EXIT_ALL_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    OutputError,
+    VisionRWKVError,
+    short_warnings,
+)
+from vision_rwkv.launch import Launch, die_with_parent
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 PROG = "caption.py"
@@ -48,14 +57,18 @@ options (Hydra overrides, key=value; defaults in conf/caption.yaml):
   out=FILE                where to write; null (default): standard output
   format=FORMAT           auto (default) | text | jsonl | csv | coco | txt (see below)
   sampling=NAME           decoding preset from conf/sampling: greedy (default) | beam | nucleus
-  sampling.KEY=VALUE      any SamplingConfig field, e.g. sampling.num_beams=5 sampling.max_new_tokens=32
-                          sampling.temperature=0.7 sampling.top_p=0.9 sampling.seed=1
+  sampling.KEY=VALUE      any SamplingConfig field of the preset's strategy, e.g. sampling.max_new_tokens=32,
+                          sampling=beam sampling.num_beams=5, sampling=nucleus sampling.top_p=0.9
+                          sampling.temperature=0.7 sampling.seed=1; a field the strategy does not use
+                          (top_p under greedy) is an error that names the preset to use
   batch_size=N            images encoded and decoded together (default 32)
   num_workers=N           processes decoding image files; null (default): one per CPU, at most 8;
                           0: in this process (never more than there are batches)
   device=DEVICE           auto (default: CUDA when available) | cpu | cuda | cuda:N
   dtype=DTYPE             auto (default: bf16 weights and autocast on CUDA, fp32 on the CPU) | bf16 | fp32
   progress=BOOL           progress bar with images/s on stderr; null (default): when stderr is a terminal
+  overwrite=BOOL          false (default): resume what an earlier run with this out left, and leave an
+                          existing NAME.txt alone (format=txt); true: start afresh and replace them
   paths=[A,B]             paths as a Hydra list (added to the positional ones)
                           (a value with spaces, commas or brackets needs Hydra's quotes: out="'my file.jsonl'")
   --cfg                   print the composed configuration and exit
@@ -65,28 +78,37 @@ output formats (format=auto picks from out's suffix: .jsonl -> jsonl, .csv -> cs
 .txt -> text; no out -> text on standard output):
   text    one line per image: the caption, or PATH<TAB>CAPTION when there are several images;
           a failed image's line reads [error] REASON in place of the caption
-  jsonl   one {"path", "caption", "score", "error"} object per line, appended and flushed after
-          every batch; a re-run with the same out skips the images already in the file (resume;
-          to retry failed images, delete their lines)
+  jsonl   one {"path", "caption", "score", "error"} object per line, appended and fsynced after
+          every batch; a re-run with the same out skips the images already in the file, matched by
+          the file they name however the path is spelt (resume; to retry failed images, delete
+          their lines)
   csv     columns path, caption, score, error
   coco    COCO results JSON: [{"image_id", "caption"}]; image_id is the file name's number
           (000000123456.jpg, COCO_val2014_000000123456.jpg), else the image's position in the input;
           failed images are left out (the format has no place for them)
   txt     a sidecar NAME.txt holding the caption beside each image NAME.EXT (out must be unset;
-          failed images get none)
+          failed images get none); an image that already has a NAME.txt (often a caption written
+          by hand) is left alone and counted in one line, unless overwrite=true
 score is the caption's total log-probability under the model (higher is more likely).
-csv, coco and text files are written whole at the end, through a temporary file and a rename.
+csv, coco and text files are written whole at the end, through a temporary file and a rename; until
+then the rows go to OUT.journal.jsonl beside out, batch by batch, so a killed or failed run loses at
+most one batch and a re-run with the same out resumes from the journal. One run at a time per out:
+a second run on the same out stops with one line.
 
 A file that cannot be read (corrupt, truncated, not an image, too large, unreadable, a symlink loop)
 gets one line on stderr and an error row; the run goes on. At the end stderr says
 "captioned N images, M failed in T s (R images/s)" (T from the loaded model to the last image).
-Exit status: 0 when done, 1 when every image failed, 2 on a usage, config or checkpoint error.
+Exit status: 0 when done, 1 when every image failed, 2 on a usage, config or checkpoint error (before
+any work), 3 when an output could not be written (disk full, read-only): one line says what, the rows
+written before are kept and the same command resumes; 130 on Ctrl-C; 141 when standard output was
+closed early (e.g. | head), quietly, as a process ended by SIGPIPE.
 
 several processes (one per GPU; torchrun's own flags for several machines):
   torchrun --nproc_per_node=2 caption.py photos/ out=captions.jsonl
 each process captions every 2nd pending image into out.part-R-of-W.jsonl beside out; process 0 then
 merges the parts into out in input order. out is required (any format but text on standard output;
-format=txt needs none). A killed jsonl run resumes with any number of processes.
+format=txt needs none). A killed run resumes with any number of processes, a single one included: the
+parts it left are taken into out (or its journal) first, then removed.
 
 examples:
   python caption.py photo.jpg
@@ -117,10 +139,12 @@ class CaptionCLIConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: bf16 weights and autocast on CUDA, fp32 on the CPU | bf16 | fp32
     progress: Optional[bool] = None  # None: when stderr is a terminal
+    overwrite: bool = False  # True: start afresh (no resume), replacing out, its journal and existing NAME.txt
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 ConfigStore.instance().store(name="caption_cli_schema", node=CaptionCLIConfig)
+EXIT_BROKEN_PIPE = 128 + 13  # as a process ended by SIGPIPE, what shells report for `yes | head -1`
 SUFFIX_FORMATS = {".jsonl": OutputFormat.jsonl, ".csv": OutputFormat.csv, ".json": OutputFormat.coco,
                   ".txt": OutputFormat.text}
 
@@ -147,13 +171,26 @@ def main(argv: list[str] | None = None) -> int:
         app = OmegaConf.to_object(cfg)
         app.paths = [*app.paths, *paths]
         return run(app)
+    except BrokenPipeError:  # e.g. `caption.py photos/ | head -1`: the reader has gone; stop quietly
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except (VisionRWKVError, HydraException, OmegaConfBaseException) as e:
         hint = "" if isinstance(e, VisionRWKVError) else " (python caption.py --help lists the options)"
         print(f"{PROG}: {one_line(e)}{hint}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", EXIT_USAGE)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so the interpreter's last flush cannot fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (a test's captured stream)
+        pass
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str], bool]:
@@ -233,20 +270,19 @@ def run(cfg: CaptionCLIConfig) -> int:
     if shard.world > 1:
         return run_sharded(cfg, fmt, shard)
     images = list_images(cfg.paths, quiet=False)
-    writer = make_writer(fmt, cfg.out, images)
-    todo = [p for p in images if _key(p) not in writer.done]
-    skipped = len(images) - len(todo)
-    if skipped:
-        print(f"{PROG}: {skipped} of {len(images)} images are already in {cfg.out}; captioning the other "
-              f"{len(todo)}", file=sys.stderr)
+    output = Output(fmt, cfg.out, images, cfg.overwrite)
     try:
-        captioned, failed, seconds = caption_into(writer, todo, cfg, cfg.device)
-        writer.close()  # the whole-file formats are written here, only after a complete run
+        for note in output.notes:
+            print(f"{PROG}: {note}", file=sys.stderr)
+        writer = output.writer()
+        captioned, failed, seconds = caption_into(writer, output.todo, cfg, cfg.device)
+        writer.close()
+        output.finish()  # csv, coco and text files are written here, from the journal, after a complete run
     finally:
-        writer.release()
+        output.close()
     print(f"{PROG}: captioned {captioned} images, {failed} failed{_rate(captioned + failed, seconds)}"
-          + (f" ({skipped} already in {cfg.out})" if skipped else ""), file=sys.stderr)
-    return 1 if failed and not captioned else 0
+          + output.already, file=sys.stderr)
+    return EXIT_ALL_FAILED if failed and not captioned else EXIT_OK
 
 
 def list_images(paths: list[str], quiet: bool) -> list[str]:
@@ -289,6 +325,7 @@ def caption_into(writer: Writer, todo: list[str], cfg: CaptionCLIConfig, device:
         failed += sum(r.error is not None for r in batch)
         captioned += sum(r.error is None for r in batch)
         writer.write(batch)
+        fault_point("caption.batch_written")
     return captioned, failed, time.perf_counter() - start
 
 
@@ -299,66 +336,13 @@ def _rate(images: int, seconds: float) -> str:
 # ---- several processes (torchrun) ---------------------------------------------------------------------------
 
 
-def part_path(out: Path, rank: int, world: int) -> Path:
-    return out.with_name(f"{out.name}.part-{rank:03d}-of-{world:03d}.jsonl")
-
-
-def existing_parts(out: Path) -> list[Path]:
-    return sorted(out.parent.glob(f"{glob.escape(out.name)}.part-*-of-*.jsonl"))
-
-
-def read_part_rows(part: Path) -> list[dict]:
-    """The whole rows of a part file (a last line cut by a kill is left out)."""
-    rows = []
-    for n, line in enumerate(part.read_bytes().split(b"\n")[:-1], 1):
-        row = _caption_row(line)
-        if row is None:
-            raise VisionRWKVError(f"{part} line {n} is not a caption row; it is a part file of an earlier "
-                                  "multi-process run (fix or remove it)")
-        rows.append(row)
-    return rows
-
-
-def _caption_row(line: bytes) -> dict | None:
-    """A JSONL output line as its row, or None when it is not one (no JSON object with a string path)."""
-    try:
-        row = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return row if isinstance(row, dict) and isinstance(row.get("path"), str) else None
-
-
-def absorb_parts(out: Path, images: list[str]) -> None:
-    """Append the rows of every part file next to a JSONL out (in input order, rows already in out left
-    out, so absorbing twice never duplicates), fsync, then delete the parts."""
-    parts = existing_parts(out)
-    if not parts:
-        return
-    done = set(_read_jsonl_paths(out))
-    order = {_key(p): i for i, p in enumerate(images)}
-    rows: dict[str, dict] = {}
-    for part in parts:
-        for row in read_part_rows(part):
-            key = _key(row["path"])
-            if key not in done:
-                rows.setdefault(key, row)
-    ranked = sorted(rows.items(), key=lambda kv: order.get(kv[0], len(order)))
-    if ranked:
-        with open(out, "a", encoding="utf-8", errors="surrogateescape") as f:
-            f.write("".join(_json_line(row) for _, row in ranked))
-            f.flush()
-            os.fsync(f.fileno())
-    for part in parts:
-        part.unlink()
-
-
 def run_sharded(cfg: CaptionCLIConfig, fmt: OutputFormat, shard: Launch) -> int:
-    """Under torchrun: each process captions every WORLD_SIZE-th image of the pending list into its own
-    part file (JSONL, flushed per batch), then process 0 merges the parts into out in input order.
+    """Under torchrun: each process captions every WORLD_SIZE-th pending image into its own part file (JSONL,
+    flushed per batch), then process 0 merges the parts into the output in input order.
 
-    JSONL out resumes as usual: parts left by a killed run (any process count) are merged into out first.
-    The whole-file formats are rendered by process 0 from the parts once every process is done; format=txt
-    needs no merge (each process writes its own sidecars).
+    Process 0 alone holds the output (locked for the whole run): it lists the images, takes in the parts of an
+    earlier killed run (any process count), and tells the others what is left. The whole-file formats are
+    rendered from their journal once every process is done; format=txt needs no merge.
     """
     from datetime import timedelta
 
@@ -369,69 +353,68 @@ def run_sharded(cfg: CaptionCLIConfig, fmt: OutputFormat, shard: Launch) -> int:
         raise VisionRWKVError(f"under torchrun (WORLD_SIZE={shard.world}) the processes cannot share standard "
                               "output; expected out=FILE (each process writes FILE.part-R-of-W.jsonl and process "
                               "0 merges them) or format=txt")
-    out = Path(cfg.out) if cfg.out is not None else None
-    if out is not None:
-        _check_writable(out)
+    die_with_parent()  # a torchrun agent killed with -9 takes its workers with it
     if not dist.is_initialized():  # gloo: only barriers, the file list and a few integers pass between processes
         dist.init_process_group("gloo", timeout=timedelta(hours=24))
+    main_process = shard.rank == 0
+    output = None
     try:
-        main_process = shard.rank == 0
-        # one listing for all: processes listing a folder that changes meanwhile would split different lists
-        listing: list = [None]
+        plan: list = [None]
         if main_process:
             try:
-                listing = [list_images(cfg.paths, quiet=False)]
+                images = list_images(cfg.paths, quiet=False)
+                output = Output(fmt, cfg.out, images, cfg.overwrite)
+                for note in output.notes:
+                    print(f"{PROG}: {note}", file=sys.stderr)
+                plan = [(output.todo, output.already)]
             except VisionRWKVError as e:
-                listing = [e]
-        dist.broadcast_object_list(listing, src=0)
-        if isinstance(listing[0], VisionRWKVError):  # said once, by process 0; the others just stop
+                plan = [e]
+        dist.broadcast_object_list(plan, src=0)
+        if isinstance(plan[0], VisionRWKVError):  # said once, by process 0; the others just stop
             if main_process:
-                raise listing[0]
-            return 2
-        images = listing[0]
-        if main_process and out is not None:
-            if fmt is OutputFormat.jsonl:
-                absorb_parts(out, images)  # an earlier killed run's parts
-            else:
-                for part in existing_parts(out):  # whole-file formats do not resume: start clean
-                    part.unlink()
-        dist.barrier()
-        done = frozenset(_read_jsonl_paths(out)) if fmt is OutputFormat.jsonl else frozenset()
-        todo = [p for p in images if _key(p) not in done]
+                raise plan[0]
+            return EXIT_USAGE
+        todo, already = plan[0]
         mine = todo[shard.rank::shard.world]
-        writer = SidecarWriter(mine) if fmt is OutputFormat.txt else JsonlWriter(part_path(out, shard.rank,
-                                                                                            shard.world))
+        part = None if fmt is OutputFormat.txt else RowStore(part_path(Path(cfg.out), shard.rank, shard.world))
+        writer = SidecarWriter() if part is None else JsonlWriter(part)
         device = shard.device(cfg.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)  # this process's GPU is also the current one (streams, graphs)
         try:
             captioned, failed, seconds = caption_into(writer, mine, cfg, str(device), main_process)
         finally:
-            writer.release()
+            if part is not None:
+                part.close()
         counts = [None] * shard.world
         dist.all_gather_object(counts, (captioned, failed, seconds))  # also the barrier: every part is complete
         captioned, failed = (sum(c[i] for c in counts) for i in (0, 1))
         seconds = max(c[2] for c in counts)  # the slowest process
-        if main_process and out is not None:
-            if fmt is OutputFormat.jsonl:
-                absorb_parts(out, images)
-            else:
-                rows = {_key(r["path"]): r for part in existing_parts(out) for r in read_part_rows(part)}
-                results = [CaptionResult(**rows[_key(p)]) for p in images if _key(p) in rows]
-                whole = make_writer(fmt, cfg.out, images)
-                whole.write(results)
-                whole.close()
-                for part in existing_parts(out):
-                    part.unlink()
+        if main_process:
+            output.take_parts()
+            output.finish()
         dist.barrier()
     finally:
+        if output is not None:
+            output.close()
         dist.destroy_process_group()
-    skipped = len(images) - len(todo)
     if main_process:
         print(f"{PROG}: captioned {captioned} images, {failed} failed with {shard.world} processes"
-              f"{_rate(captioned + failed, seconds)}" + (f" ({skipped} already in {cfg.out})" if skipped else ""),
-              file=sys.stderr)
-    return 1 if failed and not captioned else 0
+              f"{_rate(captioned + failed, seconds)}" + already, file=sys.stderr)
+    return EXIT_ALL_FAILED if failed and not captioned else EXIT_OK
+
+
+def part_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.name}.part-{rank:03d}-of-{world:03d}.jsonl")
+
+
+def existing_parts(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f"{glob.escape(out.name)}.part-*-of-*.jsonl"))
+
+
+def journal_path(out: Path) -> Path:
+    """Where a csv, coco or text run keeps its rows until the whole file is written."""
+    return out.with_name(f"{out.name}.journal.jsonl")
 
 
 def output_format(cfg: CaptionCLIConfig) -> OutputFormat:
@@ -451,13 +434,183 @@ def output_format(cfg: CaptionCLIConfig) -> OutputFormat:
     return fmt
 
 
-# ---- writers ------------------------------------------------------------------------------------------------
+# ---- where the rows go --------------------------------------------------------------------------------------
+
+
+class RowStore:
+    """Caption rows in a locked JSONL file: the out of a jsonl run, the journal of a csv/coco/text run, or one
+    process's part under torchrun. Batches are appended whole and fsynced, so a killed run loses at most the
+    batch in flight; a torn last line is cut off when the file is opened again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.log = AppendLog(path, holder="another caption.py run")
+        try:
+            lines, self.torn = self.log.lines()
+            self.keys = {_key(row["path"]) for row in self._parse(lines)}
+        except BaseException:
+            self.log.close(remove_if_empty=True)
+            raise
+        self.count = len(self.keys)
+
+    def _parse(self, lines: list[bytes]) -> list[dict]:
+        rows = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            row = _caption_row(line)
+            if row is None:
+                raise VisionRWKVError(f"{self.path} line {n} is not a caption row; expected JSON objects with a "
+                                      "'path' on every line (fix or remove it, or choose another out)")
+            rows.append(row)
+        return rows
+
+    def rows(self) -> list[dict]:
+        return self._parse(self.log.lines()[0])
+
+    def append(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        self.log.append("".join(_json_line(row) for row in rows).encode("utf-8", "surrogateescape"),
+                        then=f"the {self.count} rows written before are kept, and the same command resumes "
+                             "after them")
+        self.count += len(rows)
+        self.keys.update(_key(row["path"]) for row in rows)
+
+    def clear(self) -> None:
+        self.log.truncate(0)
+        self.keys, self.count = set(), 0
+
+    def remove(self) -> None:
+        """Delete the file (while still holding it) and let go."""
+        self.path.unlink(missing_ok=True)
+        self.close(remove_if_empty=False)
+
+    def close(self, remove_if_empty: bool = True) -> None:
+        self.log.close(remove_if_empty=remove_if_empty)
+
+
+class Output:
+    """A run's output and what an earlier run left of it; built by the single process, or by process 0.
+
+    - jsonl: out itself is the row store (resume: the images already in it are skipped);
+    - csv, coco, text with out: a journal, out.journal.jsonl, collects the rows; finish() writes out whole
+      from it, then removes it (a killed or failed run resumes from the journal);
+    - parts of a killed torchrun run (out.part-R-of-W.jsonl) are taken into the store first, then removed;
+    - txt: an image that already has NAME.txt beside it is left alone unless overwrite;
+    - standard output: nothing to resume.
+    overwrite starts afresh: the store and any parts are emptied, existing sidecars replaced.
+    """
+
+    def __init__(self, fmt: OutputFormat, out: str | None, images: list[str], overwrite: bool):
+        self.fmt, self.images = fmt, images
+        self.out = Path(out) if out is not None else None
+        self.store: RowStore | None = None
+        self.notes: list[str] = []
+        self.already = ""
+        self.todo = list(images)
+        if fmt is OutputFormat.txt:
+            self._skip_sidecars(overwrite)
+        elif self.out is not None:
+            check_writable(self.out)
+            self.store = RowStore(self.out if fmt is OutputFormat.jsonl else journal_path(self.out))
+            try:
+                self._resume(overwrite)
+            except BaseException:
+                self.store.close()
+                raise
+
+    def _resume(self, overwrite: bool) -> None:
+        store = self.store
+        if overwrite:
+            store.clear()
+            for part in existing_parts(self.out):
+                part.unlink()
+            return
+        if store.torn:
+            self.notes.append(f"dropped a partial last line of {store.path} (an interrupted write)")
+        taken, parts = self.take_parts()
+        if parts:
+            self.notes.append(f"took {taken} rows from {parts} part file(s) of an earlier multi-process run into "
+                              f"{store.path}")
+        if store.count:
+            done = len(self.images) - sum(_key(p) not in store.keys for p in self.images)
+            self.todo = [p for p in self.images if _key(p) not in store.keys]
+            self.notes.append(f"{store.path} already holds {store.count} rows: {done} of {len(self.images)} images "
+                              f"are done, {len(self.todo)} left")
+            if done:
+                self.already = f" ({done} already in {self.out})"
+
+    def _skip_sidecars(self, overwrite: bool) -> None:
+        SidecarWriter.check_names(self.images)
+        if overwrite:
+            return
+        self.todo = [p for p in self.images if not sidecar_path(p).exists()]
+        kept = len(self.images) - len(self.todo)
+        if kept:
+            self.notes.append(f"{kept} of {len(self.images)} images already have a NAME.txt beside them, and it was "
+                              "left alone (overwrite=true replaces them)")
+            self.already = f" ({kept} left alone: NAME.txt exists)"
+
+    def take_parts(self) -> tuple[int, int]:
+        """Append the rows of the part files beside out to the store, in input order, those already there left
+        out (so taking them twice never duplicates), then remove the parts. Returns (rows taken, parts)."""
+        if self.store is None:
+            return 0, 0
+        order = {_key(p): i for i, p in enumerate(self.images)}
+        parts = [RowStore(part) for part in existing_parts(self.out)]  # locked: no live process writes them
+        try:
+            rows: dict[str, dict] = {}
+            for part in parts:
+                for row in part.rows():
+                    key = _key(row["path"])
+                    if key not in self.store.keys:
+                        rows.setdefault(key, row)
+            self.store.append(sorted(rows.values(), key=lambda row: order.get(_key(row["path"]), len(order))))
+            for part in parts:
+                part.path.unlink()
+        finally:
+            for part in parts:
+                part.close(remove_if_empty=False)
+        return len(rows), len(parts)
+
+    def writer(self) -> Writer:
+        """The writer of a single-process run."""
+        if self.fmt is OutputFormat.txt:
+            return SidecarWriter()
+        if self.store is not None:
+            return JsonlWriter(self.store)
+        if self.fmt in (OutputFormat.text, OutputFormat.jsonl):
+            return StreamWriter(self._render(for_stream=True))
+        return WholeFileWriter(self._render())  # csv or coco on standard output: printed at the end
+
+    def _render(self, for_stream: bool = False):
+        if self.fmt is OutputFormat.jsonl:
+            return lambda results: "".join(_json_line(_row(r)) for r in results)
+        if self.fmt is OutputFormat.text:
+            return _text_lines(several=len(self.images) > 1)
+        return _csv_text if self.fmt is OutputFormat.csv else _coco_text
+
+    def finish(self) -> None:
+        """After a complete run: a whole-file format is written from its journal, which then goes."""
+        if self.store is None or self.fmt is OutputFormat.jsonl:
+            return
+        rows = {_key(row["path"]): row for row in self.store.rows()}
+        results = [CaptionResult(**_row(rows[k])) for k in map(_key, self.images) if k in rows]
+        try:
+            atomic_write(self.out, self._render()(results))
+        except OutputError as e:
+            raise OutputError(f"{e}; the {len(results)} captions are kept in {self.store.path}, and the same "
+                              f"command writes {self.out} from them") from None
+        self.store.remove()
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
 
 class Writer:
-    """Receives each batch's results in input order. `done` holds the paths an earlier run wrote (resume)."""
-
-    done: frozenset[str] = frozenset()
+    """Receives each batch's results in input order."""
 
     def write(self, batch: list[CaptionResult]) -> None:
         raise NotImplementedError
@@ -465,22 +618,11 @@ class Writer:
     def close(self) -> None:
         """The run is complete: write what is still held."""
 
-    def release(self) -> None:
-        """Complete or not: let go of open files."""
 
-
-def make_writer(fmt: OutputFormat, out: str | None, images: list[str]) -> Writer:
-    path = Path(out) if out is not None else None
-    if path is not None:
-        _check_writable(path)
-    if fmt is OutputFormat.jsonl:
-        return JsonlWriter(path)
-    if fmt is OutputFormat.txt:
-        return SidecarWriter(images)
-    if fmt is OutputFormat.text:
-        render = _text_lines(several=len(images) > 1)
-        return StreamWriter(render) if path is None else WholeFileWriter(path, render)
-    return WholeFileWriter(path, _csv_text if fmt is OutputFormat.csv else _coco_text)
+def _row(r) -> dict:
+    if isinstance(r, dict):
+        return {k: r.get(k) for k in ("path", "caption", "score", "error")}
+    return {"path": r.path, "caption": r.caption, "score": r.score, "error": r.error}
 
 
 def _text_lines(several: bool):
@@ -525,62 +667,55 @@ def coco_image_id(path: str, index: int) -> int:
 
 
 class StreamWriter(Writer):
-    """Text on standard output, flushed after every batch."""
+    """Lines on standard output, flushed after every batch."""
 
     def __init__(self, render):
         self.render = render
 
     def write(self, batch):
-        sys.stdout.write(self.render(batch))
-        sys.stdout.flush()
+        _to_stdout(self.render(batch))
 
 
 class WholeFileWriter(Writer):
-    """Collects every result, renders them at the end: to a file (temporary file + rename) or stdout."""
+    """Collects every result and prints them rendered at the end (csv or coco on standard output)."""
 
-    def __init__(self, path: Path | None, render):
-        self.path, self.render, self.results = path, render, []
+    def __init__(self, render):
+        self.render, self.results = render, []
 
     def write(self, batch):
         self.results.extend(batch)
 
     def close(self):
-        text = self.render(self.results)
-        if self.path is None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        else:
-            atomic_write(self.path, text)
+        _to_stdout(self.render(self.results))
+
+
+def _to_stdout(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise write_failed("to standard output", e, "the lines printed before stand") from None
 
 
 class JsonlWriter(Writer):
-    """JSONL rows appended one batch per write(), then flushed and fsynced: a killed run loses at most the
-    batch in flight, and a restart drops a half-written last line before appending."""
+    """Rows appended to a RowStore one batch per write()."""
 
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.fd = None
-        if path is not None:
-            self.done = frozenset(_read_jsonl_paths(path))
+    def __init__(self, store: RowStore):
+        self.store = store
 
     def write(self, batch):
-        data = "".join(_json_line({"path": r.path, "caption": r.caption, "score": r.score, "error": r.error})
-                       for r in batch)
-        if self.path is None:
-            sys.stdout.write(data)
-            sys.stdout.flush()
-            return
-        if self.fd is None:  # opened at the first batch: a run that fails to start leaves no empty file
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        view = memoryview(data.encode("utf-8"))
-        while view:  # one write() in practice; a short write only continues the same line
-            view = view[os.write(self.fd, view):]
-        os.fsync(self.fd)
+        self.store.append([_row(r) for r in batch])
 
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+
+def _caption_row(line: bytes) -> dict | None:
+    """A JSONL output line as its row, or None when it is not one (no JSON object with a string path)."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("path"), str) else None
 
 
 def _json_line(row: dict) -> str:
@@ -592,33 +727,11 @@ def _json_line(row: dict) -> str:
     return line + "\n"
 
 
-def _read_jsonl_paths(path: Path) -> set[str]:
-    """Paths of an existing JSONL output; a last line without its newline (a killed write) is cut off."""
-    if not path.exists():
-        return set()
-    done, good_end, n = set(), 0, 0
-    with open(path, "r+b") as f:
-        for n, line in enumerate(f, 1):  # noqa: B007 (n names the line in errors)
-            if not line.endswith(b"\n"):
-                f.truncate(good_end)
-                os.fsync(f.fileno())
-                print(f"{PROG}: dropped a partial last line of {path} (an interrupted write)", file=sys.stderr)
-                break
-            good_end += len(line)
-            if not line.strip():
-                continue
-            row = _caption_row(line)
-            if row is None:
-                raise VisionRWKVError(f"{path} line {n} is not a caption row; expected JSON objects with a "
-                                      "'path' on every line (fix or remove it, or choose another out)")
-            done.add(_key(row["path"]))
-    return done
-
-
 class SidecarWriter(Writer):
     """NAME.txt beside each captioned image NAME.EXT, each written whole (temporary file + rename)."""
 
-    def __init__(self, images: list[str]):
+    @staticmethod
+    def check_names(images: list[str]) -> None:
         owners: dict[Path, str] = {}
         for image in images:
             sidecar = sidecar_path(image)
@@ -638,45 +751,8 @@ def sidecar_path(image: str) -> Path:
 
 
 def _key(path: str) -> str:
-    return os.path.normpath(path)
-
-
-def _check_writable(path: Path) -> None:
-    """Fail before the model loads, not after hours of captioning."""
-    if path.is_dir():
-        raise VisionRWKVError(f"out={str(path)!r} is a folder; expected a file path")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise VisionRWKVError(f"cannot create the folder {parent} for out ({e.strerror}); "
-                              "expected a writable path") from None
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise VisionRWKVError(f"cannot write {path}; expected a writable file path")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """The whole file or nothing: a temporary file in the same folder, fsynced, then renamed over path."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise VisionRWKVError(f"cannot write {path} ({e.strerror}); expected a writable folder") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Paths are matched by what they name, however spelt: absolute or relative, through links or not."""
+    return os.path.realpath(path)
 
 
 if __name__ == "__main__":

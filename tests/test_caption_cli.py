@@ -183,7 +183,7 @@ def test_jsonl_resume_skips_done_images_and_drops_a_partial_line(cli, reference,
     assert rows[:2] == full[:2]  # kept as they were
     assert {r["path"]: r["caption"] for r in rows} == reference(images)
     assert any("partial last line" in line for line in err)
-    assert any("2 of 5 images are already in" in line for line in err)
+    assert f"caption.py: {out} already holds 2 rows: 2 of 5 images are done, 3 left" in err
 
     code, _, err = cli(tmp_path / "photos", f"out={out}")  # everything done: nothing to caption
     assert code == 0 and read_jsonl(out) == rows

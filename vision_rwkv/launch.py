@@ -57,3 +57,25 @@ class Launch:
                                       f"would use {device}, and only {torch.cuda.device_count()} CUDA device(s) "
                                       "exist")
         return device
+
+
+def die_with_parent(poll_seconds: float = 1.0) -> None:
+    """End this process (SIGTERM) when the process that started it is gone.
+
+    torchrun forwards SIGTERM to its workers, but an agent killed with -9 cannot, and its workers would run
+    to the end unseen. A daemon thread watches the parent and follows it.
+    """
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+    if parent <= 1:
+        return
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="die_with_parent", daemon=True).start()
