@@ -135,7 +135,8 @@ def test_loss_ignores_padding_and_counts_caption_and_eos(model):
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_rnn_mode_logprob_equals_gpt_mode_score(model, strategy):
     tokens, pooled = features(model)
-    cfg = SamplingConfig(strategy=strategy, max_new_tokens=10, num_beams=3, length_penalty=0.0)
+    beam = dict(num_beams=3, length_penalty=0.0) if strategy == "beam" else {}
+    cfg = SamplingConfig(strategy=strategy, max_new_tokens=10, **beam)
     hyps = [h[0] for h in caption_features(model, tokens, pooled, cfg)]
     gpt = model.score(tokens, pooled, [h.ids for h in hyps], ended=[h.finished for h in hyps])
     rnn = torch.tensor([h.logprob for h in hyps])
@@ -146,7 +147,8 @@ def test_rnn_mode_logprob_equals_gpt_mode_score(model, strategy):
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_batched_decoding_equals_one_by_one(model, strategy):
     tokens, pooled = features(model, n=4, seed=1)
-    cfg = SamplingConfig(strategy=strategy, max_new_tokens=12, num_beams=3, num_return_sequences=2)
+    beam = dict(num_beams=3, num_return_sequences=2) if strategy == "beam" else {}
+    cfg = SamplingConfig(strategy=strategy, max_new_tokens=12, **beam)
     batched = caption_features(model, tokens, pooled, cfg)
     for i in range(4):
         alone = caption_features(model, tokens[i:i + 1], pooled[i:i + 1], cfg)[0]

@@ -94,3 +94,39 @@ def test_bad_sampling_config():
         SamplingConfig(top_p=0).validate()
     with pytest.raises(VisionRWKVError, match="strategy is 'nucleus'"):
         SamplingConfig(strategy="nucleus").validate()
+
+
+@pytest.mark.parametrize("fields, strategy, preset", [
+    (dict(top_p=0.9), "greedy", "sampling=nucleus"),
+    (dict(temperature=0.7), "greedy", "sampling=nucleus"),
+    (dict(top_a=0.2), "greedy", "sampling=nucleus"),
+    (dict(num_beams=5), "greedy", "sampling=beam"),
+    (dict(num_return_sequences=3), "greedy", "sampling=beam (strategy beam) or sampling=nucleus"),
+    (dict(temperature=0.5), "beam", "sampling=nucleus"),
+    (dict(presence_penalty=0.5), "beam", "greedy or sampling"),
+    (dict(length_penalty=0.8), "sample", "sampling=beam"),
+])
+def test_a_field_the_strategy_does_not_use_is_an_error_naming_the_preset(fields, strategy, preset):
+    name, value = next(iter(fields.items()))
+    with pytest.raises(VisionRWKVError) as e:
+        SamplingConfig(strategy=strategy, **fields).validate()
+    message = str(e.value)
+    assert message.startswith(f"sampling.{name}={value} has no effect with strategy {strategy}; expected")
+    assert preset in message and "\n" not in message
+
+
+def test_fields_each_strategy_uses_are_accepted():
+    SamplingConfig(strategy="greedy", temperature=0, presence_penalty=0.5, penalty_decay=0.9, seed=1).validate()
+    SamplingConfig(strategy="sample", top_p=0.9, top_k=5, top_a=0.1, temperature=0.7, num_return_sequences=3,
+                   frequency_penalty=0.2).validate()
+    SamplingConfig(strategy="beam", num_beams=5, length_penalty=0.8, num_return_sequences=2, seed=0).validate()
+
+
+def test_strategy_is_a_choice_that_saves_as_a_string():
+    import yaml
+
+    from vision_rwkv.config import Strategy, plain
+
+    cfg = SamplingConfig(strategy="beam")
+    assert cfg.strategy is Strategy.beam and cfg.strategy == "beam" and f"{cfg.strategy}" == "beam"
+    assert yaml.safe_load(yaml.safe_dump(plain(cfg)))["strategy"] == "beam"

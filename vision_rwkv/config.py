@@ -2,17 +2,90 @@
 
 The library takes these dataclasses, never an OmegaConf object; Hydra's YAML in conf/ fills them and
 the entry scripts convert. Every field is a plain type so a config can be saved beside the weights.
+Fields with a fixed set of values are Choice enums: Hydra checks them when it composes, a dataclass
+built from Python or from a saved config.yaml checks them when it is made, and they are saved as the
+plain strings they equal.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from .errors import VisionRWKVError
 
-WKV_IMPLS = ("auto", "cuda", "chunked", "reference")
+
+class Choice(str, Enum):
+    """One of a fixed set of names: equal to its name as a string, printed and saved as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def parse(cls, value, key: str):
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise VisionRWKVError(f"{key} is {value!r}; expected one of {', '.join(m.value for m in cls)}") from None
+
+
+class WKVImpl(Choice):
+    auto = "auto"
+    cuda = "cuda"
+    chunked = "chunked"
+    reference = "reference"
+
+
+class Strategy(Choice):
+    greedy = "greedy"
+    sample = "sample"
+    beam = "beam"
+
+
+class ProjectorKind(Choice):
+    linear = "linear"
+    mlp = "mlp"
+    clipcap = "clipcap"
+    resampler = "resampler"
+
+
+class DataSource(Choice):
+    karpathy = "karpathy"
+    folder = "folder"
+    shapes = "shapes"
+    disk = "disk"
+
+
+class Precision(Choice):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+WKV_IMPLS = tuple(m.value for m in WKVImpl)
+
+
+def plain(value):
+    """A config (or a part of one) as plain Python: Choice members become their strings, dataclasses dicts."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Choice):
+        return value.value
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def _lora_dim(n_embd: int, factor: float) -> int:
@@ -33,7 +106,10 @@ class RWKV7Config:
     d_aaa_lora: Optional[int] = None
     d_mv_lora: Optional[int] = None
     d_gate_lora: Optional[int] = None
-    wkv_impl: str = "auto"  # which WKV implementation GPT mode uses: auto | cuda | chunked | reference
+    wkv_impl: WKVImpl = WKVImpl.auto  # which WKV implementation GPT mode uses: auto | cuda | chunked | reference
+
+    def __post_init__(self):
+        self.wkv_impl = WKVImpl.parse(self.wkv_impl, "decoder.wkv_impl")
 
     def resolved(self) -> RWKV7Config:
         """A copy with every None filled in, after checking that the shape is buildable."""
@@ -45,8 +121,6 @@ class RWKV7Config:
             raise VisionRWKVError(
                 f"decoder.n_embd ({self.n_embd}) must be a multiple of decoder.head_size ({self.head_size})"
             )
-        if self.wkv_impl not in WKV_IMPLS:
-            raise VisionRWKVError(f"decoder.wkv_impl is {self.wkv_impl!r}; expected one of {', '.join(WKV_IMPLS)}")
         c = self.n_embd
         return dataclasses.replace(
             self,
@@ -62,7 +136,7 @@ class RWKV7Config:
         return self.n_embd // self.head_size
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RWKV7Config:
@@ -77,7 +151,7 @@ class SamplingConfig:
     then reshapes what survives. temperature 0 (or strategy greedy) takes the argmax.
     """
 
-    strategy: str = "greedy"  # greedy | sample | beam (beam: captioning only)
+    strategy: Strategy = Strategy.greedy  # greedy | sample | beam (beam: captioning only)
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
@@ -94,9 +168,13 @@ class SamplingConfig:
     num_return_sequences: int = 1
     seed: Optional[int] = None
 
+    def __post_init__(self):
+        self.strategy = Strategy.parse(self.strategy, "sampling.strategy")
+
     def validate(self) -> SamplingConfig:
-        if self.strategy not in ("greedy", "sample", "beam"):
-            raise VisionRWKVError(f"sampling.strategy is {self.strategy!r}; expected greedy, sample or beam")
+        """Raise one line for a value out of range, or for a field the strategy does not use (top_p under
+        greedy, num_beams under sample, ...), naming the preset that uses it."""
+        self.strategy = Strategy.parse(self.strategy, "sampling.strategy")
         checks = [
             (self.temperature >= 0, "sampling.temperature must be >= 0"),
             (self.top_k >= 0, "sampling.top_k must be >= 0 (0 turns it off)"),
@@ -111,13 +189,63 @@ class SamplingConfig:
         for ok, message in checks:
             if not ok:
                 raise VisionRWKVError(f"{message}, got config {self.short()}")
+        self._check_fields_used()
         return self
+
+    def _check_fields_used(self) -> None:
+        default = SamplingConfig()
+        for name, (strategies, use) in _FIELD_USE.items():
+            value = getattr(self, name)
+            if self.strategy in strategies or value == getattr(default, name):
+                continue
+            if name == "temperature" and value == 0 and self.strategy is Strategy.greedy:
+                continue  # temperature 0 means greedy
+            raise VisionRWKVError(f"sampling.{name}={value} has no effect with strategy {self.strategy}; expected "
+                                  f"{use}, or leave sampling.{name} out")
 
     def short(self) -> str:
         default = SamplingConfig()
         changed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                    if getattr(self, f.name) != getattr(default, f.name)}
         return ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults"
+
+
+_SAMPLING_PRESET = "sampling=nucleus (strategy sample)"
+_BEAM_PRESET = "sampling=beam (strategy beam)"
+# The fields only some strategies read: (those strategies, what to use instead). The rest (max and min new
+# tokens, banned and stop tokens, penalty_decay, seed) are read by every strategy or change nothing alone.
+_FIELD_USE = {
+    "temperature": ((Strategy.sample,), _SAMPLING_PRESET),
+    "top_k": ((Strategy.sample,), _SAMPLING_PRESET),
+    "top_p": ((Strategy.sample,), _SAMPLING_PRESET),
+    "top_a": ((Strategy.sample,), _SAMPLING_PRESET),
+    "presence_penalty": ((Strategy.greedy, Strategy.sample), "greedy or sampling (beam search ranks plain "
+                                                             "log-probabilities)"),
+    "frequency_penalty": ((Strategy.greedy, Strategy.sample), "greedy or sampling (beam search ranks plain "
+                                                              "log-probabilities)"),
+    "num_beams": ((Strategy.beam,), _BEAM_PRESET),
+    "length_penalty": ((Strategy.beam,), _BEAM_PRESET),
+    "num_return_sequences": ((Strategy.beam, Strategy.sample), f"{_BEAM_PRESET} or {_SAMPLING_PRESET}"),
+}
+
+
+_SAMPLING_PRESET = "sampling=nucleus (strategy sample)"
+_BEAM_PRESET = "sampling=beam (strategy beam)"
+# The fields only some strategies read: (those strategies, what to use instead). The rest (max and min new
+# tokens, banned and stop tokens, penalty_decay, seed) are read by every strategy or change nothing alone.
+_FIELD_USE = {
+    "temperature": ((Strategy.sample,), _SAMPLING_PRESET),
+    "top_k": ((Strategy.sample,), _SAMPLING_PRESET),
+    "top_p": ((Strategy.sample,), _SAMPLING_PRESET),
+    "top_a": ((Strategy.sample,), _SAMPLING_PRESET),
+    "presence_penalty": ((Strategy.greedy, Strategy.sample), "greedy or sampling (beam search ranks plain "
+                                                             "log-probabilities)"),
+    "frequency_penalty": ((Strategy.greedy, Strategy.sample), "greedy or sampling (beam search ranks plain "
+                                                              "log-probabilities)"),
+    "num_beams": ((Strategy.beam,), _BEAM_PRESET),
+    "length_penalty": ((Strategy.beam,), _BEAM_PRESET),
+    "num_return_sequences": ((Strategy.beam, Strategy.sample), f"{_BEAM_PRESET} or {_SAMPLING_PRESET}"),
+}
 
 
 def from_dict(cls, data: dict[str, Any], where: str):
@@ -163,12 +291,15 @@ class ProjectorConfig:
     patch tokens, `layers` deep).
     """
 
-    kind: str = "mlp"
+    kind: ProjectorKind = ProjectorKind.mlp
     prefix_len: int = 10  # clipcap and resampler; linear/mlp emit one token per patch (+ the pooled one)
     hidden_mult: float = 2.0  # mlp / clipcap hidden width, as a multiple of d_model
     layers: int = 2  # resampler depth
     heads: int = 8  # resampler attention heads
     dropout: float = 0.0
+
+    def __post_init__(self):
+        self.kind = ProjectorKind.parse(self.kind, "projector.kind")
 
 
 @dataclass
@@ -180,7 +311,7 @@ class DataConfig:
     by data_prep/make_shapes.py), disk (path = a datasets.save_to_disk folder from data_prep).
     """
 
-    source: str = "shapes"
+    source: DataSource = DataSource.shapes
     path: str = ""
     image_root: str = ""
     train_split: str = "train"
@@ -192,6 +323,9 @@ class DataConfig:
     num_workers: int = 0
     val_subset: int = 200  # images decoded for CIDEr at each evaluation
     limit: Optional[int] = None  # use only the first N training images (smoke runs)
+
+    def __post_init__(self):
+        self.source = DataSource.parse(self.source, "data.source")
 
 
 @dataclass
@@ -216,12 +350,20 @@ class TrainerConfig:
     save_every: int = 200
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: Precision = Precision.auto  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     seed: int = 0
-    resume: bool = False
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint
+    overwrite: bool = False  # replace the run in out_dir (without it, a folder holding a run is refused)
+    keep_last: Optional[int] = None  # keep only the N newest checkpoints; None: every one
     stop_after: Optional[int] = None  # end this invocation after this step (the schedule still spans max_steps)
     progress: bool = True
     cider_eval: bool = True
+
+    def __post_init__(self):
+        self.precision = Precision.parse(self.precision, "trainer.precision")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise VisionRWKVError(f"trainer.keep_last is {self.keep_last}; expected 1 or more, or null to keep "
+                                  "every checkpoint")
 
 
 @dataclass
@@ -274,4 +416,5 @@ def caption_config_from_dict(data: dict[str, Any]) -> CaptionConfig:
 
 
 def caption_config_to_dict(cfg: CaptionConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain dicts and strings, ready for YAML."""
+    return plain(cfg)

@@ -18,8 +18,6 @@ from torch import nn
 from .config import ProjectorConfig
 from .errors import VisionRWKVError
 
-KINDS = ("linear", "mlp", "clipcap", "resampler")
-
 
 def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
@@ -99,8 +97,6 @@ _CLASSES = {
 
 
 def build_projector(cfg: ProjectorConfig, token_dim: int, pooled_dim: int, d_model: int) -> nn.Module:
-    if cfg.kind not in _CLASSES:
-        raise VisionRWKVError(f"projector.kind is {cfg.kind!r}; expected one of {', '.join(KINDS)}")
     if cfg.kind in ("clipcap", "resampler") and cfg.prefix_len < 1:
         raise VisionRWKVError(f"projector.prefix_len must be >= 1 for {cfg.kind}, got {cfg.prefix_len}")
     return _CLASSES[cfg.kind](cfg, token_dim, pooled_dim, d_model)
