@@ -33,6 +33,7 @@ from vision_rwkv.errors import (
     EXIT_USAGE,
     OutputError,
     VisionRWKVError,
+    one_line,
     short_warnings,
 )
 from vision_rwkv.launch import Launch, die_with_parent
@@ -232,21 +233,6 @@ def compose(overrides: list[str]):
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None, job_name="caption"):
         return hydra_compose(config_name="caption", overrides=list(overrides))
-
-
-def one_line(e: BaseException) -> str:
-    """Hydra and OmegaConf spread a message over several lines and a chain of causes: keep the words."""
-    noise = ("full_key:", "object_type=", "reference_type=", "To append to your config", "See https://hydra.cc",
-             "Set the environment variable HYDRA_FULL_ERROR")
-    parts: list[str] = []
-    cause: BaseException | None = e
-    while cause is not None and len(parts) < 3:
-        text = str(cause).split("Config search path:")[0]
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(noise)]
-        if lines:
-            parts.append(" ".join(lines).rstrip("."))
-        cause = cause.__cause__
-    return ": ".join(parts) or type(e).__name__
 
 
 # ---- a run --------------------------------------------------------------------------------------------------

@@ -81,7 +81,9 @@ def why(e: OSError) -> str:
 
 def write_failed(path, e: OSError, then: str = "it was left as it was before") -> OutputError:
     """The one-line error for an OSError met while writing path; `then` says what became of the data."""
-    return OutputError(f"cannot write {path} ({why(e)}); {then}")
+    error = OutputError(f"cannot write {path} ({why(e)}); {then}")
+    error.reason = why(e)
+    return error
 
 
 def _raise_if_write_error(path, exc: BaseException) -> None:
@@ -92,6 +94,10 @@ def _raise_if_write_error(path, exc: BaseException) -> None:
     """
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
         raise write_failed(path, exc) from None
+    if isinstance(exc, OutputError) and hasattr(exc, "reason"):  # a write inside the temporary: name the target
+        error = OutputError(f"cannot write {path} ({exc.reason}); it was left as it was before")
+        error.reason = exc.reason
+        raise error from None
     text = str(exc)
     if type(exc).__name__ == "SafetensorError" and "I/O error" in text:
         match = re.search(r"os error (\d+)", text)
@@ -167,7 +173,7 @@ class atomic_folder:
             _raise_if_write_error(self.folder, exc)
             return False
         try:
-            _fsync_tree(self.tmp)
+            _settle_tree(self.tmp)
             os.chmod(self.tmp, _mode_for(self.folder, folder_mode()))
             _replace_folder(self.tmp, self.folder)
         except OSError as e:
@@ -215,13 +221,14 @@ class AppendLog:
             os.close(self.fd)
         raise OutputError(f"cannot lock {self.path}: it keeps being replaced by another process")
 
-    def lines(self) -> tuple[list[bytes], bool]:
-        """(the complete lines, whether a torn last line was cut off)."""
+    def lines(self, cut_torn: bool = True) -> tuple[list[bytes], bool]:
+        """(the complete lines, whether the file ends in a torn line); cut_torn removes that line from the file,
+        as appending requires."""
         size = os.fstat(self.fd).st_size
         data = os.pread(self.fd, size, 0) if size else b""
         end = data.rfind(b"\n") + 1
         torn = end < len(data)
-        if torn:
+        if torn and cut_torn:
             self.truncate(end)
         return data[:end].splitlines(keepends=True), torn
 
@@ -259,6 +266,25 @@ class AppendLog:
             self.fd = -1
 
 
+def remove_leftovers(folder, name: str = "*") -> list[Path]:
+    """Delete the temporary files and folders a killed writer left in folder for targets matching name.
+
+    Only for a caller that owns folder for now (it holds the run's lock): a live writer's temporary would go too.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    gone = []
+    for kind in ("tmp", "old"):
+        for path in folder.glob(f".{name}.{kind}-*"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            gone.append(path)
+    return gone
+
+
 def _mode_for(target: Path, default: int) -> int:
     try:
         return stat.S_IMODE(os.stat(target).st_mode)
@@ -266,16 +292,24 @@ def _mode_for(target: Path, default: int) -> int:
         return default
 
 
-def _fsync_tree(folder: Path) -> None:
-    for root, dirs, files in os.walk(folder):
-        for name in files:
+def _settle_tree(folder: Path) -> None:
+    """fsync every file and folder under folder, and give each the mode the umask asks for: some writers
+    (safetensors, mkstemp, mkdtemp) make private 0600/0700 entries whatever the umask."""
+    files, folders = file_mode(), folder_mode()
+    for root, dirs, names in os.walk(folder):
+        for name in names:
             path = os.path.join(root, name)
             if os.path.islink(path):
                 continue
+            executable = os.stat(path).st_mode & 0o111
+            os.chmod(path, (0o777 & ~umask()) if executable else files)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         for name in dirs:
-            fsync_folder(os.path.join(root, name))
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, folders)
+                fsync_folder(path)
     fsync_folder(folder)
 
 

@@ -3,6 +3,7 @@
 Entry scripts print its message (one line) and exit with status 2 (EXIT_USAGE); OutputError, a write that
 failed once work had begun (disk full, a read-only file system), exits 3 (EXIT_OUTPUT) and keeps what was
 already written. Bugs stay ordinary tracebacks.
+
 The library's own warnings start with "vision_rwkv: "; short_warnings() makes an entry script show
 them as one line under its own name.
 """
@@ -11,7 +12,6 @@ import sys
 import warnings
 
 PREFIX = "vision_rwkv: "
-
 
 EXIT_OK = 0
 EXIT_ALL_FAILED = 1  # caption.py: every image failed
@@ -33,6 +33,22 @@ class OutputError(VisionRWKVError):
     """Writing an output failed (no space left, a read-only file system, permissions)."""
 
     exit_code = EXIT_OUTPUT
+
+
+def one_line(e: BaseException) -> str:
+    """An error as one line. Hydra and OmegaConf spread a message over several lines and a chain of causes,
+    with lines for debugging (full_key, object_type, hints): keep the words."""
+    noise = ("full_key:", "object_type=", "reference_type=", "To append to your config", "See https://hydra.cc",
+             "Set the environment variable HYDRA_FULL_ERROR")
+    parts: list[str] = []
+    cause: BaseException | None = e
+    while cause is not None and len(parts) < 3:
+        text = str(cause).split("Config search path:")[0]
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(noise)]
+        if lines:
+            parts.append(" ".join(lines).rstrip("."))
+        cause = cause.__cause__
+    return ": ".join(parts) or type(e).__name__
 
 
 def short_warnings(prog: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
-from ._fs import atomic_folder, write_failed
+from ._fs import atomic_folder, remove_leftovers, write_failed
 from .errors import VisionRWKVError
 from .images import load_image
 
@@ -146,6 +146,7 @@ def feature_cache(encoder, rows: datasets.Dataset, root, split: str, *, batch_si
         cached = _cached(folder, rows)  # built by the process we waited for
         if cached is not None:
             return cached
+        remove_leftovers(folder.parent, split)  # what a killed build left
         mapped = _encode(encoder, rows, split, batch_size, device or next(encoder.parameters()).device)
         with atomic_folder(folder) as tmp:
             mapped.save_to_disk(str(tmp))

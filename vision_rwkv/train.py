@@ -9,37 +9,45 @@
   accumulation micro-batches) divided by their count, so 2 ranks x batch B equal 1 rank x batch 2B.
 - Every eval_every steps: validation loss and CIDEr of greedy RNN-mode captions on data.val_subset
   images. Every save_every steps (and at the end): an atomic checkpoint folder with the weights, the
-  resolved config, the tokenizer, and trainer_state.pt (optimizer, step, data position, RNG states).
-- resume=true continues from <out_dir>/checkpoints/latest exactly: same batches, same RNG draws.
-- Under torchrun each rank reads its slice of every global batch; rank 0 evaluates and writes.
+  resolved config, the tokenizer, and the trainer state (optimizer, step, data position, RNG states;
+  vision_rwkv.trainer_state, no pickle); trainer.keep_last prunes the oldest.
+- The run folder (vision_rwkv.run_folder) is claimed first: a folder that holds a run is refused unless
+  trainer.resume=true (continue it) or trainer.overwrite=true (replace it).
+- resume=true continues from <out_dir>/checkpoints/latest exactly: same batches, same RNG draws. An
+  unreadable latest checkpoint falls back to the newest readable one, saying so.
+- Under torchrun each rank reads its slice of every global batch; rank 0 evaluates and writes. Waits for
+  rank 0's one-time work (BPE, feature cache, evaluation) run on a gloo group with a 24 h timeout.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
 import warnings
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from ._faults import fault_point
 from ._fs import atomic_file
-from .config import CaptionConfig
+from .config import CaptionConfig, SamplingConfig
 from .data import get_split, load_source
-from .errors import VisionRWKVError
+from .errors import OutputError, VisionRWKVError
 from .features import PairDataset, PairSampler, caption_pairs, collate, feature_cache
 from .generate import caption_features
 from .images import load_image
-from .launch import Launch
+from .launch import Launch, die_with_parent
 from .model import CaptionModel, build_caption_model, load_caption_model, save_caption_model
+from .run_folder import MetricsLog, RunFolder, claim
+from .trainer_state import load_trainer_state, read_trainer_state, save_trainer_state
 
-TRAINER_STATE = "trainer_state.pt"
+SETUP_TIMEOUT = timedelta(hours=24)  # rank 0 alone builds the BPE and the feature cache, and evaluates
 
 
 # ---- small pieces -----------------------------------------------------------------------------------
@@ -59,21 +67,6 @@ def lr_at(step: int, cfg: CaptionConfig) -> tuple[str, float]:
     return stage, base * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -81,21 +74,43 @@ def seed_everything(seed: int) -> None:
 
 
 class Dist:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), plain single-process otherwise."""
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), plain single-process otherwise.
+
+    Training's collectives run on the default group (NCCL on GPUs) with its usual timeout, so a hung rank is
+    noticed; the waits for rank 0's one-time work (share, wait_for_main) run on a gloo group whose timeout
+    covers a feature-cache build.
+    """
 
     def __init__(self, device_name: str):
         launch = Launch.from_env()
         self.world, self.rank, self.local_rank = launch.world, launch.rank, launch.local_rank
         self.device = launch.device(device_name, "trainer.device")
-        if self.world > 1 and not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.slow = None
+        if self.world > 1:
+            die_with_parent()  # a torchrun agent killed with -9 takes its workers with it
+            if not dist.is_initialized():
+                if self.device.type == "cuda":
+                    torch.cuda.set_device(self.device)
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.slow = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
         self.main = self.rank == 0
 
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def wait_for_main(self) -> None:
+        """Every rank waits here while rank 0 does one-time work, however long it takes (up to a day)."""
+        if self.world > 1:
+            dist.barrier(group=self.slow)
+
+    def share(self, value):
+        """Rank 0's value, on every rank (any picklable value)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.slow)
+        return box[0]
 
     def sum(self, value: float) -> float:
         if self.world == 1:
@@ -109,26 +124,41 @@ class Dist:
             dist.destroy_process_group()
 
 
+class SharedError(VisionRWKVError):
+    """Rank 0's error, raised on the other ranks too (entry scripts print it once, from rank 0)."""
+
+    quiet = True
+
+
 # ---- the trainer ------------------------------------------------------------------------------------
 
 
 class Trainer:
     def __init__(self, cfg: CaptionConfig):
         self.cfg = cfg
-        self.out = Path(cfg.trainer.out_dir)
+        self.run_folder = RunFolder(cfg.trainer.out_dir)
+        self.out = self.run_folder.out
         self.dist = Dist(cfg.trainer.device)
         self.device = self.dist.device
         precision = cfg.trainer.precision
-        if precision not in ("auto", "fp32", "bf16"):
-            raise VisionRWKVError(f"trainer.precision is {precision!r}; expected auto, fp32 or bf16")
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.metrics = None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        cfg = self.cfg
         seed_everything(cfg.trainer.seed)
+        metrics_log, resumed = self._claim()
         self.data = load_source(cfg.data)
         self.train_rows = get_split(self.data, cfg.data.train_split)
         self.val_rows = self.data[cfg.data.val_split] if cfg.data.val_split in self.data else None
         self.step, self.epoch, self.batches_done = 0, 0, 0
-        self.resume_from = self._latest() if cfg.trainer.resume else None
-        self.model = self._model()
+        self.resume_from = resumed[0] if resumed else None
+        self.model = resumed[1] if resumed else self._model()
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
             self.model.param_groups(cfg.optim.weight_decay, train_decoder=True),
@@ -137,26 +167,69 @@ class Trainer:
         self.train_loader, self.sampler = self._loader()
         self.stage = None
         self.ddp = None
-        if self.resume_from is not None:
-            self._load_trainer_state(self.resume_from)
+        if resumed:
+            self._resume_position(resumed[0], *resumed[2:])
+        self.metrics = MetricsLog(self.run_folder, metrics_log, keep_through_step=self.step)
+        self._say(*self.metrics.notes)
+
+    def _say(self, *lines: str) -> None:
+        """One line each on stderr, from rank 0."""
+        if self.dist.main:
+            for line in lines:
+                warnings.warn(f"vision_rwkv: {line}", stacklevel=3)
 
     # ---- setup ------------------------------------------------------------------------------------------
 
-    def _latest(self) -> Path | None:
-        pointer = self.out / "checkpoints" / "latest"
-        if not pointer.is_file():
+    def _claim(self):
+        """Rank 0 claims the run folder (see run_folder.claim) and picks the checkpoint to resume from; every
+        rank then loads that checkpoint. Returns (rank 0's locked metrics log or None, the resumed
+        (folder, model, record, tensors) or None)."""
+        t = self.cfg.trainer
+        plan, metrics_log, loaded = None, None, None
+        if self.dist.main:
+            try:
+                metrics_log, notes = claim(self.run_folder, resume=t.resume, overwrite=t.overwrite)
+                self._say(*notes)
+                if t.resume:
+                    loaded = self._find_resume_point()
+                plan = loaded[0] if loaded else None
+            except VisionRWKVError as e:
+                plan = e
+                if metrics_log is not None:
+                    metrics_log.close(remove_if_empty=True)
+        plan = self.dist.share(plan)
+        if isinstance(plan, VisionRWKVError):
+            raise plan if self.dist.main else SharedError(str(plan))
+        if plan is not None and loaded is None:  # another rank: load what rank 0 chose
+            loaded = (plan, load_caption_model(plan), *read_trainer_state(plan))
+        return metrics_log, loaded
+
+    def _find_resume_point(self):
+        """(folder, model, record, tensors) of the checkpoint to resume from: the one `latest` names, else the
+        newest one that reads whole; None (said in one line) when the folder has no checkpoint."""
+        candidates = self.run_folder.resume_candidates()
+        if not candidates:
+            self._say(f"trainer.resume=true but {self.run_folder.checkpoint_dir} holds no checkpoint: starting "
+                      "from step 0")
             return None
-        folder = self.out / "checkpoints" / pointer.read_text().strip()
-        if not (folder / TRAINER_STATE).is_file():
-            raise VisionRWKVError(f"{pointer} names {folder.name}, which has no {TRAINER_STATE}; cannot resume")
-        return folder
+        failures = []
+        if self.run_folder.latest() is None:
+            failures.append(f"{self.run_folder.latest_path} is missing or names no checkpoint")
+        for folder in candidates:
+            try:
+                record, tensors = read_trainer_state(folder)
+                model = load_caption_model(folder)
+            except VisionRWKVError as e:
+                failures.append(f"{folder.name} cannot be read: {e}")
+                continue
+            if failures:
+                self._say(f"{failures[0]}; resuming from {folder.name}, the newest complete checkpoint")
+            return folder, model, record, tensors
+        raise VisionRWKVError(f"no checkpoint in {self.run_folder.checkpoint_dir} can be resumed from: "
+                              f"{failures[-1]}")
 
     def _model(self) -> CaptionModel:
         cfg = self.cfg
-        if self.resume_from is not None:
-            model = load_caption_model(self.resume_from)
-            model.config = dataclasses.replace(model.config, trainer=cfg.trainer, data=cfg.data, optim=cfg.optim)
-            return model
         tok_file = self.out / "tokenizer.json"
         if cfg.tokenizer == "train":  # rank 0 trains the BPE; every rank loads the same file
             if self.dist.main:
@@ -167,7 +240,7 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
                 with atomic_file(tok_file) as tmp:
                     tok.tk.save(str(tmp))
-            self.dist.barrier()
+            self.dist.wait_for_main()
             from .tokenizer import HFTokenizer
 
             return build_caption_model(dataclasses.replace(cfg, tokenizer="train"), tokenizer=HFTokenizer(tok_file))
@@ -195,7 +268,7 @@ class Trainer:
         root = self.cfg.data.feature_cache
         if self.dist.main:
             feature_cache(self.model.encoder, rows, root, split, device=self.device)
-        self.dist.barrier()
+        self.dist.wait_for_main()
         return feature_cache(self.model.encoder, rows, root, split, device=self.device)
 
     def _set_stage(self, stage: str) -> None:
@@ -214,7 +287,7 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
-        log = MetricsLog(self.out, enabled=self.dist.main, truncate_after=self.step)
+        log = self.metrics
         stop_at = t.max_steps if t.stop_after is None else min(t.max_steps, t.stop_after)
         bar = _progress(self.step, t.max_steps, enabled=t.progress and self.dist.main)
         batches = self._batches()
@@ -238,8 +311,8 @@ class Trainer:
                 last.update(self.evaluate(log))
             if (t.save_every and self.step % t.save_every == 0) or self.step == stop_at:
                 self.save()
+            fault_point("train.step_done")
         bar.close()
-        log.close()
         return last
 
     def _batches(self):
@@ -285,36 +358,59 @@ class Trainer:
             out = evaluate_model(self.model, rows, self.cfg, self.device, self.bf16)
             out["step"] = self.step
             log.write({"step": self.step, **{f"val_{k}": v for k, v in out.items() if k != "step"}})
-        self.dist.barrier()
+        self.dist.wait_for_main()
         return {f"val_{k}": v for k, v in out.items() if k != "step"}
 
     # ---- checkpoints ------------------------------------------------------------------------------------
 
     def save(self) -> Path | None:
-        folder = self.out / "checkpoints" / f"step-{self.step:07d}"
+        folder = self.run_folder.checkpoint_dir / f"step-{self.step:07d}"
         if self.dist.main:
-            state = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "batches_done": self.batches_done,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": {"kind": "warmup_cosine", "step": self.step},
-                "rng": rng_state(),
-                "world": self.dist.world,
-            }
-            save_caption_model(self.model, folder, extra=lambda tmp: torch.save(state, tmp / TRAINER_STATE))
-            with atomic_file(self.out / "checkpoints" / "latest") as tmp:
-                tmp.write_text(folder.name)
+            position = {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
+                        "world": self.dist.world, "batch_size": self.cfg.data.batch_size,
+                        "scheduler": {"kind": "warmup_cosine", "step": self.step}}
+
+            def trainer_state(tmp: Path) -> None:
+                save_trainer_state(tmp, optimizer=self.optimizer, position=position)
+                fault_point("checkpoint.files_written")
+
+            try:
+                save_caption_model(self.model, folder, extra=trainer_state)
+                self.run_folder.point_latest(folder)
+            except OutputError as e:
+                latest = self.run_folder.latest()
+                kept = (f"trainer.resume=true continues from {latest.name}" if latest is not None else
+                        "no earlier checkpoint exists")
+                raise OutputError(f"{e}; the checkpoints before it are kept, and {kept}") from None
+            self.run_folder.prune(self.cfg.trainer.keep_last, protect=folder)
         self.dist.barrier()
         return folder
 
-    def _load_trainer_state(self, folder: Path) -> None:
-        state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
-        if state.get("world", 1) != self.dist.world:  # the global batch changed: keep the epoch, restart it
+    def _resume_position(self, folder: Path, record: dict, tensors: dict) -> None:
+        """The step, data position, optimizer and RNG states of a checkpoint. A launch with another global
+        batch (processes x batch size) cannot continue the epoch's order exactly: the epoch restarts."""
+        cfg = self.cfg
+        self.model.config = dataclasses.replace(self.model.config, trainer=cfg.trainer, data=cfg.data,
+                                                optim=cfg.optim)
+        load_trainer_state(record, tensors, self.optimizer)
+        self.step, self.epoch, self.batches_done = record["step"], record["epoch"], record["batches_done"]
+        was = (record["world"], record["batch_size"])
+        now = (self.dist.world, cfg.data.batch_size)
+        if was[0] * was[1] != now[0] * now[1]:
             self.batches_done = 0
-        set_rng_state(state["rng"])
+            self._say(f"resuming {folder.name} ({was[0]} process(es) x batch {was[1]}) with {now[0]} x {now[1]}: the "
+                      f"global batch changes from {was[0] * was[1]} to {now[0] * now[1]}, so epoch {self.epoch} "
+                      f"restarts from its first batch (the step count and the schedule continue)")
+        elif was != now:
+            self._say(f"resuming {folder.name} ({was[0]} process(es) x batch {was[1]}) with {now[0]} x {now[1]}: the "
+                      "same global batch, so the data order continues exactly")
+
+    def close(self) -> None:
+        try:
+            if self.metrics is not None:
+                self.metrics.close()
+        finally:
+            self.dist.close()
 
 
 class _LossModule(torch.nn.Module):
@@ -351,7 +447,9 @@ def evaluate_model(model: CaptionModel, rows, cfg: CaptionConfig, device, bf16: 
         n += int(batch["lengths"].sum()) + len(batch["lengths"])
     result = {"loss": loss_sum / max(n, 1)}
     if cfg.trainer.cider_eval and len(rows):
-        sampling = dataclasses.replace(cfg.sampling, strategy="greedy", num_return_sequences=1)
+        sampling = SamplingConfig(strategy="greedy", max_new_tokens=cfg.sampling.max_new_tokens,
+                                  banned_tokens=list(cfg.sampling.banned_tokens),
+                                  stop_tokens=list(cfg.sampling.stop_tokens))
         res, gts = {}, {}
         images = rows["image"]
         for i in range(0, len(rows), cfg.data.batch_size):
@@ -367,46 +465,6 @@ def evaluate_model(model: CaptionModel, rows, cfg: CaptionConfig, device, bf16: 
     return result
 
 
-class MetricsLog:
-    """metrics.jsonl (appended, flushed) and TensorBoard; on resume, lines past the step are dropped."""
-
-    def __init__(self, out: Path, enabled: bool, truncate_after: int):
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        self.path = out / "metrics.jsonl"
-        if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= truncate_after]
-            with atomic_file(self.path) as tmp:
-                tmp.write_text("".join(ln + "\n" for ln in keep))
-        self.file = open(self.path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
-            self.tb = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
 def _progress(start: int, total: int, enabled: bool):
     from tqdm import tqdm
 
@@ -419,4 +477,4 @@ def train(cfg: CaptionConfig) -> dict:
     try:
         return trainer.run()
     finally:
-        trainer.dist.close()
+        trainer.close()
