@@ -24,7 +24,7 @@ from train_caption import compose, to_caption_config  # noqa: E402
 from vision_rwkv.captioner import resolve_device  # noqa: E402
 from vision_rwkv.data import get_split, load_source  # noqa: E402
 from vision_rwkv.encoder import ClipEncoder  # noqa: E402
-from vision_rwkv.errors import VisionRWKVError  # noqa: E402
+from vision_rwkv.errors import VisionRWKVError, one_line  # noqa: E402
 from vision_rwkv.features import feature_cache  # noqa: E402
 from vision_rwkv.train import seed_everything  # noqa: E402
 
@@ -57,8 +57,8 @@ def main(argv=None) -> int:
             folder = Path(cfg.data.feature_cache) / encoder.feature_key() / split
             print(f"{split}: {len(cached)} images -> {folder}")
     except (VisionRWKVError, HydraException, OmegaConfBaseException) as e:  # one line, as train_caption.py
-        print(f"cache_features.py: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+        print(f"cache_features.py: {one_line(e)}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
     return 0
 
 

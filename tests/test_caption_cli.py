@@ -271,6 +271,20 @@ def test_a_bad_option_fails_at_compose_time(cli, tmp_path, override, words):
     assert len(err) == 1 and all(w in err[0] for w in words), err
 
 
+@pytest.mark.parametrize("fields, preset", [
+    (["sampling.top_p=0.9", "sampling.temperature=0.7"], "sampling=nucleus"),
+    (["sampling.num_beams=5"], "sampling=beam"),
+    (["sampling.top_a=0.2"], "sampling=nucleus"),
+])
+def test_a_sampling_field_the_preset_ignores_is_an_error(cli, tmp_path, fields, preset):
+    [image] = write_images(tmp_path, 1)
+    code, out, err = cli(image, *fields)
+    assert code == 2 and out == "" and len(err) == 1
+    assert "has no effect with strategy greedy" in err[0] and preset in err[0]
+    code, out, _ = cli(image, preset, *fields)  # with the preset that uses it, it runs
+    assert code == 0 and out.strip()
+
+
 def test_a_dash_option_is_refused(cli, tmp_path):
     code, _, err = cli("--out", "x.jsonl")
     assert code == 2 and len(err) == 1 and "--out" in err[0]

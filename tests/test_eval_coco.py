@@ -214,3 +214,19 @@ def test_every_image_failing_is_an_error(eval_coco, fake_captioner, tmp_path, ca
     assert rc == 2
     assert err.splitlines()[-1].startswith("error: none of the 4 images could be captioned")
     assert not (tmp_path / "res.json").exists()
+
+
+def test_the_metrics_record_the_tokenizer_actually_used(eval_coco, tmp_path, capsys, monkeypatch):
+    def no_java(refs, cands):
+        raise metrics._Unavailable("java not found on PATH (METEOR, SPICE and the PTB tokenizer need it)")
+
+    monkeypatch.setattr(metrics, "_ptb_tokenize", no_java)
+    out = tmp_path / "m.json"
+    rc = eval_coco.main(["--karpathy", str(KARPATHY), "--split", "test", "--results", str(RESULTS),
+                         "--metrics-out", str(out), "--spice", "off"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    record = json.loads(out.read_text())
+    assert record["tokenize"] == "simple" and record["tokenize_requested"] == "ptb"
+    assert "fell back to simple tokenization" in record["skipped"]["PTBTokenizer"]
+    assert "(tokenize simple)" in captured.out

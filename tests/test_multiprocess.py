@@ -68,9 +68,12 @@ def test_two_processes_follow_one_process_with_double_the_batch(shapes, tmp_path
     mb = load_caption_model(two / "checkpoints" / "step-0000008")
     for (k, x), y in zip(ma.decoder.state_dict().items(), mb.decoder.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5, msg=k)
-    # the 2-process checkpoint resumes in one process (the global batch changes, so the epoch restarts)
-    torchrun(1, "train_caption.py", *run_one, "trainer.max_steps=10", "trainer.resume=true",
-             f"trainer.out_dir={two}", *hydra_dirs(two))
+    # the 2-process checkpoint resumes in one process with the same global batch (1 x 16 = 2 x 8): it continues
+    # the data order exactly, and says so
+    proc = torchrun(1, "train_caption.py", *run_one, "trainer.max_steps=10", "trainer.resume=true",
+                    f"trainer.out_dir={two}", *hydra_dirs(two))
+    assert "(2 process(es) x batch 8) with 1 x 16: the same global batch, so the data order continues exactly" \
+        in proc.stderr
     c, _ = losses(two)
     assert sorted(c) == list(range(1, 11)) and all(c[s] == b[s] for s in range(1, 9))
 

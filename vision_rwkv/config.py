@@ -229,25 +229,6 @@ _FIELD_USE = {
 }
 
 
-_SAMPLING_PRESET = "sampling=nucleus (strategy sample)"
-_BEAM_PRESET = "sampling=beam (strategy beam)"
-# The fields only some strategies read: (those strategies, what to use instead). The rest (max and min new
-# tokens, banned and stop tokens, penalty_decay, seed) are read by every strategy or change nothing alone.
-_FIELD_USE = {
-    "temperature": ((Strategy.sample,), _SAMPLING_PRESET),
-    "top_k": ((Strategy.sample,), _SAMPLING_PRESET),
-    "top_p": ((Strategy.sample,), _SAMPLING_PRESET),
-    "top_a": ((Strategy.sample,), _SAMPLING_PRESET),
-    "presence_penalty": ((Strategy.greedy, Strategy.sample), "greedy or sampling (beam search ranks plain "
-                                                             "log-probabilities)"),
-    "frequency_penalty": ((Strategy.greedy, Strategy.sample), "greedy or sampling (beam search ranks plain "
-                                                              "log-probabilities)"),
-    "num_beams": ((Strategy.beam,), _BEAM_PRESET),
-    "length_penalty": ((Strategy.beam,), _BEAM_PRESET),
-    "num_return_sequences": ((Strategy.beam, Strategy.sample), f"{_BEAM_PRESET} or {_SAMPLING_PRESET}"),
-}
-
-
 def from_dict(cls, data: dict[str, Any], where: str):
     """Build a dataclass from a plain dict, naming the first unknown key."""
     if data is None:
