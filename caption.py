@@ -433,11 +433,12 @@ class RowStore:
         self.log = AppendLog(path, holder="another caption.py run")
         try:
             lines, self.torn = self.log.lines()
-            self.keys = {_key(row["path"]) for row in self._parse(lines)}
+            rows = self._parse(lines)
         except BaseException:
             self.log.close(remove_if_empty=True)
             raise
-        self.count = len(self.keys)
+        self.keys = {_key(row["path"]) for row in rows}
+        self.count = len(rows)
 
     def _parse(self, lines: list[bytes]) -> list[dict]:
         rows = []
@@ -490,6 +491,7 @@ class Output:
 
     def __init__(self, fmt: OutputFormat, out: str | None, images: list[str], overwrite: bool):
         self.fmt, self.images = fmt, images
+        self.keys = [_key(p) for p in images]
         self.out = Path(out) if out is not None else None
         self.store: RowStore | None = None
         self.notes: list[str] = []
@@ -520,8 +522,8 @@ class Output:
             self.notes.append(f"took {taken} rows from {parts} part file(s) of an earlier multi-process run into "
                               f"{store.path}")
         if store.count:
-            done = len(self.images) - sum(_key(p) not in store.keys for p in self.images)
-            self.todo = [p for p in self.images if _key(p) not in store.keys]
+            self.todo = [p for p, k in zip(self.images, self.keys) if k not in store.keys]
+            done = len(self.images) - len(self.todo)
             self.notes.append(f"{store.path} already holds {store.count} rows: {done} of {len(self.images)} images "
                               f"are done, {len(self.todo)} left")
             if done:
@@ -543,7 +545,7 @@ class Output:
         out (so taking them twice never duplicates), then remove the parts. Returns (rows taken, parts)."""
         if self.store is None:
             return 0, 0
-        order = {_key(p): i for i, p in enumerate(self.images)}
+        order = {k: i for i, k in enumerate(self.keys)}
         parts = [RowStore(part) for part in existing_parts(self.out)]  # locked: no live process writes them
         try:
             rows: dict[str, dict] = {}
@@ -582,7 +584,7 @@ class Output:
         if self.store is None or self.fmt is OutputFormat.jsonl:
             return
         rows = {_key(row["path"]): row for row in self.store.rows()}
-        results = [CaptionResult(**_row(rows[k])) for k in map(_key, self.images) if k in rows]
+        results = [CaptionResult(**_row(rows[k])) for k in self.keys if k in rows]
         try:
             atomic_write(self.out, self._render()(results))
         except OutputError as e:

@@ -316,3 +316,40 @@ def test_multirun_jobs_get_their_own_folders_and_resume_there(shapes, tmp_path):
         assert sorted(losses(out / f"job-{job}")[0]) == list(range(1, steps + 1))
     assert not (out / "metrics.jsonl").exists() and not (tmp_path / "multirun").exists()
     assert json.loads((out / "job-1" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 5
+
+
+def test_runs_sharing_a_feature_cache_take_turns(shapes, tmp_path):
+    import threading
+    import warnings
+
+    from filelock import FileLock
+
+    from vision_rwkv.data import load_source
+    from vision_rwkv.encoder import ClipEncoder
+    from vision_rwkv.features import feature_cache
+
+    cfg = train_caption.to_caption_config(
+        train_caption.compose(["experiment=shapes_demo", "encoder=tiny", f"data.path={shapes}"]))
+    encoder, rows = ClipEncoder(cfg.encoder), load_source(cfg.data)["train"]
+    parent = tmp_path / "cache" / encoder.feature_key()
+    parent.mkdir(parents=True)
+    (parent / ".train.tmp-killed").mkdir()  # what a build killed earlier left
+    other = FileLock(str(parent / ".train.lock"))
+    other.acquire()  # another run is building
+    result, caught = {}, []
+
+    def build():
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            result["ds"] = feature_cache(encoder, rows, tmp_path / "cache", "train", batch_size=16)
+        caught.extend(str(w.message) for w in seen)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    thread.join(timeout=1.0)
+    assert thread.is_alive() and not (parent / "train").exists()  # it waits for the other run
+    other.release()
+    thread.join(timeout=120)
+    assert len(result["ds"]) == len(rows)
+    assert any("another process is building the feature cache" in m for m in caught)
+    assert sorted(p.name for p in parent.iterdir()) == [".train.lock", "train"]  # the leftover went
