@@ -569,10 +569,10 @@ class Output:
         if self.store is not None:
             return JsonlWriter(self.store)
         if self.fmt in (OutputFormat.text, OutputFormat.jsonl):
-            return StreamWriter(self._render(for_stream=True))
+            return StreamWriter(self._render())
         return WholeFileWriter(self._render())  # csv or coco on standard output: printed at the end
 
-    def _render(self, for_stream: bool = False):
+    def _render(self):
         if self.fmt is OutputFormat.jsonl:
             return lambda results: "".join(_json_line(_row(r)) for r in results)
         if self.fmt is OutputFormat.text:

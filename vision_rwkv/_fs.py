@@ -81,9 +81,7 @@ def why(e: OSError) -> str:
 
 def write_failed(path, e: OSError, then: str = "it was left as it was before") -> OutputError:
     """The one-line error for an OSError met while writing path; `then` says what became of the data."""
-    error = OutputError(f"cannot write {path} ({why(e)}); {then}")
-    error.reason = why(e)
-    return error
+    return OutputError(f"cannot write {path} ({why(e)}); {then}", reason=why(e))
 
 
 def _raise_if_write_error(path, exc: BaseException) -> None:
@@ -94,10 +92,8 @@ def _raise_if_write_error(path, exc: BaseException) -> None:
     """
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
         raise write_failed(path, exc) from None
-    if isinstance(exc, OutputError) and hasattr(exc, "reason"):  # a write inside the temporary: name the target
-        error = OutputError(f"cannot write {path} ({exc.reason}); it was left as it was before")
-        error.reason = exc.reason
-        raise error from None
+    if isinstance(exc, OutputError) and exc.reason:  # a write inside the temporary: name the target instead
+        raise OutputError(f"cannot write {path} ({exc.reason}); it was left as it was before", exc.reason) from None
     text = str(exc)
     if type(exc).__name__ == "SafetensorError" and "I/O error" in text:
         match = re.search(r"os error (\d+)", text)

@@ -8,6 +8,8 @@ The library's own warnings start with "vision_rwkv: "; short_warnings() makes an
 them as one line under its own name.
 """
 
+from __future__ import annotations
+
 import sys
 import warnings
 
@@ -30,9 +32,13 @@ class VisionRWKVError(Exception):
 
 
 class OutputError(VisionRWKVError):
-    """Writing an output failed (no space left, a read-only file system, permissions)."""
+    """Writing an output failed (no space left, a read-only file system, permissions); reason: why, in words."""
 
     exit_code = EXIT_OUTPUT
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
 
 
 def one_line(e: BaseException) -> str:

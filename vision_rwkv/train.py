@@ -237,7 +237,6 @@ class Trainer:
 
                 caps = [c for cs in self.train_rows["captions"] for c in cs]
                 tok = train_bpe(caps, cfg.tokenizer_vocab_size)
-                self.out.mkdir(parents=True, exist_ok=True)
                 with atomic_file(tok_file) as tmp:
                     tok.tk.save(str(tmp))
             self.dist.wait_for_main()
