@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -92,6 +93,9 @@ def test_tiny_run_lowers_the_loss_and_writes_a_loadable_checkpoint(shapes, tmp_p
     for x, y in zip(model.state_dict().values(), latest.state_dict().values()):
         assert torch.equal(x, y)
     assert {"trainer_state.json", "trainer_state.safetensors"} <= set(os.listdir(out / "checkpoints" / "step-0000024"))
+    saved = yaml.safe_load((out / "checkpoints" / "step-0000024" / "config.yaml").read_text())  # plain strings
+    assert (saved["projector"]["kind"], saved["sampling"]["strategy"], saved["data"]["source"]) == ("mlp", "greedy",
+                                                                                                   "shapes")
     assert any((out / "tensorboard").iterdir())
 
 
