@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from vision_rwkv._faults import fault_point
 from vision_rwkv._fs import AppendLog, atomic_write, check_writable, write_failed
-from vision_rwkv.captioner import CaptionResult, check_dtype
+from vision_rwkv.caption.captioner import CaptionResult, check_dtype
 from vision_rwkv.config import SamplingConfig
 from vision_rwkv.errors import (
     EXIT_ALL_FAILED,
@@ -36,7 +36,7 @@ from vision_rwkv.errors import (
     one_line,
     short_warnings,
 )
-from vision_rwkv.launch import Launch, die_with_parent
+from vision_rwkv.train.launch import Launch, die_with_parent
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 PROG = "caption.py"
@@ -272,7 +272,7 @@ def run(cfg: CaptionCLIConfig) -> int:
 
 
 def list_images(paths: list[str], quiet: bool) -> list[str]:
-    from vision_rwkv.images import find_images
+    from vision_rwkv.caption.images import find_images
 
     with warnings.catch_warnings(record=True) as caught:  # e.g. a folder that cannot be listed: one line each
         warnings.simplefilter("always")
@@ -292,7 +292,7 @@ def caption_into(writer: Writer, todo: list[str], cfg: CaptionCLIConfig, device:
 
     from tqdm.auto import tqdm
 
-    from vision_rwkv.captioner import Captioner
+    from vision_rwkv.caption.captioner import Captioner
 
     captioned = failed = 0
     if not todo:

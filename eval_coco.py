@@ -20,7 +20,7 @@ from pathlib import Path
 from vision_rwkv._fs import atomic_write, check_writable
 from vision_rwkv.config import SamplingConfig
 from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.metrics import coco_scores
+from vision_rwkv.train.metrics import coco_scores
 
 METRIC_LABELS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
                  "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
@@ -126,7 +126,7 @@ def _run(args) -> int:
 
 
 def _split_rows(karpathy: Path, image_root, split: str, check_images: bool) -> list[dict]:
-    from vision_rwkv.data import read_karpathy
+    from vision_rwkv.train.data import read_karpathy
 
     rows = read_karpathy(karpathy, image_root, splits=[split], check_images=check_images)
     if not rows:
@@ -137,7 +137,7 @@ def _split_rows(karpathy: Path, image_root, split: str, check_images: bool) -> l
 
 def _caption(rows: list[dict], args) -> tuple[list[dict], int]:
     """COCO results for rows, in their order, and the number of images that failed (reported on stderr)."""
-    from vision_rwkv.captioner import Captioner
+    from vision_rwkv.caption.captioner import Captioner
 
     if args.beam > 1:
         sampling = SamplingConfig(strategy="beam", num_beams=args.beam, max_new_tokens=args.max_new_tokens)

@@ -1,4 +1,4 @@
-"""Train a captioning model: Hydra config -> vision_rwkv.config.CaptionConfig -> vision_rwkv.train.
+"""Train a captioning model: Hydra config -> vision_rwkv.config.CaptionConfig -> vision_rwkv.train.trainer.
 
     python train_caption.py experiment=shapes_demo
     python train_caption.py experiment=coco_vitl14_rwkv7_0.4b init_decoder=/models/RWKV-x070-World-0.4B.pth
@@ -42,7 +42,7 @@ def to_caption_config(cfg: DictConfig) -> CaptionConfig:
 
 
 def run(cfg: DictConfig) -> dict:
-    from vision_rwkv.train import train
+    from vision_rwkv.train.trainer import train
 
     caption_cfg = to_caption_config(cfg)
     job = _multirun_job()

@@ -41,7 +41,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vision_rwkv.captioner import Captioner, _collate, _ImageFiles  # noqa: E402
+from vision_rwkv.caption.captioner import Captioner, _collate, _ImageFiles  # noqa: E402
+from vision_rwkv.caption.model import build_caption_model  # noqa: E402
 from vision_rwkv.config import (  # noqa: E402
     CaptionConfig,
     EncoderConfig,
@@ -49,9 +50,8 @@ from vision_rwkv.config import (  # noqa: E402
     RWKV7Config,
     SamplingConfig,
 )
-from vision_rwkv.generate import decode_loop  # noqa: E402
-from vision_rwkv.graphs import prefill_runner  # noqa: E402
-from vision_rwkv.model import build_caption_model  # noqa: E402
+from vision_rwkv.lm.generate import decode_loop  # noqa: E402
+from vision_rwkv.lm.graphs import prefill_runner  # noqa: E402
 
 
 def make_jpegs(folder: Path, n: int, seed: int = 0, processes: int = 1) -> list[Path]:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caption_throughput import build_model  # noqa: E402
 from wkv7 import median_ms  # noqa: E402
 
-from vision_rwkv.graphs import prefill_runner  # noqa: E402
+from vision_rwkv.lm.graphs import prefill_runner  # noqa: E402
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_caption import compose, to_caption_config  # noqa: E402
-from vision_rwkv.train import Trainer  # noqa: E402
+from vision_rwkv.train.trainer import Trainer  # noqa: E402
 
 
 def main() -> None:

@@ -21,12 +21,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_caption import compose, to_caption_config  # noqa: E402
-from vision_rwkv.captioner import resolve_device  # noqa: E402
-from vision_rwkv.data import get_split, load_source  # noqa: E402
-from vision_rwkv.encoder import ClipEncoder  # noqa: E402
+from vision_rwkv.caption.captioner import resolve_device  # noqa: E402
+from vision_rwkv.caption.encoder import ClipEncoder  # noqa: E402
 from vision_rwkv.errors import VisionRWKVError, one_line  # noqa: E402
-from vision_rwkv.features import feature_cache  # noqa: E402
-from vision_rwkv.train import seed_everything  # noqa: E402
+from vision_rwkv.train.data import get_split, load_source  # noqa: E402
+from vision_rwkv.train.features import feature_cache  # noqa: E402
+from vision_rwkv.train.trainer import seed_everything  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from vision_rwkv.caption.model import load_caption_model, save_caption_model
 from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.model import load_caption_model, save_caption_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

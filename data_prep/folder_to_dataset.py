@@ -2,7 +2,7 @@
 
     python data_prep/folder_to_dataset.py --folder data/my_images --out data/my_images_ds
 
-The metadata format is described in vision_rwkv.data.read_image_folder; every listed image is checked to
+The metadata format is described in vision_rwkv.train.data.read_image_folder; every listed image is checked to
 exist first. The folder is written under a temporary name and renamed. A re-run with unchanged metadata
 does nothing unless --force.
 """
@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from vision_rwkv.data import (
+from vision_rwkv.errors import VisionRWKVError
+from vision_rwkv.train.data import (
     PREP_RECORD,
     fingerprint,
     metadata_file,
@@ -22,7 +23,6 @@ from vision_rwkv.data import (
     rows_to_dataset,
     save_dataset,
 )
-from vision_rwkv.errors import VisionRWKVError
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@
     python data_prep/karpathy_to_dataset.py --json data/dataset_coco.json --image-root data/coco --out data/coco_ds
 
 Columns: image (absolute path), image_id (cocoid, else imgid), captions, split; "restval" becomes "train"
-(see vision_rwkv.data.read_karpathy). Every image path is checked to exist first.
+(see vision_rwkv.train.data.read_karpathy). Every image path is checked to exist first.
 The folder is written under a temporary name and renamed. A re-run with the same inputs (unchanged JSON,
 same image root) does nothing unless --force.
 """
@@ -15,8 +15,15 @@ import os
 import sys
 from pathlib import Path
 
-from vision_rwkv.data import PREP_RECORD, fingerprint, read_karpathy, read_prep_record, rows_to_dataset, save_dataset
 from vision_rwkv.errors import VisionRWKVError
+from vision_rwkv.train.data import (
+    PREP_RECORD,
+    fingerprint,
+    read_karpathy,
+    read_prep_record,
+    rows_to_dataset,
+    save_dataset,
+)
 
 
 def main(argv=None) -> int:

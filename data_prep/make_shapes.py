@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from vision_rwkv._fs import atomic_file, atomic_write
-from vision_rwkv.data import read_prep_record
 from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.shapes import make_captions, render, sample_objects
+from vision_rwkv.synthetic.shapes import make_captions, render, sample_objects
+from vision_rwkv.train.data import read_prep_record
 
 SPLITS = ("train", "val", "test")
 ID_STRIDE = 10_000_000  # image_id = split index * ID_STRIDE + example index: unique, and stable as counts grow

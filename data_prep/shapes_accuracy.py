@@ -3,9 +3,9 @@
     python data_prep/shapes_accuracy.py --checkpoint vision_rwkv/assets/demo --data data/shapes --split test
 
 Captions every image of the split (greedy, RNN mode) and checks each caption against the image's true
-objects with vision_rwkv.shapes.score_caption: "exact" means the same objects (size, colour, kind) and
+objects with vision_rwkv.synthetic.shapes.score_caption: "exact" means the same objects (size, colour, kind) and
 a correct position or relation; objects_f1 gives partial credit. Also CIDEr-D of the captions against
-the image's reference captions (vision_rwkv.metrics.cider: simple tokenization, no Java). Prints them
+the image's reference captions (vision_rwkv.train.metrics.cider: simple tokenization, no Java). Prints them
 and writes them as JSON with --out.
 """
 
@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
+from vision_rwkv.caption.images import load_image
+from vision_rwkv.caption.model import load_caption_model
 from vision_rwkv.config import SamplingConfig
-from vision_rwkv.data import read_shapes_objects
 from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.generate import caption_features
-from vision_rwkv.images import load_image
-from vision_rwkv.metrics import cider
-from vision_rwkv.model import load_caption_model
-from vision_rwkv.shapes import score_caption
+from vision_rwkv.lm.generate import caption_features
+from vision_rwkv.synthetic.shapes import score_caption
+from vision_rwkv.train.data import read_shapes_objects
+from vision_rwkv.train.metrics import cider
 
 
 def accuracy(checkpoint, data, split: str = "test", batch_size: int = 64, limit: int | None = None,

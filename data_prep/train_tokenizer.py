@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 
 from vision_rwkv._fs import atomic_write
-from vision_rwkv.data import (
+from vision_rwkv.errors import VisionRWKVError
+from vision_rwkv.lm.tokenizer import train_bpe
+from vision_rwkv.train.data import (
     METADATA_FILES,
     fingerprint,
     read_disk,
@@ -26,8 +28,6 @@ from vision_rwkv.data import (
     read_karpathy,
     read_prep_record,
 )
-from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.tokenizer import train_bpe
 
 SOURCES = ("auto", "karpathy", "folder", "shapes", "disk")
 

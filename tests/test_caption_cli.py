@@ -10,7 +10,7 @@ import pytest
 from test_captioner import GREEDY, make_checkpoint, write_bad_folder, write_images
 
 import caption
-from vision_rwkv.captioner import Captioner
+from vision_rwkv.caption.captioner import Captioner
 
 FAST = ["sampling.max_new_tokens=8", "num_workers=0", "device=cpu"]
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import randomize_
 
+from vision_rwkv.caption.encoder import ClipEncoder
+from vision_rwkv.caption.model import build_caption_model, load_caption_model, pad_captions, save_caption_model
 from vision_rwkv.config import CaptionConfig, EncoderConfig, ProjectorConfig, RWKV7Config, SamplingConfig
-from vision_rwkv.encoder import ClipEncoder
 from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.generate import caption_features
-from vision_rwkv.model import build_caption_model, load_caption_model, pad_captions, save_caption_model
+from vision_rwkv.lm.generate import caption_features
 
 CAPTIONS = [
     "a small red circle in the top left",
@@ -59,7 +59,7 @@ def test_encoder_returns_patch_tokens_and_pooled_and_stays_frozen():
 
 def test_encoder_loads_a_local_checkpoint_file_and_a_local_dir(tmp_path):
     """The real open_clip loading code, on weights this test makes (no download)."""
-    from vision_rwkv.encoder import _register_project_configs
+    from vision_rwkv.caption.encoder import _register_project_configs
 
     _register_project_configs()
     clip = open_clip.create_model("vrwkv-ViT-tiny")

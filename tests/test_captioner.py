@@ -11,11 +11,11 @@ import torch
 from conftest import randomize_
 from PIL import Image
 
-from vision_rwkv import captioner as captioner_module
-from vision_rwkv.captioner import Captioner, CaptionResult
+from vision_rwkv.caption import captioner as captioner_module
+from vision_rwkv.caption.captioner import Captioner, CaptionResult
+from vision_rwkv.caption.model import build_caption_model, save_caption_model
 from vision_rwkv.config import CaptionConfig, EncoderConfig, ProjectorConfig, RWKV7Config, SamplingConfig
 from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.model import build_caption_model, save_caption_model
 
 CAPTIONS = [
     "a small red circle in the top left",
@@ -134,7 +134,7 @@ def test_batched_equals_one_by_one(captioner, tmp_path):
 
 
 def test_score_is_the_best_hypothesis_logprob(captioner, tmp_path):
-    from vision_rwkv.generate import caption_features
+    from vision_rwkv.lm.generate import caption_features
 
     paths = write_images(tmp_path, 2)
     beam = SamplingConfig(strategy="beam", num_beams=3, max_new_tokens=8)

@@ -6,7 +6,7 @@ import yaml
 from conftest import randomize_, tiny_config
 
 from vision_rwkv import RWKV7, VisionRWKVError, load_decoder, load_tokenizer, save_decoder, save_official
-from vision_rwkv.checkpoint import infer_config
+from vision_rwkv.lm.checkpoint import infer_config
 
 
 @pytest.fixture

@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from vision_rwkv.config import DataConfig
-from vision_rwkv.data import (
+from vision_rwkv.errors import VisionRWKVError
+from vision_rwkv.synthetic.shapes import score_caption
+from vision_rwkv.train.data import (
     COLUMNS,
     get_split,
     load_source,
@@ -19,8 +21,6 @@ from vision_rwkv.data import (
     read_shapes_objects,
     rows_to_dataset,
 )
-from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.shapes import score_caption
 
 DATA_PREP = Path(__file__).resolve().parents[1] / "data_prep"
 
@@ -299,7 +299,7 @@ def test_folder_to_dataset_and_disk_with_a_split_column(tmp_path, capsys):
 
 
 def test_train_tokenizer_from_each_kind_of_source(karpathy, tmp_path, capsys):
-    from vision_rwkv.tokenizer import HFTokenizer
+    from vision_rwkv.lm.tokenizer import HFTokenizer
 
     shapes = tmp_path / "shapes"
     assert command("make_shapes")(["--out", str(shapes), "--train", "30", "--val", "0", "--test", "0"]) == 0

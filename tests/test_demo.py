@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from vision_rwkv.captioner import DEMO_DIR
-from vision_rwkv.shapes import render, sample_objects, score_caption
+from vision_rwkv.caption.captioner import DEMO_DIR
+from vision_rwkv.synthetic.shapes import render, sample_objects, score_caption
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("shapes_test_*.png"))

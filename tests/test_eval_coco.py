@@ -11,7 +11,7 @@ from typing import Optional
 
 import pytest
 
-from vision_rwkv import metrics
+from vision_rwkv.train import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "coco_tiny"
@@ -136,14 +136,14 @@ class FakeCaptioner:
 
 @pytest.fixture
 def fake_captioner(monkeypatch, tmp_path):
-    """The fake in place of vision_rwkv.captioner.Captioner, and an image folder holding the test split."""
+    """The fake in place of vision_rwkv.caption.captioner.Captioner, and an image folder holding the test split."""
     try:
-        import vision_rwkv.captioner as captioner_module
+        import vision_rwkv.caption.captioner as captioner_module
     except ModuleNotFoundError as e:
-        if e.name != "vision_rwkv.captioner":
+        if e.name != "vision_rwkv.caption.captioner":
             raise
-        captioner_module = types.ModuleType("vision_rwkv.captioner")  # not written yet: stand in for it
-        monkeypatch.setitem(sys.modules, "vision_rwkv.captioner", captioner_module)
+        captioner_module = types.ModuleType("vision_rwkv.caption.captioner")  # not written yet: stand in for it
+        monkeypatch.setitem(sys.modules, "vision_rwkv.caption.captioner", captioner_module)
     monkeypatch.setattr(captioner_module, "Captioner", FakeCaptioner, raising=False)
     monkeypatch.setattr(FakeCaptioner, "calls", [])
     monkeypatch.setattr(FakeCaptioner, "fail", set())

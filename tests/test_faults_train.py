@@ -20,7 +20,7 @@ from test_train import losses, tiny
 
 import train_caption
 from vision_rwkv._fs import AppendLog
-from vision_rwkv.model import load_caption_model
+from vision_rwkv.caption.model import load_caption_model
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["trainer.max_steps=6", "trainer.eval_every=0", "trainer.save_every=2", "trainer.projector_steps=2"]
@@ -324,9 +324,9 @@ def test_runs_sharing_a_feature_cache_take_turns(shapes, tmp_path):
 
     from filelock import FileLock
 
-    from vision_rwkv.data import load_source
-    from vision_rwkv.encoder import ClipEncoder
-    from vision_rwkv.features import feature_cache
+    from vision_rwkv.caption.encoder import ClipEncoder
+    from vision_rwkv.train.data import load_source
+    from vision_rwkv.train.features import feature_cache
 
     cfg = train_caption.to_caption_config(
         train_caption.compose(["experiment=shapes_demo", "encoder=tiny", f"data.path={shapes}"]))

@@ -4,7 +4,7 @@ import torch
 from conftest import randomize_, tiny_config
 
 from vision_rwkv import RWKV7, SamplingConfig, generate
-from vision_rwkv.generate import decode_loop
+from vision_rwkv.lm.generate import decode_loop
 
 
 class CharTokenizer:

@@ -1,4 +1,4 @@
-"""RNN mode through CUDA graphs (vision_rwkv.graphs) against eager lm.step, on a GPU.
+"""RNN mode through CUDA graphs (vision_rwkv.lm.graphs) against eager lm.step, on a GPU.
 
 A replay runs the kernels captured from the eager step, in the same order on the same data, so fp32
 results match the eager ones to rounding noise (1e-5 relative leaves room for cuBLAS picking another
@@ -12,8 +12,8 @@ import torch
 from conftest import randomize_, tiny_config
 
 from vision_rwkv import RWKV7, SamplingConfig
-from vision_rwkv.generate import decode_loop
-from vision_rwkv.graphs import GraphedStep, rnn_stepper
+from vision_rwkv.lm.generate import decode_loop
+from vision_rwkv.lm.graphs import GraphedStep, rnn_stepper
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytestmark = [pytest.mark.gpu, cuda]
@@ -137,7 +137,7 @@ def test_model_on_the_second_gpu_while_the_first_is_current(lm):
 def test_graphed_prefill_equals_eager_and_keeps_its_results(wkv_impl, autocast):
     """The image-prefix prefill as a graph (prefill_runner): the logits and state of lm(inputs_embeds=x,
     last_only=True), for new inputs at every replay, with a returned state that later replays leave alone."""
-    from vision_rwkv import graphs
+    from vision_rwkv.lm import graphs
 
     torch.manual_seed(0)
     lm = randomize_(RWKV7(tiny_config(vocab_size=211, wkv_impl=wkv_impl))).cuda().eval()
@@ -160,7 +160,7 @@ def test_graphed_prefill_equals_eager_and_keeps_its_results(wkv_impl, autocast):
 
 @torch.no_grad()
 def test_prefill_beyond_the_token_limit_runs_eagerly(lm, monkeypatch):
-    from vision_rwkv import graphs
+    from vision_rwkv.lm import graphs
 
     monkeypatch.setattr(graphs, "MAX_PREFILL_TOKENS", 20)
     x = torch.randn(3, 7, lm.config.n_embd, device="cuda")  # 21 tokens

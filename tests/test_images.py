@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vision_rwkv.caption.images import IMAGE_EXTENSIONS, find_images, load_image, to_rgb
 from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.images import IMAGE_EXTENSIONS, find_images, load_image, to_rgb
 
 
 def noise_jpeg_bytes(size=64, seed=0) -> bytes:

@@ -1,4 +1,4 @@
-"""vision_rwkv.metrics against small independent implementations of BLEU, ROUGE-L and CIDEr-D.
+"""vision_rwkv.train.metrics against small independent implementations of BLEU, ROUGE-L and CIDEr-D.
 
 The references below follow the definitions pycocoevalcap uses (the COCO caption evaluation), written
 from scratch: corpus BLEU with the closest reference length and its 1e-15 / 1e-9 smoothing, ROUGE-L
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from vision_rwkv import metrics
 from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.metrics import coco_scores, simple_tokenize
+from vision_rwkv.train import metrics
+from vision_rwkv.train.metrics import coco_scores, simple_tokenize
 
 FIXTURE = Path(__file__).parent / "fixtures" / "coco_tiny"
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")

@@ -16,7 +16,7 @@ from test_captioner import make_checkpoint, write_bad_folder, write_images
 from test_train import losses, tiny
 
 import caption
-from vision_rwkv.model import load_caption_model
+from vision_rwkv.caption.model import load_caption_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

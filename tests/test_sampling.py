@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vision_rwkv import SamplingConfig, VisionRWKVError
-from vision_rwkv.sampling import (
+from vision_rwkv.lm.sampling import (
     TokenChooser,
     apply_penalties,
     ban_tokens,

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vision_rwkv.shapes import (
+from vision_rwkv.synthetic.shapes import (
     BACKGROUND,
     COLOURS,
     KINDS,

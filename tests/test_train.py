@@ -11,8 +11,8 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 import train_caption
-from vision_rwkv.model import load_caption_model
-from vision_rwkv.trainer_state import read_trainer_state
+from vision_rwkv.caption.model import load_caption_model
+from vision_rwkv.train.trainer_state import read_trainer_state
 
 CONF = Path(train_caption.CONF_DIR)
 GROUPS = ["encoder", "projector", "decoder", "data", "sampling", "optim", "trainer", "experiment"]
@@ -174,11 +174,11 @@ def test_cache_features_command_builds_what_training_then_uses(shapes, tmp_path,
 def test_cached_features_match_the_encoder_and_batches_match_items(shapes, tmp_path):
     import datasets
 
-    from vision_rwkv.data import load_source
-    from vision_rwkv.encoder import ClipEncoder
-    from vision_rwkv.features import PairDataset, caption_pairs, feature_cache
-    from vision_rwkv.images import load_image
-    from vision_rwkv.tokenizer import train_bpe
+    from vision_rwkv.caption.encoder import ClipEncoder
+    from vision_rwkv.caption.images import load_image
+    from vision_rwkv.lm.tokenizer import train_bpe
+    from vision_rwkv.train.data import load_source
+    from vision_rwkv.train.features import PairDataset, caption_pairs, feature_cache
 
     cfg = train_caption.to_caption_config(
         train_caption.compose(["experiment=shapes_demo", "encoder=tiny", f"data.path={shapes}"]))

@@ -14,15 +14,15 @@ Public API (stable):
     model = load_caption_model(folder)         # CaptionModel: encode, prefix, loss, score
 """
 
-from .captioner import Captioner, CaptionResult
-from .checkpoint import load_decoder, save_decoder, save_official
+from .caption.captioner import Captioner, CaptionResult
+from .caption.model import CaptionModel, build_caption_model, load_caption_model, save_caption_model
 from .config import RWKV7Config, SamplingConfig
 from .errors import VisionRWKVError
-from .generate import generate
-from .model import CaptionModel, build_caption_model, load_caption_model, save_caption_model
-from .rwkv7 import RWKV7
-from .state import RWKVState
-from .tokenizer import HFTokenizer, WorldTokenizer, load_tokenizer, train_bpe
+from .lm.checkpoint import load_decoder, save_decoder, save_official
+from .lm.generate import generate
+from .lm.rwkv7 import RWKV7
+from .lm.state import RWKVState
+from .lm.tokenizer import HFTokenizer, WorldTokenizer, load_tokenizer, train_bpe
 
 __all__ = [
     "Captioner",

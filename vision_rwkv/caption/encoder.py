@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import EncoderConfig
-from .errors import VisionRWKVError
+from ..config import EncoderConfig
+from ..errors import VisionRWKVError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "assets" / "clip_configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "clip_configs"
 _registered = False
 
 

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
-from .errors import VisionRWKVError
+from ..errors import VisionRWKVError
 
 WORLD_NAME = "rwkv_vocab_v20230424"
 WORLD_ALIASES = ("world", WORLD_NAME)

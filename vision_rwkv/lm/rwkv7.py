@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import RWKV7Config
-from .errors import VisionRWKVError
-from .ops.wkv7 import wkv7, wkv7_step
+from ..config import RWKV7Config
+from ..errors import VisionRWKVError
+from ..ops.wkv7 import wkv7, wkv7_step
 from .state import RWKVState
 
 LN_X_EPS = 64e-5  # the official GroupNorm eps for ln_x

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .config import SamplingConfig
-from .errors import VisionRWKVError
-from .generate import caption_features
+from ..config import SamplingConfig
+from ..errors import VisionRWKVError
+from ..lm.generate import caption_features
 from .images import load_image
 from .model import CaptionModel, load_caption_model
 
-DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo"
 
 
 @dataclass

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import VisionRWKVError
+from ..errors import VisionRWKVError
 
-FORMAT = "vision_rwkv.trainer_state"
+FORMAT = "vision_rwkv.train.trainer_state"
 VERSION = 2
 TENSORS = "trainer_state.safetensors"
 RECORD = "trainer_state.json"

@@ -20,14 +20,14 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from ._fs import atomic_folder
-from .checkpoint import CONFIG, WEIGHTS, _build, load_decoder
-from .config import CaptionConfig, caption_config_from_dict, caption_config_to_dict
+from .._fs import atomic_folder
+from ..config import CaptionConfig, caption_config_from_dict, caption_config_to_dict
+from ..errors import VisionRWKVError
+from ..lm.checkpoint import CONFIG, WEIGHTS, _build, load_decoder
+from ..lm.rwkv7 import RWKV7
+from ..lm.tokenizer import load_tokenizer
 from .encoder import ClipEncoder
-from .errors import VisionRWKVError
 from .projector import build_projector, param_groups, prefix_length
-from .rwkv7 import RWKV7
-from .tokenizer import load_tokenizer
 
 CAPTION_FORMAT = "vision_rwkv.caption"
 CAPTION_FORMAT_VERSION = 1
@@ -158,7 +158,7 @@ def pad_captions(captions: list[list[int]], device=None) -> tuple[torch.Tensor, 
 def build_caption_model(cfg: CaptionConfig, tokenizer=None, captions_for_bpe=None) -> CaptionModel:
     """A new model from its config: the decoder from scratch or from cfg.init_decoder, the tokenizer named
     by cfg.tokenizer ("train" trains a BPE on captions_for_bpe)."""
-    from .tokenizer import train_bpe
+    from ..lm.tokenizer import train_bpe
 
     cfg = dataclasses.replace(cfg)
     if tokenizer is None:

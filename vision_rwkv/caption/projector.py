@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ProjectorConfig
-from .errors import VisionRWKVError
+from ..config import ProjectorConfig
+from ..errors import VisionRWKVError
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float) -> nn.Sequential:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SamplingConfig
-from .errors import VisionRWKVError
+from ..config import SamplingConfig
+from ..errors import VisionRWKVError
 from .graphs import prefill_runner, rnn_stepper
 from .rwkv7 import RWKV7
 from .sampling import TokenChooser
@@ -27,7 +27,7 @@ def decode_loop(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
     If `scores` is a list, it receives each row's log-probability of its tokens (and of the stop token,
     when one ended the row) under the model's own distribution, i.e. what GPT-mode scoring gives.
 
-    On CUDA the steps replay CUDA graphs (vision_rwkv.graphs), one per batch size. Finished rows then
+    On CUDA the steps replay CUDA graphs (vision_rwkv.lm.graphs), one per batch size. Finished rows then
     stay in the batch, ignored, until the live ones fit a smaller power of two, so a batch is captured
     at a few sizes only; eagerly, finished rows leave at once. Rows never mix, so the tokens are the same.
     """

@@ -18,7 +18,7 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import VisionRWKVError
+from ..errors import VisionRWKVError
 
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 TOKENIZERS = ("ptb", "simple")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ._fs import atomic_file
-from .errors import VisionRWKVError
+from .._fs import atomic_file
+from ..errors import VisionRWKVError
 
-STATE_FORMAT = "vision_rwkv.state"
+STATE_FORMAT = "vision_rwkv.lm.state"
 STATE_KEYS = ("att_shift", "wkv", "ffn_shift")
 
 

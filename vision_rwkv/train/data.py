@@ -1,6 +1,6 @@
 """Caption data sources, all read into Hugging Face `datasets` with the same four columns.
 
-    image     absolute path of the image file (str); pixels are decoded later, by vision_rwkv.images
+    image     absolute path of the image file (str); pixels are decoded later, by vision_rwkv.caption.images
     image_id  int, unique within a source (COCO ids for COCO)
     captions  the reference captions (list[str], at least one)
     split     "train", "val", "test", or whatever a folder's metadata names
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import datasets
 
-from ._fs import atomic_folder, atomic_write
-from .config import DataConfig
-from .errors import VisionRWKVError
+from .._fs import atomic_folder, atomic_write
+from ..config import DataConfig
+from ..errors import VisionRWKVError
 
 COLUMNS = ("image", "image_id", "captions", "split")
 FEATURES = datasets.Features({
@@ -339,7 +339,7 @@ def _check_columns(ds: datasets.Dataset, path: Path) -> None:
 
 
 def read_shapes_objects(folder) -> dict[int, list[dict]]:
-    """image_id -> objects, from a make_shapes.py folder: what vision_rwkv.shapes.score_caption needs."""
+    """image_id -> objects, from a make_shapes.py folder: what vision_rwkv.synthetic.shapes.score_caption needs."""
     path = Path(folder) / METADATA_FILES[0]
     if not path.is_file():
         raise VisionRWKVError(f"{path} does not exist; expected a folder written by data_prep/make_shapes.py")

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
-from ._fs import atomic_folder, remove_leftovers, write_failed
-from .errors import VisionRWKVError
-from .images import load_image
+from .._fs import atomic_folder, remove_leftovers, write_failed
+from ..caption.images import load_image
+from ..errors import VisionRWKVError
 
 
 def caption_pairs(ds: datasets.Dataset) -> list[tuple[int, int]]:

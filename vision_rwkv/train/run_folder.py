@@ -18,8 +18,8 @@ import re
 import shutil
 from pathlib import Path
 
-from ._fs import AppendLog, atomic_write, remove_leftovers, write_failed
-from .errors import VisionRWKVError
+from .._fs import AppendLog, atomic_write, remove_leftovers, write_failed
+from ..errors import VisionRWKVError
 
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"

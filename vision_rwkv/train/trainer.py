@@ -10,8 +10,8 @@
 - Every eval_every steps: validation loss and CIDEr of greedy RNN-mode captions on data.val_subset
   images. Every save_every steps (and at the end): an atomic checkpoint folder with the weights, the
   resolved config, the tokenizer, and the trainer state (optimizer, step, data position, RNG states;
-  vision_rwkv.trainer_state, no pickle); trainer.keep_last prunes the oldest.
-- The run folder (vision_rwkv.run_folder) is claimed first: a folder that holds a run is refused unless
+  vision_rwkv.train.trainer_state, no pickle); trainer.keep_last prunes the oldest.
+- The run folder (vision_rwkv.train.run_folder) is claimed first: a folder that holds a run is refused unless
   trainer.resume=true (continue it) or trainer.overwrite=true (replace it).
 - resume=true continues from <out_dir>/checkpoints/latest exactly: same batches, same RNG draws. An
   unreadable latest checkpoint falls back to the newest readable one, saying so.
@@ -34,16 +34,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._faults import fault_point
-from ._fs import atomic_file
-from .config import CaptionConfig, SamplingConfig
+from .._faults import fault_point
+from .._fs import atomic_file
+from ..caption.images import load_image
+from ..caption.model import CaptionModel, build_caption_model, load_caption_model, save_caption_model
+from ..config import CaptionConfig, SamplingConfig
+from ..errors import OutputError, VisionRWKVError
+from ..lm.generate import caption_features
 from .data import get_split, load_source
-from .errors import OutputError, VisionRWKVError
 from .features import PairDataset, PairSampler, caption_pairs, collate, feature_cache
-from .generate import caption_features
-from .images import load_image
 from .launch import Launch, die_with_parent
-from .model import CaptionModel, build_caption_model, load_caption_model, save_caption_model
 from .run_folder import MetricsLog, RunFolder, claim
 from .trainer_state import load_trainer_state, read_trainer_state, save_trainer_state
 
@@ -233,14 +233,14 @@ class Trainer:
         tok_file = self.out / "tokenizer.json"
         if cfg.tokenizer == "train":  # rank 0 trains the BPE; every rank loads the same file
             if self.dist.main:
-                from .tokenizer import train_bpe
+                from ..lm.tokenizer import train_bpe
 
                 caps = [c for cs in self.train_rows["captions"] for c in cs]
                 tok = train_bpe(caps, cfg.tokenizer_vocab_size)
                 with atomic_file(tok_file) as tmp:
                     tok.tk.save(str(tmp))
             self.dist.wait_for_main()
-            from .tokenizer import HFTokenizer
+            from ..lm.tokenizer import HFTokenizer
 
             return build_caption_model(dataclasses.replace(cfg, tokenizer="train"), tokenizer=HFTokenizer(tok_file))
         return build_caption_model(cfg)

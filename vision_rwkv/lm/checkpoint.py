@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from ._fs import atomic_file, atomic_folder
-from .config import RWKV7Config
-from .errors import VisionRWKVError
+from .._fs import atomic_file, atomic_folder
+from ..config import RWKV7Config
+from ..errors import VisionRWKVError
 from .rwkv7 import RWKV7
 
 FORMAT = "vision_rwkv.decoder"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import SamplingConfig
+from ..config import SamplingConfig
 
 NEG_INF = float("-inf")
 
