@@ -1,115 +1,11 @@
-"""Write the synthetic shapes data set: images/<split>/<image_id>.png and metadata.jsonl.
+"""`python data_prep/make_shapes.py --help`: the same as `vision-rwkv prep make_shapes`.
 
-    python data_prep/make_shapes.py --out data/shapes --train 20000 --val 500 --test 500 --size 64 --seed 0
-
-Each example comes from its own random stream (seed, split, index), so a re-run with the same --seed and
---size skips every image already written and adds only the missing ones; larger counts extend the set.
-Images are written under a temporary name and renamed; metadata.jsonl, which lists every image with its
-captions and objects, is written last, so a folder with a metadata.jsonl is complete.
-The folder is read by load_source with data.source=shapes (see vision_rwkv/data.py).
+The command lives in vision_rwkv/cli/prep/make_shapes.py.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import random
 import sys
-from pathlib import Path
 
-from vision_rwkv._fs import atomic_file, atomic_write
-from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.synthetic.shapes import make_captions, render, sample_objects
-from vision_rwkv.train.data import read_prep_record
-
-SPLITS = ("train", "val", "test")
-ID_STRIDE = 10_000_000  # image_id = split index * ID_STRIDE + example index: unique, and stable as counts grow
-PARAMS_FILE = "shapes.json"
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="output folder")
-    ap.add_argument("--train", type=int, default=20000, help="number of training images")
-    ap.add_argument("--val", type=int, default=500, help="number of validation images")
-    ap.add_argument("--test", type=int, default=1000, help="number of test images")
-    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-
-    try:
-        counts = _check_args(args)
-        written, kept, changed = make_shapes(args.out, counts, args.size, args.seed)
-    except VisionRWKVError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    state = "written" if changed else "up to date"
-    print(f"{args.out}: {written + kept} images ({written} written, {kept} already there), metadata.jsonl {state}")
-    return 0
-
-
-def _check_args(args) -> dict[str, int]:
-    if args.out.exists() and not args.out.is_dir():
-        raise VisionRWKVError(f"--out {args.out} is a file; expected a folder (new or made by make_shapes.py)")
-    counts = {"train": args.train, "val": args.val, "test": args.test}
-    for split, n in counts.items():
-        if not 0 <= n < ID_STRIDE:
-            raise VisionRWKVError(f"--{split} is {n}; expected 0 to {ID_STRIDE - 1}")
-    if sum(counts.values()) == 0:
-        raise VisionRWKVError("--train, --val and --test are all 0; expected at least one image")
-    if not 16 <= args.size <= 1024:
-        raise VisionRWKVError(f"--size is {args.size}; expected 16 to 1024 pixels")
-    return counts
-
-
-def make_shapes(out: Path, counts: dict[str, int], size: int, seed: int) -> tuple[int, int, bool]:
-    """Write the missing images, then the metadata; returns (images written, images kept, metadata changed)."""
-    out.mkdir(parents=True, exist_ok=True)
-    _claim_params(out, size, seed)
-    lines, written, kept = [], 0, 0
-    for split_index, split in enumerate(SPLITS):
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        for i in range(counts[split]):
-            record, new = _example(out, split, split_index * ID_STRIDE + i, i, size, seed)
-            lines.append(json.dumps(record))
-            written, kept = written + new, kept + (not new)
-    text = "\n".join(lines) + "\n"
-    metadata = out / "metadata.jsonl"
-    changed = not metadata.is_file() or metadata.read_text(encoding="utf-8") != text
-    if changed:
-        atomic_write(metadata, text)
-    return written, kept, changed
-
-
-def _claim_params(out: Path, size: int, seed: int) -> None:
-    """Record seed and size before any image, so a later run cannot mix images made differently."""
-    params = {"seed": seed, "size": size, "format": 1}
-    path = out / PARAMS_FILE
-    if path.exists():
-        old = read_prep_record(path)
-        if old != params:
-            raise VisionRWKVError(f"{out} holds shapes made with {old}; expected {params}: use the same --seed and "
-                                  "--size, another --out, or delete the folder")
-        return
-    if any((out / "images").glob("*/*.png")):
-        raise VisionRWKVError(f"{out}/images holds images but no {PARAMS_FILE}; expected an empty or a "
-                              "make_shapes.py folder")
-    atomic_write(path, json.dumps(params) + "\n")
-
-
-def _example(out: Path, split: str, image_id: int, index: int, size: int, seed: int) -> tuple[dict, bool]:
-    # One stream per example: regenerating example i never depends on how many came before it.
-    objects = sample_objects(random.Random(f"shapes/{seed}/{split}/{index}"))
-    file_name = f"images/{split}/{image_id}.png"
-    path = out / file_name
-    new = not path.is_file()
-    if new:
-        with atomic_file(path) as tmp:
-            render(objects, size).save(tmp, format="PNG")
-    record = {"file_name": file_name, "image_id": image_id, "split": split, "captions": make_captions(objects),
-              "objects": objects}
-    return record, new
-
+from vision_rwkv.cli.prep.make_shapes import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,8 @@ from test_captioner import GREEDY, make_checkpoint, write_bad_folder, write_imag
 
 import caption
 from vision_rwkv.caption.captioner import Captioner
+from vision_rwkv.caption.writers import coco_image_id
+from vision_rwkv.config import CaptionJobConfig, OutputFormat
 
 FAST = ["sampling.max_new_tokens=8", "num_workers=0", "device=cpu"]
 
@@ -131,8 +133,8 @@ def test_coco_results_image_ids(cli, reference, tmp_path):
     by_id = {r["image_id"]: r["caption"] for r in results}
     assert by_id == {42: expected[str(images[0])], 17: expected[str(images[3])], 7: expected[str(images[1])],
                      3: expected[str(images[2])]}
-    assert caption.coco_image_id("COCO_train2014_000000581929.jpg", 0) == 581929
-    assert caption.coco_image_id("dog_photo.jpg", 5) == 5
+    assert coco_image_id("COCO_train2014_000000581929.jpg", 0) == 581929
+    assert coco_image_id("dog_photo.jpg", 5) == 5
 
 
 def test_txt_sidecars(cli, reference, tmp_path):
@@ -293,9 +295,9 @@ def test_a_dash_option_is_refused(cli, tmp_path):
 def test_help_describes_every_option_and_format(capsys):
     assert caption.main(["--help"]) == 0
     text = capsys.readouterr().out
-    for f in fields(caption.CaptionCLIConfig):
+    for f in fields(CaptionJobConfig):
         assert f"{f.name}=" in text, f.name
-    for fmt in caption.OutputFormat:
+    for fmt in OutputFormat:
         assert f"  {fmt.value}" in text or f"{fmt.value} " in text, fmt
     assert caption.main(["photo.jpg", "-h"]) == 0
 

@@ -8,10 +8,10 @@ import torch
 from conftest import randomize_
 
 from vision_rwkv.caption.encoder import ClipEncoder
+from vision_rwkv.caption.generate import caption_features
 from vision_rwkv.caption.model import build_caption_model, load_caption_model, pad_captions, save_caption_model
 from vision_rwkv.config import CaptionConfig, EncoderConfig, ProjectorConfig, RWKV7Config, SamplingConfig
 from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.lm.generate import caption_features
 
 CAPTIONS = [
     "a small red circle in the top left",

@@ -134,7 +134,7 @@ def test_batched_equals_one_by_one(captioner, tmp_path):
 
 
 def test_score_is_the_best_hypothesis_logprob(captioner, tmp_path):
-    from vision_rwkv.lm.generate import caption_features
+    from vision_rwkv.caption.generate import caption_features
 
     paths = write_images(tmp_path, 2)
     beam = SamplingConfig(strategy="beam", num_beams=3, max_new_tokens=8)

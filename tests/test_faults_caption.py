@@ -20,6 +20,7 @@ from test_captioner import make_checkpoint, write_images
 
 import caption
 from vision_rwkv._fs import AppendLog
+from vision_rwkv.caption import writers
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["sampling.max_new_tokens=6", "num_workers=0", "device=cpu", "batch_size=2"]
@@ -82,7 +83,7 @@ def test_killed_run_resumes_with_one_row_per_image(checkpoint, cli, tmp_path, su
     out = tmp_path / f"out{suffix}"
     killed = caption_process(checkpoint, tmp_path / "photos", f"out={out}", fault="caption.batch_written:2")
     assert killed.returncode == -signal.SIGKILL
-    journal = out if suffix == ".jsonl" else caption.journal_path(out)
+    journal = out if suffix == ".jsonl" else writers.journal_path(out)
     assert [r["path"] for r in jsonl_rows(journal)] == [str(p) for p in images[:4]]  # two whole batches
     if suffix != ".jsonl":
         assert not out.exists()  # the whole file comes only at the end
@@ -148,9 +149,9 @@ def test_a_single_process_takes_the_parts_of_a_killed_torchrun_run(cli, tmp_path
     assert cli(*images[:3], f"out={done}")[0] == 0
     rows = done.read_text().splitlines(keepends=True)
     out = tmp_path / f"out{suffix}"
-    journal = out if suffix == ".jsonl" else caption.journal_path(out)
-    caption.part_path(out, 1, 2).write_text(rows[1] + rows[2][:30])  # a torn last line
-    caption.part_path(out, 0, 2).write_text(rows[0])
+    journal = out if suffix == ".jsonl" else writers.journal_path(out)
+    writers.part_path(out, 1, 2).write_text(rows[1] + rows[2][:30])  # a torn last line
+    writers.part_path(out, 0, 2).write_text(rows[0])
 
     code, _, err = cli(tmp_path / "photos", f"out={out}")
     assert code == 0
@@ -207,7 +208,7 @@ def test_a_failed_final_write_keeps_every_caption_in_the_journal(cli, tmp_path, 
     with monkeypatch.context() as m:
         m.setattr(os, "replace", replace)
         code, _, err = cli(tmp_path / "photos", f"out={out}")
-    journal = caption.journal_path(out)
+    journal = writers.journal_path(out)
     assert code == 3 and len(err) == 1
     assert err[0] == (f"caption.py: cannot write {out} (no space left on the device); it was left as it was before; "
                       f"the 5 captions are kept in {journal}, and the same command writes {out} from them")
@@ -310,7 +311,7 @@ def test_stopping_the_torchrun_agent_stops_its_workers_and_a_single_process_resu
     # each worker hangs after its first durable batch: the agent is then stopped with the rows on disk
     agent = subprocess.Popen(cmd, env=env(VISION_RWKV_FAULT="caption.batch_written:1=hang"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    parts = [caption.part_path(out, r, 2) for r in range(2)]
+    parts = [writers.part_path(out, r, 2) for r in range(2)]
     deadline = time.time() + 180
     while time.time() < deadline and not all(p.exists() and p.read_text().count("\n") >= 2 for p in parts):
         time.sleep(0.1)

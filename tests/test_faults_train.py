@@ -18,9 +18,9 @@ import pytest
 import torch
 from test_train import losses, tiny
 
-import train_caption
 from vision_rwkv._fs import AppendLog
 from vision_rwkv.caption.model import load_caption_model
+from vision_rwkv.cli import train as train_caption
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["trainer.max_steps=6", "trainer.eval_every=0", "trainer.save_every=2", "trainer.projector_steps=2"]

@@ -1,10 +1,10 @@
-"""vision_rwkv.train.launch: torchrun's environment and each process's device, shared by caption.py and training."""
+"""vision_rwkv.launch: torchrun's environment and each process's device, shared by caption.py and training."""
 
 import pytest
 import torch
 
 from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.train.launch import Launch
+from vision_rwkv.launch import Launch
 
 
 def test_no_torchrun_environment_is_one_process(monkeypatch):

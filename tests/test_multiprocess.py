@@ -16,6 +16,7 @@ from test_captioner import make_checkpoint, write_bad_folder, write_images
 from test_train import losses, tiny
 
 import caption
+from vision_rwkv.caption import writers
 from vision_rwkv.caption.model import load_caption_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,8 +135,8 @@ def test_a_killed_sharded_run_resumes_without_duplicates(checkpoint, tmp_path):
     single(checkpoint, *images[2:5], f"out={tmp_path / 'p.jsonl'}")
     lines = (tmp_path / "p.jsonl").read_text().splitlines(keepends=True)
     first = out.read_text().splitlines(keepends=True)[0]
-    caption.part_path(out, 0, 3).write_text(lines[0] + first)
-    caption.part_path(out, 2, 3).write_text(lines[1] + lines[2][:20])
+    writers.part_path(out, 0, 3).write_text(lines[0] + first)
+    writers.part_path(out, 2, 3).write_text(lines[1] + lines[2][:20])
     torchrun(2, "caption.py", folder, f"out={out}", f"checkpoint={checkpoint}", *FAST)
     rows = rows_of(out)
     assert sorted(r["path"] for r in rows) == sorted(images)  # all nine, each once

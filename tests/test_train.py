@@ -10,8 +10,8 @@ import yaml
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-import train_caption
 from vision_rwkv.caption.model import load_caption_model
+from vision_rwkv.cli import train as train_caption
 from vision_rwkv.train.trainer_state import read_trainer_state
 
 CONF = Path(train_caption.CONF_DIR)

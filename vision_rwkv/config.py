@@ -399,3 +399,32 @@ def caption_config_from_dict(data: dict[str, Any]) -> CaptionConfig:
 def caption_config_to_dict(cfg: CaptionConfig) -> dict[str, Any]:
     """Plain dicts and strings, ready for YAML."""
     return plain(cfg)
+
+
+# ---- captioning image files (caption.py, vision-rwkv caption) ---------------------------------------
+
+
+class OutputFormat(Choice):
+    auto = "auto"
+    text = "text"
+    jsonl = "jsonl"
+    csv = "csv"
+    coco = "coco"
+    txt = "txt"
+
+
+@dataclass
+class CaptionJobConfig:
+    """A captioning job over image files and folders: the schema of the CLI's conf/caption.yaml."""
+
+    paths: list[str] = field(default_factory=list)
+    checkpoint: Optional[str] = None  # None: the shipped demo model
+    out: Optional[str] = None  # None: standard output
+    format: OutputFormat = OutputFormat.auto
+    batch_size: int = 32
+    num_workers: Optional[int] = None  # None: one per usable CPU, at most 8
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 weights and autocast on CUDA, fp32 on the CPU | bf16 | fp32
+    progress: Optional[bool] = None  # None: when stderr is a terminal
+    overwrite: bool = False  # True: start afresh (no resume), replacing out, its journal and existing NAME.txt
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)

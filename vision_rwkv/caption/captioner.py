@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import SamplingConfig
 from ..errors import VisionRWKVError
-from ..lm.generate import caption_features
+from .generate import caption_features
 from .images import load_image
 from .model import CaptionModel, load_caption_model
 

@@ -13,7 +13,7 @@ import torch
 
 from ..config import SamplingConfig
 from ..errors import VisionRWKVError
-from .graphs import prefill_runner, rnn_stepper
+from .graphs import rnn_stepper
 from .rwkv7 import RWKV7
 from .sampling import TokenChooser
 from .state import RWKVState
@@ -128,7 +128,7 @@ class Hypothesis:
     finished: bool  # ended with a stop token (False: cut at max_new_tokens)
 
 
-def _rank(logprob: float, length: int, penalty: float) -> float:
+def rank_score(logprob: float, length: int, penalty: float) -> float:
     return logprob / max(length, 1) ** penalty
 
 
@@ -181,7 +181,7 @@ def beam_search(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
                 if beam_lp[b, k] > float("-inf") and history[b][k] is not None:
                     ids = history[b][k]
                     value = float(beam_lp[b, k])
-                    finished[b].append(Hypothesis(ids, value, _rank(value, len(ids), cfg.length_penalty), False))
+                    finished[b].append(Hypothesis(ids, value, rank_score(value, len(ids), cfg.length_penalty), False))
     return [sorted(f, key=lambda h: -h.score)[: cfg.num_return_sequences] for f in finished]
 
 
@@ -201,7 +201,8 @@ def _advance(b, n, top_lp, top_idx, V, nb, stop, history, finished, done, cfg):
         ids = history[b][beam]
         if tok in stop:
             if rank < nb:  # a stop among the best nb candidates ends a hypothesis
-                finished[b].append(Hypothesis(list(ids), value, _rank(value, len(ids) + 1, cfg.length_penalty), True))
+                score = rank_score(value, len(ids) + 1, cfg.length_penalty)
+                finished[b].append(Hypothesis(list(ids), value, score, True))
             continue
         rows.append(b * nb + beam)
         toks.append(tok)
@@ -220,41 +221,8 @@ def _advance(b, n, top_lp, top_idx, V, nb, stop, history, finished, done, cfg):
         best_live = max(lps)
         # Log-probabilities only fall, so a live beam's rank at its next length is bounded by this
         # (exact for length_penalty 0 and the usual heuristic otherwise).
-        if best_live == float("-inf") or _rank(best_live, n + 1, cfg.length_penalty) <= worst:
+        if best_live == float("-inf") or rank_score(best_live, n + 1, cfg.length_penalty) <= worst:
             done[b] = True
     elif all(v == float("-inf") for v in lps):
         done[b] = True
     return rows, toks, lps
-
-
-# ---- captioning -------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def caption_features(model, tokens: torch.Tensor, pooled: torch.Tensor, cfg: SamplingConfig,
-                     generator=None) -> list[list[Hypothesis]]:
-    """Captions for a batch of encoder features: the prefix (and prompt) in GPT mode, then RNN mode.
-
-    Every row's prefix has the same length, so the prefill needs no padding and each row's state is
-    exactly its own. Returns, per image, num_return_sequences hypotheses, best first (sampling and
-    greedy: one per draw, ranked by log-probability).
-    """
-    cfg.validate()
-    lm = model.decoder
-    x = model.prefix(tokens, pooled)  # (B,K',C)
-    logits, state = prefill_runner(lm)(x)  # = lm(inputs_embeds=x, last_only=True): (B,V); a graph on CUDA
-    stop = [model.eos_id, *cfg.stop_tokens]
-    if cfg.strategy == "beam":
-        return beam_search(lm, logits, state, cfg, stop)
-    n = 1 if cfg.strategy == "greedy" or cfg.temperature == 0 else cfg.num_return_sequences
-    B = logits.shape[0]
-    if n > 1:
-        rows = torch.arange(B, device=logits.device).repeat_interleave(n)
-        logits, state = logits[rows], state[rows]
-    scores: list[float] = []
-    ids = decode_loop(lm, logits, state, cfg, stop, generator, scores=scores)
-    hyps = []
-    for i, s in zip(ids, scores):
-        ended = len(i) < cfg.max_new_tokens  # a row that reached max_new_tokens was cut, not stopped
-        hyps.append(Hypothesis(i, s, _rank(s, len(i) + ended, cfg.length_penalty), ended))
-    return [sorted(hyps[b * n:(b + 1) * n], key=lambda h: -h.logprob) for b in range(B)]

@@ -36,14 +36,14 @@ import torch.distributed as dist
 
 from .._faults import fault_point
 from .._fs import atomic_file
+from ..caption.generate import caption_features
 from ..caption.images import load_image
 from ..caption.model import CaptionModel, build_caption_model, load_caption_model, save_caption_model
 from ..config import CaptionConfig, SamplingConfig
 from ..errors import OutputError, VisionRWKVError
-from ..lm.generate import caption_features
+from ..launch import Launch, die_with_parent
 from .data import get_split, load_source
 from .features import PairDataset, PairSampler, caption_pairs, collate, feature_cache
-from .launch import Launch, die_with_parent
 from .run_folder import MetricsLog, RunFolder, claim
 from .trainer_state import load_trainer_state, read_trainer_state, save_trainer_state
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import VisionRWKVError
+from .errors import VisionRWKVError
 
 
 @dataclass(frozen=True)
