@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from .._faults import fault_point
@@ -15,13 +16,27 @@ from ..config import CaptionJobConfig, OutputFormat
 from ..errors import EXIT_ALL_FAILED, EXIT_OK, EXIT_USAGE, VisionRWKVError
 from ..launch import Launch, die_with_parent
 from .captioner import check_dtype
-from .writers import PROG, JsonlWriter, Output, RowStore, SidecarWriter, Writer, part_path
+from .writers import JsonlWriter, Output, RowStore, SidecarWriter, Writer, part_path
 
 SUFFIX_FORMATS = {".jsonl": OutputFormat.jsonl, ".csv": OutputFormat.csv, ".json": OutputFormat.coco,
                   ".txt": OutputFormat.text}
 
 
-def run(cfg: CaptionJobConfig) -> int:
+Say = Callable[[str], None]
+
+
+def stderr_lines(prog: str) -> Say:
+    """Lines for the user on stderr under the command's name, through tqdm so that a progress bar is redrawn
+    below them."""
+    from tqdm.auto import tqdm
+
+    return lambda line: tqdm.write(f"{prog}: {line}", file=sys.stderr)
+
+
+def run(cfg: CaptionJobConfig, say: Say | None = None) -> int:
+    """Run the job and return its exit status; `say` receives each line for the user (by default stderr, under
+    the name caption.py)."""
+    say = say or stderr_lines("caption.py")
     fmt = output_format(cfg)
     if cfg.batch_size < 1:
         raise VisionRWKVError(f"batch_size is {cfg.batch_size}; expected a positive integer")
@@ -37,51 +52,48 @@ def run(cfg: CaptionJobConfig) -> int:
                               "(see --help)")
     shard = Launch.from_env()
     if shard.world > 1:
-        return run_sharded(cfg, fmt, shard)
-    images = list_images(cfg.paths, quiet=False)
+        return run_sharded(cfg, fmt, shard, say)
+    images = list_images(cfg.paths, say)
     output = Output(fmt, cfg.out, images, cfg.overwrite)
     try:
         for note in output.notes:
-            print(f"{PROG}: {note}", file=sys.stderr)
+            say(note)
         writer = output.writer()
-        captioned, failed, seconds = caption_into(writer, output.todo, cfg, cfg.device)
+        captioned, failed, seconds = caption_into(writer, output.todo, cfg, cfg.device, say)
         writer.close()
         output.finish()  # csv, coco and text files are written here, from the journal, after a complete run
     finally:
         output.close()
-    print(f"{PROG}: captioned {captioned} images, {failed} failed{_rate(captioned + failed, seconds)}"
-          + output.already, file=sys.stderr)
+    say(f"captioned {captioned} images, {failed} failed{_rate(captioned + failed, seconds)}{output.already}")
     return EXIT_ALL_FAILED if failed and not captioned else EXIT_OK
 
 
-def list_images(paths: list[str], quiet: bool) -> list[str]:
-    from vision_rwkv.caption.images import find_images
+def list_images(paths: list[str], say: Say) -> list[str]:
+    from .images import find_images
 
     with warnings.catch_warnings(record=True) as caught:  # e.g. a folder that cannot be listed: one line each
         warnings.simplefilter("always")
         images = [str(p) for p in find_images(paths)]
-    for w in caught if not quiet else ():
-        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    for w in caught:
+        say(f"warning: {w.message}")
     return images
 
 
-def caption_into(writer: Writer, todo: list[str], cfg: CaptionJobConfig, device: str,
+def caption_into(writer: Writer, todo: list[str], cfg: CaptionJobConfig, device: str, say: Say,
                  main_process: bool = True) -> tuple[int, int, float]:
-    """Caption `todo` batch by batch into writer; one stderr line per failed image.
+    """Caption `todo` batch by batch into writer; one line said per failed image.
 
     Returns (captioned, failed, seconds), the seconds counted from the loaded model to the last batch.
     """
     import time
 
-    from tqdm.auto import tqdm
-
-    from vision_rwkv.caption.captioner import Captioner
+    from .captioner import Captioner
 
     captioned = failed = 0
     if not todo:
         return 0, 0, 0.0
     if cfg.checkpoint is None and main_process:
-        print(f"{PROG}: no checkpoint given: captioning with the shipped demo model", file=sys.stderr)
+        say("no checkpoint given: captioning with the shipped demo model")
     captioner = Captioner.load(cfg.checkpoint, device=device, dtype=cfg.dtype)
     start = time.perf_counter()
     progress = main_process and (sys.stderr.isatty() if cfg.progress is None else cfg.progress)
@@ -89,8 +101,8 @@ def caption_into(writer: Writer, todo: list[str], cfg: CaptionJobConfig, device:
                                         num_workers=cfg.num_workers, progress=progress)
     for batch in batches:
         for result in batch:
-            if result.error is not None:  # through tqdm, so a progress bar is redrawn below the line
-                tqdm.write(f"{PROG}: {result.path}: {result.error}", file=sys.stderr)
+            if result.error is not None:
+                say(f"{result.path}: {result.error}")
         failed += sum(r.error is not None for r in batch)
         captioned += sum(r.error is None for r in batch)
         writer.write(batch)
@@ -105,7 +117,7 @@ def _rate(images: int, seconds: float) -> str:
 # ---- several processes (torchrun) ---------------------------------------------------------------------------
 
 
-def run_sharded(cfg: CaptionJobConfig, fmt: OutputFormat, shard: Launch) -> int:
+def run_sharded(cfg: CaptionJobConfig, fmt: OutputFormat, shard: Launch, say: Say) -> int:
     """Under torchrun: each process captions every WORLD_SIZE-th pending image into its own part file (JSONL,
     flushed per batch), then process 0 merges the parts into the output in input order.
 
@@ -131,10 +143,10 @@ def run_sharded(cfg: CaptionJobConfig, fmt: OutputFormat, shard: Launch) -> int:
         plan: list = [None]
         if main_process:
             try:
-                images = list_images(cfg.paths, quiet=False)
+                images = list_images(cfg.paths, say)
                 output = Output(fmt, cfg.out, images, cfg.overwrite)
                 for note in output.notes:
-                    print(f"{PROG}: {note}", file=sys.stderr)
+                    say(note)
                 plan = [(output.todo, output.already)]
             except VisionRWKVError as e:
                 plan = [e]
@@ -151,7 +163,7 @@ def run_sharded(cfg: CaptionJobConfig, fmt: OutputFormat, shard: Launch) -> int:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # this process's GPU is also the current one (streams, graphs)
         try:
-            captioned, failed, seconds = caption_into(writer, mine, cfg, str(device), main_process)
+            captioned, failed, seconds = caption_into(writer, mine, cfg, str(device), say, main_process)
         finally:
             if part is not None:
                 part.close()
@@ -168,8 +180,8 @@ def run_sharded(cfg: CaptionJobConfig, fmt: OutputFormat, shard: Launch) -> int:
             output.close()
         dist.destroy_process_group()
     if main_process:
-        print(f"{PROG}: captioned {captioned} images, {failed} failed with {shard.world} processes"
-              f"{_rate(captioned + failed, seconds)}" + already, file=sys.stderr)
+        say(f"captioned {captioned} images, {failed} failed with {shard.world} processes"
+            f"{_rate(captioned + failed, seconds)}{already}")
     return EXIT_ALL_FAILED if failed and not captioned else EXIT_OK
 
 

@@ -15,14 +15,13 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from .._fs import AppendLog, atomic_write, check_writable, write_failed
 from ..config import OutputFormat
 from ..errors import OutputError, VisionRWKVError
 from .captioner import CaptionResult
-
-PROG = "caption.py"
 
 
 def part_path(out: Path, rank: int, world: int) -> Path:
@@ -255,8 +254,8 @@ def _coco_text(results: list[CaptionResult]) -> str:
     for index, r in enumerate(results):
         image_id = coco_image_id(r.path, index)
         if image_id in seen:
-            print(f"{PROG}: warning: {r.path} and {seen[image_id]} get the same image_id {image_id}",
-                  file=sys.stderr)
+            warnings.warn(f"vision_rwkv: {r.path} and {seen[image_id]} get the same image_id {image_id}",
+                          stacklevel=2)
         seen[image_id] = r.path
         if r.error is None:
             rows.append({"image_id": image_id, "caption": r.caption})

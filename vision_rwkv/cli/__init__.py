@@ -40,6 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: unknown command {name!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module, function, _ = COMMANDS[name]
-    # Hydra and argparse read the program's name from argv[0]; give them the subcommand's
-    sys.argv = [f"{PROG} {name}", *rest]
-    return getattr(importlib.import_module(module), function)(rest) or 0
+    prog = f"{PROG} {name}"
+    sys.argv = [prog, *rest]  # Hydra and argparse read the program's name from argv[0]
+    return getattr(importlib.import_module(module), function)(rest, prog=prog) or 0

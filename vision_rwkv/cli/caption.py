@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from ..caption.batch import run
+from ..caption.batch import run, stderr_lines
 from ..config import CaptionJobConfig
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, VisionRWKVError, one_line, short_warnings
 
@@ -106,15 +106,16 @@ EXIT_BROKEN_PIPE = 128 + 13  # as a process ended by SIGPIPE, what shells report
 # ---- the command line ---------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run as `python caption.py ARGS` would, in-process; returns the exit status."""
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """Run as `python caption.py ARGS` would, in-process; returns the exit status. prog names the command in
+    what it prints."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     argv = list(sys.argv[1:] if argv is None else argv)
     options = argv[: argv.index("--")] if "--" in argv else argv
     if "-h" in options or "--help" in options:
-        print(USAGE, end="")
+        print(USAGE.replace("python caption.py", prog), end="")
         return 0
     try:
         paths, overrides, show_cfg = split_argv(argv)
@@ -124,16 +125,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         app = OmegaConf.to_object(cfg)
         app.paths = [*app.paths, *paths]
-        return run(app)
+        return run(app, say=stderr_lines(prog))
     except BrokenPipeError:  # e.g. `caption.py photos/ | head -1`: the reader has gone; stop quietly
         _silence_stdout()
         return EXIT_BROKEN_PIPE
     except (VisionRWKVError, HydraException, OmegaConfBaseException) as e:
-        hint = "" if isinstance(e, VisionRWKVError) else " (python caption.py --help lists the options)"
-        print(f"{PROG}: {one_line(e)}{hint}", file=sys.stderr)
+        hint = "" if isinstance(e, VisionRWKVError) else f" ({prog} --help lists the options)"
+        print(f"{prog}: {one_line(e)}{hint}", file=sys.stderr)
         return getattr(e, "exit_code", EXIT_USAGE)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -190,7 +191,7 @@ def compose(overrides: list[str]):
 
 
 
-def cli(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None, prog: str = PROG) -> int:
     """The command line: the library's warnings as one line each, then main()."""
-    short_warnings(PROG)
-    return main(argv)
+    short_warnings(prog)
+    return main(argv, prog)

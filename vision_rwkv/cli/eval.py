@@ -29,8 +29,8 @@ RESULTS_FORMAT = f"a JSON list of {ENTRY_FORMAT} (COCO results format)"
 MAX_FAILURES_SHOWN = 10
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv=None, prog: str | None = None) -> int:
+    args = _parser(prog).parse_args(argv)
     try:
         return _run(args)
     except VisionRWKVError as e:  # OutputError (a write failed after captioning began) exits 3
@@ -38,8 +38,8 @@ def main(argv=None) -> int:
         return e.exit_code
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser(prog: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--karpathy", required=True, type=Path, help="dataset_coco.json or dataset_flickr30k.json")
     ap.add_argument("--image-root", type=Path, help="folder of the images (COCO: the one holding val2014/)")
     ap.add_argument("--split", default="test", help="split to evaluate (default: test)")

@@ -31,6 +31,7 @@ from ..errors import EXIT_OK, EXIT_USAGE, VisionRWKVError, one_line, short_warni
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 PROG = "train_caption.py"
+_prog = PROG  # the name the running command goes by (cli() sets it; Hydra's task function takes no arguments)
 ConfigStore.instance().store(name="caption_schema", node=CaptionConfig)
 
 
@@ -48,12 +49,12 @@ def run(cfg: DictConfig) -> dict:
     job = _multirun_job()
     if job is not None:  # every job of a sweep gets its own run folder, found again by the same sweep
         caption_cfg.trainer.out_dir = str(Path(caption_cfg.trainer.out_dir) / f"job-{job}")
-        print(f"{PROG}: multirun job {job}: trainer.out_dir is {caption_cfg.trainer.out_dir}", file=sys.stderr)
+        print(f"{_prog}: multirun job {job}: trainer.out_dir is {caption_cfg.trainer.out_dir}", file=sys.stderr)
     last = train(caption_cfg)
     if os.environ.get("RANK", "0") == "0" and last:
         out = Path(caption_cfg.trainer.out_dir) / "checkpoints"
         latest = (out / "latest").read_text().strip() if (out / "latest").is_file() else None
-        print(f"{PROG}: step {last['step']} of {caption_cfg.trainer.max_steps}, loss {last['loss']:.4f}"
+        print(f"{_prog}: step {last['step']} of {caption_cfg.trainer.max_steps}, loss {last['loss']:.4f}"
               + (f"; checkpoint {out / latest}" if latest else ""), file=sys.stderr)
     return last
 
@@ -77,7 +78,7 @@ def compose(overrides: list[str]) -> DictConfig:
         return hydra_compose(config_name="train", overrides=list(overrides))
 
 
-def main(overrides: list[str] | None = None) -> int:
+def main(overrides: list[str] | None = None, prog: str = PROG) -> int:
     """In-process entry point (tests): compose with these overrides and train. Returns the exit code."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -85,14 +86,14 @@ def main(overrides: list[str] | None = None) -> int:
     try:
         run(compose(overrides or []))
     except (VisionRWKVError, HydraException, OmegaConfBaseException) as e:
-        return _report(e)
+        return _report(e, prog)
     return EXIT_OK
 
 
-def _report(e: BaseException) -> int:
+def _report(e: BaseException, prog: str) -> int:
     """One line on stderr (once, from rank 0, for an error every rank shares); the exit status."""
     if not getattr(e, "quiet", False):
-        print(f"{PROG}: {one_line(e)}", file=sys.stderr)
+        print(f"{prog}: {one_line(e)}", file=sys.stderr)
     return getattr(e, "exit_code", EXIT_USAGE)
 
 
@@ -101,13 +102,18 @@ def _hydra_main(cfg: DictConfig) -> None:
     run(cfg)
 
 
-def cli() -> int:
+def cli(argv: list[str] | None = None, prog: str = PROG) -> int:
     """`python train_caption.py ...`: Hydra's own command line (multirun, --cfg, --help, tab completion), with
-    its errors as one line and exit status 2, like caption.py's, instead of Hydra's report and status 1."""
+    its errors as one line and exit status 2, like caption.py's, instead of Hydra's report and status 1.
+    Hydra reads sys.argv; argv, when given, replaces its arguments."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    short_warnings(PROG)
+    global _prog
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    _prog = prog
+    short_warnings(prog)
     wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises instead of printing its report and exiting 1
     try:
@@ -115,7 +121,7 @@ def cli() -> int:
     except (VisionRWKVError, HydraException, OmegaConfBaseException) as e:
         if wants_trace:
             raise
-        return _report(e)
+        return _report(e, prog)
     return EXIT_OK
 
 

@@ -17,7 +17,7 @@ STEPS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "vision-rwkv prep") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         rows = "\n".join(f"  {name:<20}  {what}" for name, what in STEPS.items())
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in STEPS:
-        print(f"vision-rwkv prep: unknown step {name!r}; expected one of {', '.join(STEPS)}", file=sys.stderr)
+        print(f"{prog}: unknown step {name!r}; expected one of {', '.join(STEPS)}", file=sys.stderr)
         return 2
-    sys.argv = [f"vision-rwkv prep {name}", *rest]
+    sys.argv = [f"{prog} {name}", *rest]  # argparse names the program after argv[0]
     return importlib.import_module(f"{__name__}.{name}").main(rest) or 0
