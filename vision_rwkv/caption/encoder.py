@@ -4,6 +4,10 @@
 images, its per-patch tokens (B, P, D_tokens) and its pooled, projected vector (B, D_pooled). The
 model's own eval transform is `encoder.preprocess` (PIL image -> tensor).
 
+A plain ViT whose weights do not come from an open_clip tag or file (random, or stored in our checkpoint,
+as the demo model's are) is built by vision_rwkv.caption.vit, identical to open_clip's and without importing
+it; everything else is built by open_clip, imported then.
+
 Weights come from an open_clip pretrained tag (downloaded by open_clip into its cache), a local
 checkpoint file, or a "local-dir:" folder given as the model name. `pretrained: ""` leaves the tower
 randomly initialised: such an encoder cannot be re-created from its name, so checkpoints then store
@@ -21,8 +25,9 @@ from torch import nn
 
 from ..config import EncoderConfig
 from ..errors import VisionRWKVError
+from . import vit
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "clip_configs"
+CONFIG_DIR = vit.PROJECT_CONFIGS
 _registered = False
 
 
@@ -37,6 +42,15 @@ def _register_project_configs() -> None:
 
 
 def _create(cfg: EncoderConfig):
+    """(image tower, preprocess) for the config."""
+    model_cfg = None if cfg.model.startswith("local-dir:") else vit.model_config(cfg.model)
+    if model_cfg is not None and not cfg.pretrained and vit.supports(model_cfg, cfg.image_size):
+        tower = vit.ViTTower(model_cfg, cfg.image_size)
+        return tower, vit.Preprocess(tower.image_size[0])
+    return _create_with_open_clip(cfg)
+
+
+def _create_with_open_clip(cfg: EncoderConfig):
     import open_clip
 
     _register_project_configs()
@@ -74,7 +88,7 @@ def _create(cfg: EncoderConfig):
         raise VisionRWKVError(f"cannot build the open_clip encoder {what}: {first}") from None
     finally:
         logging.getLogger().setLevel(quiet)
-    return model, preprocess
+    return model.visual, preprocess
 
 
 class ClipEncoder(nn.Module):
@@ -83,8 +97,7 @@ class ClipEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.config = cfg
-        model, preprocess = _create(cfg)
-        visual = model.visual
+        visual, preprocess = _create(cfg)
         if not hasattr(visual, "output_tokens"):
             raise VisionRWKVError(
                 f"encoder.model {cfg.model!r} has no per-patch token output; expected a ViT-style open_clip tower"

@@ -11,6 +11,7 @@ Hydra's configs ship inside the package (vision_rwkv/cli/conf), so the commands 
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 
@@ -21,6 +22,14 @@ COMMANDS = {
     "prep": ("vision_rwkv.cli.prep", "main", "data preparation: vision-rwkv prep --help lists the steps"),
 }
 PROG = "vision-rwkv"
+
+
+def without_shutdown_stall(code: int) -> int:
+    """Freeze the objects alive now so the interpreter's last garbage collections skip them: torch and its
+    friends leave millions, and collecting them at exit took 0.5 to 0.8 s of every command on a 2-core CPU.
+    Files are closed by then; objects freed by reference counting still are."""
+    gc.freeze()
+    return code
 
 
 def usage() -> str:
@@ -42,4 +51,4 @@ def main(argv: list[str] | None = None) -> int:
     module, function, _ = COMMANDS[name]
     prog = f"{PROG} {name}"
     sys.argv = [prog, *rest]  # Hydra and argparse read the program's name from argv[0]
-    return getattr(importlib.import_module(module), function)(rest, prog=prog) or 0
+    return without_shutdown_stall(getattr(importlib.import_module(module), function)(rest, prog=prog) or 0)

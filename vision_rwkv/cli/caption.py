@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from ..caption.batch import run, stderr_lines
 from ..config import CaptionJobConfig
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, VisionRWKVError, one_line, short_warnings
+from . import without_shutdown_stall
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 PROG = "caption.py"
@@ -194,4 +195,4 @@ def compose(overrides: list[str]):
 def cli(argv: list[str] | None = None, prog: str = PROG) -> int:
     """The command line: the library's warnings as one line each, then main()."""
     short_warnings(prog)
-    return main(argv, prog)
+    return without_shutdown_stall(main(argv, prog))

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import CaptionConfig, caption_config_from_dict
 from ..errors import EXIT_OK, EXIT_USAGE, VisionRWKVError, one_line, short_warnings
+from . import without_shutdown_stall
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 PROG = "train_caption.py"
@@ -122,7 +123,7 @@ def cli(argv: list[str] | None = None, prog: str = PROG) -> int:
         if wants_trace:
             raise
         return _report(e, prog)
-    return EXIT_OK
+    return without_shutdown_stall(EXIT_OK)
 
 
 if __name__ == "__main__":
