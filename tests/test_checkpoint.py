@@ -128,7 +128,8 @@ def test_garbage_file_and_missing_path(tmp_path):
     with pytest.raises(VisionRWKVError, match="does not exist"):
         load_decoder(tmp_path / "nope.pth")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(VisionRWKVError, match="has no config.yaml"):
+    with pytest.raises(VisionRWKVError, match="empty is a folder of no known decoder format; expected one of: "
+                                              "vision_rwkv checkpoint folder;.* official RWKV-7 .pth"):
         load_decoder(tmp_path / "empty")
 
 

@@ -309,8 +309,9 @@ def test_stopping_the_torchrun_agent_stops_its_workers_and_a_single_process_resu
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "caption.py"), str(tmp_path / "photos"), f"out={out}", f"checkpoint={checkpoint}", *FAST]
     # each worker hangs after its first durable batch: the agent is then stopped with the rows on disk
-    agent = subprocess.Popen(cmd, env=env(VISION_RWKV_FAULT="caption.batch_written:1=hang"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = open(tmp_path / "agent.log", "w")  # a file, not a pipe: nothing blocks on a full pipe, or waits for EOF
+    agent = subprocess.Popen(cmd, env=env(VISION_RWKV_FAULT="caption.batch_written:1=hang"), stdout=log,
+                             stderr=subprocess.STDOUT)
     parts = [writers.part_path(out, r, 2) for r in range(2)]
     deadline = time.time() + 180
     while time.time() < deadline and not all(p.exists() and p.read_text().count("\n") >= 2 for p in parts):
@@ -318,7 +319,8 @@ def test_stopping_the_torchrun_agent_stops_its_workers_and_a_single_process_resu
     workers = [pid for pid in processes_mentioning(str(out)) if pid != agent.pid]
     assert len(workers) == 2, workers
     agent.send_signal(sig)
-    agent.communicate(timeout=60)
+    agent.wait(timeout=60)
+    log.close()
     deadline = time.time() + 30
     while time.time() < deadline and processes_mentioning(str(out)):
         time.sleep(0.2)

@@ -93,6 +93,13 @@ def test_tiny_run_lowers_the_loss_and_writes_a_loadable_checkpoint(shapes, tmp_p
     for x, y in zip(model.state_dict().values(), latest.state_dict().values()):
         assert torch.equal(x, y)
     assert {"trainer_state.json", "trainer_state.safetensors"} <= set(os.listdir(out / "checkpoints" / "step-0000024"))
+    record = json.loads((out / "checkpoints" / "step-0000024" / "provenance.json").read_text())
+    assert record["command"].startswith("train_caption.py experiment=shapes_demo") and "trainer.max_steps=24" in \
+        record["overrides"]
+    assert record["step"] == 24 and record["data"]["images"] == 48
+    assert record["data"]["fingerprint"].startswith("sha256")
+    assert set(record["metrics"]) >= {"loss", "val_loss", "val_cider"} and record["metrics"]["val_step"] == 24
+    assert "version" in record["code"] and model.provenance == record  # loaded with the weights
     saved = yaml.safe_load((out / "checkpoints" / "step-0000024" / "config.yaml").read_text())  # plain strings
     assert (saved["projector"]["kind"], saved["sampling"]["strategy"], saved["data"]["source"]) == ("mlp", "greedy",
                                                                                                    "shapes")

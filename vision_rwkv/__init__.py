@@ -18,7 +18,8 @@ from .caption.captioner import Captioner, CaptionResult
 from .caption.model import CaptionModel, build_caption_model, load_caption_model, save_caption_model
 from .config import RWKV7Config, SamplingConfig
 from .errors import VisionRWKVError
-from .lm.checkpoint import load_decoder, save_decoder, save_official
+from .lm.checkpoint import save_decoder, save_official
+from .lm.formats import load_decoder
 from .lm.generate import generate
 from .lm.rwkv7 import RWKV7
 from .lm.state import RWKVState

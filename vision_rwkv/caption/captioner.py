@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import SamplingConfig
 from ..errors import VisionRWKVError
+from ..hub import resolve
 from .generate import caption_features
 from .images import load_image
 from .model import CaptionModel, load_caption_model
@@ -108,6 +109,18 @@ class Captioner:
             checkpoint = DEMO_DIR
         model = load_caption_model(checkpoint, device=dev, dtype=torch.bfloat16 if bf16 else torch.float32)
         return cls(model, dev, autocast=bf16)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str = "auto", dtype: str = "auto", *,
+                        revision: str | None = None, cache_dir=None,
+                        local_files_only: bool | None = None) -> Captioner:
+        """A captioner for a Hugging Face Hub model ("org/name", "org/name@revision") or a local folder.
+
+        Downloads go through huggingface_hub's cache (cache_dir, HF_HUB_CACHE) and follow its offline mode
+        (HF_HUB_OFFLINE=1, or local_files_only=True: the cache only)."""
+        folder = resolve(name_or_path, "a caption checkpoint folder or a Hugging Face Hub model", revision=revision,
+                         cache_dir=cache_dir, local_files_only=local_files_only)
+        return cls.load(folder, device=device, dtype=dtype)
 
     # ---- captioning ------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ padded state (every row of a decoding batch has the same prefix + prompt length)
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -23,12 +24,15 @@ from torch import nn
 from .._fs import atomic_folder
 from ..config import CaptionConfig, caption_config_from_dict, caption_config_to_dict
 from ..errors import VisionRWKVError
-from ..lm.checkpoint import CONFIG, WEIGHTS, _build, load_decoder
+from ..hub import model_card, push_folder, resolve
+from ..lm.checkpoint import CONFIG, WEIGHTS, build_decoder
+from ..lm.formats import load_decoder
 from ..lm.rwkv7 import RWKV7
 from ..lm.tokenizer import load_tokenizer
 from .encoder import ClipEncoder
 from .projector import build_projector, param_groups, prefix_length
 
+PROVENANCE = "provenance.json"
 CAPTION_FORMAT = "vision_rwkv.caption"
 CAPTION_FORMAT_VERSION = 1
 IGNORE = -100
@@ -39,6 +43,7 @@ class CaptionModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.tokenizer = tokenizer
+        self.provenance: dict | None = None  # where it came from (provenance.json), set by training
         self.encoder = ClipEncoder(cfg.encoder)
         self.decoder = decoder if decoder is not None else RWKV7(cfg.decoder)
         self.config.decoder = self.decoder.config  # the resolved shape (e.g. read from an official .pth)
@@ -129,6 +134,21 @@ class CaptionModel(nn.Module):
 
     # ---- checkpoints -----------------------------------------------------------------------------------
 
+    def save_pretrained(self, folder, *, dtype: torch.dtype | None = None, repo_id: str | None = None) -> Path:
+        """A checkpoint folder with its model card (README.md, from the config and the provenance record);
+        repo_id names the model in the card's examples. Loads with Captioner.from_pretrained(folder)."""
+        return save_caption_model(self, folder, dtype=dtype, card=repo_id or str(folder))
+
+    def push_to_hub(self, repo_id: str, *, dtype: torch.dtype | None = None, private: bool | None = None,
+                    token: str | None = None, commit_message: str = "Upload vision_rwkv caption model") -> str:
+        """save_pretrained into a temporary folder, then one commit to the Hugging Face Hub model repo_id
+        (created when missing). Returns the commit's URL."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model", dtype=dtype, repo_id=repo_id)
+            return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+
     def stores_encoder(self) -> bool:
         enc = self.config.encoder
         if enc.store_weights is not None:
@@ -178,9 +198,12 @@ def build_caption_model(cfg: CaptionConfig, tokenizer=None, captions_for_bpe=Non
     return CaptionModel(cfg, tokenizer, decoder)
 
 
-def save_caption_model(model: CaptionModel, folder, *, extra=None, dtype: torch.dtype | None = None) -> Path:
-    """Write a checkpoint folder atomically: model.safetensors, config.yaml, the tokenizer, and whatever
-    `extra(tmp_folder)` adds (the trainer's state). dtype casts floating weights (e.g. bf16 for shipping)."""
+def save_caption_model(model: CaptionModel, folder, *, extra=None, dtype: torch.dtype | None = None,
+                       card: str | None = None) -> Path:
+    """Write a checkpoint folder atomically: model.safetensors, config.yaml, the tokenizer, provenance.json
+    (when the model has a record), README.md (a model card, when `card` names the model: "org/name" or a
+    path), and whatever `extra(tmp_folder)` adds (the trainer's state). dtype casts floating weights (e.g.
+    bf16 for shipping)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -194,6 +217,10 @@ def save_caption_model(model: CaptionModel, folder, *, extra=None, dtype: torch.
         cfg["init_decoder"] = ""  # the weights are here now
         header = {"format": CAPTION_FORMAT, "format_version": CAPTION_FORMAT_VERSION}
         (tmp / CONFIG).write_text(yaml.safe_dump({**header, **cfg}, sort_keys=False))
+        if model.provenance:
+            (tmp / PROVENANCE).write_text(json.dumps(model.provenance, indent=1) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(model_card(cfg, model.provenance, card))
         if extra is not None:
             extra(tmp)
     return folder
@@ -214,12 +241,12 @@ def read_caption_config(folder: Path) -> CaptionConfig:
 
 
 def load_caption_model(path, *, device=None, dtype: torch.dtype | None = torch.float32) -> CaptionModel:
-    """Load a caption checkpoint folder (model.safetensors + config.yaml + tokenizer), or the folder a
-    training run's <out_dir>/checkpoints/latest names."""
+    """Load a caption checkpoint folder (model.safetensors + config.yaml + tokenizer), the folder a training
+    run's <out_dir>/checkpoints/latest names, or a Hugging Face Hub model ("org/name", see vision_rwkv.hub)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(path)
+    folder = resolve(path, "a caption checkpoint folder or a Hugging Face Hub model")
     if folder.is_file() and folder.name in (WEIGHTS, CONFIG):
         folder = folder.parent
     if folder.is_file() and folder.name == "latest":  # a training run's pointer: <run>/checkpoints/latest
@@ -236,7 +263,7 @@ def load_caption_model(path, *, device=None, dtype: torch.dtype | None = torch.f
              for p in ("encoder", "projector", "decoder")}
     if parts["encoder"]:
         cfg.encoder = dataclasses.replace(cfg.encoder, pretrained="")  # the stored weights replace any download
-    decoder = _build(cfg.decoder, parts["decoder"], str(weights), None, dtype)
+    decoder = build_decoder(cfg.decoder, parts["decoder"], str(weights), None, dtype)
     model = CaptionModel(cfg, load_tokenizer(folder), decoder)
     _load_part(model.projector, parts["projector"], "projector", weights)
     if parts["encoder"]:
@@ -245,7 +272,16 @@ def load_caption_model(path, *, device=None, dtype: torch.dtype | None = torch.f
     model.encoder.to(dtype or torch.float32)
     if device is not None:
         model.to(device)
+    model.provenance = _read_provenance(folder)
     return model.eval()
+
+
+def _read_provenance(folder: Path) -> dict | None:
+    try:
+        record = json.loads((folder / PROVENANCE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _load_part(module: nn.Module, sd: dict, name: str, source) -> None:

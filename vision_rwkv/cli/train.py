@@ -43,21 +43,34 @@ def to_caption_config(cfg: DictConfig) -> CaptionConfig:
     return caption_config_from_dict(data)
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    """Train from a composed config; overrides (None under Hydra's own command line, which knows them) go into
+    every checkpoint's provenance record with the command."""
     from ..train.trainer import train
 
     caption_cfg = to_caption_config(cfg)
+    if overrides is None:
+        overrides = _hydra_overrides()
+        command = " ".join([_prog, *sys.argv[1:]])
+    else:
+        command = " ".join([_prog, *overrides])
     job = _multirun_job()
     if job is not None:  # every job of a sweep gets its own run folder, found again by the same sweep
         caption_cfg.trainer.out_dir = str(Path(caption_cfg.trainer.out_dir) / f"job-{job}")
         print(f"{_prog}: multirun job {job}: trainer.out_dir is {caption_cfg.trainer.out_dir}", file=sys.stderr)
-    last = train(caption_cfg)
+    last = train(caption_cfg, provenance={"command": command, "overrides": list(overrides)})
     if os.environ.get("RANK", "0") == "0" and last:
         out = Path(caption_cfg.trainer.out_dir) / "checkpoints"
         latest = (out / "latest").read_text().strip() if (out / "latest").is_file() else None
         print(f"{_prog}: step {last['step']} of {caption_cfg.trainer.max_steps}, loss {last['loss']:.4f}"
               + (f"; checkpoint {out / latest}" if latest else ""), file=sys.stderr)
     return last
+
+
+def _hydra_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _multirun_job() -> int | None:
@@ -85,7 +98,7 @@ def main(overrides: list[str] | None = None, prog: str = PROG) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        run(compose(overrides or []))
+        run(compose(overrides or []), overrides=list(overrides or []))
     except (VisionRWKVError, HydraException, OmegaConfBaseException) as e:
         return _report(e, prog)
     return EXIT_OK

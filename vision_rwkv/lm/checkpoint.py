@@ -125,10 +125,10 @@ def load_official(path, *, device=None, dtype=None, wkv_impl: str = "auto") -> R
     sd = _read_pth(path)
     cfg = infer_config(sd, str(path))
     cfg.wkv_impl = wkv_impl
-    return _build(cfg, sd, str(path), device, dtype)
+    return build_decoder(cfg, sd, str(path), device, dtype)
 
 
-def _build(cfg: RWKV7Config, sd, source: str, device, dtype) -> RWKV7:
+def build_decoder(cfg: RWKV7Config, sd, source: str, device, dtype) -> RWKV7:
     model = RWKV7(cfg, init=False)
     sd = _normalise(sd, model)
     check_state_dict(model, sd, source)
@@ -196,19 +196,4 @@ def load_folder(folder, *, device=None, dtype=None, wkv_impl: str | None = None)
         raise VisionRWKVError(f"cannot read {weights}: {str(e).splitlines()[0]}") from None
     if any(k.startswith("decoder.") for k in sd):  # a captioning checkpoint: take its decoder
         sd = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
-    return _build(cfg, sd, str(weights), device, dtype)
-
-
-def load_decoder(path, *, device=None, dtype=None, wkv_impl: str | None = None) -> RWKV7:
-    """Load a decoder from an official RWKV-7 .pth file or a vision_rwkv checkpoint folder.
-
-    The weights keep their stored dtype unless `dtype` is given; `device` defaults to the CPU.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise VisionRWKVError(f"{path} does not exist; expected an RWKV-7 .pth file or a checkpoint folder")
-    if path.is_dir():
-        return load_folder(path, device=device, dtype=dtype, wkv_impl=wkv_impl)
-    if path.suffix == ".safetensors":
-        return load_folder(path.parent, device=device, dtype=dtype, wkv_impl=wkv_impl)
-    return load_official(path, device=device, dtype=dtype, wkv_impl=wkv_impl or "auto")
+    return build_decoder(cfg, sd, str(weights), device, dtype)

@@ -153,7 +153,7 @@ class GraphedStep(_Graphs):
             return torch.zeros(B, dtype=torch.long, device=lm.emb.weight.device), lm.init_state(B)
 
         def run(tok, st):
-            logits, new = lm._step_unchecked(tok, st)
+            logits, new = lm.step_unchecked(tok, st)
             st.att_shift.copy_(new.att_shift)
             st.wkv.copy_(new.wkv)
             st.ffn_shift.copy_(new.ffn_shift)
@@ -163,7 +163,7 @@ class GraphedStep(_Graphs):
         if g is None:
             return lm.step(tokens, state)
         g_tokens, g_state = g.inputs
-        state = lm._state_for(state, B)  # what lm.step does: a fresh state for None, else the checks
+        state = lm.state_for(state, B)  # what lm.step does: a fresh state for None, else the checks
         g_tokens.copy_(tokens)
         if state is not g_state:
             g_state.att_shift.copy_(state.att_shift)
@@ -180,7 +180,7 @@ class GraphedPrefill(_Graphs):
                 or x.shape[0] * x.shape[1] > MAX_PREFILL_TOKENS:
             return lm(inputs_embeds=x, last_only=True)  # lm's own checks, or too big to keep a graph for
         with torch.cuda.device(lm.emb.weight.device):
-            lm._inputs(None, x)  # the shape checks lm(...) makes, before anything is captured
+            lm.checked_inputs(None, x)  # the shape checks lm(...) makes, before anything is captured
             g = self._get((tuple(x.shape), x.dtype, x.device, *self._autocast_key()),
                           lambda: (torch.zeros_like(x),), lambda xs: lm(inputs_embeds=xs, last_only=True))
             if g is None:

@@ -145,7 +145,8 @@ class RWKV7(nn.Module):
         device = self.emb.weight.device if device is None else device
         return RWKVState.zeros(cfg.n_layer, batch_size, cfg.n_embd, cfg.head_size, device=device)
 
-    def _state_for(self, state: RWKVState | None, batch_size: int) -> RWKVState:
+    def state_for(self, state: RWKVState | None, batch_size: int) -> RWKVState:
+        """A fresh state for None, else `state` after checking it fits this model and batch (one clear line)."""
         if state is None:
             return self.init_state(batch_size)
         if not isinstance(state, RWKVState):
@@ -180,7 +181,8 @@ class RWKV7(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise VisionRWKVError(f"token id {bad} is outside this model's vocabulary: expected ids in [0, {V})")
 
-    def _inputs(self, tokens, inputs_embeds) -> torch.Tensor:
+    def checked_inputs(self, tokens, inputs_embeds) -> torch.Tensor:
+        """The embeddings GPT mode runs on, (B,T,C), after the checks forward() makes on its inputs."""
         if (tokens is None) == (inputs_embeds is None):
             raise VisionRWKVError("give exactly one of tokens (B,T) or inputs_embeds (B,T,C)")
         if tokens is not None:
@@ -211,8 +213,8 @@ class RWKV7(nn.Module):
 
     def hidden(self, tokens=None, state=None, *, inputs_embeds=None):
         """GPT mode up to ln_out: (B,T,C) hidden states and the final state."""
-        x = self._inputs(tokens, inputs_embeds)
-        return self._run(x, self._state_for(state, x.shape[0]), rnn=False)
+        x = self.checked_inputs(tokens, inputs_embeds)
+        return self._run(x, self.state_for(state, x.shape[0]), rnn=False)
 
     def forward(self, tokens=None, state=None, *, inputs_embeds=None, last_only: bool = False):
         """GPT mode. tokens (B,T) or inputs_embeds (B,T,C), optional initial state.
@@ -229,9 +231,9 @@ class RWKV7(nn.Module):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
             raise VisionRWKVError(f"step() takes one token per row, shape (B,), got {_describe(tokens)}")
         self._check_ids(tokens)
-        return self._step_unchecked(tokens, self._state_for(state, tokens.shape[0]))
+        return self.step_unchecked(tokens, self.state_for(state, tokens.shape[0]))
 
-    def _step_unchecked(self, tokens: torch.Tensor, state: RWKVState):
+    def step_unchecked(self, tokens: torch.Tensor, state: RWKVState):
         """step() without the input checks, which read values back to the host (CUDA graphs capture this)."""
         h, state = self._run(self.emb(tokens.unsqueeze(1)), state, rnn=True)
         return self.head(h[:, 0]), state

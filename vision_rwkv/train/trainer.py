@@ -44,6 +44,7 @@ from ..errors import OutputError, VisionRWKVError
 from ..launch import Launch, die_with_parent
 from .data import get_split, load_source
 from .features import PairDataset, PairSampler, caption_pairs, collate, feature_cache
+from .provenance import data_fingerprint, new_record
 from .run_folder import MetricsLog, RunFolder, claim
 from .trainer_state import load_trainer_state, read_trainer_state, save_trainer_state
 
@@ -134,8 +135,9 @@ class SharedError(VisionRWKVError):
 
 
 class Trainer:
-    def __init__(self, cfg: CaptionConfig):
+    def __init__(self, cfg: CaptionConfig, provenance: dict | None = None):
         self.cfg = cfg
+        self.invocation = provenance or {}
         self.run_folder = RunFolder(cfg.trainer.out_dir)
         self.out = self.run_folder.out
         self.dist = Dist(cfg.trainer.device)
@@ -169,8 +171,23 @@ class Trainer:
         self.ddp = None
         if resumed:
             self._resume_position(resumed[0], *resumed[2:])
+        self.provenance = self._provenance()
         self.metrics = MetricsLog(self.run_folder, metrics_log, keep_through_step=self.step)
         self._say(*self.metrics.notes)
+
+    def _provenance(self) -> dict:
+        """The record every checkpoint carries (train/provenance.py); a resumed run keeps the first one's
+        creation and command, and lists the commands that continued it."""
+        cfg, inv = self.cfg, self.invocation
+        data = data_fingerprint(self.train_rows, cfg.data.source, cfg.data.path, cfg.data.train_split)
+        record = new_record(inv.get("command"), inv.get("overrides"), data)
+        earlier = self.model.provenance if self.resume_from is not None else None
+        if earlier:
+            record.update(created=earlier.get("created"), command=earlier.get("command"),
+                          overrides=earlier.get("overrides", []),
+                          resumed=[*earlier.get("resumed", []), {"at_step": self.step, "command": inv.get("command"),
+                                                                  "overrides": list(inv.get("overrides") or [])}])
+        return record
 
     def _say(self, *lines: str) -> None:
         """One line each on stderr, from rank 0."""
@@ -307,7 +324,11 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
             if t.eval_every and self.step % t.eval_every == 0:
-                last.update(self.evaluate(log))
+                evaluation = self.evaluate(log)
+                last.update(evaluation)
+                self.provenance["metrics"] = {k: v for k, v in self.provenance["metrics"].items()
+                                              if not k.startswith("val_")} | evaluation | {"val_step": self.step}
+            self.provenance["metrics"]["loss"] = loss
             if (t.save_every and self.step % t.save_every == 0) or self.step == stop_at:
                 self.save()
             fault_point("train.step_done")
@@ -368,6 +389,8 @@ class Trainer:
             position = {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
                         "world": self.dist.world, "batch_size": self.cfg.data.batch_size,
                         "scheduler": {"kind": "warmup_cosine", "step": self.step}}
+
+            self.model.provenance = {**self.provenance, "step": self.step}
 
             def trainer_state(tmp: Path) -> None:
                 save_trainer_state(tmp, optimizer=self.optimizer, position=position)
@@ -470,9 +493,10 @@ def _progress(start: int, total: int, enabled: bool):
     return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
-def train(cfg: CaptionConfig) -> dict:
-    """Run (or resume) a training run; returns the last step's metrics."""
-    trainer = Trainer(cfg)
+def train(cfg: CaptionConfig, provenance: dict | None = None) -> dict:
+    """Run (or resume) a training run; returns the last step's metrics. provenance: the command and its
+    overrides, for every checkpoint's provenance.json."""
+    trainer = Trainer(cfg, provenance)
     try:
         return trainer.run()
     finally:
