@@ -27,29 +27,23 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from .._faults import fault_point
 from .._fs import atomic_file
-from ..caption.generate import caption_features
-from ..caption.images import load_image
 from ..caption.model import CaptionModel, build_caption_model, load_caption_model, save_caption_model
-from ..config import CaptionConfig, SamplingConfig
+from ..config import CaptionConfig
 from ..errors import OutputError, VisionRWKVError
-from ..launch import Launch, die_with_parent
 from .data import get_split, load_source
+from .distributed import Dist, SharedError
+from .evaluate import LossModule, evaluate_model
 from .features import PairDataset, PairSampler, caption_pairs, collate, feature_cache
 from .provenance import data_fingerprint, new_record
 from .run_folder import MetricsLog, RunFolder, claim
 from .trainer_state import load_trainer_state, read_trainer_state, save_trainer_state
-
-SETUP_TIMEOUT = timedelta(hours=24)  # rank 0 alone builds the BPE and the feature cache, and evaluates
-
 
 # ---- small pieces -----------------------------------------------------------------------------------
 
@@ -72,63 +66,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class Dist:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), plain single-process otherwise.
-
-    Training's collectives run on the default group (NCCL on GPUs) with its usual timeout, so a hung rank is
-    noticed; the waits for rank 0's one-time work (share, wait_for_main) run on a gloo group whose timeout
-    covers a feature-cache build.
-    """
-
-    def __init__(self, device_name: str):
-        launch = Launch.from_env()
-        self.world, self.rank, self.local_rank = launch.world, launch.rank, launch.local_rank
-        self.device = launch.device(device_name, "trainer.device")
-        self.slow = None
-        if self.world > 1:
-            die_with_parent()  # a torchrun agent killed with -9 takes its workers with it
-            if not dist.is_initialized():
-                if self.device.type == "cuda":
-                    torch.cuda.set_device(self.device)
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            self.slow = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
-        self.main = self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def wait_for_main(self) -> None:
-        """Every rank waits here while rank 0 does one-time work, however long it takes (up to a day)."""
-        if self.world > 1:
-            dist.barrier(group=self.slow)
-
-    def share(self, value):
-        """Rank 0's value, on every rank (any picklable value)."""
-        if self.world == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.slow)
-        return box[0]
-
-    def sum(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item())
-
-    def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class SharedError(VisionRWKVError):
-    """Rank 0's error, raised on the other ranks too (entry scripts print it once, from rank 0)."""
-
-    quiet = True
 
 
 # ---- the trainer ------------------------------------------------------------------------------------
@@ -296,7 +233,7 @@ class Trainer:
             p.requires_grad_(False)
         if self.dist.world > 1:  # DDP fixes the set of trained parameters when it wraps the model
             self.ddp = torch.nn.parallel.DistributedDataParallel(
-                _LossModule(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None
+                LossModule(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
 
     # ---- the loop ---------------------------------------------------------------------------------------
@@ -348,7 +285,7 @@ class Trainer:
         micro = [next(batches) for _ in range(cfg.optim.grad_accum)]
         n_local = sum(int(b["lengths"].sum()) + len(b["lengths"]) for b in micro)  # caption tokens + eos
         n_total = self.dist.sum(float(n_local))
-        module = self.ddp if self.ddp is not None else _LossModule(self.model)
+        module = self.ddp if self.ddp is not None else LossModule(self.model)
         self.model.train()
         total = 0.0
         for i, batch in enumerate(micro):
@@ -433,58 +370,6 @@ class Trainer:
                 self.metrics.close()
         finally:
             self.dist.close()
-
-
-class _LossModule(torch.nn.Module):
-    """The model's training forward as one module call (what DDP wraps): batch -> summed token loss."""
-
-    def __init__(self, model: CaptionModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        m = self.model
-        if "tokens" in batch:
-            tokens, pooled = batch["tokens"], batch["pooled"]
-        else:
-            tokens, pooled = m.encode(batch["image"])
-        logits, targets, _ = m.token_logprobs(tokens, pooled, batch["captions"], batch["lengths"])
-        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-
-
-@torch.no_grad()
-def evaluate_model(model: CaptionModel, rows, cfg: CaptionConfig, device, bf16: bool) -> dict:
-    """Mean validation loss over every caption of `rows`, and CIDEr of greedy captions for them."""
-    from .metrics import cider
-
-    model.eval()
-    pairs = caption_pairs(rows)
-    ds = PairDataset(rows, pairs, model.tokenizer, cfg.data.max_caption_tokens, preprocess=model.encoder.preprocess)
-    loss_sum, n = 0.0, 0
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.data.batch_size, collate_fn=collate)
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss_sum += float(_LossModule(model)(batch))
-        n += int(batch["lengths"].sum()) + len(batch["lengths"])
-    result = {"loss": loss_sum / max(n, 1)}
-    if cfg.trainer.cider_eval and len(rows):
-        sampling = SamplingConfig(strategy="greedy", max_new_tokens=cfg.sampling.max_new_tokens,
-                                  banned_tokens=list(cfg.sampling.banned_tokens),
-                                  stop_tokens=list(cfg.sampling.stop_tokens))
-        res, gts = {}, {}
-        images = rows["image"]
-        for i in range(0, len(rows), cfg.data.batch_size):
-            chunk = images[i:i + cfg.data.batch_size]
-            x = torch.stack([model.encoder.preprocess(load_image(p)) for p in chunk]).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                tokens, pooled = model.encode(x)
-                hyps = caption_features(model, tokens, pooled, sampling)
-            for j, h in enumerate(hyps):
-                res[i + j] = [model.tokenizer.decode(h[0].ids)]
-                gts[i + j] = list(rows[i + j]["captions"])
-        result["cider"] = cider(gts, res)
-    return result
 
 
 def _progress(start: int, total: int, enabled: bool):
