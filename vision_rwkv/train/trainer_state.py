@@ -51,7 +51,7 @@ def set_rng_state(record: dict, tensors: dict[str, torch.Tensor]) -> None:
     keys = tensors["rng.numpy"].numpy().astype(np.uint32)
     np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
