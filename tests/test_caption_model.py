@@ -111,6 +111,36 @@ def test_inputs_embeds_take_the_same_path_as_tokens_ln0_once(model):
     torch.testing.assert_close(a, b)
 
 
+def test_the_training_loss_is_the_cross_entropy_of_the_logits_with_the_same_gradients(model):
+    """loss_sum runs the chunked head + cross-entropy op; token_logprobs then F.cross_entropy is the formula."""
+    from vision_rwkv.ops.linear_ce import linear_cross_entropy
+
+    tokens, pooled = features(model)
+    batch, lengths = pad_captions([model.tokenizer.encode(c) for c in CAPTIONS[:3]])
+    params = [model.decoder.head.weight, next(model.projector.parameters()), model.decoder.blocks[0].att.w1]
+
+    def formula():
+        logits, targets, _ = model.token_logprobs(tokens, pooled, batch, lengths)
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+    def small_chunks():
+        h, targets, _ = model.token_hidden(tokens, pooled, batch, lengths)
+        return linear_cross_entropy(h, model.decoder.head.weight, targets, chunk=3)
+
+    def run(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    expected = run(formula)
+    for got in (run(lambda: model.loss_sum(tokens, pooled, batch, lengths)), run(small_chunks)):
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+        for g, e in zip(got[1], expected[1]):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+
+
 def test_loss_ignores_padding_and_counts_caption_and_eos(model):
     tokens, pooled = features(model)
     caps = [model.tokenizer.encode(c) for c in CAPTIONS[:3]]

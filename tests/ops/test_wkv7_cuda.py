@@ -248,3 +248,24 @@ def test_tensor_core_kernel_with_more_heads_than_multiprocessors(with_state):
     errors = {"y": rel(out[0], ref[0]), "state": rel(out[1], ref[1])}
     errors.update({"d" + n: rel(o, r) for n, o, r in zip(["r", "w", "k", "v", "a", "b", "s0"], out[2], ref[2])})
     assert all(e < TC_TOL[torch.bfloat16] for e in errors.values()), {k: f"{e:.1e}" for k, e in errors.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_compile_traces_through_the_kernel(dtype):
+    """The ops have fake (shape-only) versions, so torch.compile builds one graph around them (fullgraph: no
+    break): the compiled function gives the eager outputs and gradients, up to the compiler's own rounding
+    of the ops around the kernel."""
+    xs, s0 = make(2, 40, 3, 64, dtype, seed=11, with_state=True)
+    g = torch.Generator(device="cuda").manual_seed(12)
+    dy = torch.randn(*xs[0].shape, device="cuda", generator=g, dtype=torch.float64)
+    dsT = torch.randn(2, 3, 64, 64, device="cuda", generator=g, dtype=torch.float64)
+
+    def fn(r, w, k, v, a, b, s):
+        y, sT = wkv7(r, w, k, v, a, b, s, impl="cuda")
+        return torch.tanh(y) * 2, sT * 1.0  # something around the op for the compiler to fuse
+
+    eager = run(fn, xs, s0, dy, dsT)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(fn, fullgraph=True), xs, s0, dy, dsT)
+    for e, c in zip([eager[0], eager[1], *eager[2]], [compiled[0], compiled[1], *compiled[2]]):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)

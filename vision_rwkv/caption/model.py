@@ -29,6 +29,7 @@ from ..lm.checkpoint import CONFIG, WEIGHTS, build_decoder
 from ..lm.formats import load_decoder
 from ..lm.rwkv7 import RWKV7
 from ..lm.tokenizer import load_tokenizer
+from ..ops.linear_ce import linear_cross_entropy
 from .encoder import ClipEncoder
 from .projector import build_projector, param_groups, prefix_length
 
@@ -89,6 +90,17 @@ class CaptionModel(nn.Module):
         captions (B,L) token ids, right-padded (any id past lengths[i]); lengths (B,).
         Returns logits at the target positions (N,V), targets (N,), and row ids (N,) for the N real targets.
         """
+        h, targets, rows = self.token_hidden(tokens, pooled, captions, lengths)
+        return self.decoder.head(h), targets, rows  # (N,V): only where a target exists
+
+    def loss_sum(self, tokens, pooled, captions, lengths) -> torch.Tensor:
+        """Summed cross-entropy over caption and end-of-text tokens, through the chunked head + loss op
+        (vision_rwkv.ops.linear_ce): the (N, V) logits never exist at once. What training optimises."""
+        h, targets, _ = self.token_hidden(tokens, pooled, captions, lengths)
+        return linear_cross_entropy(h, self.decoder.head.weight, targets)
+
+    def token_hidden(self, tokens, pooled, captions: torch.Tensor, lengths: torch.Tensor):
+        """As token_logprobs, with the decoder's final hidden states (N,C) in place of the logits."""
         B, L = captions.shape
         prefix = self.prefix(tokens, pooled)  # (B,K',C)
         k = prefix.shape[1]
@@ -101,8 +113,7 @@ class CaptionModel(nn.Module):
         targets = torch.cat([ids, ids.new_zeros(B, 1)], dim=1)
         targets = targets.scatter(1, lengths.unsqueeze(1), self.eos_id)  # (B,L+1)
         rows = torch.arange(B, device=captions.device).unsqueeze(1).expand(B, L + 1)
-        logits = self.decoder.head(h[real])  # (N,V): only where a target exists
-        return logits, targets[real], rows[real]
+        return h[real], targets[real], rows[real]
 
     def loss(self, tokens, pooled, captions, lengths) -> torch.Tensor:
         """Mean cross-entropy over caption and end-of-text tokens (padding and prefix excluded)."""

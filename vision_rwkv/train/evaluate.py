@@ -24,8 +24,7 @@ class LossModule(torch.nn.Module):
             tokens, pooled = batch["tokens"], batch["pooled"]
         else:
             tokens, pooled = m.encode(batch["image"])
-        logits, targets, _ = m.token_logprobs(tokens, pooled, batch["captions"], batch["lengths"])
-        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        return m.loss_sum(tokens, pooled, batch["captions"], batch["lengths"])
 
 
 @torch.no_grad()

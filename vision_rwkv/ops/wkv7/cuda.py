@@ -88,7 +88,39 @@ def build() -> str | None:
         )
     except Exception as e:  # a compiler failure: keep its first error line for the warning
         return f"the CUDA kernel failed to build: {first_error_line(str(e)) or type(e).__name__}"
+    _register_fakes()
     return None
+
+
+TENSOR_CORE_SAVED = 2816  # floats the tensor-core forward saves per chunk and head (kernels/wkv7_op.cpp)
+
+
+def _saved_numel(B: int, T: int, H: int, N: int, layout: int) -> int:
+    n_ckpt = (T + CHUNK - 1) // CHUNK
+    return B * H * n_ckpt * TENSOR_CORE_SAVED if layout == TENSOR_CORES else B * T * H * N
+
+
+def _register_fakes() -> None:
+    """Shapes-only versions of the two ops (what wkv7_op.cpp allocates), so torch.compile can trace a model
+    through them: FakeTensors go in, outputs of the right shapes, dtypes and devices come out."""
+    if getattr(_register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("vision_rwkv::wkv7_forward")
+    def _forward(r, w, k, v, a, b, s0, save_for_backward: bool, layout: int):
+        B, T, H, N = r.shape
+        f32 = dict(dtype=torch.float32, device=r.device)
+        sa = r.new_empty((_saved_numel(B, T, H, N, layout) if save_for_backward else 0,), **f32)
+        ckpt = r.new_empty((B, H, (T + CHUNK - 1) // CHUNK, N, N) if save_for_backward else (0,), **f32)
+        return torch.empty_like(r), r.new_empty((B, H, N, N), **f32), sa, ckpt
+
+    @torch.library.register_fake("vision_rwkv::wkv7_backward")
+    def _backward(r, w, k, v, a, b, dy, dsT, sa, ckpt, sT, zero_s0: bool, need_ds0: bool, layout: int):
+        B, T, H, N = r.shape
+        ds0 = r.new_empty((B if need_ds0 else 0, H, N, N), dtype=torch.float32)
+        return tuple(torch.empty_like(r) for _ in range(6)) + (ds0,)
+
+    _register_fakes.done = True
 
 
 def first_error_line(log: str) -> str:
