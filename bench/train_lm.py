@@ -41,10 +41,10 @@ def ours(device):
 
 
 def gpt2(device):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, GPT2Config
 
     cfg = GPT2Config(vocab_size=VOCAB, n_layer=12, n_embd=768, n_head=12, n_positions=1024)
-    model = GPT2LMHeadModel(cfg, attn_implementation="sdpa").to(device)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device)
     return model, lambda m, tokens: m(input_ids=tokens, labels=tokens).loss
 
 
