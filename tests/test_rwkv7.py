@@ -71,6 +71,24 @@ def test_batched_equals_one_by_one(tiny_model):
             torch.testing.assert_close(s.wkv, state[i].wkv, rtol=1e-5, atol=1e-5)
 
 
+def test_a_one_row_step_on_the_cpu_equals_gpt_mode_and_follows_weight_changes(tiny_model):
+    """Batch 1 on the CPU reads a transposed copy of the head (RWKV7._logits_one_row): the same logits as GPT
+    mode, and a changed head weight is seen at the next step."""
+    tokens = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        gpt, _ = tiny_model(tokens)
+        rnn, _ = rnn_logits(tiny_model, tokens)
+        assert (gpt - rnn).abs().max() <= 1e-5
+        _, state = tiny_model(tokens[:, :10])
+        before, _ = tiny_model.step(tokens[:, 10], state)
+        tiny_model.head.weight.mul_(2)
+        try:
+            after, _ = tiny_model.step(tokens[:, 10], state)
+        finally:
+            tiny_model.head.weight.div_(2)
+    torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)
+
+
 def test_state_is_fp32_for_bf16_weights():
     model = randomize_(RWKV7(tiny_config())).to(torch.bfloat16).eval()
     tokens = torch.randint(0, 97, (2, 10))

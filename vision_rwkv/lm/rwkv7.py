@@ -236,7 +236,21 @@ class RWKV7(nn.Module):
     def step_unchecked(self, tokens: torch.Tensor, state: RWKVState):
         """step() without the input checks, which read values back to the host (CUDA graphs capture this)."""
         h, state = self._run(self.emb(tokens.unsqueeze(1)), state, rnn=True)
-        return self.head(h[:, 0]), state
+        return self._logits_one_row(h[:, 0]) if h.shape[0] == 1 else self.head(h[:, 0]), state
+
+    def _logits_one_row(self, h: torch.Tensor) -> torch.Tensor:
+        """The head for one row. On the CPU, without autograd, it reads a transposed copy of the head's weight:
+        a (1,C) x (C,V) product over contiguous rows runs about twice as fast there as F.linear over the
+        (V,C) weight (BENCHMARKS.md, the CPU decoder), and the head is most of a step's bytes. The copy is
+        made on first use and again whenever the weight changes."""
+        w = self.head.weight
+        if h.device.type != "cpu" or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+            return self.head(h)
+        key = (w.data_ptr(), w._version, w.dtype)
+        if getattr(self, "_head_t_key", None) != key:
+            self._head_t = w.detach().t().contiguous()
+            self._head_t_key = key
+        return h.to(w.dtype) @ self._head_t
 
     # ---- training ----------------------------------------------------------------------------------
 
