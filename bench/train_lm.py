@@ -114,6 +114,13 @@ def main():
                 except ImportError as e:
                     print(f"{name:<8}not installed ({e.name})")
                     break
+                except Exception as e:  # one variant failing (a compiler error) must not hide the others
+                    import traceback
+
+                    traceback.print_exc()
+                    print(f"{name:<8}{'compiled' if compiled else 'eager':<10}{shape:>9}  failed: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+                    continue
                 mode = "compiled" if compiled else "eager"
                 print(f"{name:<8}{mode:<10}{shape:>9}{params / 1e6:>8.0f}M{tps:>12,.0f}{peak:>10.1f}{100 * mfu:>6.1f}%",
                       flush=True)

@@ -254,7 +254,7 @@ def test_tensor_core_kernel_with_more_heads_than_multiprocessors(with_state):
 def test_torch_compile_traces_through_the_kernel(dtype):
     """The ops have fake (shape-only) versions, so torch.compile builds one graph around them (fullgraph: no
     break): the compiled function gives the eager outputs and gradients, up to the compiler's own rounding
-    of the ops around the kernel."""
+    of the ops around the kernel (in bf16 it computes tanh in fp32 and rounds once, eager rounds twice)."""
     xs, s0 = make(2, 40, 3, 64, dtype, seed=11, with_state=True)
     g = torch.Generator(device="cuda").manual_seed(12)
     dy = torch.randn(*xs[0].shape, device="cuda", generator=g, dtype=torch.float64)
@@ -267,5 +267,6 @@ def test_torch_compile_traces_through_the_kernel(dtype):
     eager = run(fn, xs, s0, dy, dsT)
     torch._dynamo.reset()
     compiled = run(torch.compile(fn, fullgraph=True), xs, s0, dy, dsT)
+    bound = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the outputs apart (TOL)
     for e, c in zip([eager[0], eager[1], *eager[2]], [compiled[0], compiled[1], *compiled[2]]):
-        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+        assert rel(c, e.double()) <= bound
