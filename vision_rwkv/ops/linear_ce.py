@@ -43,11 +43,10 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return _LinearCrossEntropy.apply(h, weight, targets, chunk, dtype)
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, dtype) -> torch.Tensor:
-    """(n, V) logits in fp32 or wider, from a product in `dtype` (the autocast dtype) or in the inputs' own."""
-    if dtype is not None:
-        return _upcast(F.linear(h.to(dtype), weight.to(dtype)))
-    return _upcast(F.linear(h, weight))
+def _logits(h: torch.Tensor, w_mm: torch.Tensor) -> torch.Tensor:
+    """(n, V) logits in fp32 or wider, from a product in w_mm's dtype (the weight cast once per pass to the
+    autocast dtype, or as it is)."""
+    return _upcast(F.linear(h.to(w_mm.dtype), w_mm))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -57,9 +56,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             wide = torch.float64 if torch.float64 in (h.dtype, weight.dtype) and dtype is None else torch.float32
             total = torch.zeros((), dtype=wide, device=h.device)
             lse = torch.empty(h.shape[0], dtype=wide, device=h.device)
+            w_mm = weight.to(dtype) if dtype is not None else weight
             for start in range(0, h.shape[0], chunk):
                 end = min(start + chunk, h.shape[0])
-                logits = _logits(h[start:end], weight, dtype)  # (n,V)
+                logits = _logits(h[start:end], w_mm)  # (n,V)
                 lse[start:end] = torch.logsumexp(logits, dim=-1)
                 picked = logits.gather(1, targets[start:end, None]).squeeze(1)
                 total += (lse[start:end] - picked).sum()
@@ -79,7 +79,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, h.shape[0], chunk):
                 end = min(start + chunk, h.shape[0])
                 hc = h[start:end]
-                dlogits = _logits(hc, weight, dtype)
+                dlogits = _logits(hc, w_mm)
                 dlogits.sub_(lse[start:end, None]).exp_()  # softmax
                 dlogits[torch.arange(end - start, device=h.device), targets[start:end]] -= 1
                 dlogits.mul_(grad)
