@@ -18,8 +18,6 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-FILE = "provenance.json"
-
 
 def code_version() -> dict:
     """The package version and, in a git checkout, the commit (and whether files differ from it)."""
@@ -59,11 +57,3 @@ def data_fingerprint(rows, source: str, path: str, split: str) -> dict:
 def new_record(command: str | None, overrides: list[str] | None, data: dict) -> dict:
     return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
             "overrides": list(overrides or []), "code": code_version(), "data": data, "step": 0, "metrics": {}}
-
-
-def read(folder: Path) -> dict | None:
-    try:
-        record = json.loads((Path(folder) / FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
