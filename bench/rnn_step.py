@@ -3,9 +3,13 @@
     python bench/rnn_step.py [--layers 12 --embd 768 --vocab 65536 --batches 1,64,256 --compile]
 
 Each row times a greedy argmax loop of `--steps` steps (bf16 weights, fp32 state) replayed from a CUDA
-graph, as decoding runs it: the eager step (what `rnn_stepper` captures today) and, with --compile, the
-same step compiled by torch.compile (inductor, default mode, no inductor cudagraphs) and captured in the
-same kind of graph. Kernels per step come from torch.profiler over one eager (or compiled) step. The floor
+graph, as decoding runs it: the fused step (lm/engine.py, what `rnn_stepper` captures), the plain step
+(lm.step's PyTorch operations, the baseline and the exportable path) and, with --compile, the plain step
+compiled by torch.compile (inductor, default mode, no inductor cudagraphs) in the same kind of graph.
+With --check, a random-weight copy of the model (every matrix random, so every layer matters) decodes
+greedily from random prompts with the fused graph and with eager lm.step, and the tokens are compared:
+rows that differ are reported with the eager logits' top-two gap where they first part (a tie in bf16).
+Kernels per step come from torch.profiler over one step of each variant. The floor
 is the bytes one step must read (every block weight, the head, the state in and out) over the
 device-to-device copy bandwidth measured in the same run.
 """
@@ -56,9 +60,10 @@ def graphed_loop(step, tokens, state, steps: int):
         tok, st = tokens, state
         for _ in range(steps):
             logits, st2 = step(tok, st)
-            st.att_shift.copy_(st2.att_shift)
-            st.wkv.copy_(st2.wkv)
-            st.ffn_shift.copy_(st2.ffn_shift)
+            if st2 is not st:
+                st.att_shift.copy_(st2.att_shift)
+                st.wkv.copy_(st2.wkv)
+                st.ffn_shift.copy_(st2.ffn_shift)
             tok = logits.argmax(-1)
         return tok
 
@@ -96,8 +101,10 @@ def main():
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--steps", type=int, default=16, help="steps per graph")
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd step in a graph")
+    ap.add_argument("--check", action="store_true", help="compare greedy tokens, fused graph against eager")
     args = ap.parse_args()
     from vision_rwkv import RWKV7, RWKV7Config
+    from vision_rwkv.lm.engine import StepEngine
 
     device = torch.device("cuda")
     lm = RWKV7(RWKV7Config(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.embd)).to(device,
@@ -105,7 +112,10 @@ def main():
     bw = copy_bandwidth(device)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, RWKV-7 L{args.layers}-D{args.embd} "
           f"V{args.vocab}, bf16 weights; copy bandwidth {bw / 1e12:.2f} TB/s")
-    variants = [("eager step, graph", lm.step_unchecked)]
+    engine = StepEngine(lm)
+    print(f"fused step: {'Triton kernels' if engine.uses_kernels else 'REFERENCE ops (kernels unavailable)'}")
+    variants = [("fused step, graph", lambda tok, st: (engine.step(tok, st), st)),
+                ("plain step, graph", lm.step_unchecked)]
     if args.compile:
         variants.append(("compiled step, graph", torch.compile(lm.step_unchecked, dynamic=False)))
     print(f"{'variant':<24}{'batch':>6}{'ms/step':>9}{'tok/s':>11}{'kernels':>9}{'floor %':>9}")
@@ -118,6 +128,51 @@ def main():
             sec = timed(graph) / args.steps
             floor = step_bytes(lm, batch) / bw
             print(f"{name:<24}{batch:>6}{sec * 1e3:>9.3f}{batch / sec:>11.0f}{kernels:>9}{100 * floor / sec:>8.1f}%")
+    if args.check:
+        check_greedy(lm, device)
+
+
+def randomize(lm, seed: int = 0):
+    """Every matrix random (std 1/sqrt(fan_in)) and every vector random: the official init zeroes the
+    output projections, so its blocks would add nothing and any step would agree."""
+    g = torch.Generator(device=lm.emb.weight.device).manual_seed(seed)
+    for name, p in lm.named_parameters():
+        noise = torch.randn(p.shape, generator=g, device=p.device)
+        if p.dim() == 2 and not name.endswith("r_k"):
+            p.copy_(noise * (1.0 if name == "emb.weight" else p.shape[1] ** -0.5))
+        elif name.endswith("weight"):  # the norms
+            p.copy_(1 + 0.2 * noise)
+        else:
+            p.copy_(0.5 * noise)
+    return lm
+
+
+def check_greedy(lm, device, batch: int = 64, prompt: int = 8, steps: int = 64):
+    """Greedy tokens through rnn_stepper (the fused step in a graph) against eager lm.step, bf16 autocast."""
+    from vision_rwkv.lm.graphs import rnn_stepper
+
+    lm = randomize(lm.float()).to(torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(1)
+    prompts = torch.randint(0, lm.config.vocab_size, (batch, prompt), device=device, generator=g)
+    runs = {}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for name, step in (("fused", rnn_stepper(lm)), ("eager", lm.step)):
+            logits, state = lm(prompts, last_only=True)
+            tokens, gaps = [], []
+            for _ in range(steps):
+                top = logits.float().topk(2, dim=-1).values
+                gaps.append(top[:, 0] - top[:, 1])
+                tok = logits.argmax(-1)
+                tokens.append(tok)
+                logits, state = step(tok, state)
+            runs[name] = torch.stack(tokens, 1), torch.stack(gaps, 1)
+    (fused, _), (eager, gap) = runs["fused"], runs["eager"]
+    differ = (fused != eager).any(1).nonzero().flatten().tolist()
+    print(f"greedy check (random-weight L{lm.config.n_layer}-D{lm.config.n_embd}, bf16 autocast, {batch} rows x "
+          f"{steps} tokens): {batch - len(differ)} of {batch} rows identical to eager lm.step")
+    for row in differ:
+        at = int((fused[row] != eager[row]).nonzero()[0])
+        print(f"  row {row}: first differs at token {at}; eager's top-two logit gap there {gap[row, at]:.4f}")
 
 
 if __name__ == "__main__":

@@ -102,3 +102,57 @@ def test_demo_on_cuda_loads_bf16_weights_by_default():
     assert weights == {torch.bfloat16} and autocast
     for example, caption in zip(EXAMPLES, captions):
         assert score_caption(caption, true_objects(example))["exact"], (example.name, caption)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_demo_greedy_tokens_with_the_fused_step_part_from_lm_step_only_at_bf16_ties(monkeypatch):
+    """bf16 on CUDA. Greedy tokens of lm.step (eager) are fed to three steps from the same prefix state:
+    eager, the fused step in its graph, and an fp32 copy of the decoder (the truth). Where the fused
+    step's argmax differs from the eager token, the eager top-two gap must be within both steps' distance
+    from the truth there (a tie at bf16 precision); and the fused step must be no further from the truth
+    than eager is."""
+    import copy
+
+    import vision_rwkv.caption.generate as caption_generate
+    from vision_rwkv.lm.graphs import rnn_stepper
+
+    captured = {}
+    original = caption_generate.decode_loop
+
+    def spy(lm, logits, state, *args, **kw):
+        captured.update(lm=lm, logits=logits.clone(), state=state.clone())
+        return original(lm, logits, state, *args, **kw)
+
+    monkeypatch.setattr(caption_generate, "decode_loop", spy)
+    examples_captioned("cuda", "auto")
+    lm, logits, state = captured["lm"], captured["logits"], captured["state"]
+    truth_lm = copy.deepcopy(lm).float()
+    steps, flips = 24, []
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager_tokens, s = [], state.clone()
+        out = logits
+        for _ in range(steps):
+            eager_tokens.append(out.argmax(-1))
+            out, s = lm.step(eager_tokens[-1], s)
+        fused = rnn_stepper(lm)
+        s_e, s_f = state.clone(), state.clone()
+        s_t = state.clone()
+        err_e = err_f = 0.0
+        for t, tok in enumerate(eager_tokens[:-1]):
+            le, s_e = lm.step(tok, s_e)
+            lf, s_f = fused(tok, s_f)
+            s_f = s_f.clone()
+            with torch.autocast("cuda", enabled=False):
+                lt, s_t = truth_lm.step(tok, s_t)
+            de, df = (le.float() - lt).abs().amax(-1), (lf.float() - lt).abs().amax(-1)
+            err_e, err_f = max(err_e, float(de.max())), max(err_f, float(df.max()))
+            top = le.float().topk(2, -1).values
+            for row in (lf.argmax(-1) != eager_tokens[t + 1]).nonzero().flatten().tolist():
+                gap = float(top[row, 0] - top[row, 1])
+                flips.append((row, t + 1, gap))
+                assert gap <= float(de[row] + df[row]), (row, t + 1, gap, float(de[row]), float(df[row]))
+    print(f"fused step: {len(flips)} argmax flips at ties {flips}; max logit error vs fp32: fused {err_f:.4f}, "
+          f"eager {err_e:.4f}")
+    assert err_f <= err_e

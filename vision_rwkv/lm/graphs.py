@@ -12,16 +12,21 @@ MAX_PREFILL_TOKENS tokens.
     logits, state = step(tokens, state)
     logits, state = prefill_runner(lm)(inputs_embeds)   # = lm(inputs_embeds=..., last_only=True)
 
+The step a graph captures is the fused one (engine.StepEngine: about eleven launches a layer instead of
+about eighty) unless VISION_RWKV_FUSED_STEP=0, which captures lm.step's plain PyTorch operations instead.
+
 Contract (what caption_features, decode_loop and beam_search rely on; not a public API):
-- same results as lm.step / lm(...) (the same kernels run, in the same order);
+- the prefill gives lm(...)'s results (the same kernels run, in the same order); the step gives lm.step's
+  with plain operations, and within the bounds tests/ops/test_rwkv7_step.py measures with the fused step;
 - the state a step returns is the graph's own buffer: it stays valid only until the next call for the
   same batch size, so select rows from it (state[rows], which copies) before keeping it across calls;
   the prefill returns its own copy;
 - logits are returned as a fresh tensor;
 - graphs are kept per decoder, shape and autocast setting, and captured again when the decoder's
-  weights move (a .to(), a load that replaces tensors). In-place weight updates need nothing.
+  weights move (a .to(), a load that replaces tensors). In-place weight updates need nothing (the fused
+  step packs its weights again, into the same buffers).
 
-VISION_RWKV_CUDA_GRAPHS=0 switches graphs off (everything then runs eagerly).
+VISION_RWKV_CUDA_GRAPHS=0 switches graphs off (everything then runs eagerly, as lm.step).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import weakref
 
 import torch
 
+from .engine import StepEngine, compute_dtype
 from .rwkv7 import RWKV7
 from .state import RWKVState
 
@@ -43,6 +49,10 @@ MAX_PREFILL_TOKENS = 4096
 _steppers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _prefills: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _failed: set[str] = set()
+
+
+def fused_step_enabled() -> bool:
+    return os.environ.get("VISION_RWKV_FUSED_STEP", "1") != "0"
 
 
 def graphs_enabled() -> bool:
@@ -96,6 +106,10 @@ class _Graphs:
         if now != self.weights:
             self.graphs.clear()
             self.weights = now
+            self.weights_moved()
+
+    def weights_moved(self) -> None:
+        pass
 
     def _get(self, key: tuple, make_inputs, run) -> _Graph | None:
         """The graph for key, captured on first use from run(*inputs); None if capturing failed."""
@@ -140,6 +154,27 @@ class _Graphs:
 
 
 class GraphedStep(_Graphs):
+    def __init__(self, lm: RWKV7):
+        super().__init__(lm)
+        self.engines: dict[torch.dtype, StepEngine] = {}  # by compute dtype
+
+    def weights_moved(self) -> None:
+        self.engines.clear()
+
+    def check_weights(self) -> None:
+        super().check_weights()
+        for engine in self.engines.values():
+            engine.sync()  # values changed in place: packed again into the buffers the graphs read
+
+    def _engine(self) -> StepEngine | None:
+        if not fused_step_enabled():
+            return None
+        dtype = compute_dtype(self.lm)
+        if dtype not in self.engines:
+            self.engines[dtype] = StepEngine(self.lm, dtype)
+        engine = self.engines[dtype]
+        return engine if engine.uses_kernels else None
+
     def __call__(self, tokens: torch.Tensor, state: RWKVState | None):
         # capture and replay on the model's GPU, whichever is current (a torchrun process on cuda:1
         # that never called set_device still has cuda:0 current)
@@ -152,14 +187,18 @@ class GraphedStep(_Graphs):
         def make_inputs():
             return torch.zeros(B, dtype=torch.long, device=lm.emb.weight.device), lm.init_state(B)
 
+        engine = self._engine()
+
         def run(tok, st):
+            if engine is not None:
+                return engine.step(tok, st)  # updates st in place
             logits, new = lm.step_unchecked(tok, st)
             st.att_shift.copy_(new.att_shift)
             st.wkv.copy_(new.wkv)
             st.ffn_shift.copy_(new.ffn_shift)
             return logits
 
-        g = self._get((B, *self._autocast_key()), make_inputs, run)
+        g = self._get((B, engine is not None, *self._autocast_key()), make_inputs, run)
         if g is None:
             return lm.step(tokens, state)
         g_tokens, g_state = g.inputs

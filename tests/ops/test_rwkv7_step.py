@@ -1,0 +1,241 @@
+"""The fused RNN-step operations (vision_rwkv.ops.rwkv7) and the engine that runs them (lm/engine.py).
+
+Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before they
+are imported), so CI checks them op by op; on a GPU the same tests run the compiled kernels.
+
+Bounds. Everything here computes in fp32, so the truth is the model's own step in fp64, and the bound on
+a fused result is measured rather than guessed: its error against the fp64 truth may be at most
+FP32_SLACK times the error of the fp32 reference (lm.step) against the same truth, the noise floor of
+fp32 in another order of reduction. With bf16 matrix inputs the step rounds each product input to 8
+bits of mantissa (relative 2^-9 = 2e-3 per input), through a dozen layers: bound 3e-2 relative to the
+largest logit, against the same step computed with fp32 matrices.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from conftest import randomize_, tiny_config  # noqa: E402
+
+from vision_rwkv import RWKV7  # noqa: E402
+from vision_rwkv.errors import VisionRWKVError  # noqa: E402
+from vision_rwkv.lm.engine import StepEngine  # noqa: E402
+from vision_rwkv.lm.state import RWKVState  # noqa: E402
+from vision_rwkv.ops import rwkv7 as step_ops_pkg  # noqa: E402
+from vision_rwkv.ops.rwkv7 import reference, step_ops, unavailable_reason  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_SLACK = 4.0
+BF16_BOUND = 3e-2
+kernels_run = pytest.mark.skipif(unavailable_reason(torch.device(DEVICE), 16, 64) is not None,
+                                 reason="the Triton kernels cannot run here")
+
+
+def triton_ops():
+    from vision_rwkv.ops.rwkv7 import triton_step
+
+    return triton_step
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def lm_on(device, seed=0, **cfg):
+    torch.manual_seed(seed)
+    return randomize_(RWKV7(tiny_config(**cfg)).eval()).to(device)
+
+
+def fp64_state(state: RWKVState) -> RWKVState:
+    return RWKVState(state.att_shift.double(), state.wkv.double(), state.ffn_shift.double())
+
+
+def run_steps(lm, ops, tokens, dtype=None):
+    """Logits of every step and the final state, through the engine with `ops`."""
+    engine = StepEngine(lm, dtype, ops=ops)
+    state = lm.init_state(tokens.shape[0])
+    logits = [engine.step(tokens[:, t], state) for t in range(tokens.shape[1])]
+    return torch.stack(logits, 1), state
+
+
+def run_lm(lm, tokens, state=None):
+    logits = []
+    for t in range(tokens.shape[1]):
+        out, state = lm.step(tokens[:, t], state)
+        logits.append(out)
+    return torch.stack(logits, 1), state
+
+
+# ---- the ops, one by one ----------------------------------------------------------------------------
+
+def op_inputs(B=3, C=64, N=16, R=32, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g)).to(DEVICE)  # noqa: E731
+    H = C // N
+    return dict(
+        x=rnd(B, C, scale=3.0), dx=rnd(B, C).to(dtype), w=1 + rnd(C, scale=0.2), b=rnd(C, scale=0.2),
+        shift=rnd(B, C), mix=torch.rand(6, C, generator=g).to(DEVICE), tokens=torch.tensor([5, 0, 96][:B]).to(DEVICE),
+        emb=rnd(97, C).to(dtype), h=rnd(4, B, R, scale=2.0).to(dtype), f=rnd(B, 4 * C, scale=2.0).to(dtype),
+        state=rnd(B, H, N, N), rkv=rnd(3, B, C).to(dtype), lora=rnd(4, B, C).to(dtype),
+        vec=torch.cat([rnd(5, C), rnd(1, C, scale=0.3), 1 + rnd(1, C, scale=0.2), rnd(1, C, scale=0.2)]),
+        v_first=rnd(B, C),
+    )
+
+
+def clone(d):
+    return {k: v.clone() for k, v in d.items()}
+
+
+@kernels_run
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ln_mix_kernel_equals_reference(dtype):
+    tri, ref = triton_ops(), reference
+    for has_dx, groups, with_shift in ((True, 6, True), (False, 1, True), (True, 1, False)):
+        outs = []
+        for ops in (tri, ref):
+            d = clone(op_inputs(dtype=dtype))
+            out = torch.empty(groups, *d["x"].shape, dtype=dtype, device=DEVICE)
+            ops.ln_mix_(d["x"], d["dx"] if has_dx else None, d["w"], d["b"], d["shift"] if with_shift else None,
+                        d["mix"][:groups], out)
+            outs.append((d["x"], d["shift"], out))
+        for got, want in zip(*outs):
+            assert rel(got, want) <= (1e-6 if got.dtype == torch.float32 else 8e-3), (has_dx, groups)
+
+
+@kernels_run
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embed_lora_and_relu2_kernels_equal_reference(dtype):
+    tri, ref = triton_ops(), reference
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    got, want = clone(op_inputs(dtype=dtype)), clone(op_inputs(dtype=dtype))
+    tri.embed_ln_(got["tokens"], got["emb"], got["w"], got["b"], got["x"])
+    ref.embed_ln_(want["tokens"], want["emb"], want["w"], want["b"], want["x"])
+    assert rel(got["x"], want["x"]) <= 1e-6
+    tri.lora_act_(got["h"])
+    ref.lora_act_(want["h"])
+    assert rel(got["h"], want["h"]) <= tol
+    tri.relu2_(got["f"])
+    ref.relu2_(want["f"])
+    assert rel(got["f"], want["f"]) <= tol
+    assert (got["f"] >= 0).all() and (got["f"] == 0).any()  # negatives became zeros
+
+
+@kernels_run
+@pytest.mark.parametrize("layer0", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wkv_step_kernel_equals_reference_in_output_state_and_v_first(layer0, dtype):
+    results = []
+    for ops in (triton_ops(), reference):
+        d = clone(op_inputs(dtype=dtype))
+        out = torch.empty_like(d["x"], dtype=dtype)
+        ops.wkv_step_(d["state"], d["rkv"], d["lora"], d["vec"], d["v_first"], layer0, out)
+        results.append((out, d["state"], d["v_first"]))
+    (out, state, v_first), (out_r, state_r, v_first_r) = results
+    assert rel(state, state_r) <= 1e-6
+    assert rel(v_first, v_first_r) <= 1e-6
+    assert rel(out, out_r) <= (1e-5 if dtype == torch.float32 else 8e-3)
+
+
+# ---- the whole step ---------------------------------------------------------------------------------
+
+def _ops_under_test():
+    ops = [pytest.param(reference, id="reference")]
+    ops.append(pytest.param("triton", id="triton", marks=kernels_run))
+    return ops
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ops", _ops_under_test())
+def test_fused_step_equals_lm_step_within_the_fp32_noise_floor(ops):
+    ops = triton_ops() if ops == "triton" else ops
+    lm = lm_on(DEVICE)
+    tokens = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    truth, truth_state = run_lm(lm.double(), tokens, fp64_state(lm.init_state(3)))
+    lm = lm.float()
+    ref, ref_state = run_lm(lm, tokens)
+    fused, fused_state = run_steps(lm, ops, tokens)
+    floor = rel(ref, truth)
+    assert 0 < floor < 1e-5
+    assert rel(fused, truth) <= FP32_SLACK * floor, (rel(fused, truth), floor)
+    for name in ("att_shift", "wkv", "ffn_shift"):
+        got, want, base = (getattr(s, name) for s in (fused_state, truth_state, ref_state))
+        assert rel(got, want) <= FP32_SLACK * max(rel(base, want), 1e-7), name
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ops", _ops_under_test())
+def test_fused_step_with_bf16_matrices_stays_within_its_bound(ops):
+    ops = triton_ops() if ops == "triton" else ops
+    lm = lm_on(DEVICE, seed=3)
+    tokens = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    want, _ = run_steps(lm, reference, tokens)
+    got, state = run_steps(lm, ops, tokens, dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and state.wkv.dtype == torch.float32
+    assert rel(got, want) <= BF16_BOUND
+
+
+@torch.no_grad()
+def test_batched_step_equals_row_by_row():
+    lm = lm_on(DEVICE)
+    tokens = torch.randint(0, 97, (4, 3), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    batched, state = run_steps(lm, reference, tokens)
+    for row in range(4):
+        alone, alone_state = run_steps(lm, reference, tokens[row:row + 1])
+        assert rel(alone, batched[row:row + 1]) <= 1e-6
+        assert rel(alone_state.wkv, state.wkv[:, row:row + 1]) <= 1e-6
+
+
+@torch.no_grad()
+def test_in_place_weight_changes_are_packed_into_the_same_buffers():
+    lm = lm_on("cpu")
+    engine = StepEngine(lm, ops=reference)
+    before = {k: v.data_ptr() for k, v in engine._buffers.items()}
+    for p in lm.parameters():
+        p.mul_(0.9)
+    engine.sync()
+    assert {k: v.data_ptr() for k, v in engine._buffers.items()} == before
+    tokens = torch.tensor([1, 2])
+    state = lm.init_state(2)
+    want, _ = lm.step(tokens, state.clone())
+    assert rel(engine.step(tokens, state), want) <= 1e-5
+    lm.head.weight = torch.nn.Parameter(lm.head.weight * 2)  # replaced, not changed in place
+    engine.sync()
+    assert rel(engine.step(tokens, lm.init_state(2)), lm.step(tokens)[0]) <= 1e-5
+
+
+def test_a_non_contiguous_state_is_one_clear_line():
+    lm = lm_on("cpu")
+    state = lm.init_state(4)[::2]  # every other row: a strided view
+    with pytest.raises(VisionRWKVError, match="contiguous fp32 state; att_shift is torch.float32, not contiguous"):
+        StepEngine(lm, ops=reference).step(torch.tensor([1, 2]), state)
+
+
+# ---- what cannot run says so, once, and falls back --------------------------------------------------
+
+def test_unavailable_kernels_say_why_once_and_fall_back_to_the_reference(monkeypatch):
+    monkeypatch.setattr(step_ops_pkg, "_warned", set())
+    assert "head size 12 is not a power of two" in unavailable_reason(torch.device("cuda"), 12, 48)
+    with pytest.warns(UserWarning, match="PyTorch reference ops: head size 12"):
+        assert step_ops("cuda", 12, 48) is reference
+    with _no_warning():
+        assert step_ops("cuda", 12, 48) is reference
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert unavailable_reason(torch.device("cpu"), 16, 64) == "the decoder is on cpu, not CUDA"
+    assert step_ops("cpu", 16, 64) is reference  # the CPU's own path: no warning
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings(record=True)
+        self.seen = self._catch.__enter__()
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+        assert not self.seen, [str(w.message) for w in self.seen]

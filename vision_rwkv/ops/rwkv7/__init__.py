@@ -1,0 +1,63 @@
+"""The fused RWKV-7 layer operations of RNN mode: Triton kernels, with the PyTorch references beside them.
+
+    ops = step_ops(device, head_size, n_embd)   # triton_step on CUDA when it can run, else reference
+    ops.ln_mix_(x, dx, w, b, shift, mix, out); ops.wkv_step_(...); ...
+
+Both modules have the same functions with the same in-place contract (see reference.py). `step_ops`
+returns the reference, with one warning per reason, when the kernels cannot serve a CUDA decoder; on
+the CPU the reference is simply the path (set TRITON_INTERPRET=1 to run the kernels there, as the tests do).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+__all__ = ["step_ops", "unavailable_reason", "reference"]
+
+_warned: set[str] = set()
+
+
+def interpreting() -> bool:
+    """Triton's interpreter runs the kernels on CPU tensors (slowly): how the tests check them without a GPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=1)
+def _import_error() -> str | None:
+    try:
+        from . import triton_step  # noqa: F401
+    except Exception as e:  # ImportError, or a Triton too old for these kernels
+        return f"Triton cannot be used ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+def unavailable_reason(device: torch.device, head_size: int, n_embd: int) -> str | None:
+    """Why the Triton kernels cannot serve a decoder of this shape on this device, or None when they can."""
+    device = torch.device(device)
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        return f"the decoder is on {device.type}, not CUDA"
+    if head_size & (head_size - 1) or not 4 <= head_size <= 128:
+        return f"head size {head_size} is not a power of two from 4 to 128"
+    if n_embd > 16384:
+        return f"n_embd {n_embd} is above the kernels' 16384 (one row per program)"
+    return _import_error()
+
+
+def step_ops(device, head_size: int, n_embd: int) -> ModuleType:
+    """The module whose functions run the step: triton_step, or reference when the kernels cannot."""
+    reason = unavailable_reason(device, head_size, n_embd)
+    if reason is None:
+        from . import triton_step
+
+        return triton_step
+    if torch.device(device).type == "cuda" and reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"vision_rwkv: the RNN step runs its PyTorch reference ops: {reason}", stacklevel=2)
+    return reference

@@ -1,0 +1,91 @@
+"""The fused RWKV-7 layer operations of RNN mode (T=1), written in plain PyTorch.
+
+These are the references the Triton kernels (triton_step.py) are tested against, and the path that runs
+where the kernels cannot (the CPU, no Triton). Each works in place on preallocated buffers, as the
+kernels do, so a whole step can be captured in one CUDA graph with no copies between the parts:
+
+    embed_ln_      tokens -> the residual stream x = ln0(emb[tokens])                    (B,C) fp32
+    ln_mix_        x += dx; xl = LayerNorm(x); shift <- xl; out[g] = xl + (shift_old - xl) * mix[g]
+    lora_act_      the activations between the two low-rank products: [v, w, a, g] -> [v, tanh w, a, sigmoid g]
+    wkv_step_      decay, in-context rate, value residual, kk, k gating; the state update and readout in
+                   place; ln_x, the r_k bonus and the gate: out = (GroupNorm(S r) + bonus) * g
+    relu2_         the channel mix's relu(x)^2
+
+Everything is computed in fp32; the residual stream and the state stay fp32, and the inputs of the matrix
+products (`out` buffers) are rounded to their dtype, the decoder's compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..wkv7.reference import LOG_DECAY_SCALE
+
+LN_EPS = 1e-5  # nn.LayerNorm's default, which the decoder's ln0/ln1/ln2/ln_out use
+LN_X_EPS = 64e-5  # the official GroupNorm eps of ln_x
+# rows of the packed per-layer vector table `vec` that wkv_step_ reads, each of length C
+VEC_ROWS = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_x_weight", "ln_x_bias")
+# order of the rows of the time-mix input buffer: r, k, v feed one batched product, v, w, a, g the other
+ATT_MIX_ROWS = ("x_r", "x_k", "x_v", "x_w", "x_a", "x_g")
+LORA_ROWS = ("v", "w", "a", "g")  # the low-rank paths, in the order of ATT_MIX_ROWS[2:]
+
+
+def embed_ln_(tokens: torch.Tensor, emb: torch.Tensor, weight, bias, x: torch.Tensor) -> None:
+    """x (B,C) fp32 <- LayerNorm(emb[tokens])."""
+    x.copy_(F.layer_norm(emb[tokens].float(), (x.shape[1],), weight.float(), bias.float(), LN_EPS))
+
+
+def ln_mix_(x, dx, weight, bias, shift, mix, out) -> None:
+    """x (B,C) fp32, in place x += dx (dx (B,C) or None); out (G,B,C) <- the G token-shift mixes of
+    LayerNorm(x) with shift (B,C) fp32, which becomes LayerNorm(x); with shift None, out[0] = LayerNorm(x)."""
+    if dx is not None:
+        x.add_(dx.float())
+    xl = F.layer_norm(x, (x.shape[1],), weight.float(), bias.float(), LN_EPS)
+    if shift is None:
+        out[0].copy_(xl)
+        return
+    xx = shift - xl
+    shift.copy_(xl)
+    out.copy_(xl.unsqueeze(0) + xx.unsqueeze(0) * mix.float().unsqueeze(1))
+
+
+def lora_act_(h: torch.Tensor) -> None:
+    """h (4,B,R): rows in LORA_ROWS order; tanh on w, sigmoid on g, in place."""
+    h[1].copy_(torch.tanh(h[1].float()))
+    h[3].copy_(torch.sigmoid(h[3].float()))
+
+
+def relu2_(h: torch.Tensor) -> None:
+    h.copy_(torch.relu(h.float()).square())
+
+
+def wkv_step_(state, rkv, lora, vec, v_first, layer0: bool, out) -> None:
+    """One time-mix step after its matrix products.
+
+    state (B,H,N,N) fp32, updated in place; rkv (3,B,C) = r, k, v; lora (4,B,C) = the second low-rank
+    products in LORA_ROWS order; vec (8,C) fp32 in VEC_ROWS order; v_first (B,C) fp32, written by layer 0
+    and read by the others; out (B,C) <- (GroupNorm(y) + bonus) * g.
+    """
+    B, H, N, _ = state.shape
+    C = H * N
+    r, k, v = (t.float() for t in rkv)
+    v_l, w_l, a_l, g = (t.float() for t in lora)
+    w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b = vec.float()
+    if layer0:
+        v_first.copy_(v)
+    else:
+        v = v + (v_first - v) * torch.sigmoid(v0 + v_l)
+    decay = torch.exp(-LOG_DECAY_SCALE * torch.sigmoid(w0 + w_l))
+    a = torch.sigmoid(a0 + a_l)
+    kk = F.normalize((k * k_k).view(B, H, N), dim=-1, p=2.0).view(B, C)
+    k = k * (1 + (a - 1) * k_a)
+    heads = lambda t: t.view(B, H, N)  # noqa: E731
+    sa = torch.einsum("bhij,bhj->bhi", state, heads(-kk))
+    new = state * heads(decay).unsqueeze(-2) + sa.unsqueeze(-1) * heads(kk * a).unsqueeze(-2) \
+        + heads(v).unsqueeze(-1) * heads(k).unsqueeze(-2)
+    state.copy_(new)
+    y = torch.einsum("bhij,bhj->bhi", new, heads(r))
+    y = F.group_norm(y.reshape(B, C), H, ln_w, ln_b, LN_X_EPS)
+    bonus = (heads(r) * heads(k) * r_k.view(1, H, N)).sum(-1, keepdim=True) * heads(v)
+    out.copy_((y + bonus.reshape(B, C)) * g)
