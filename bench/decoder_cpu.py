@@ -2,9 +2,13 @@
 
     python bench/decoder_cpu.py [--layers 12 --embd 768 --vocab 65536 --threads N]
 
-RNN mode: tokens/s at batch 1 (and batch 8) through lm.step. GPT mode: prefill tokens/s through lm(...).
+RNN mode: tokens/s at batch 1 (and batch 8) through rnn_stepper (the fused step, lm/engine.py, with
+oneDNN's packed products) and through plain lm.step. GPT mode: prefill tokens/s through
+lm(..., last_only=True), the last position's logits, as a prefill needs and as the baseline computes.
 The baseline is RWKV-LM's own inference code (pip package `rwkv`, RWKV_V7_ON=1, strategy "cpu fp32"),
 batch 1 only (it has no batched mode), run in a subprocess because it sets global TorchScript flags.
+The floor is the time to read the step's fp32 weights once (every matrix but the embedding) with
+torch's sum over a buffer of that size, on the same threads: no step can read its weights faster.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def main():
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--embd", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=65536)
-    ap.add_argument("--prefill", type=int, default=512, help="GPT-mode sequence length")
+    ap.add_argument("--prefill", type=int, default=256, help="GPT-mode sequence length")
     ap.add_argument("--steps", type=int, default=64, help="RNN-mode steps timed")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-baseline", action="store_true")
@@ -61,28 +65,34 @@ def main():
     torch.set_num_threads(args.threads)
 
     from vision_rwkv import RWKV7, RWKV7Config, save_official
+    from vision_rwkv.lm.graphs import rnn_stepper
 
     lm = RWKV7(RWKV7Config(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.embd)).eval()
     T, steps = args.prefill, args.steps
     rows = []
 
-    def rnn(batch):
+    def rnn(batch, step):
         tok = torch.ones(batch, dtype=torch.long)
         _, s = lm(torch.ones(batch, 8, dtype=torch.long))
 
         def run():
-            nonlocal s
             state = s
             for _ in range(steps):
-                _, state = lm.step(tok, state)
+                _, state = step(tok, state)
 
         return batch * steps / timed(run, 2)
 
     def gpt(batch, length):
         x = torch.randint(1, args.vocab, (batch, length))
-        return batch * length / timed(lambda: lm(x), 2)
+        return batch * length / timed(lambda: lm(x, last_only=True), 2)
 
-    ours = {"rnn_b1": rnn(1), "rnn_b8": rnn(8), "gpt_b1": gpt(1, T), "gpt_b8": gpt(8, T // 8)}
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if not n.startswith("emb"))
+    buffer = torch.ones(weight_bytes // 4)
+    floor = timed(buffer.sum, 5)
+    del buffer
+    fused = rnn_stepper(lm)
+    ours = {"rnn_b1": rnn(1, fused), "rnn_b1_plain": rnn(1, lm.step), "rnn_b8": rnn(8, fused),
+            "gpt_b1": gpt(1, T), "gpt_b8": gpt(8, T // 8)}
     base = None
     if not args.no_baseline:
         with tempfile.TemporaryDirectory() as d:
@@ -97,15 +107,19 @@ def main():
 
     print(f"RWKV-7 L{args.layers}-D{args.embd} V{args.vocab}, fp32, CPU: {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, torch {torch.__version__}")
-    print(f"{'mode':<34}{'vision_rwkv tok/s':>18}{'rwkv pkg tok/s':>16}{'ratio':>8}")
-    rows = [("RNN step, batch 1", ours["rnn_b1"], base and base["rnn"]),
-            ("RNN step, batch 8", ours["rnn_b8"], None),
+    print(f"fp32 weight-read floor: {weight_bytes / 1e6:.0f} MB in {floor * 1e3:.1f} ms "
+          f"({weight_bytes / floor / 1e9:.1f} GB/s) = {1 / floor:.1f} steps/s at batch 1")
+    print(f"{'mode':<34}{'vision_rwkv tok/s':>18}{'rwkv pkg tok/s':>16}{'ratio':>8}{'of floor':>11}")
+    rows = [("RNN step (fused), batch 1", ours["rnn_b1"], base and base["rnn"]),
+            ("RNN step (lm.step), batch 1", ours["rnn_b1_plain"], base and base["rnn"]),
+            ("RNN step (fused), batch 8", ours["rnn_b8"], None),
             (f"GPT prefill, batch 1 x T{T}", ours["gpt_b1"], base and base["gpt"]),
             (f"GPT prefill, batch 8 x T{T // 8}", ours["gpt_b8"], None)]
     for name, a, b in rows:
         bs = f"{b:16.1f}" if b else f"{'-':>16}"
         ratio = f"{a / b:8.2f}" if b else f"{'-':>8}"
-        print(f"{name:<34}{a:18.1f}{bs}{ratio}")
+        at_floor = f"{a * floor:11.2f}" if name.endswith("batch 1") else f"{'-':>11}"
+        print(f"{name:<34}{a:18.1f}{bs}{ratio}{at_floor}")
 
 
 if __name__ == "__main__":

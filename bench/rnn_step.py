@@ -102,6 +102,7 @@ def main():
     ap.add_argument("--steps", type=int, default=16, help="steps per graph")
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd step in a graph")
     ap.add_argument("--check", action="store_true", help="compare greedy tokens, fused graph against eager")
+    ap.add_argument("--profile", action="store_true", help="print the fused step's kernels by GPU time")
     args = ap.parse_args()
     from vision_rwkv import RWKV7, RWKV7Config
     from vision_rwkv.lm.engine import StepEngine
@@ -128,8 +129,34 @@ def main():
             sec = timed(graph) / args.steps
             floor = step_bytes(lm, batch) / bw
             print(f"{name:<24}{batch:>6}{sec * 1e3:>9.3f}{batch / sec:>11.0f}{kernels:>9}{100 * floor / sec:>8.1f}%")
+    if args.profile:
+        profile_kernels(lambda tok, st: (engine.step(tok, st), st), lm, device, args.batches)
     if args.check:
         check_greedy(lm, device)
+
+
+def profile_kernels(step, lm, device, batches: str):
+    """GPU time by kernel name over one graphed step (CUPTI sees the kernels inside a graph replay)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for batch in map(int, batches.split(",")):
+        tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        graph = graphed_loop(step, tokens, lm.init_state(batch), 1)
+        graph.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graph.replay()
+            torch.cuda.synchronize()
+        totals: dict[str, list] = {}
+        for e in prof.events():
+            if e.device_type.name == "CUDA":
+                t = totals.setdefault(e.name[:70], [0, 0.0])
+                t[0] += 1
+                t[1] += e.device_time
+        print(f"batch {batch}: {sum(n for n, _ in totals.values())} kernels, "
+              f"{sum(us for _, us in totals.values()):.0f} us of kernel time")
+        for name, (n, us) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:12]:
+            print(f"  {us:8.1f} us {n:4d}x  {name}")
 
 
 def randomize(lm, seed: int = 0):

@@ -42,7 +42,9 @@ def triton_ops():
 
 
 def rel(a, b) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+    """max |a - b| / max |b| (0 when both are all zeros)."""
+    err = float((a.double() - b.double()).abs().max())
+    return err / float(b.double().abs().max()) if err else 0.0
 
 
 def lm_on(device, seed=0, **cfg):
@@ -125,6 +127,39 @@ def test_embed_lora_and_relu2_kernels_equal_reference(dtype):
 
 
 @kernels_run
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [3, 20])
+def test_ln_mix_matmul_kernel_equals_reference(dtype, B):
+    """Every activation, a partial last block of columns (N = 88 with blocks of 16), with and without the
+    residual input, the shift and the deferred shift copy. In bf16 the reference rounds the product before
+    its activation and the kernel after, so relu^2 (which doubles a relative error) differs by up to
+    three bf16 roundings (3 x 2^-8 = 1.2e-2): bound 2e-2."""
+    from vision_rwkv.ops.rwkv7.reference import ACT_NONE, ACT_RELU2, ACT_SIGMOID, ACT_TANH
+
+    g = torch.Generator().manual_seed(7)
+    C, N, bn = 64, 88, 16
+    base = {k: v for k, v in op_inputs(B=3, C=C).items() if k in ("w", "b", "mix")}
+    rnd = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    x, dx, shift, prev_xl = 3 * rnd(B, C), rnd(B, C).to(dtype), rnd(B, C), rnd(B, C)
+    w = (rnd(N, C) / 8).to(dtype)
+    acts = [ACT_NONE, ACT_TANH, ACT_SIGMOID, ACT_RELU2, ACT_NONE, ACT_TANH]
+    segments = torch.tensor([m + 256 * a for m, a in zip([0, 1, 2, 3, 4, 5], acts)], dtype=torch.int32,
+                            device=DEVICE)
+    for has_dx, has_shift, has_prev in ((True, True, True), (False, True, False), (True, False, True)):
+        results = []
+        for ops in (triton_ops(), reference):
+            x_out, xl_out, prev_shift = (torch.zeros(B, C, device=DEVICE) for _ in range(3))
+            out = torch.zeros(B, N, device=DEVICE, dtype=dtype)
+            ops.ln_mix_matmul_(x, dx if has_dx else None, x_out, xl_out, base["w"], base["b"],
+                               shift if has_shift else None, base["mix"], w, segments, out, bn,
+                               **(dict(prev_xl=prev_xl, prev_shift=prev_shift) if has_prev else {}))
+            results.append((out, x_out, xl_out, prev_shift))
+        for got, want in zip(*results):
+            assert rel(got, want) <= (1e-5 if got.dtype == torch.float32 else 2e-2), (has_dx, has_shift)
+        assert (results[0][0][:, 48:64] >= 0).all()  # the relu^2 block
+
+
+@kernels_run
 @pytest.mark.parametrize("layer0", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wkv_step_kernel_equals_reference_in_output_state_and_v_first(layer0, dtype):
@@ -192,7 +227,7 @@ def test_batched_step_equals_row_by_row():
 @torch.no_grad()
 def test_in_place_weight_changes_are_packed_into_the_same_buffers():
     lm = lm_on("cpu")
-    engine = StepEngine(lm, ops=reference)
+    engine = StepEngine(lm, ops=reference, onednn=False)
     before = {k: v.data_ptr() for k, v in engine._buffers.items()}
     for p in lm.parameters():
         p.mul_(0.9)
@@ -205,6 +240,25 @@ def test_in_place_weight_changes_are_packed_into_the_same_buffers():
     lm.head.weight = torch.nn.Parameter(lm.head.weight * 2)  # replaced, not changed in place
     engine.sync()
     assert rel(engine.step(tokens, lm.init_state(2)), lm.step(tokens)[0]) <= 1e-5
+
+
+@torch.no_grad()
+def test_onednn_products_on_the_cpu_equal_plain_ones_and_follow_weight_changes():
+    lm = lm_on("cpu")
+    tokens = torch.randint(0, 97, (3, 4), generator=torch.Generator().manual_seed(5))
+    fast = StepEngine(lm, ops=reference)
+    plain = StepEngine(lm, ops=reference, onednn=False)
+    assert fast.onednn and not plain.onednn
+    for engine in (fast, plain):
+        engine.state = lm.init_state(3)
+    for t in range(4):
+        assert rel(fast.step(tokens[:, t], fast.state), plain.step(tokens[:, t], plain.state)) <= 1e-5
+    before = fast.step(tokens[:, 0], fast.state.clone())
+    lm.head.weight.mul_(-1)  # in place: oneDNN's packed copy is made again
+    fast.sync()
+    after = fast.step(tokens[:, 0], fast.state.clone())
+    assert rel(after, -before) <= 1e-5
+    assert rel(after, plain.step(tokens[:, 0], plain.state)) <= 1e-5
 
 
 def test_a_non_contiguous_state_is_one_clear_line():

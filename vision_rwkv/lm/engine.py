@@ -19,6 +19,9 @@ inputs of the matrix products are rounded to the compute dtype.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -37,13 +40,23 @@ def compute_dtype(lm: RWKV7) -> torch.dtype:
 
 
 class StepEngine:
-    def __init__(self, lm: RWKV7, dtype: torch.dtype | None = None, ops=None):
+    def __init__(self, lm: RWKV7, dtype: torch.dtype | None = None, ops=None, onednn: bool | None = None):
+        """dtype: of the matrix products (None: compute_dtype(lm)); ops: the step ops' module (None: the
+        kernels where they run); onednn: oneDNN's packed products on the CPU (None: where they work)."""
         cfg = lm.config
         self.lm = lm
         self.dtype = compute_dtype(lm) if dtype is None else dtype
         self.ops = step_ops(lm.emb.weight.device, cfg.head_size, cfg.n_embd) if ops is None else ops
         self.lora_rank = -(-max(cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora) // 16) * 16
+        # output columns per program of the kernels' products: blocks must not straddle r|k|v|low-rank parts
+        self.block_n = next(n for n in (64, 32, 16) if math.gcd(cfg.n_embd, self.lora_rank) % n == 0)
+        # on the CPU, oneDNN's prepacked inner product reads fp32 weights about 1.5-2x faster than F.linear
+        # at batch 1 (BENCHMARKS.md, the CPU decoder); the packed weights are opaque, so they are made again
+        # whenever a weight changes (there are no graphs on the CPU to keep addresses for)
+        cpu_fp32 = lm.emb.weight.device.type == "cpu" and self.dtype == torch.float32
+        self.onednn = cpu_fp32 and _onednn_works() if onednn is None else onednn and cpu_fp32
         self._buffers: dict[str, torch.Tensor] | None = None
+        self._onednn: dict[str, list[torch.Tensor]] = {}
         self._version: tuple = ()
         self.sync()
 
@@ -66,8 +79,10 @@ class StepEngine:
         moved = [ptr for ptr, _ in version] != [ptr for ptr, _ in self._version]
         with torch.no_grad():
             packed = self._pack()
-            if self._buffers is None or moved:
+            if self._buffers is None or moved or self.onednn:
                 self._buffers = packed
+                if self.onednn:
+                    self._onednn = _onednn_pack(packed)
             else:
                 for name, t in packed.items():
                     if self._buffers[name].data_ptr() != t.data_ptr():
@@ -81,14 +96,11 @@ class StepEngine:
         lm, R = self.lm, self.lora_rank
         f32 = lambda t: t.detach().float().reshape(-1)  # noqa: E731
         out = {"emb": lm.emb.weight.detach(), "head": self._mat(lm.head.weight)}
+        C = lm.config.n_embd
         for i, block in enumerate(lm.blocks):
             att, ffn = block.att, block.ffn
             lora = [(getattr(att, f"{n}1"), getattr(att, f"{n}2")) for n in reference.LORA_ROWS]
             out |= {
-                f"{i}.w_rkv": torch.stack([w.weight.detach().t() for w in (att.receptance, att.key, att.value)])
-                .to(self.dtype).contiguous(),
-                f"{i}.lora1": torch.stack([_padded(lo.detach(), R, rows=False) for lo, _ in lora]).to(self.dtype),
-                f"{i}.lora2": torch.stack([_padded(hi.detach(), R, rows=True) for _, hi in lora]).to(self.dtype),
                 f"{i}.mix_att": torch.stack([f32(getattr(att, n)) for n in reference.ATT_MIX_ROWS]),
                 f"{i}.mix_ffn": f32(ffn.x_k).unsqueeze(0),
                 f"{i}.vec": torch.stack([f32(att.ln_x.weight if n == "ln_x_weight" else att.ln_x.bias
@@ -98,6 +110,35 @@ class StepEngine:
                 f"{i}.w_key": self._mat(ffn.key.weight),
                 f"{i}.w_value": self._mat(ffn.value.weight),
             }
+            rkv = [m.weight.detach() for m in (att.receptance, att.key, att.value)]
+            low = [_padded(lo.detach().t(), R, rows=True) for lo, _ in lora]  # (R, C) each
+            high = [_padded(hi.detach(), R, rows=True) for _, hi in lora]  # (R, C) each
+            if self.uses_kernels:
+                # one (3C + 4R, C) matrix for r, k, v and the first low-rank products, which one kernel
+                # computes from LayerNorm and the mixes; the second low-rank products as one block-diagonal
+                # (4C, 4R) matrix, so that they are one product over the kernel's output columns
+                out[f"{i}.w_in"] = torch.cat(rkv + low).to(self.dtype)
+                diag = high[0].new_zeros(4 * C, 4 * R)
+                for g, hi in enumerate(high):
+                    diag[g * C:(g + 1) * C, g * R:(g + 1) * R] = hi.t()
+                out[f"{i}.lora2_diag"] = diag.to(self.dtype)
+            else:
+                out[f"{i}.w_rkv"] = torch.stack([w.t() for w in rkv]).to(self.dtype).contiguous()
+                out[f"{i}.lora1"] = torch.stack([lo.t() for lo in low]).to(self.dtype).contiguous()
+                out[f"{i}.lora2"] = torch.stack(high).to(self.dtype)
+        if self.uses_kernels:
+            bn = self.block_n
+            blocks = lambda n: -(-n // bn)  # noqa: E731
+            segs = [(0, 0)] * blocks(C) + [(1, 0)] * blocks(C) + [(2, 0)] * blocks(C)  # r, k, v: x_r, x_k, x_v
+            mixes = {"v": 2, "w": 3, "a": 4, "g": 5}
+            acts = {"w": reference.ACT_TANH, "g": reference.ACT_SIGMOID}
+            for name in reference.LORA_ROWS:
+                segs += [(mixes[name], acts.get(name, reference.ACT_NONE))] * blocks(R)
+            device = lm.emb.weight.device
+            table = lambda s: torch.tensor([m + 256 * a for m, a in s], dtype=torch.int32, device=device)  # noqa: E731
+            out["seg_in"] = table(segs)
+            out["seg_key"] = table([(0, reference.ACT_RELU2)] * blocks(lm.config.dim_ffn))
+            out["seg_head"] = table([(0, reference.ACT_NONE)] * blocks(lm.config.vocab_size))
         return out
 
     # ---- the step ----------------------------------------------------------------------------------
@@ -111,8 +152,47 @@ class StepEngine:
             if t.dtype != torch.float32 or not t.is_contiguous():
                 raise VisionRWKVError(f"the fused RNN step needs a contiguous fp32 state; {name} is "
                                       f"{t.dtype}{'' if t.is_contiguous() else ', not contiguous'}")
-        lm, ops, p, dt = self.lm, self.ops, self._buffers, self.dtype
         tokens = tokens.contiguous()  # the kernels index rows by position
+        with torch.autocast(tokens.device.type, enabled=False):
+            return self._step_kernels(tokens, state) if self.uses_kernels else self._step_reference(tokens, state)
+
+    def _step_kernels(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
+        """Six launches a layer: [LayerNorm + mixes + r, k, v and the first low-rank products], the second
+        low-rank products, [the WKV step and everything around it], the output projection, [LayerNorm +
+        mix + the channel mix's key + relu^2], its value. The residual stream ping-pongs between two fp32
+        buffers, and each shift is written back by a later kernel, once every reader of the old one is done."""
+        lm, ops, p, dt, bn = self.lm, self.ops, self._buffers, self.dtype, self.block_n
+        cfg = lm.config
+        B, C, R, L = tokens.shape[0], cfg.n_embd, self.lora_rank, cfg.n_layer
+        dev = tokens.device
+        f32 = dict(device=dev, dtype=torch.float32)
+        xa, xb, xl_att, xl_ffn, v_first = (torch.empty(B, C, **f32) for _ in range(5))
+        out_in = torch.empty(B, 3 * C + 4 * R, device=dev, dtype=dt)
+        k = torch.empty(B, cfg.dim_ffn, device=dev, dtype=dt)
+        y = torch.empty(B, C, device=dev, dtype=dt)
+        rkv = out_in[:, :3 * C].view(B, 3, C).transpose(0, 1)  # (3,B,C) views
+        ln0 = lm.blocks[0].ln0
+        ops.embed_ln_(tokens, p["emb"], ln0.weight, ln0.bias, xa)
+        dx = None
+        for i, block in enumerate(lm.blocks):
+            prev = dict(prev_xl=xl_ffn, prev_shift=state.ffn_shift[i - 1]) if i else {}
+            ops.ln_mix_matmul_(xa, dx, xb, xl_att, block.ln1.weight, block.ln1.bias, state.att_shift[i],
+                               p[f"{i}.mix_att"], p[f"{i}.w_in"], p["seg_in"], out_in, bn, **prev)
+            lora = F.linear(out_in[:, 3 * C:], p[f"{i}.lora2_diag"]).view(B, 4, C).transpose(0, 1)  # (4,B,C)
+            ops.wkv_step_(state.wkv[i], rkv, lora, p[f"{i}.vec"], v_first, i == 0, y)
+            dx = F.linear(y, p[f"{i}.w_out"])
+            ops.ln_mix_matmul_(xb, dx, xa, xl_ffn, block.ln2.weight, block.ln2.bias, state.ffn_shift[i],
+                               p[f"{i}.mix_ffn"], p[f"{i}.w_key"], p["seg_key"], k, bn,
+                               prev_xl=xl_att, prev_shift=state.att_shift[i])
+            dx = F.linear(k, p[f"{i}.w_value"])
+        logits = torch.empty(B, cfg.vocab_size, device=dev, dtype=dt)
+        ops.ln_mix_matmul_(xa, dx, xb, xl_att, lm.ln_out.weight, lm.ln_out.bias, None, None, p["head"],
+                           p["seg_head"], logits, bn, prev_xl=xl_ffn, prev_shift=state.ffn_shift[L - 1])
+        return logits
+
+    def _step_reference(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
+        """The same step as eleven operations a layer, each a plain PyTorch function (reference.py)."""
+        lm, ops, p, dt = self.lm, self.ops, self._buffers, self.dtype
         B, C = tokens.shape[0], lm.config.n_embd
         dev = tokens.device
         x = torch.empty(B, C, device=dev)  # the residual stream, fp32
@@ -120,24 +200,68 @@ class StepEngine:
         xs = torch.empty(6, B, C, device=dev, dtype=dt)
         xf = torch.empty(1, B, C, device=dev, dtype=dt)
         y = torch.empty(B, C, device=dev, dtype=dt)
-        with torch.autocast(dev.type, enabled=False):
-            ln0 = lm.blocks[0].ln0
-            ops.embed_ln_(tokens, p["emb"], ln0.weight, ln0.bias, x)
-            dx = None
-            for i, block in enumerate(lm.blocks):
-                ops.ln_mix_(x, dx, block.ln1.weight, block.ln1.bias, state.att_shift[i], p[f"{i}.mix_att"], xs)
-                rkv = torch.bmm(xs[:3], p[f"{i}.w_rkv"])  # (3,B,C): r, k, v
-                h = torch.bmm(xs[2:], p[f"{i}.lora1"])  # (4,B,R): v, w, a, g
-                ops.lora_act_(h)
-                lora = torch.bmm(h, p[f"{i}.lora2"])  # (4,B,C)
-                ops.wkv_step_(state.wkv[i], rkv, lora, p[f"{i}.vec"], v_first, i == 0, y)
-                dx = F.linear(y, p[f"{i}.w_out"])
-                ops.ln_mix_(x, dx, block.ln2.weight, block.ln2.bias, state.ffn_shift[i], p[f"{i}.mix_ffn"], xf)
-                k = F.linear(xf[0], p[f"{i}.w_key"])  # (B,F)
-                ops.relu2_(k)
-                dx = F.linear(k, p[f"{i}.w_value"])
-            ops.ln_mix_(x, dx, lm.ln_out.weight, lm.ln_out.bias, None, None, xf)
-            return F.linear(xf[0], p["head"])
+        ln0 = lm.blocks[0].ln0
+        ops.embed_ln_(tokens, p["emb"], ln0.weight, ln0.bias, x)
+        dx = None
+        for i, block in enumerate(lm.blocks):
+            ops.ln_mix_(x, dx, block.ln1.weight, block.ln1.bias, state.att_shift[i], p[f"{i}.mix_att"], xs)
+            rkv = self._bmm(xs[:3], f"{i}.w_rkv")  # (3,B,C): r, k, v
+            h = self._bmm(xs[2:], f"{i}.lora1")  # (4,B,R): v, w, a, g
+            ops.lora_act_(h)
+            lora = self._bmm(h, f"{i}.lora2")  # (4,B,C)
+            ops.wkv_step_(state.wkv[i], rkv, lora, p[f"{i}.vec"], v_first, i == 0, y)
+            dx = self._linear(y, f"{i}.w_out")
+            ops.ln_mix_(x, dx, block.ln2.weight, block.ln2.bias, state.ffn_shift[i], p[f"{i}.mix_ffn"], xf)
+            k = self._linear(xf[0], f"{i}.w_key")  # (B,F)
+            ops.relu2_(k)
+            dx = self._linear(k, f"{i}.w_value")
+        ops.ln_mix_(x, dx, lm.ln_out.weight, lm.ln_out.bias, None, None, xf)
+        return self._linear(xf[0], "head")
+
+    def _bmm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x (G,B,K) times the stacked weights `name` (G,K,N) -> (G,B,N)."""
+        if self.onednn:
+            return torch.stack([_onednn_linear(xg, w) for xg, w in zip(x, self._onednn[name])])
+        return torch.bmm(x, self._buffers[name])
+
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.onednn:
+            return _onednn_linear(x, self._onednn[name][0])
+        return F.linear(x, self._buffers[name])
+
+
+_STACKED = ("w_rkv", "lora1", "lora2")  # (G,K,N), read by _bmm
+_LINEAR = ("w_out", "w_key", "w_value", "head")  # (N,K), nn.Linear's layout, read by _linear
+
+
+def _onednn_pack(packed: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    out = {}
+    for name, t in packed.items():
+        kind = name.rsplit(".", 1)[-1]
+        if kind in _STACKED:
+            out[name] = [_onednn_weight(w.t()) for w in t]
+        elif kind in _LINEAR:
+            out[name] = [_onednn_weight(t)]
+    return out
+
+
+def _onednn_weight(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+
+
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_works() -> bool:
+    """oneDNN's packed linear is a private PyTorch operator: used only if it is there and gives F.linear's
+    result on a small product."""
+    try:
+        w, x = torch.randn(24, 16), torch.randn(2, 16)
+        return bool(torch.allclose(_onednn_linear(x, _onednn_weight(w)), F.linear(x, w), atol=1e-5))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _padded(w: torch.Tensor, rank: int, rows: bool) -> torch.Tensor:
@@ -145,3 +269,35 @@ def _padded(w: torch.Tensor, rank: int, rows: bool) -> torch.Tensor:
     z = w.new_zeros((rank, w.shape[1]) if rows else (w.shape[0], rank))
     (z[: w.shape[0]] if rows else z[:, : w.shape[1]]).copy_(w)
     return z
+
+
+class EngineStepper:
+    """RNN mode through a StepEngine where there are no graphs (the CPU): a callable
+    (tokens (B,), state) -> (logits (B,V), state) with lm.step's checks. As with graphs.GraphedStep, the
+    state it returns is its own buffer, updated in place by the next call for the same batch size: select
+    rows from it (which copies) before keeping it across calls."""
+
+    bucketed = False  # decode_loop drops finished rows at once (graphs keep power-of-two batches)
+
+    def __init__(self, lm: RWKV7):
+        self.lm = lm
+        self.engines: dict[torch.dtype, StepEngine] = {}
+        self.states: dict[int, RWKVState] = {}
+
+    def __call__(self, tokens: torch.Tensor, state: RWKVState | None):
+        lm = self.lm
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
+            return lm.step(tokens, state)  # lm.step's own one-line error
+        lm._check_ids(tokens)
+        B = tokens.shape[0]
+        state = lm.state_for(state, B)
+        dtype = compute_dtype(lm)
+        engine = self.engines.get(dtype)
+        if engine is None:
+            engine = self.engines[dtype] = StepEngine(lm, dtype)
+        engine.sync()
+        own = self.states.get(B)
+        if state is not own:
+            own = self.states[B] = RWKVState(*(t.clone(memory_format=torch.contiguous_format).float()
+                                                for t in (state.att_shift, state.wkv, state.ffn_shift)))
+        return engine.step(tokens, own), own

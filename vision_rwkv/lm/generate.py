@@ -38,7 +38,7 @@ def decode_loop(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
     stop_t = torch.tensor(stop, dtype=torch.long, device=device)
     chooser = TokenChooser(cfg, B, logits.shape[-1], device, generator)
     step = rnn_stepper(lm)
-    graphed = step is not lm.step
+    graphed = getattr(step, "bucketed", False)
     out: list[list[int]] = [[] for _ in range(B)]
     rows = list(range(B))  # the original row of each slot of the batch
     live = [True] * B  # slots still generating (False: finished, or padding)

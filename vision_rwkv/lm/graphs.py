@@ -37,7 +37,7 @@ import weakref
 
 import torch
 
-from .engine import StepEngine, compute_dtype
+from .engine import EngineStepper, StepEngine, compute_dtype
 from .rwkv7 import RWKV7
 from .state import RWKVState
 
@@ -48,6 +48,7 @@ MAX_PREFILL_TOKENS = 4096
 
 _steppers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _prefills: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_cpu_steppers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _failed: set[str] = set()
 
 
@@ -65,8 +66,15 @@ def _graphable(lm: RWKV7) -> bool:
 
 
 def rnn_stepper(lm: RWKV7):
-    """A callable (tokens (B,), state) -> (logits (B,V), state): graph replays on CUDA, lm.step elsewhere."""
+    """A callable (tokens (B,), state) -> (logits (B,V), state): graph replays on CUDA, the fused step
+    without graphs on the CPU (engine.EngineStepper), lm.step when training or switched off."""
     if not _graphable(lm):
+        if lm.emb.weight.device.type == "cpu" and fused_step_enabled() and not lm.training \
+                and not torch.is_grad_enabled():
+            stepper = _cpu_steppers.get(lm)
+            if stepper is None:
+                stepper = _cpu_steppers[lm] = EngineStepper(lm)
+            return stepper
         return lm.step
     stepper = _steppers.get(lm)
     if stepper is None:
@@ -154,6 +162,8 @@ class _Graphs:
 
 
 class GraphedStep(_Graphs):
+    bucketed = True  # decode_loop keeps power-of-two batches, so a few graphs serve a whole decode
+
     def __init__(self, lm: RWKV7):
         super().__init__(lm)
         self.engines: dict[torch.dtype, StepEngine] = {}  # by compute dtype

@@ -89,3 +89,32 @@ def wkv_step_(state, rkv, lora, vec, v_first, layer0: bool, out) -> None:
     y = F.group_norm(y.reshape(B, C), H, ln_w, ln_b, LN_X_EPS)
     bonus = (heads(r) * heads(k) * r_k.view(1, H, N)).sum(-1, keepdim=True) * heads(v)
     out.copy_((y + bonus.reshape(B, C)) * g)
+
+
+# output-block activations of ln_mix_matmul_
+ACT_NONE, ACT_TANH, ACT_SIGMOID, ACT_RELU2 = 0, 1, 2, 3
+
+
+def ln_mix_matmul_(x, dx, x_out, xl_out, weight, bias, shift, mix, w, segments, out, block_n: int,
+                   prev_xl=None, prev_shift=None) -> None:
+    """LayerNorm, token-shift mix and matrix product in one: for each block of `block_n` output columns j,
+    out[:, j] = act(a @ w[j].T) with a = xl + (shift - xl) * mix[m] (a = xl when shift is None), where
+    xl = LayerNorm(x + dx) and (m, act) = segments[j // block_n] as m + 256 * act (ACT_*).
+
+    x (B,C) fp32 is read only; x_out <- x + dx and xl_out <- xl (both (B,C) fp32) for later kernels; the
+    shift is read, not written (the kernels of a step write it once every reader is done: prev_shift <-
+    prev_xl, when given). w (N,C) in the compute dtype; out (B,N)."""
+    if prev_xl is not None:
+        prev_shift.copy_(prev_xl)
+    xs = x + dx.float() if dx is not None else x.clone()
+    xl = F.layer_norm(xs, (xs.shape[1],), weight.float(), bias.float(), LN_EPS)
+    for j, seg in enumerate(segments.tolist()):  # the last block may be partial
+        m, act = seg % 256, seg // 256
+        a = xl if shift is None else xl + (shift - xl) * mix[m].float()
+        cols = slice(j * block_n, (j + 1) * block_n)
+        y = F.linear(a.to(w.dtype), w[cols]).float()
+        y = torch.tanh(y) if act == ACT_TANH else torch.sigmoid(y) if act == ACT_SIGMOID else \
+            torch.relu(y).square() if act == ACT_RELU2 else y
+        out[:, cols] = y.to(out.dtype)
+    x_out.copy_(xs)
+    xl_out.copy_(xl)

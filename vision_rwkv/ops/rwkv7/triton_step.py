@@ -8,6 +8,7 @@ state tile in registers, read once and written once).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -85,20 +86,21 @@ def _sigmoid(x):
 
 @triton.jit
 def _wkv_step_kernel(state_ptr, rkv_ptr, lora_ptr, vec_ptr, vfirst_ptr, out_ptr, B, H, C, decay_scale, eps,
-                     LAYER0: tl.constexpr, N: tl.constexpr):
+                     rkv_row, rkv_part, lora_row, lora_part, LAYER0: tl.constexpr, N: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs = tl.arange(0, N)
     col = h * N + offs
     at = b * C + col
-    BC = B * C
-    r = tl.load(rkv_ptr + at).to(tl.float32)
-    k = tl.load(rkv_ptr + BC + at).to(tl.float32)
-    v = tl.load(rkv_ptr + 2 * BC + at).to(tl.float32)
-    v_l = tl.load(lora_ptr + at).to(tl.float32)
-    w_l = tl.load(lora_ptr + BC + at).to(tl.float32)
-    a_l = tl.load(lora_ptr + 2 * BC + at).to(tl.float32)
-    g = tl.load(lora_ptr + 3 * BC + at).to(tl.float32)
+    rkv = rkv_ptr + b * rkv_row + col
+    lora = lora_ptr + b * lora_row + col
+    r = tl.load(rkv).to(tl.float32)
+    k = tl.load(rkv + rkv_part).to(tl.float32)
+    v = tl.load(rkv + 2 * rkv_part).to(tl.float32)
+    v_l = tl.load(lora).to(tl.float32)
+    w_l = tl.load(lora + lora_part).to(tl.float32)
+    a_l = tl.load(lora + 2 * lora_part).to(tl.float32)
+    g = tl.load(lora + 3 * lora_part).to(tl.float32)
     w0 = tl.load(vec_ptr + col)
     a0 = tl.load(vec_ptr + C + col)
     v0 = tl.load(vec_ptr + 2 * C + col)
@@ -127,6 +129,76 @@ def _wkv_step_kernel(state_ptr, rkv_ptr, lora_ptr, vec_ptr, vfirst_ptr, out_ptr,
     y = d * (1.0 / tl.sqrt(tl.sum(d * d, 0) / N + eps)) * ln_w + ln_b
     bonus = tl.sum(r * k * r_k, 0) * v
     tl.store(out_ptr + at, ((y + bonus) * g).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _ln_mix_matmul_kernel(x_ptr, dx_ptr, x_out_ptr, xl_out_ptr, lnw_ptr, lnb_ptr, shift_ptr, mix_ptr, w_ptr, seg_ptr,
+                          out_ptr, prev_xl_ptr, prev_shift_ptr, B, C, N_OUT, eps,
+                          HAS_DX: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_PREV: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    ks = tl.arange(0, BLOCK_K)
+    first = pid_n == 0  # the program that writes the row block's side outputs
+    # the row statistics, two passes over x + dx (the rows are in L1/L2 after the first)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        m = rmask[:, None] & (k0 + ks < C)[None, :]
+        at = rows[:, None] * C + k0 + ks[None, :]
+        xs = tl.load(x_ptr + at, mask=m, other=0.0)
+        if HAS_DX:
+            xs += tl.load(dx_ptr + at, mask=m, other=0.0).to(tl.float32)
+        total += tl.sum(xs, 1)
+        if HAS_PREV:
+            tl.store(prev_shift_ptr + at, tl.load(prev_xl_ptr + at, mask=m, other=0.0), mask=m & first)
+    mean = total / C
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        m = rmask[:, None] & (k0 + ks < C)[None, :]
+        at = rows[:, None] * C + k0 + ks[None, :]
+        xs = tl.load(x_ptr + at, mask=m, other=0.0)
+        if HAS_DX:
+            xs += tl.load(dx_ptr + at, mask=m, other=0.0).to(tl.float32)
+        d = tl.where(m, xs - mean[:, None], 0.0)
+        total += tl.sum(d * d, 1)
+    rstd = 1.0 / tl.sqrt(total / C + eps)
+    seg = tl.load(seg_ptr + pid_n)
+    mix_row = seg % 256
+    act = seg // 256
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N_OUT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        kmask = k0 + ks < C
+        m = rmask[:, None] & kmask[None, :]
+        at = rows[:, None] * C + k0 + ks[None, :]
+        xs = tl.load(x_ptr + at, mask=m, other=0.0)
+        if HAS_DX:
+            xs += tl.load(dx_ptr + at, mask=m, other=0.0).to(tl.float32)
+        lw = tl.load(lnw_ptr + k0 + ks, mask=kmask, other=0.0).to(tl.float32)
+        lb = tl.load(lnb_ptr + k0 + ks, mask=kmask, other=0.0).to(tl.float32)
+        xl = (xs - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
+        tl.store(x_out_ptr + at, xs, mask=m & first)
+        tl.store(xl_out_ptr + at, xl, mask=m & first)
+        if HAS_SHIFT:
+            sh = tl.load(shift_ptr + at, mask=m, other=0.0)
+            mix = tl.load(mix_ptr + mix_row * C + k0 + ks, mask=kmask, other=0.0).to(tl.float32)
+            xl = xl + (sh - xl) * mix[None, :]
+        a = tl.where(m, xl, 0.0).to(w_ptr.dtype.element_ty)
+        wt = tl.load(w_ptr + cols[None, :] * C + k0 + ks[:, None], mask=kmask[:, None] & cmask[None, :],
+                     other=0.0)  # (K, N)
+        if DOT_F32:  # Triton's interpreter gets bf16 products wrong: the same rounded values, in fp32
+            acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, wt, input_precision=PRECISION)
+    sig = 1.0 / (1.0 + tl.exp(-acc))
+    y = tl.where(act == 1, 2.0 / (1.0 + tl.exp(-2.0 * acc)) - 1.0,
+                 tl.where(act == 2, sig, tl.where(act == 3, tl.maximum(acc, 0.0) * tl.maximum(acc, 0.0), acc)))
+    tl.store(out_ptr + rows[:, None] * N_OUT + cols[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
 
 
 def _block(n: int) -> int:
@@ -163,7 +235,26 @@ def relu2_(h) -> None:
     _relu2_kernel[(triton.cdiv(n, 1024),)](h, n, BLOCK=1024, num_warps=4)
 
 
+def ln_mix_matmul_(x, dx, x_out, xl_out, weight, bias, shift, mix, w, segments, out, block_n: int,
+                   prev_xl=None, prev_shift=None) -> None:
+    B, C = x.shape
+    n_out = w.shape[0]
+    block_m = 16 if B <= 16 else 32 if B <= 32 else 64
+    block_k = min(64 if B > 16 else 128, _block(C))
+    grid = (triton.cdiv(B, block_m), triton.cdiv(n_out, block_n))
+    has_shift, has_prev = shift is not None, prev_xl is not None
+    _ln_mix_matmul_kernel[grid](x, x if dx is None else dx, x_out, xl_out, weight, bias, shift if has_shift else x,
+                                mix if has_shift else x, w, segments, out, prev_xl if has_prev else x,
+                                prev_shift if has_prev else x, B, C, n_out, LN_EPS, HAS_DX=dx is not None,
+                                HAS_SHIFT=has_shift, HAS_PREV=has_prev, BLOCK_M=block_m, BLOCK_N=block_n,
+                                BLOCK_K=block_k, PRECISION="ieee" if w.dtype == torch.float32 else "tf32",
+                                DOT_F32=x.device.type == "cpu", num_warps=4)
+
+
 def wkv_step_(state, rkv, lora, vec, v_first, layer0: bool, out) -> None:
     B, H, N, _ = state.shape
+    # rkv (3,B,C) and lora (4,B,C) may be views into wider rows: each part's columns contiguous
+    assert rkv.stride(2) == 1 and lora.stride(2) == 1
     _wkv_step_kernel[(B, H)](state, rkv, lora, vec, v_first, out, B, H, H * N, LOG_DECAY_SCALE, LN_X_EPS,
-                             LAYER0=layer0, N=N, num_warps=4 if N <= 64 else 8)
+                             rkv.stride(1), rkv.stride(0), lora.stride(1), lora.stride(0), LAYER0=layer0, N=N,
+                             num_warps=4 if N <= 64 else 8)
