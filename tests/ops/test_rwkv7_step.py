@@ -56,9 +56,11 @@ def fp64_state(state: RWKVState) -> RWKVState:
     return RWKVState(state.att_shift.double(), state.wkv.double(), state.ffn_shift.double())
 
 
-def run_steps(lm, ops, tokens, dtype=None):
-    """Logits of every step and the final state, through the engine with `ops`."""
+def run_steps(lm, ops, tokens, dtype=None, fused_max_batch=16):
+    """Logits of every step and the final state, through the engine with `ops` (with kernels: the fused
+    path for up to `fused_max_batch` rows, the split path above)."""
     engine = StepEngine(lm, dtype, ops=ops)
+    engine.fused_max_batch = fused_max_batch
     state = lm.init_state(tokens.shape[0])
     logits = [engine.step(tokens[:, t], state) for t in range(tokens.shape[1])]
     return torch.stack(logits, 1), state
@@ -185,11 +187,12 @@ def _ops_under_test():
 
 @torch.no_grad()
 @pytest.mark.parametrize("ops", _ops_under_test())
-def test_fused_step_equals_lm_step_within_the_fp32_noise_floor(ops):
+@pytest.mark.parametrize("B", [3, 20])  # the engine's fused path, and its split path above 16 rows
+def test_fused_step_equals_lm_step_within_the_fp32_noise_floor(ops, B):
     ops = triton_ops() if ops == "triton" else ops
     lm = lm_on(DEVICE)
-    tokens = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    truth, truth_state = run_lm(lm.double(), tokens, fp64_state(lm.init_state(3)))
+    tokens = torch.randint(0, 97, (B, 5), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    truth, truth_state = run_lm(lm.double(), tokens, fp64_state(lm.init_state(B)))
     lm = lm.float()
     ref, ref_state = run_lm(lm, tokens)
     fused, fused_state = run_steps(lm, ops, tokens)

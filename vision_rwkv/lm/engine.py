@@ -12,6 +12,11 @@ copies made once per weight version:
     lora2  (4, R, C)       w2, a2, v2, g2 likewise
     mix_att (6, C), vec (8, C) fp32: the time-mix vectors the kernels read
 
+With the kernels there is a second, fused path (six launches a layer: LayerNorm, the mixes and the
+products that read them in one kernel, ln_mix_matmul), packed as w_in (3C + 4R, C), of which w_rkv and
+lora1 are views, and a block-diagonal lora2_diag (4C, 4R); FUSED_MAX_BATCH says when it runs. On the
+CPU the products go through oneDNN's packed weights.
+
 Other matrices are the parameters themselves, or copies cast to the compute dtype when the weights have
 another (fp32 weights under bf16 autocast). The residual stream, LayerNorms and the state are fp32; the
 inputs of the matrix products are rounded to the compute dtype.
@@ -39,6 +44,13 @@ def compute_dtype(lm: RWKV7) -> torch.dtype:
     return lm.head.weight.dtype
 
 
+# Batches up to this size take the fused path (six launches a layer, ln_mix_matmul), larger ones the
+# split path (eleven, cuBLAS products). 0: the fused path is off. Its first measurement (H200,
+# 2026-12-03, BENCHMARKS.md) was slower than the split path at batch 1 (0.72 against 0.55 ms a step):
+# its products, with untuned blocks, ran at about 17 us a call against cuBLAS's 4. Tests run it.
+FUSED_MAX_BATCH = 0
+
+
 class StepEngine:
     def __init__(self, lm: RWKV7, dtype: torch.dtype | None = None, ops=None, onednn: bool | None = None):
         """dtype: of the matrix products (None: compute_dtype(lm)); ops: the step ops' module (None: the
@@ -48,6 +60,7 @@ class StepEngine:
         self.dtype = compute_dtype(lm) if dtype is None else dtype
         self.ops = step_ops(lm.emb.weight.device, cfg.head_size, cfg.n_embd) if ops is None else ops
         self.lora_rank = -(-max(cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora) // 16) * 16
+        self.fused_max_batch = FUSED_MAX_BATCH
         # output columns per program of the kernels' products: blocks must not straddle r|k|v|low-rank parts
         self.block_n = next(n for n in (64, 32, 16) if math.gcd(cfg.n_embd, self.lora_rank) % n == 0)
         # on the CPU, oneDNN's prepacked inner product reads fp32 weights about 1.5-2x faster than F.linear
@@ -122,6 +135,11 @@ class StepEngine:
                 for g, hi in enumerate(high):
                     diag[g * C:(g + 1) * C, g * R:(g + 1) * R] = hi.t()
                 out[f"{i}.lora2_diag"] = diag.to(self.dtype)
+                # the split path (larger batches) reads the same weights as stacked (G,K,N) views
+                w_in = out[f"{i}.w_in"]
+                out[f"{i}.w_rkv"] = w_in[:3 * C].view(3, C, C).transpose(1, 2)
+                out[f"{i}.lora1"] = w_in[3 * C:].view(4, R, C).transpose(1, 2)
+                out[f"{i}.lora2"] = torch.stack(high).to(self.dtype)
             else:
                 out[f"{i}.w_rkv"] = torch.stack([w.t() for w in rkv]).to(self.dtype).contiguous()
                 out[f"{i}.lora1"] = torch.stack([lo.t() for lo in low]).to(self.dtype).contiguous()
@@ -153,10 +171,11 @@ class StepEngine:
                 raise VisionRWKVError(f"the fused RNN step needs a contiguous fp32 state; {name} is "
                                       f"{t.dtype}{'' if t.is_contiguous() else ', not contiguous'}")
         tokens = tokens.contiguous()  # the kernels index rows by position
+        fused = self.uses_kernels and tokens.shape[0] <= self.fused_max_batch
         with torch.autocast(tokens.device.type, enabled=False):
-            return self._step_kernels(tokens, state) if self.uses_kernels else self._step_reference(tokens, state)
+            return self._step_fused(tokens, state) if fused else self._step_split(tokens, state)
 
-    def _step_kernels(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
+    def _step_fused(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
         """Six launches a layer: [LayerNorm + mixes + r, k, v and the first low-rank products], the second
         low-rank products, [the WKV step and everything around it], the output projection, [LayerNorm +
         mix + the channel mix's key + relu^2], its value. The residual stream ping-pongs between two fp32
@@ -190,8 +209,9 @@ class StepEngine:
                            p["seg_head"], logits, bn, prev_xl=xl_ffn, prev_shift=state.ffn_shift[L - 1])
         return logits
 
-    def _step_reference(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
-        """The same step as eleven operations a layer, each a plain PyTorch function (reference.py)."""
+    def _step_split(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
+        """The same step as eleven operations a layer: the step ops (kernels, or the reference functions)
+        and the matrix products apart, batched where they share a shape."""
         lm, ops, p, dt = self.lm, self.ops, self._buffers, self.dtype
         B, C = tokens.shape[0], lm.config.n_embd
         dev = tokens.device

@@ -236,11 +236,11 @@ def relu2_(h) -> None:
 
 
 def ln_mix_matmul_(x, dx, x_out, xl_out, weight, bias, shift, mix, w, segments, out, block_n: int,
-                   prev_xl=None, prev_shift=None) -> None:
+                   prev_xl=None, prev_shift=None, block_k: int | None = None, num_warps: int = 4) -> None:
     B, C = x.shape
     n_out = w.shape[0]
     block_m = 16 if B <= 16 else 32 if B <= 32 else 64
-    block_k = min(64 if B > 16 else 128, _block(C))
+    block_k = min(block_k or (64 if B > 16 else 128), _block(C))
     grid = (triton.cdiv(B, block_m), triton.cdiv(n_out, block_n))
     has_shift, has_prev = shift is not None, prev_xl is not None
     _ln_mix_matmul_kernel[grid](x, x if dx is None else dx, x_out, xl_out, weight, bias, shift if has_shift else x,
@@ -248,7 +248,7 @@ def ln_mix_matmul_(x, dx, x_out, xl_out, weight, bias, shift, mix, w, segments, 
                                 prev_shift if has_prev else x, B, C, n_out, LN_EPS, HAS_DX=dx is not None,
                                 HAS_SHIFT=has_shift, HAS_PREV=has_prev, BLOCK_M=block_m, BLOCK_N=block_n,
                                 BLOCK_K=block_k, PRECISION="ieee" if w.dtype == torch.float32 else "tf32",
-                                DOT_F32=x.device.type == "cpu", num_warps=4)
+                                DOT_F32=x.device.type == "cpu", num_warps=num_warps)
 
 
 def wkv_step_(state, rkv, lora, vec, v_first, layer0: bool, out) -> None:
