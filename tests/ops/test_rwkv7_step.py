@@ -1,7 +1,8 @@
 """The fused RNN-step operations (vision_rwkv.ops.rwkv7) and the engine that runs them (lm/engine.py).
 
-Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before they
-are imported), so CI checks them op by op; on a GPU the same tests run the compiled kernels.
+Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set only while this
+module imports them, so that the rest of the suite keeps the CPU's own path), so CI checks them op by op;
+on a GPU the same tests run the compiled kernels.
 
 Bounds. Everything here computes in fp32, so the truth is the model's own step in fp64, and the bound on
 a fused result is measured rather than guessed: its error against the fp64 truth may be at most
@@ -11,34 +12,67 @@ bits of mantissa (relative 2^-9 = 2e-3 per input), through a dozen layers: bound
 largest logit, against the same step computed with fp32 matrices.
 """
 
+import functools
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import randomize_, tiny_config
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from conftest import randomize_, tiny_config  # noqa: E402
-
-from vision_rwkv import RWKV7  # noqa: E402
-from vision_rwkv.errors import VisionRWKVError  # noqa: E402
-from vision_rwkv.lm.engine import StepEngine  # noqa: E402
-from vision_rwkv.lm.state import RWKVState  # noqa: E402
-from vision_rwkv.ops import rwkv7 as step_ops_pkg  # noqa: E402
-from vision_rwkv.ops.rwkv7 import reference, step_ops, unavailable_reason  # noqa: E402
+from vision_rwkv import RWKV7
+from vision_rwkv.errors import VisionRWKVError
+from vision_rwkv.lm.engine import StepEngine
+from vision_rwkv.lm.state import RWKVState
+from vision_rwkv.ops import rwkv7 as step_ops_pkg
+from vision_rwkv.ops.rwkv7 import reference, step_ops, unavailable_reason
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_SLACK = 4.0
 BF16_BOUND = 3e-2
-kernels_run = pytest.mark.skipif(unavailable_reason(torch.device(DEVICE), 16, 64) is not None,
-                                 reason="the Triton kernels cannot run here")
 
 
+@contextmanager
+def interpreter():
+    """TRITON_INTERPRET=1 on the CPU while the kernels are imported (Triton reads it as it compiles them)."""
+    before = os.environ.get("TRITON_INTERPRET")
+    if DEVICE == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+with interpreter():
+    KERNELS_UNAVAILABLE = unavailable_reason(torch.device(DEVICE), 16, 64)
+kernels_run = pytest.mark.skipif(KERNELS_UNAVAILABLE is not None, reason=f"{KERNELS_UNAVAILABLE}")
+
+
+class _Interpreted:
+    """The kernels' module, each function called with the interpreter on (Triton checks it at launch too)."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        fn = getattr(self._module, name)
+
+        def call(*args, **kw):
+            with interpreter():
+                return fn(*args, **kw)
+
+        return call
+
+
+@functools.lru_cache(maxsize=1)
 def triton_ops():
-    from vision_rwkv.ops.rwkv7 import triton_step
-
-    return triton_step
+    with interpreter():
+        from vision_rwkv.ops.rwkv7 import triton_step
+    return _Interpreted(triton_step)
 
 
 def rel(a, b) -> float:
