@@ -3,7 +3,8 @@
     python bench/decoder_cpu.py [--layers 12 --embd 768 --vocab 65536 --threads N]
 
 RNN mode: tokens/s at batch 1 (and batch 8) through rnn_stepper (the fused step, lm/engine.py, with
-oneDNN's packed products) and through plain lm.step. GPT mode: prefill tokens/s through
+oneDNN's packed products), the same compiled (VISION_RWKV_COMPILE_STEP=1; its first call, the compile, is
+timed apart) and plain lm.step. GPT mode: prefill tokens/s through
 lm(..., last_only=True), the last position's logits, as a prefill needs and as the baseline computes.
 The baseline is RWKV-LM's own inference code (pip package `rwkv`, RWKV_V7_ON=1, strategy "cpu fp32"),
 batch 1 only (it has no batched mode), run in a subprocess because it sets global TorchScript flags.
@@ -93,6 +94,12 @@ def main():
     fused = rnn_stepper(lm)
     ours = {"rnn_b1": rnn(1, fused), "rnn_b1_plain": rnn(1, lm.step), "rnn_b8": rnn(8, fused),
             "gpt_b1": gpt(1, T), "gpt_b8": gpt(8, T // 8)}
+    os.environ["VISION_RWKV_COMPILE_STEP"] = "1"
+    t0 = time.perf_counter()
+    fused(torch.ones(1, dtype=torch.long), None)
+    compile_s = time.perf_counter() - t0
+    ours["rnn_b1_compiled"] = rnn(1, fused)
+    del os.environ["VISION_RWKV_COMPILE_STEP"]
     base = None
     if not args.no_baseline:
         with tempfile.TemporaryDirectory() as d:
@@ -110,7 +117,9 @@ def main():
     print(f"fp32 weight-read floor: {weight_bytes / 1e6:.0f} MB in {floor * 1e3:.1f} ms "
           f"({weight_bytes / floor / 1e9:.1f} GB/s) = {1 / floor:.1f} steps/s at batch 1")
     print(f"{'mode':<34}{'vision_rwkv tok/s':>18}{'rwkv pkg tok/s':>16}{'ratio':>8}{'of floor':>11}")
+    print(f"compiled step: first call (the compile) {compile_s:.1f} s")
     rows = [("RNN step (fused), batch 1", ours["rnn_b1"], base and base["rnn"]),
+            ("RNN step (fused, compiled), batch 1", ours["rnn_b1_compiled"], base and base["rnn"]),
             ("RNN step (lm.step), batch 1", ours["rnn_b1_plain"], base and base["rnn"]),
             ("RNN step (fused), batch 8", ours["rnn_b8"], None),
             (f"GPT prefill, batch 1 x T{T}", ours["gpt_b1"], base and base["gpt"]),

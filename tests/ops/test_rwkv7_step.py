@@ -330,3 +330,24 @@ class _no_warning:
     def __exit__(self, *exc):
         self._catch.__exit__(*exc)
         assert not self.seen, [str(w.message) for w in self.seen]
+
+
+@torch.no_grad()
+def test_the_compiled_cpu_step_equals_the_reference_and_follows_weight_changes(monkeypatch):
+    """VISION_RWKV_COMPILE_STEP=1: the CPU stepper compiles the step with one-row products as reductions."""
+    from vision_rwkv.lm.graphs import rnn_stepper
+
+    monkeypatch.setenv("VISION_RWKV_COMPILE_STEP", "1")
+    lm = lm_on("cpu")
+    tokens = torch.randint(0, 97, (1, 4), generator=torch.Generator().manual_seed(6))
+    stepper = rnn_stepper(lm)
+    want, want_state = run_lm(lm, tokens)
+    state, got = None, []
+    for t in range(4):
+        logits, state = stepper(tokens[:, t], state)
+        got.append(logits)
+    (engine, _), = stepper.engines.values()
+    assert engine.reduce and not engine.onednn
+    assert rel(torch.stack(got, 1), want) <= 1e-5 and rel(state.wkv, want_state.wkv) <= 1e-5
+    lm.head.weight.mul_(2)  # in place: packed again, and the compiled step reads the new weights
+    assert rel(stepper(tokens[:, 0], None)[0], lm.step(tokens[:, 0])[0]) <= 1e-5

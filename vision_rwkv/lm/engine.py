@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +53,12 @@ FUSED_MAX_BATCH = 0
 
 
 class StepEngine:
-    def __init__(self, lm: RWKV7, dtype: torch.dtype | None = None, ops=None, onednn: bool | None = None):
+    def __init__(self, lm: RWKV7, dtype: torch.dtype | None = None, ops=None, onednn: bool | None = None,
+                 reduce: bool = False):
         """dtype: of the matrix products (None: compute_dtype(lm)); ops: the step ops' module (None: the
-        kernels where they run); onednn: oneDNN's packed products on the CPU (None: where they work)."""
+        kernels where they run); onednn: oneDNN's packed products on the CPU (None: where they work);
+        reduce: one-row products as multiply-and-sum over (out, in) weights, which only torch.compile
+        should run (it makes them one streaming reduction; eagerly they would build the whole product)."""
         cfg = lm.config
         self.lm = lm
         self.dtype = compute_dtype(lm) if dtype is None else dtype
@@ -67,7 +71,8 @@ class StepEngine:
         # at batch 1 (BENCHMARKS.md, the CPU decoder); the packed weights are opaque, so they are made again
         # whenever a weight changes (there are no graphs on the CPU to keep addresses for)
         cpu_fp32 = lm.emb.weight.device.type == "cpu" and self.dtype == torch.float32
-        self.onednn = cpu_fp32 and _onednn_works() if onednn is None else onednn and cpu_fp32
+        self.reduce = reduce
+        self.onednn = not reduce and (cpu_fp32 and _onednn_works() if onednn is None else onednn and cpu_fp32)
         self._buffers: dict[str, torch.Tensor] | None = None
         self._onednn: dict[str, list[torch.Tensor]] = {}
         self._version: tuple = ()
@@ -141,9 +146,12 @@ class StepEngine:
                 out[f"{i}.lora1"] = w_in[3 * C:].view(4, R, C).transpose(1, 2)
                 out[f"{i}.lora2"] = torch.stack(high).to(self.dtype)
             else:
-                out[f"{i}.w_rkv"] = torch.stack([w.t() for w in rkv]).to(self.dtype).contiguous()
-                out[f"{i}.lora1"] = torch.stack([lo.t() for lo in low]).to(self.dtype).contiguous()
-                out[f"{i}.lora2"] = torch.stack(high).to(self.dtype)
+                # (G,K,N); the reduce products read them transposed, so keep (G,N,K) memory for them
+                contiguous = (lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)) if self.reduce \
+                    else (lambda t: t.contiguous())
+                out[f"{i}.w_rkv"] = contiguous(torch.stack([w.t() for w in rkv]).to(self.dtype))
+                out[f"{i}.lora1"] = contiguous(torch.stack([lo.t() for lo in low]).to(self.dtype))
+                out[f"{i}.lora2"] = contiguous(torch.stack(high).to(self.dtype))
         if self.uses_kernels:
             bn = self.block_n
             blocks = lambda n: -(-n // bn)  # noqa: E731
@@ -240,11 +248,15 @@ class StepEngine:
 
     def _bmm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x (G,B,K) times the stacked weights `name` (G,K,N) -> (G,B,N)."""
+        if self.reduce and x.shape[1] == 1:
+            return (self._buffers[name].transpose(1, 2).unsqueeze(1) * x.unsqueeze(2)).sum(-1)
         if self.onednn:
             return torch.stack([_onednn_linear(xg, w) for xg, w in zip(x, self._onednn[name])])
         return torch.bmm(x, self._buffers[name])
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.reduce and x.shape[0] == 1:
+            return (self._buffers[name] * x.unsqueeze(1)).sum(-1)
         if self.onednn:
             return _onednn_linear(x, self._onednn[name][0])
         return F.linear(x, self._buffers[name])
@@ -291,17 +303,25 @@ def _padded(w: torch.Tensor, rank: int, rows: bool) -> torch.Tensor:
     return z
 
 
+def compile_step_enabled() -> bool:
+    return os.environ.get("VISION_RWKV_COMPILE_STEP", "0") == "1"
+
+
 class EngineStepper:
     """RNN mode through a StepEngine where there are no graphs (the CPU): a callable
     (tokens (B,), state) -> (logits (B,V), state) with lm.step's checks. As with graphs.GraphedStep, the
     state it returns is its own buffer, updated in place by the next call for the same batch size: select
-    rows from it (which copies) before keeping it across calls."""
+    rows from it (which copies) before keeping it across calls.
+
+    With VISION_RWKV_COMPILE_STEP=1 the step is compiled by torch.compile (inductor's C++ on the CPU), with
+    one-row products as streaming reductions: about twice the speed at batch 1 (BENCHMARKS.md), after a
+    compile of about half a minute for each batch size on first use, which is why it is not the default."""
 
     bucketed = False  # decode_loop drops finished rows at once (graphs keep power-of-two batches)
 
     def __init__(self, lm: RWKV7):
         self.lm = lm
-        self.engines: dict[torch.dtype, StepEngine] = {}
+        self.engines: dict[tuple, tuple] = {}  # (compute dtype, compiled) -> (StepEngine, its step function)
         self.states: dict[int, RWKVState] = {}
 
     def __call__(self, tokens: torch.Tensor, state: RWKVState | None):
@@ -312,12 +332,15 @@ class EngineStepper:
         B = tokens.shape[0]
         state = lm.state_for(state, B)
         dtype = compute_dtype(lm)
-        engine = self.engines.get(dtype)
-        if engine is None:
-            engine = self.engines[dtype] = StepEngine(lm, dtype)
+        compiled = compile_step_enabled()
+        if (dtype, compiled) not in self.engines:
+            engine = StepEngine(lm, dtype, reduce=compiled)
+            self.engines[(dtype, compiled)] = engine, torch.compile(engine.step, dynamic=False) if compiled \
+                else engine.step
+        engine, step = self.engines[(dtype, compiled)]
         engine.sync()
         own = self.states.get(B)
         if state is not own:
             own = self.states[B] = RWKVState(*(t.clone(memory_format=torch.contiguous_format).float()
                                                 for t in (state.att_shift, state.wkv, state.ffn_shift)))
-        return engine.step(tokens, own), own
+        return step(tokens.contiguous(), own), own
