@@ -310,6 +310,7 @@ def test_a_non_contiguous_state_is_one_clear_line():
 def test_unavailable_kernels_say_why_once_and_fall_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(step_ops_pkg, "_warned", set())
     assert "head size 12 is not a power of two" in unavailable_reason(torch.device("cuda"), 12, 48)
+    assert "n_embd 24 is not a multiple of 16" in unavailable_reason(torch.device("cuda"), 8, 24)
     with pytest.warns(UserWarning, match="PyTorch reference ops: head size 12"):
         assert step_ops("cuda", 12, 48) is reference
     with _no_warning():
@@ -351,3 +352,21 @@ def test_the_compiled_cpu_step_equals_the_reference_and_follows_weight_changes(m
     assert rel(torch.stack(got, 1), want) <= 1e-5 and rel(state.wkv, want_state.wkv) <= 1e-5
     lm.head.weight.mul_(2)  # in place: packed again, and the compiled step reads the new weights
     assert rel(stepper(tokens[:, 0], None)[0], lm.step(tokens[:, 0])[0]) <= 1e-5
+
+
+def test_graphs_fall_back_to_plain_operations_with_one_warning_when_the_kernels_cannot_run(monkeypatch):
+    """What graphs.GraphedStep captures: the fused step, or, where its kernels cannot run (here: a decoder
+    on the CPU, as a head size the kernels lack would be on CUDA), lm.step's operations, said once."""
+    from vision_rwkv.lm import graphs
+
+    monkeypatch.setattr(graphs, "_warned", set())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    stepper = graphs.GraphedStep(lm_on("cpu"))
+    with pytest.warns(UserWarning, match=r"fused RNN step cannot run \(the decoder is on cpu, not CUDA\)"):
+        assert stepper._engine() is None
+    with _no_warning():
+        assert stepper._engine() is None
+    monkeypatch.setenv("VISION_RWKV_FUSED_STEP", "0")
+    monkeypatch.setattr(graphs, "_warned", set())
+    with _no_warning():
+        assert stepper._engine() is None and not stepper.engines

@@ -66,7 +66,8 @@ class StepEngine:
         self.lora_rank = -(-max(cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora) // 16) * 16
         self.fused_max_batch = FUSED_MAX_BATCH
         # output columns per program of the kernels' products: blocks must not straddle r|k|v|low-rank parts
-        self.block_n = next(n for n in (64, 32, 16) if math.gcd(cfg.n_embd, self.lora_rank) % n == 0)
+        # (ops/rwkv7 serves only widths that are multiples of 16; the reference ops do not use it)
+        self.block_n = next((n for n in (64, 32, 16) if math.gcd(cfg.n_embd, self.lora_rank) % n == 0), 16)
         # on the CPU, oneDNN's prepacked inner product reads fp32 weights about 1.5-2x faster than F.linear
         # at batch 1 (BENCHMARKS.md, the CPU decoder); the packed weights are opaque, so they are made again
         # whenever a weight changes (there are no graphs on the CPU to keep addresses for)

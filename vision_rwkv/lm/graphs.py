@@ -37,6 +37,7 @@ import weakref
 
 import torch
 
+from ..ops.rwkv7 import unavailable_reason
 from .engine import EngineStepper, StepEngine, compute_dtype
 from .rwkv7 import RWKV7
 from .state import RWKVState
@@ -50,6 +51,7 @@ _steppers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _prefills: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _cpu_steppers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _failed: set[str] = set()
+_warned: set[str] = set()
 
 
 def fused_step_enabled() -> bool:
@@ -177,13 +179,21 @@ class GraphedStep(_Graphs):
             engine.sync()  # values changed in place: packed again into the buffers the graphs read
 
     def _engine(self) -> StepEngine | None:
+        """The fused step for the current compute dtype, or None (graphs then capture lm.step's operations)."""
         if not fused_step_enabled():
+            return None
+        cfg = self.lm.config
+        reason = unavailable_reason(self.lm.emb.weight.device, cfg.head_size, cfg.n_embd)
+        if reason is not None:
+            if reason not in _warned:
+                _warned.add(reason)
+                warnings.warn(f"vision_rwkv: the fused RNN step cannot run ({reason}); decoding captures "
+                              f"lm.step's plain operations", stacklevel=4)
             return None
         dtype = compute_dtype(self.lm)
         if dtype not in self.engines:
             self.engines[dtype] = StepEngine(self.lm, dtype)
-        engine = self.engines[dtype]
-        return engine if engine.uses_kernels else None
+        return self.engines[dtype]
 
     def __call__(self, tokens: torch.Tensor, state: RWKVState | None):
         # capture and replay on the model's GPU, whichever is current (a torchrun process on cuda:1

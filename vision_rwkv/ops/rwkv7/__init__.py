@@ -45,6 +45,8 @@ def unavailable_reason(device: torch.device, head_size: int, n_embd: int) -> str
         return f"the decoder is on {device.type}, not CUDA"
     if head_size & (head_size - 1) or not 4 <= head_size <= 128:
         return f"head size {head_size} is not a power of two from 4 to 128"
+    if n_embd % 16:
+        return f"n_embd {n_embd} is not a multiple of 16 (the kernels' products take columns 16 at a time)"
     if n_embd > 16384:
         return f"n_embd {n_embd} is above the kernels' 16384 (one row per program)"
     return _import_error()
