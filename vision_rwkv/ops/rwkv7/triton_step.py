@@ -132,6 +132,17 @@ def _wkv_step_kernel(state_ptr, rkv_ptr, lora_ptr, vec_ptr, vfirst_ptr, out_ptr,
 
 
 @triton.jit
+def _residual_tile(x_ptr, dx_ptr, rows, rmask, k0, ks, C, HAS_DX: tl.constexpr):
+    """x + dx over the rows' columns k0 + ks, fp32; with its mask and offsets."""
+    m = rmask[:, None] & (k0 + ks < C)[None, :]
+    at = rows[:, None] * C + k0 + ks[None, :]
+    xs = tl.load(x_ptr + at, mask=m, other=0.0)
+    if HAS_DX:
+        xs += tl.load(dx_ptr + at, mask=m, other=0.0).to(tl.float32)
+    return xs, m, at
+
+
+@triton.jit
 def _ln_mix_matmul_kernel(x_ptr, dx_ptr, x_out_ptr, xl_out_ptr, lnw_ptr, lnb_ptr, shift_ptr, mix_ptr, w_ptr, seg_ptr,
                           out_ptr, prev_xl_ptr, prev_shift_ptr, B, C, N_OUT, eps,
                           HAS_DX: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_PREV: tl.constexpr,
@@ -146,22 +157,14 @@ def _ln_mix_matmul_kernel(x_ptr, dx_ptr, x_out_ptr, xl_out_ptr, lnw_ptr, lnb_ptr
     # the row statistics, two passes over x + dx (the rows are in L1/L2 after the first)
     total = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, C, BLOCK_K):
-        m = rmask[:, None] & (k0 + ks < C)[None, :]
-        at = rows[:, None] * C + k0 + ks[None, :]
-        xs = tl.load(x_ptr + at, mask=m, other=0.0)
-        if HAS_DX:
-            xs += tl.load(dx_ptr + at, mask=m, other=0.0).to(tl.float32)
+        xs, m, at = _residual_tile(x_ptr, dx_ptr, rows, rmask, k0, ks, C, HAS_DX)
         total += tl.sum(xs, 1)
         if HAS_PREV:
             tl.store(prev_shift_ptr + at, tl.load(prev_xl_ptr + at, mask=m, other=0.0), mask=m & first)
     mean = total / C
     total = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, C, BLOCK_K):
-        m = rmask[:, None] & (k0 + ks < C)[None, :]
-        at = rows[:, None] * C + k0 + ks[None, :]
-        xs = tl.load(x_ptr + at, mask=m, other=0.0)
-        if HAS_DX:
-            xs += tl.load(dx_ptr + at, mask=m, other=0.0).to(tl.float32)
+        xs, m, at = _residual_tile(x_ptr, dx_ptr, rows, rmask, k0, ks, C, HAS_DX)
         d = tl.where(m, xs - mean[:, None], 0.0)
         total += tl.sum(d * d, 1)
     rstd = 1.0 / tl.sqrt(total / C + eps)
@@ -173,11 +176,7 @@ def _ln_mix_matmul_kernel(x_ptr, dx_ptr, x_out_ptr, xl_out_ptr, lnw_ptr, lnb_ptr
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, C, BLOCK_K):
         kmask = k0 + ks < C
-        m = rmask[:, None] & kmask[None, :]
-        at = rows[:, None] * C + k0 + ks[None, :]
-        xs = tl.load(x_ptr + at, mask=m, other=0.0)
-        if HAS_DX:
-            xs += tl.load(dx_ptr + at, mask=m, other=0.0).to(tl.float32)
+        xs, m, at = _residual_tile(x_ptr, dx_ptr, rows, rmask, k0, ks, C, HAS_DX)
         lw = tl.load(lnw_ptr + k0 + ks, mask=kmask, other=0.0).to(tl.float32)
         lb = tl.load(lnb_ptr + k0 + ks, mask=kmask, other=0.0).to(tl.float32)
         xl = (xs - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
