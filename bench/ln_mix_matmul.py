@@ -4,8 +4,9 @@
 
 For the RNN step's three shapes at L12-D768 (the time-mix input: 3C + 4R outputs; the channel-mix key:
 4C; the head: 65,536), at batch 1, 16 and 64, each (block_n, block_k, warps) tried: microseconds per
-call from CUDA events over 200 calls, beside F.linear on an already mixed input (which leaves out the
-LayerNorm and mix the kernel also does).
+call, 50 calls captured in one CUDA graph and replayed (as the step runs; timing calls launched from
+Python measures the launches instead), beside F.linear on an already mixed input, in the same kind of
+graph (which leaves out the LayerNorm and mix the kernel also does).
 """
 
 from functools import partial
@@ -16,16 +17,26 @@ import torch.nn.functional as F
 from vision_rwkv.ops.rwkv7 import triton_step
 
 
-def timed(fn, n=200):
-    for _ in range(10):
-        fn()
+def timed(fn, calls=50, replays=20):
+    """Microseconds per call of fn, from replays of a CUDA graph of `calls` calls (median replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        for _ in range(calls):
+            fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / n
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
 
 
 def main():
