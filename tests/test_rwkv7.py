@@ -124,6 +124,37 @@ def test_gradients_flow_through_gpt_mode_and_the_initial_state(tiny_model):
         assert (p.grad is None) == (name in unused), name
 
 
+def test_activation_checkpointing_gives_the_same_loss_state_and_gradients(tiny_model):
+    """Blocks recomputed in the backward pass: the same loss, final state and every gradient (the
+    initial state's too) as with stored activations, and fewer tensors saved for the backward pass."""
+    tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for recompute in (False, True):
+        tiny_model.zero_grad(set_to_none=True)
+        tiny_model.activation_checkpointing = recompute
+        state = tiny_model.init_state(2)
+        state.wkv.requires_grad_(True)
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits, final = tiny_model(tokens, state)
+        logits.float().pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+        runs[recompute] = logits.detach(), final.wkv.detach(), state.wkv.grad.clone(), grads, sum(saved)
+    tiny_model.activation_checkpointing = False
+    (l0, s0, g0, p0, n0), (l1, s1, g1, p1, n1) = runs[False], runs[True]
+    assert torch.equal(l0, l1) and torch.equal(s0, s1)
+    assert torch.allclose(g0, g1, rtol=1e-5, atol=1e-7)
+    assert p0.keys() == p1.keys()
+    for name in p0:
+        assert torch.allclose(p0[name], p1[name], rtol=1e-5, atol=1e-7), name
+    assert n1 < n0 / 2, (n1, n0)
+
+
 # ---- bad input: one clear line each -------------------------------------------------------------------
 
 

@@ -147,6 +147,25 @@ def test_dataloader_workers_give_the_same_run(shapes, tmp_path):
     assert losses(tmp_path / "w0")[0] == losses(tmp_path / "w2")[0]
 
 
+def test_activation_checkpointing_gives_the_same_run(shapes, tmp_path, monkeypatch):
+    """trainer.activation_checkpointing=true recomputes the decoder's blocks in backward: the same losses."""
+    import vision_rwkv.lm.rwkv7 as rwkv7_module
+
+    calls = []
+    real = rwkv7_module.checkpoint
+    monkeypatch.setattr(rwkv7_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = ["trainer.max_steps=3", "trainer.eval_every=0", "trainer.save_every=3", "trainer.projector_steps=1"]
+    assert train_caption.main(tiny(shapes, tmp_path / "plain", *common)) == 0
+    assert not calls
+    assert train_caption.main(tiny(shapes, tmp_path / "recompute", *common,
+                                   "trainer.activation_checkpointing=true")) == 0
+    assert len(calls) >= 2 * 2  # 2 blocks, at least the two steps that train the decoder
+    plain, recompute = losses(tmp_path / "plain")[0], losses(tmp_path / "recompute")[0]
+    assert plain.keys() == recompute.keys() == {1, 2, 3}
+    for step in plain:
+        assert abs(plain[step] - recompute[step]) <= 1e-5 * abs(plain[step]), step
+
+
 def test_feature_cache_is_built_once_and_used(shapes, tmp_path):
     out, cache = tmp_path / "run", tmp_path / "cache"
     args = tiny(shapes, out, "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=2",

@@ -339,6 +339,9 @@ class TrainerConfig:
     stop_after: Optional[int] = None  # end this invocation after this step (the schedule still spans max_steps)
     progress: bool = True
     cider_eval: bool = True
+    # recompute each decoder block's activations in the backward pass instead of keeping them: memory for
+    # the 1.5B and 2.9B decoders, at the cost of a second forward pass through the blocks
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         self.precision = Precision.parse(self.precision, "trainer.precision")

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import RWKV7Config
 from ..errors import VisionRWKVError
@@ -135,6 +136,8 @@ class RWKV7(nn.Module):
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.check_inputs = True  # range-check token ids (one device sync per call)
+        # GPT mode with autograd: recompute each block in the backward pass rather than keep its activations
+        self.activation_checkpointing = False
         if init:
             init_official_(self)
 
@@ -200,8 +203,10 @@ class RWKV7(nn.Module):
     def _run(self, x: torch.Tensor, state: RWKVState, rnn: bool):
         att, wkv_s, ffn = [], [], []
         v_first = None
+        recompute = self.activation_checkpointing and not rnn and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x, v_first, a, s, f = block(x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i], rnn)
+            args = (x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i], rnn)
+            x, v_first, a, s, f = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
             att.append(a)
             wkv_s.append(s)
             ffn.append(f)

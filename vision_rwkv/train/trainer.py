@@ -99,6 +99,7 @@ class Trainer:
         self.resume_from = resumed[0] if resumed else None
         self.model = resumed[1] if resumed else self._model()
         self.model.to(self.device)
+        self.model.decoder.activation_checkpointing = cfg.trainer.activation_checkpointing
         self.optimizer = torch.optim.AdamW(
             self.model.param_groups(cfg.optim.weight_decay, train_decoder=True),
             lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
