@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -210,6 +211,39 @@ def test_make_shapes_load_and_score(tmp_path, capsys):
     row = dsd["val"][0]
     assert Image.open(row["image"]).size == (64, 64)
     assert all(score_caption(c, objects[row["image_id"]])["exact"] for c in row["captions"])
+
+
+def test_make_coco_synthetic_is_read_by_karpathy_to_dataset_and_resumes(tmp_path, capsys):
+    """COCO-shaped stand-in data: JPEGs of the asked size, five captions each, the real preparation reads
+    it; a re-run writes nothing, a lost image comes back identical, other settings are refused."""
+    out = tmp_path / "synth"
+    make = command("make_coco_synthetic")
+    args = ["--out", str(out), "--train", "4", "--val", "1", "--test", "2", "--width", "160", "--height", "120"]
+    assert make(args) == 0
+    assert "7 written" in capsys.readouterr().out
+    rows = read_karpathy(out / "dataset_coco.json", out / "images")
+    assert [r["split"] for r in rows] == ["train"] * 4 + ["val"] + ["test"] * 2
+    assert all(len(r["captions"]) == 5 for r in rows)
+    assert len({r["image_id"] for r in rows}) == 7
+    image = Image.open(rows[0]["image"])
+    assert image.format == "JPEG" and image.size == (160, 120)
+    assert np.asarray(image).std() > 20  # textured, not a flat background
+    assert command("karpathy_to_dataset")(["--json", str(out / "dataset_coco.json"), "--image-root",
+                                           str(out / "images"), "--out", str(tmp_path / "ds")]) == 0
+    assert "train 4 images, val 1 images, test 2 images" in capsys.readouterr().out
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert make(args) == 0
+    assert "0 written, 7 already there" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+    lost = Path(rows[2]["image"])
+    lost_bytes = lost.read_bytes()
+    lost.unlink()
+    assert make(args) == 0 and lost.read_bytes() == lost_bytes
+    assert make(args[:-1] + ["100"]) == 2
+    assert "holds images made with" in capsys.readouterr().err
+    assert make(["--out", str(tmp_path / "x"), "--quality", "0"]) == 2
+    assert "--quality is 0; expected 1 to 95" in capsys.readouterr().err
 
 
 def test_make_shapes_rerun_is_a_no_op_and_resumes(tmp_path, capsys):

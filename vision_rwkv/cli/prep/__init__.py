@@ -7,6 +7,7 @@ import sys
 
 STEPS = {
     "make_shapes": "write the synthetic shapes data set",
+    "make_coco_synthetic": "COCO-shaped synthetic data: 640x480 JPEGs and a Karpathy JSON, 5 captions each",
     "karpathy_to_dataset": "a Karpathy split JSON (COCO, Flickr30k) to a datasets folder",
     "folder_to_dataset": "an image folder with metadata.jsonl/csv to a datasets folder",
     "train_tokenizer": "a byte-level BPE trained on the captions",
