@@ -29,7 +29,7 @@ from PIL import Image
 from ..._fs import atomic_file, atomic_write
 from ...errors import VisionRWKVError
 from ...synthetic.shapes import make_captions, render, sample_objects
-from .records import read_prep_record
+from .records import claim_settings, split_counts
 
 SPLITS = ("train", "val", "test")
 ID_STRIDE = 10_000_000  # cocoid = split index * ID_STRIDE + example index, stable as counts grow
@@ -60,12 +60,7 @@ def main(argv=None) -> int:
 def _check_args(args) -> dict[str, int]:
     if args.out.exists() and not args.out.is_dir():
         raise VisionRWKVError(f"--out {args.out} is a file; expected a folder (new or made by make_coco_synthetic.py)")
-    counts = {"train": args.train, "val": args.val, "test": args.test}
-    for split, n in counts.items():
-        if not 0 <= n < ID_STRIDE:
-            raise VisionRWKVError(f"--{split} is {n}; expected 0 to {ID_STRIDE - 1}")
-    if sum(counts.values()) == 0:
-        raise VisionRWKVError("--train, --val and --test are all 0; expected at least one image")
+    counts = split_counts(args, ID_STRIDE)
     for name in ("width", "height"):
         if not 16 <= getattr(args, name) <= 4096:
             raise VisionRWKVError(f"--{name} is {getattr(args, name)}; expected 16 to 4096 pixels")
@@ -78,7 +73,8 @@ def make_coco_synthetic(out: Path, counts: dict[str, int], size: tuple[int, int]
                         seed: int) -> tuple[int, int]:
     """Write the missing images, then dataset_coco.json; returns (images written, images kept)."""
     out.mkdir(parents=True, exist_ok=True)
-    _claim_params(out, {"seed": seed, "width": size[0], "height": size[1], "quality": quality, "format": 1})
+    claim_settings(out, {"seed": seed, "width": size[0], "height": size[1], "quality": quality, "format": 1},
+                   PARAMS_FILE, "*/*.jpg", "make_coco_synthetic.py", "the same --seed, --width, --height and --quality")
     images, written, kept, sentid = [], 0, 0, 0
     for split_index, split in enumerate(SPLITS):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -122,21 +118,6 @@ def _image(objects: list[dict], size: tuple[int, int], rng: random.Random) -> Im
     background = np.all(scene > 230, axis=-1, keepdims=True)  # the shapes world's near-white background
     scene = np.where(background, 170 + 60 * field, scene) + g.normal(0, 10, scene.shape)
     return Image.fromarray(np.clip(scene, 0, 255).astype(np.uint8))
-
-
-def _claim_params(out: Path, params: dict) -> None:
-    """Record the settings before any image, so a later run cannot mix images made differently."""
-    path = out / PARAMS_FILE
-    if path.exists():
-        old = read_prep_record(path)
-        if old != params:
-            raise VisionRWKVError(f"{out} holds images made with {old}; expected {params}: use the same settings, "
-                                  "another --out, or delete the folder")
-        return
-    if any((out / "images").glob("*/*.jpg")):
-        raise VisionRWKVError(f"{out}/images holds images but no {PARAMS_FILE}; expected an empty or a "
-                              "make_coco_synthetic.py folder")
-    atomic_write(path, json.dumps(params) + "\n")
 
 
 if __name__ == "__main__":

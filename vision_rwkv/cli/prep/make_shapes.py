@@ -20,7 +20,7 @@ from pathlib import Path
 from ..._fs import atomic_file, atomic_write
 from ...errors import VisionRWKVError
 from ...synthetic.shapes import make_captions, render, sample_objects
-from .records import read_prep_record
+from .records import claim_settings, split_counts
 
 SPLITS = ("train", "val", "test")
 ID_STRIDE = 10_000_000  # image_id = split index * ID_STRIDE + example index: unique, and stable as counts grow
@@ -51,12 +51,7 @@ def main(argv=None) -> int:
 def _check_args(args) -> dict[str, int]:
     if args.out.exists() and not args.out.is_dir():
         raise VisionRWKVError(f"--out {args.out} is a file; expected a folder (new or made by make_shapes.py)")
-    counts = {"train": args.train, "val": args.val, "test": args.test}
-    for split, n in counts.items():
-        if not 0 <= n < ID_STRIDE:
-            raise VisionRWKVError(f"--{split} is {n}; expected 0 to {ID_STRIDE - 1}")
-    if sum(counts.values()) == 0:
-        raise VisionRWKVError("--train, --val and --test are all 0; expected at least one image")
+    counts = split_counts(args, ID_STRIDE)
     if not 16 <= args.size <= 1024:
         raise VisionRWKVError(f"--size is {args.size}; expected 16 to 1024 pixels")
     return counts
@@ -65,7 +60,8 @@ def _check_args(args) -> dict[str, int]:
 def make_shapes(out: Path, counts: dict[str, int], size: int, seed: int) -> tuple[int, int, bool]:
     """Write the missing images, then the metadata; returns (images written, images kept, metadata changed)."""
     out.mkdir(parents=True, exist_ok=True)
-    _claim_params(out, size, seed)
+    claim_settings(out, {"seed": seed, "size": size, "format": 1}, PARAMS_FILE, "*/*.png", "make_shapes.py",
+                   "the same --seed and --size")
     lines, written, kept = [], 0, 0
     for split_index, split in enumerate(SPLITS):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -79,22 +75,6 @@ def make_shapes(out: Path, counts: dict[str, int], size: int, seed: int) -> tupl
     if changed:
         atomic_write(metadata, text)
     return written, kept, changed
-
-
-def _claim_params(out: Path, size: int, seed: int) -> None:
-    """Record seed and size before any image, so a later run cannot mix images made differently."""
-    params = {"seed": seed, "size": size, "format": 1}
-    path = out / PARAMS_FILE
-    if path.exists():
-        old = read_prep_record(path)
-        if old != params:
-            raise VisionRWKVError(f"{out} holds shapes made with {old}; expected {params}: use the same --seed and "
-                                  "--size, another --out, or delete the folder")
-        return
-    if any((out / "images").glob("*/*.png")):
-        raise VisionRWKVError(f"{out}/images holds images but no {PARAMS_FILE}; expected an empty or a "
-                              "make_shapes.py folder")
-    atomic_write(path, json.dumps(params) + "\n")
 
 
 def _example(out: Path, split: str, image_id: int, index: int, size: int, seed: int) -> tuple[dict, bool]:

@@ -49,3 +49,30 @@ def save_dataset(dsd: datasets.DatasetDict, out, record: dict) -> None:
     with atomic_folder(out) as tmp:
         dsd.save_to_disk(str(tmp))
         atomic_write(tmp / PREP_RECORD, json.dumps(record, indent=1) + "\n")
+
+
+def split_counts(args, stride: int) -> dict[str, int]:
+    """--train/--val/--test of a generator, checked: each below `stride` (ids are split * stride + index)."""
+    counts = {"train": args.train, "val": args.val, "test": args.test}
+    for split, n in counts.items():
+        if not 0 <= n < stride:
+            raise VisionRWKVError(f"--{split} is {n}; expected 0 to {stride - 1}")
+    if sum(counts.values()) == 0:
+        raise VisionRWKVError("--train, --val and --test are all 0; expected at least one image")
+    return counts
+
+
+def claim_settings(out: Path, settings: dict, file_name: str, image_glob: str, command: str, hint: str) -> None:
+    """Record a generator's settings in out/file_name before its first image, so that a later run cannot mix
+    images made differently: a folder made with other settings, or holding images but no record, is refused."""
+    path = out / file_name
+    if path.exists():
+        old = read_prep_record(path)
+        if old != settings:
+            raise VisionRWKVError(f"{out} holds images made with {old}; expected {settings}: use {hint}, "
+                                  "another --out, or delete the folder")
+        return
+    if any((out / "images").glob(image_glob)):
+        raise VisionRWKVError(f"{out}/images holds images but no {file_name}; expected an empty or a "
+                              f"{command} folder")
+    atomic_write(path, json.dumps(settings) + "\n")
