@@ -130,8 +130,8 @@ class StepEngine:
                 f"{i}.w_value": self._mat(ffn.value.weight),
             }
             rkv = [m.weight.detach() for m in (att.receptance, att.key, att.value)]
-            low = [_padded(lo.detach().t(), R, rows=True) for lo, _ in lora]  # (R, C) each
-            high = [_padded(hi.detach(), R, rows=True) for _, hi in lora]  # (R, C) each
+            low = [_padded(lo.detach().t(), R) for lo, _ in lora]  # (R, C) each
+            high = [_padded(hi.detach(), R) for _, hi in lora]  # (R, C) each
             if self.uses_kernels:
                 # one (3C + 4R, C) matrix for r, k, v and the first low-rank products, which one kernel
                 # computes from LayerNorm and the mixes; the second low-rank products as one block-diagonal
@@ -297,10 +297,10 @@ def _onednn_works() -> bool:
         return False
 
 
-def _padded(w: torch.Tensor, rank: int, rows: bool) -> torch.Tensor:
-    """A low-rank factor zero-padded to `rank` rows ((r, C) -> (rank, C)) or columns ((C, r) -> (C, rank))."""
-    z = w.new_zeros((rank, w.shape[1]) if rows else (w.shape[0], rank))
-    (z[: w.shape[0]] if rows else z[:, : w.shape[1]]).copy_(w)
+def _padded(w: torch.Tensor, rank: int) -> torch.Tensor:
+    """A low-rank factor (r, C) zero-padded to (rank, C)."""
+    z = w.new_zeros(rank, w.shape[1])
+    z[: w.shape[0]].copy_(w)
     return z
 
 
