@@ -103,6 +103,9 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd step in a graph")
     ap.add_argument("--check", action="store_true", help="compare greedy tokens, fused graph against eager")
     ap.add_argument("--profile", action="store_true", help="print the fused step's kernels by GPU time")
+    ap.add_argument("--paths", action="store_true",
+                    help="also time the engine's two paths apart at every batch: fused (one-pass or tiled "
+                         "products with LayerNorm inside) and split (cuBLAS products)")
     args = ap.parse_args()
     from vision_rwkv import RWKV7, RWKV7Config
     from vision_rwkv.lm.engine import StepEngine
@@ -117,6 +120,11 @@ def main():
     print(f"fused step: {'Triton kernels' if engine.uses_kernels else 'REFERENCE ops (kernels unavailable)'}")
     variants = [("fused step, graph", lambda tok, st: (engine.step(tok, st), st)),
                 ("plain step, graph", lm.step_unchecked)]
+    if args.paths:
+        for label, most in (("fused path, graph", 1 << 30), ("split path, graph", 0)):
+            apart = StepEngine(lm)
+            apart.fused_max_batch = most
+            variants.append((label, lambda tok, st, e=apart: (e.step(tok, st), st)))
     if args.compile:
         variants.append(("compiled step, graph", torch.compile(lm.step_unchecked, dynamic=False)))
     print(f"{'variant':<24}{'batch':>6}{'ms/step':>9}{'tok/s':>11}{'kernels':>9}{'floor %':>9}")

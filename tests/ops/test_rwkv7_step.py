@@ -164,7 +164,7 @@ def test_embed_lora_and_relu2_kernels_equal_reference(dtype):
 
 @kernels_run
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B", [3, 20])
+@pytest.mark.parametrize("B", [1, 3, 20])  # the one-pass kernel (up to GEMV_MAX_ROWS rows), the tiled one
 def test_ln_mix_matmul_kernel_equals_reference(dtype, B):
     """Every activation, a partial last block of columns (N = 88 with blocks of 16), with and without the
     residual input, the shift and the deferred shift copy. In bf16 the reference rounds the product before
@@ -196,6 +196,31 @@ def test_ln_mix_matmul_kernel_equals_reference(dtype, B):
 
 
 @kernels_run
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_linear_kernel_equals_reference(dtype):
+    """One group and four; rows that are views into wider rows (as the step's low-rank inputs are); one,
+    three and (past GEMV_MAX_ROWS, cuBLAS a group at a time) six rows; an output width that is not a
+    multiple of the kernel's block (N = 88)."""
+    g = torch.Generator().manual_seed(8)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    for B in (1, 3, 6):
+        for groups, K, N in ((1, 64, 88), (4, 32, 64 * 4), (1, 256, 64)):
+            wide = rnd(B, 16 + groups * K).to(dtype)
+            x = wide[:, 16:]  # strided rows
+            w = (rnd(N, K) / 8).to(dtype)
+            got, want = (torch.full((B, N), float("nan"), device=DEVICE, dtype=dtype) for _ in range(2))
+            triton_ops().linear_(x, w, got, groups=groups)
+            reference.linear_(x, w, want, groups=groups)
+            assert rel(got, want) <= (1e-5 if dtype == torch.float32 else 8e-3), (B, groups, K)
+            if groups == 4:  # each group read its own input columns: the others do not matter
+                x2 = x.clone()
+                x2[:, :K] = 0
+                again = torch.empty_like(got)
+                triton_ops().linear_(x2, w, again, groups=groups)
+                assert (again[:, :N // 4] == 0).all() and torch.equal(again[:, N // 4:], got[:, N // 4:])
+
+
+@kernels_run
 @pytest.mark.parametrize("layer0", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wkv_step_kernel_equals_reference_in_output_state_and_v_first(layer0, dtype):
@@ -221,7 +246,7 @@ def _ops_under_test():
 
 @torch.no_grad()
 @pytest.mark.parametrize("ops", _ops_under_test())
-@pytest.mark.parametrize("B", [3, 20])  # the engine's fused path, and its split path above 16 rows
+@pytest.mark.parametrize("B", [1, 8, 20])  # the fused path (one-pass / tiled products), the split path above 16
 def test_fused_step_equals_lm_step_within_the_fp32_noise_floor(ops, B):
     ops = triton_ops() if ops == "triton" else ops
     lm = lm_on(DEVICE)

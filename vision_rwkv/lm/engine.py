@@ -12,10 +12,11 @@ copies made once per weight version:
     lora2  (4, R, C)       w2, a2, v2, g2 likewise
     mix_att (6, C), vec (8, C) fp32: the time-mix vectors the kernels read
 
-With the kernels there is a second, fused path (six launches a layer: LayerNorm, the mixes and the
-products that read them in one kernel, ln_mix_matmul), packed as w_in (3C + 4R, C), of which w_rkv and
-lora1 are views, and a block-diagonal lora2_diag (4C, 4R); FUSED_MAX_BATCH says when it runs. On the
-CPU the products go through oneDNN's packed weights.
+With the kernels there is a second, fused path for a few rows (six launches a layer: LayerNorm, the
+mixes and the products that read them in one kernel, ln_mix_matmul; the other products as one-pass
+matrix-vector kernels, linear_), packed as w_in (3C + 4R, C), of which w_rkv and lora1 are views, and
+lora2_in (4C, R), the four second low-rank matrices as four groups of one product, of which lora2 is a
+view; FUSED_MAX_BATCH says when it runs. On the CPU the products go through oneDNN's packed weights.
 
 Other matrices are the parameters themselves, or copies cast to the compute dtype when the weights have
 another (fp32 weights under bf16 autocast). The residual stream, LayerNorms and the state are fp32; the
@@ -134,18 +135,15 @@ class StepEngine:
             high = [_padded(hi.detach(), R) for _, hi in lora]  # (R, C) each
             if self.uses_kernels:
                 # one (3C + 4R, C) matrix for r, k, v and the first low-rank products, which one kernel
-                # computes from LayerNorm and the mixes; the second low-rank products as one block-diagonal
-                # (4C, 4R) matrix, so that they are one product over the kernel's output columns
+                # computes from LayerNorm and the mixes; the second low-rank products as one grouped
+                # product over that kernel's last 4R output columns
                 out[f"{i}.w_in"] = torch.cat(rkv + low).to(self.dtype)
-                diag = high[0].new_zeros(4 * C, 4 * R)
-                for g, hi in enumerate(high):
-                    diag[g * C:(g + 1) * C, g * R:(g + 1) * R] = hi.t()
-                out[f"{i}.lora2_diag"] = diag.to(self.dtype)
+                out[f"{i}.lora2_in"] = torch.cat([hi.t() for hi in high]).to(self.dtype)  # (4C, R), 4 groups
                 # the split path (larger batches) reads the same weights as stacked (G,K,N) views
                 w_in = out[f"{i}.w_in"]
                 out[f"{i}.w_rkv"] = w_in[:3 * C].view(3, C, C).transpose(1, 2)
                 out[f"{i}.lora1"] = w_in[3 * C:].view(4, R, C).transpose(1, 2)
-                out[f"{i}.lora2"] = torch.stack(high).to(self.dtype)
+                out[f"{i}.lora2"] = out[f"{i}.lora2_in"].view(4, C, R).transpose(1, 2)
             else:
                 # (G,K,N); the reduce products read them transposed, so keep (G,N,K) memory for them
                 contiguous = (lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)) if self.reduce \
@@ -196,23 +194,25 @@ class StepEngine:
         f32 = dict(device=dev, dtype=torch.float32)
         xa, xb, xl_att, xl_ffn, v_first = (torch.empty(B, C, **f32) for _ in range(5))
         out_in = torch.empty(B, 3 * C + 4 * R, device=dev, dtype=dt)
+        lora_out = torch.empty(B, 4 * C, device=dev, dtype=dt)
         k = torch.empty(B, cfg.dim_ffn, device=dev, dtype=dt)
-        y = torch.empty(B, C, device=dev, dtype=dt)
+        y, dx = (torch.empty(B, C, device=dev, dtype=dt) for _ in range(2))
         rkv = out_in[:, :3 * C].view(B, 3, C).transpose(0, 1)  # (3,B,C) views
+        lora = lora_out.view(B, 4, C).transpose(0, 1)  # (4,B,C)
         ln0 = lm.blocks[0].ln0
         ops.embed_ln_(tokens, p["emb"], ln0.weight, ln0.bias, xa)
-        dx = None
         for i, block in enumerate(lm.blocks):
             prev = dict(prev_xl=xl_ffn, prev_shift=state.ffn_shift[i - 1]) if i else {}
-            ops.ln_mix_matmul_(xa, dx, xb, xl_att, block.ln1.weight, block.ln1.bias, state.att_shift[i],
-                               p[f"{i}.mix_att"], p[f"{i}.w_in"], p["seg_in"], out_in, bn, **prev)
-            lora = F.linear(out_in[:, 3 * C:], p[f"{i}.lora2_diag"]).view(B, 4, C).transpose(0, 1)  # (4,B,C)
+            ops.ln_mix_matmul_(xa, dx if i else None, xb, xl_att, block.ln1.weight, block.ln1.bias,
+                               state.att_shift[i], p[f"{i}.mix_att"], p[f"{i}.w_in"], p["seg_in"], out_in, bn,
+                               **prev)
+            ops.linear_(out_in[:, 3 * C:], p[f"{i}.lora2_in"], lora_out, groups=4)
             ops.wkv_step_(state.wkv[i], rkv, lora, p[f"{i}.vec"], v_first, i == 0, y)
-            dx = F.linear(y, p[f"{i}.w_out"])
+            ops.linear_(y, p[f"{i}.w_out"], dx)
             ops.ln_mix_matmul_(xb, dx, xa, xl_ffn, block.ln2.weight, block.ln2.bias, state.ffn_shift[i],
                                p[f"{i}.mix_ffn"], p[f"{i}.w_key"], p["seg_key"], k, bn,
                                prev_xl=xl_att, prev_shift=state.att_shift[i])
-            dx = F.linear(k, p[f"{i}.w_value"])
+            ops.linear_(k, p[f"{i}.w_value"], dx)
         logits = torch.empty(B, cfg.vocab_size, device=dev, dtype=dt)
         ops.ln_mix_matmul_(xa, dx, xb, xl_att, lm.ln_out.weight, lm.ln_out.bias, None, None, p["head"],
                            p["seg_head"], logits, bn, prev_xl=xl_ffn, prev_shift=state.ffn_shift[L - 1])

@@ -118,3 +118,12 @@ def ln_mix_matmul_(x, dx, x_out, xl_out, weight, bias, shift, mix, w, segments, 
         out[:, cols] = y.to(out.dtype)
     x_out.copy_(xs)
     xl_out.copy_(xl)
+
+
+def linear_(x, w, out, groups: int = 1) -> None:
+    """out <- x @ w.T in groups: x (B, G*K) (rows may be strided), w (G*N, K), out (B, G*N) contiguous;
+    output columns [g*N, (g+1)*N) read input columns [g*K, (g+1)*K). groups=1 is a plain product; the
+    step's second low-rank products are 4 groups (v, w, a, g), each reading its own R columns."""
+    K, n = w.shape[1], w.shape[0] // groups
+    for g in range(groups):
+        out[:, g * n:(g + 1) * n] = F.linear(x[:, g * K:(g + 1) * K].to(w.dtype), w[g * n:(g + 1) * n])

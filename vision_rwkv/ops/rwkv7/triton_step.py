@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from .reference import LN_EPS, LN_X_EPS, LOG_DECAY_SCALE
 
 
@@ -193,11 +194,78 @@ def _ln_mix_matmul_kernel(x_ptr, dx_ptr, x_out_ptr, xl_out_ptr, lnw_ptr, lnb_ptr
             acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(a, wt, input_precision=PRECISION)
-    sig = 1.0 / (1.0 + tl.exp(-acc))
-    y = tl.where(act == 1, 2.0 / (1.0 + tl.exp(-2.0 * acc)) - 1.0,
-                 tl.where(act == 2, sig, tl.where(act == 3, tl.maximum(acc, 0.0) * tl.maximum(acc, 0.0), acc)))
-    tl.store(out_ptr + rows[:, None] * N_OUT + cols[None, :], y.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rows[:, None] * N_OUT + cols[None, :], _activate(acc, act).to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _activate(acc, act):
+    """ACT_* of reference.py: 0 none, 1 tanh, 2 sigmoid, 3 relu^2 (act is one value for the whole block)."""
+    sig = 1.0 / (1.0 + tl.exp(-acc))
+    return tl.where(act == 1, 2.0 / (1.0 + tl.exp(-2.0 * acc)) - 1.0,
+                    tl.where(act == 2, sig, tl.where(act == 3, tl.maximum(acc, 0.0) * tl.maximum(acc, 0.0), acc)))
+
+
+# ---- few rows: one pass, the weight tile in registers ---------------------------------------------------
+# At batch 1 to GEMV_MAX_ROWS a product is a matrix-vector product bound by latency, not by bandwidth or
+# arithmetic: each program loads its (BLOCK_N, K) weight tile and the row(s) at once, with no loop whose
+# loads wait on each other, and reduces in registers (no tensor cores: one row fills none of them).
+
+GEMV_MAX_ROWS = 4
+GEMV_MAX_K = 4096  # the widest input a program holds whole (BLOCK_N x K fp32 values in registers)
+GEMV_TILE = 8192  # BLOCK_N x padded K per program
+
+
+@triton.jit
+def _ln_mix_gemv_kernel(x_ptr, dx_ptr, x_out_ptr, xl_out_ptr, lnw_ptr, lnb_ptr, shift_ptr, mix_ptr, w_ptr, seg_ptr,
+                        out_ptr, prev_xl_ptr, prev_shift_ptr, B, C, N_OUT, SEG_N, eps,
+                        HAS_DX: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_PREV: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N_OUT
+    ks = tl.arange(0, BLOCK_C)
+    kmask = ks < C
+    w = tl.load(w_ptr + cols[:, None] * C + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+    w = w.to(tl.float32)  # (BLOCK_N, BLOCK_C)
+    seg = tl.load(seg_ptr + (pid * BLOCK_N) // SEG_N)
+    act = seg // 256
+    if HAS_SHIFT:
+        mix = tl.load(mix_ptr + (seg % 256) * C + ks, mask=kmask, other=0.0).to(tl.float32)
+    first = pid == 0  # the program that writes the side outputs
+    for b in tl.static_range(ROWS):
+        m = kmask & (b < B)
+        at = b * C + ks
+        xs = tl.load(x_ptr + at, mask=m, other=0.0)
+        if HAS_DX:
+            xs += tl.load(dx_ptr + at, mask=m, other=0.0).to(tl.float32)
+        if HAS_PREV:
+            tl.store(prev_shift_ptr + at, tl.load(prev_xl_ptr + at, mask=m & first, other=0.0), mask=m & first)
+        xl = _layer_norm(xs, m, lnw_ptr, lnb_ptr, ks, C, eps)
+        tl.store(x_out_ptr + at, xs, mask=m & first)
+        tl.store(xl_out_ptr + at, xl, mask=m & first)
+        if HAS_SHIFT:
+            xl = xl + (tl.load(shift_ptr + at, mask=m, other=0.0) - xl) * mix
+        a = tl.where(m, xl, 0.0).to(w_ptr.dtype.element_ty).to(tl.float32)  # the product's input, rounded
+        acc = tl.sum(w * a[None, :], 1)
+        tl.store(out_ptr + b * N_OUT + cols, _activate(acc, act).to(out_ptr.dtype.element_ty), mask=cmask & (b < B))
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, B, K, N_OUT, X_ROW, GROUP_N,
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N_OUT
+    ks = tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+    w = w.to(tl.float32)  # (BLOCK_N, BLOCK_K)
+    x_cols = ((pid * BLOCK_N) // GROUP_N) * K + ks  # the input columns of this block's group
+    for b in tl.static_range(ROWS):
+        a = tl.load(x_ptr + b * X_ROW + x_cols, mask=kmask & (b < B), other=0.0).to(tl.float32)
+        acc = tl.sum(w * a[None, :], 1)
+        tl.store(out_ptr + b * N_OUT + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask & (b < B))
 
 
 def _block(n: int) -> int:
@@ -235,13 +303,25 @@ def relu2_(h) -> None:
 
 
 def ln_mix_matmul_(x, dx, x_out, xl_out, weight, bias, shift, mix, w, segments, out, block_n: int,
-                   prev_xl=None, prev_shift=None, block_k: int | None = None, num_warps: int = 4) -> None:
+                   prev_xl=None, prev_shift=None, block_k: int | None = None, num_warps: int = 4,
+                   gemv_block_n: int | None = None) -> None:
+    """Up to GEMV_MAX_ROWS rows (and C <= GEMV_MAX_K): the one-pass kernel, gemv_block_n output columns a
+    program (None: as many as GEMV_TILE allows); more rows: tensor-core tiles of block_k."""
     B, C = x.shape
     n_out = w.shape[0]
+    has_shift, has_prev = shift is not None, prev_xl is not None
+    if B <= GEMV_MAX_ROWS and C <= GEMV_MAX_K:
+        block_c = _block(C)
+        bn = min(block_n, gemv_block_n or max(1, GEMV_TILE // block_c))
+        _ln_mix_gemv_kernel[(triton.cdiv(n_out, bn),)](
+            x, x if dx is None else dx, x_out, xl_out, weight, bias, shift if has_shift else x,
+            mix if has_shift else x, w, segments, out, prev_xl if has_prev else x, prev_shift if has_prev else x,
+            B, C, n_out, block_n, LN_EPS, HAS_DX=dx is not None, HAS_SHIFT=has_shift, HAS_PREV=has_prev,
+            ROWS=_block(B), BLOCK_N=bn, BLOCK_C=block_c, num_warps=num_warps)
+        return
     block_m = 16 if B <= 16 else 32 if B <= 32 else 64
     block_k = min(block_k or (64 if B > 16 else 128), _block(C))
     grid = (triton.cdiv(B, block_m), triton.cdiv(n_out, block_n))
-    has_shift, has_prev = shift is not None, prev_xl is not None
     _ln_mix_matmul_kernel[grid](x, x if dx is None else dx, x_out, xl_out, weight, bias, shift if has_shift else x,
                                 mix if has_shift else x, w, segments, out, prev_xl if has_prev else x,
                                 prev_shift if has_prev else x, B, C, n_out, LN_EPS, HAS_DX=dx is not None,
@@ -250,10 +330,24 @@ def ln_mix_matmul_(x, dx, x_out, xl_out, weight, bias, shift, mix, w, segments, 
                                 DOT_F32=x.device.type == "cpu", num_warps=num_warps)
 
 
-def wkv_step_(state, rkv, lora, vec, v_first, layer0: bool, out) -> None:
+def linear_(x, w, out, groups: int = 1, block_n: int | None = None, num_warps: int = 4) -> None:
+    """reference.linear_; the one-pass kernel up to GEMV_MAX_ROWS rows, else cuBLAS a group at a time."""
+    B, K = x.shape[0], w.shape[1]
+    n_out = w.shape[0]
+    if B > GEMV_MAX_ROWS or K > GEMV_MAX_K or x.stride(1) != 1:
+        reference.linear_(x, w, out, groups)
+        return
+    block_k = _block(K)
+    bn = min(block_n or max(1, GEMV_TILE // block_k), _block(n_out // groups))
+    assert groups == 1 or (n_out // groups) % bn == 0  # a block never straddles two groups
+    _gemv_kernel[(triton.cdiv(n_out, bn),)](x, w, out, B, K, n_out, x.stride(0), n_out // groups,
+                                            ROWS=_block(B), BLOCK_N=bn, BLOCK_K=block_k, num_warps=num_warps)
+
+
+def wkv_step_(state, rkv, lora, vec, v_first, layer0: bool, out, num_warps: int | None = None) -> None:
     B, H, N, _ = state.shape
     # rkv (3,B,C) and lora (4,B,C) may be views into wider rows: each part's columns contiguous
     assert rkv.stride(2) == 1 and lora.stride(2) == 1
     _wkv_step_kernel[(B, H)](state, rkv, lora, vec, v_first, out, B, H, H * N, LOG_DECAY_SCALE, LN_X_EPS,
                              rkv.stride(1), rkv.stride(0), lora.stride(1), lora.stride(0), LAYER0=layer0, N=N,
-                             num_warps=4 if N <= 64 else 8)
+                             num_warps=num_warps or (4 if N <= 64 else 8))
