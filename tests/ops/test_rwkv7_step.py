@@ -246,15 +246,16 @@ def _ops_under_test():
 
 @torch.no_grad()
 @pytest.mark.parametrize("ops", _ops_under_test())
-@pytest.mark.parametrize("B", [1, 8, 20])  # the fused path (one-pass / tiled products), the split path above 16
-def test_fused_step_equals_lm_step_within_the_fp32_noise_floor(ops, B):
+# the fused path (one-pass, then tiled products), the split path (with one-pass, then cuBLAS products)
+@pytest.mark.parametrize("B,fused_max", [(1, 16), (8, 16), (3, 0), (20, 16)])
+def test_fused_step_equals_lm_step_within_the_fp32_noise_floor(ops, B, fused_max):
     ops = triton_ops() if ops == "triton" else ops
     lm = lm_on(DEVICE)
     tokens = torch.randint(0, 97, (B, 5), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     truth, truth_state = run_lm(lm.double(), tokens, fp64_state(lm.init_state(B)))
     lm = lm.float()
     ref, ref_state = run_lm(lm, tokens)
-    fused, fused_state = run_steps(lm, ops, tokens)
+    fused, fused_state = run_steps(lm, ops, tokens, fused_max_batch=fused_max)
     floor = rel(ref, truth)
     assert 0 < floor < 1e-5
     assert rel(fused, truth) <= FP32_SLACK * floor, (rel(fused, truth), floor)

@@ -46,11 +46,11 @@ def compute_dtype(lm: RWKV7) -> torch.dtype:
     return lm.head.weight.dtype
 
 
-# Batches up to this size take the fused path (six launches a layer, ln_mix_matmul), larger ones the
-# split path (eleven, cuBLAS products). 0: the fused path is off. Its first measurement (H200,
-# 2026-12-03, BENCHMARKS.md) was slower than the split path at batch 1 (0.72 against 0.55 ms a step):
-# its products, with untuned blocks, ran at about 17 us a call against cuBLAS's 4. Tests run it.
-FUSED_MAX_BATCH = 0
+# Batches up to this size take the fused path (six launches a layer, ln_mix_matmul_ and linear_ in their
+# one-pass form), larger ones the split path (eleven, cuBLAS's products but for the one-pass linear_ up
+# to its GEMV_MAX_ROWS). The one-pass LayerNorm product stops paying at more than two rows (H200,
+# 2026-12-03, BENCHMARKS.md); the tiled form it takes above that was slower than the split path.
+FUSED_MAX_BATCH = 2
 
 
 class StepEngine:
@@ -213,10 +213,12 @@ class StepEngine:
                                p[f"{i}.mix_ffn"], p[f"{i}.w_key"], p["seg_key"], k, bn,
                                prev_xl=xl_att, prev_shift=state.att_shift[i])
             ops.linear_(k, p[f"{i}.w_value"], dx)
-        logits = torch.empty(B, cfg.vocab_size, device=dev, dtype=dt)
-        ops.ln_mix_matmul_(xa, dx, xb, xl_att, lm.ln_out.weight, lm.ln_out.bias, None, None, p["head"],
-                           p["seg_head"], logits, bn, prev_xl=xl_ffn, prev_shift=state.ffn_shift[L - 1])
-        return logits
+        # the head is bandwidth-bound: cuBLAS's product reads it faster than the one-pass kernel
+        # (26 against 34 us at L12-D768, V 65,536; BENCHMARKS.md)
+        state.ffn_shift[L - 1].copy_(xl_ffn)
+        xf = torch.empty(1, B, C, device=dev, dtype=dt)
+        ops.ln_mix_(xa, dx, lm.ln_out.weight, lm.ln_out.bias, None, None, xf)
+        return F.linear(xf[0], p["head"])
 
     def _step_split(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
         """The same step as eleven operations a layer: the step ops (kernels, or the reference functions)
@@ -239,11 +241,11 @@ class StepEngine:
             ops.lora_act_(h)
             lora = self._bmm(h, f"{i}.lora2")  # (4,B,C)
             ops.wkv_step_(state.wkv[i], rkv, lora, p[f"{i}.vec"], v_first, i == 0, y)
-            dx = self._linear(y, f"{i}.w_out")
+            dx = self._linear(y, f"{i}.w_out", one_pass=True)
             ops.ln_mix_(x, dx, block.ln2.weight, block.ln2.bias, state.ffn_shift[i], p[f"{i}.mix_ffn"], xf)
             k = self._linear(xf[0], f"{i}.w_key")  # (B,F)
             ops.relu2_(k)
-            dx = self._linear(k, f"{i}.w_value")
+            dx = self._linear(k, f"{i}.w_value", one_pass=True)
         ops.ln_mix_(x, dx, lm.ln_out.weight, lm.ln_out.bias, None, None, xf)
         return self._linear(xf[0], "head")
 
@@ -255,7 +257,13 @@ class StepEngine:
             return torch.stack([_onednn_linear(xg, w) for xg, w in zip(x, self._onednn[name])])
         return torch.bmm(x, self._buffers[name])
 
-    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, name: str, one_pass: bool = False) -> torch.Tensor:
+        """x (B,K) times the weight `name` (N,K); one_pass: through the kernels' linear_, whose one-pass form
+        (up to GEMV_MAX_ROWS rows) beat cuBLAS on the output and value products (BENCHMARKS.md)."""
+        if one_pass and self.uses_kernels:
+            out = x.new_empty(x.shape[0], self._buffers[name].shape[0])
+            self.ops.linear_(x, self._buffers[name], out)
+            return out
         if self.reduce and x.shape[0] == 1:
             return (self._buffers[name] * x.unsqueeze(1)).sum(-1)
         if self.onednn:

@@ -211,9 +211,13 @@ def _activate(acc, act):
 # arithmetic: each program loads its (BLOCK_N, K) weight tile and the row(s) at once, with no loop whose
 # loads wait on each other, and reduces in registers (no tensor cores: one row fills none of them).
 
+# The blocks below are the fastest of bench/ln_mix_matmul.py's sweep (H200, 2026-12-03, BENCHMARKS.md): at
+# L12-D768 the one-pass LayerNorm product took 3.6-3.7 us at one row (cuBLAS's product alone: 3.3-3.5) and
+# 6.3 at two, but 10.4 at four (its rows run one after another), so it serves up to LN_GEMV_MAX_ROWS; the
+# plain one-pass product took 1.8-2.6 us at one row and 3.0 at four, against cuBLAS's 3.9-6.2.
 GEMV_MAX_ROWS = 4
+LN_GEMV_MAX_ROWS = 2
 GEMV_MAX_K = 4096  # the widest input a program holds whole (BLOCK_N x K fp32 values in registers)
-GEMV_TILE = 8192  # BLOCK_N x padded K per program
 
 
 @triton.jit
@@ -305,14 +309,15 @@ def relu2_(h) -> None:
 def ln_mix_matmul_(x, dx, x_out, xl_out, weight, bias, shift, mix, w, segments, out, block_n: int,
                    prev_xl=None, prev_shift=None, block_k: int | None = None, num_warps: int = 4,
                    gemv_block_n: int | None = None) -> None:
-    """Up to GEMV_MAX_ROWS rows (and C <= GEMV_MAX_K): the one-pass kernel, gemv_block_n output columns a
-    program (None: as many as GEMV_TILE allows); more rows: tensor-core tiles of block_k."""
+    """Up to LN_GEMV_MAX_ROWS rows (and C <= GEMV_MAX_K): the one-pass kernel, gemv_block_n output columns
+    a program (None: the sweep's best); more rows: tensor-core tiles of block_k."""
     B, C = x.shape
     n_out = w.shape[0]
     has_shift, has_prev = shift is not None, prev_xl is not None
-    if B <= GEMV_MAX_ROWS and C <= GEMV_MAX_K:
+    if B <= LN_GEMV_MAX_ROWS and C <= GEMV_MAX_K:
         block_c = _block(C)
-        bn = min(block_n, gemv_block_n or max(1, GEMV_TILE // block_c))
+        bn = min(block_n, gemv_block_n or (4 if B == 1 else 8))
+        num_warps = num_warps if gemv_block_n else 2 if B == 1 else 4
         _ln_mix_gemv_kernel[(triton.cdiv(n_out, bn),)](
             x, x if dx is None else dx, x_out, xl_out, weight, bias, shift if has_shift else x,
             mix if has_shift else x, w, segments, out, prev_xl if has_prev else x, prev_shift if has_prev else x,
@@ -330,7 +335,7 @@ def ln_mix_matmul_(x, dx, x_out, xl_out, weight, bias, shift, mix, w, segments, 
                                 DOT_F32=x.device.type == "cpu", num_warps=num_warps)
 
 
-def linear_(x, w, out, groups: int = 1, block_n: int | None = None, num_warps: int = 4) -> None:
+def linear_(x, w, out, groups: int = 1, block_n: int = 2, num_warps: int = 1) -> None:
     """reference.linear_; the one-pass kernel up to GEMV_MAX_ROWS rows, else cuBLAS a group at a time."""
     B, K = x.shape[0], w.shape[1]
     n_out = w.shape[0]
@@ -338,7 +343,7 @@ def linear_(x, w, out, groups: int = 1, block_n: int | None = None, num_warps: i
         reference.linear_(x, w, out, groups)
         return
     block_k = _block(K)
-    bn = min(block_n or max(1, GEMV_TILE // block_k), _block(n_out // groups))
+    bn = min(block_n, _block(n_out // groups))
     assert groups == 1 or (n_out // groups) % bn == 0  # a block never straddles two groups
     _gemv_kernel[(triton.cdiv(n_out, bn),)](x, w, out, B, K, n_out, x.stride(0), n_out // groups,
                                             ROWS=_block(B), BLOCK_N=bn, BLOCK_K=block_k, num_warps=num_warps)
