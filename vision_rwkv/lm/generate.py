@@ -1,8 +1,10 @@
 """Decoding in RNN mode: a prompt (or image prefix) runs in GPT mode, then one token at a time.
 
-`decode_loop` is the shared core: it takes the logits after the prefix and the state, and steps each
-row until it emits a stop token or reaches max_new_tokens. Finished rows leave the batch, so the work
-shrinks as captions end. Beam search is lm/beam.py.
+`decode_loop` is the shared core of greedy decoding and sampling: it takes the logits after the prefix and
+the state, and steps each row until it emits a stop token or reaches max_new_tokens. Its bookkeeping stays
+on the device (vision_rwkv.lm.readback says why): tokens go into a (B, max_new_tokens) tensor, finished rows
+are a bool tensor, scores add up there, and the host reads back only a live-row count, a few steps late.
+Finished rows leave the batch, so the work shrinks as captions end. Beam search is lm/beam.py.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import torch
 from ..config import SamplingConfig
 from ..errors import VisionRWKVError
 from .graphs import rnn_stepper
+from .readback import LaggedRead, to_device, to_host
 from .rwkv7 import RWKV7
-from .sampling import TokenChooser
+from .sampling import TokenChooser, token_ids
 from .state import RWKVState
 
 
@@ -27,54 +30,61 @@ def decode_loop(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
 
     On CUDA the steps replay CUDA graphs (vision_rwkv.lm.graphs), one per batch size. Finished rows then
     stay in the batch, ignored, until the live ones fit a smaller power of two, so a batch is captured
-    at a few sizes only; eagerly, finished rows leave at once. Rows never mix, so the tokens are the same.
+    at a few sizes only; eagerly, finished rows leave as soon as the host learns of them (at once on the
+    CPU, LAG_STEPS steps later on CUDA). Rows never mix, so the tokens are the same; sampled draws depend
+    on the batch sizes stepped, so they are reproducible for a given device and setting, not across them.
+    """
+    tokens, totals = decode_tokens(lm, logits, state, cfg, stop_ids, generator, with_scores=scores is not None)
+    tokens, totals = to_host(tokens, totals)
+    if scores is not None:
+        scores[:] = totals.tolist()
+    return [[t for t in row if t >= 0] for row in tokens.tolist()]
+
+
+@torch.no_grad()
+def decode_tokens(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: SamplingConfig, stop_ids,
+                  generator=None, with_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_loop on the device: -> tokens (B, max_new_tokens), each row's new tokens then -1s, and the
+    rows' log-probabilities (B,) in fp64 (zeros unless with_scores), added in the order decode_loop adds them.
     """
     cfg.validate()
-    B = logits.shape[0]
-    device = logits.device
-    stop = sorted({int(s) for s in stop_ids})
-    stop_t = torch.tensor(stop, dtype=torch.long, device=device)
-    chooser = TokenChooser(cfg, B, logits.shape[-1], device, generator)
+    B, V = logits.shape
+    device, T = logits.device, cfg.max_new_tokens
+    stop = token_ids(stop_ids, V, "the stop tokens (end-of-text and sampling.stop_tokens)")
+    stop_t = to_device(stop, device)
+    chooser = TokenChooser(cfg, B, V, device, generator)
     step = rnn_stepper(lm)
     graphed = getattr(step, "bucketed", False)
-    out: list[list[int]] = [[] for _ in range(B)]
-    rows = list(range(B))  # the original row of each slot of the batch
-    live = [True] * B  # slots still generating (False: finished, or padding)
-    total = [0.0] * B
-    for n in range(cfg.max_new_tokens):
-        extra = stop if n < cfg.min_new_tokens else ()
-        tokens = chooser.choose(logits, extra_banned=extra)
+    # Row B of these is a sink: writes for finished and padding slots go there, so no index repeats elsewhere.
+    out = torch.full((B + 1, T), -1, dtype=torch.long, device=device)
+    totals = torch.zeros(B + 1, dtype=torch.float64, device=device)
+    rows = torch.arange(B, device=device)  # (S,): the original row of each of the batch's S slots (S = B at first)
+    live = torch.ones(B, dtype=torch.bool, device=device)  # (S,): still generating (False: finished, padding)
+    live_count = LaggedRead(device)
+    for n in range(T):
+        tokens = chooser.choose(logits, extra_banned=stop if n < cfg.min_new_tokens else ())
         chooser.update(tokens)
-        if scores is not None:
+        if with_scores:
             lp = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-            for row, ok, value in zip(rows, live, lp.tolist()):
-                if ok:
-                    total[row] += value
-        done = torch.isin(tokens, stop_t) if stop else torch.zeros_like(tokens, dtype=torch.bool)
-        for i, (tok, fin) in enumerate(zip(tokens.tolist(), done.tolist())):
-            if live[i]:
-                if fin:
-                    live[i] = False
-                else:
-                    out[rows[i]].append(tok)
-        if n == cfg.max_new_tokens - 1:
+            target = torch.where(live, rows, B)
+            totals.index_put_((target,), totals[target] + lp.double())
+        ended = (tokens.unsqueeze(1) == stop_t).any(1)  # (S,)
+        live = live & ~ended
+        out[torch.where(live, rows, B), n] = tokens
+        if n == T - 1:
             break
-        n_live = sum(live)
+        live_count.push(live.sum())
+        n_live = live_count.read()  # a count from LAG_STEPS steps ago: at least the live rows now
         if n_live == 0:
             break
-        size = _bucket(n_live) if graphed else n_live
-        if size < len(rows):  # shrink the batch: live slots first, then padding copies of the first one
-            keep = [i for i, ok in enumerate(live) if ok]
-            keep += [keep[0]] * (size - len(keep))
-            keep_t = torch.tensor(keep, device=device)
-            rows = [rows[i] for i in keep]
-            live = [True] * n_live + [False] * (size - n_live)
-            tokens, state = tokens[keep_t], state[keep_t]
-            chooser.keep_rows(keep_t)
+        if n_live is not None:
+            size = _bucket(n_live) if graphed else n_live
+            if size < rows.shape[0]:  # shrink the batch: live slots first (in order), then finished ones
+                keep = torch.argsort((~live).to(torch.uint8), stable=True)[:size]
+                rows, live, tokens, state = rows[keep], live[keep], tokens[keep], state[keep]
+                chooser.keep_rows(keep)
         logits, state = step(tokens, state)
-    if scores is not None:
-        scores[:] = total
-    return out
+    return out[:B], totals[:B]
 
 
 def _bucket(n: int) -> int:
