@@ -1,7 +1,8 @@
-"""The device-side decoding loop (lm/generate.py) against the loop it replaced (tests/decode_reference.py):
-the same tokens, the same hypothesis lists, the same scores within fp32 rounding, through every kind of
-step decoding meets (the CPU's fused EngineStepper, eager lm.step, and a stand-in for the CUDA graphs'
-bucketed stepper), with the host reading its few values at once or LAG steps late as on CUDA.
+"""The device-side decoding loops (lm/generate.py, lm/beam.py) against the loops they replaced
+(tests/decode_reference.py): the same tokens, the same hypothesis lists in the same order, the same scores
+within fp32 rounding, through every kind of step decoding meets (the CPU's fused EngineStepper, eager
+lm.step, and a stand-in for the CUDA graphs' bucketed stepper), with the host reading its few values at
+once or LAG steps late as on CUDA.
 
 Sampled draws equal the reference's while the batch shrinks at the same steps (on the CPU, where values
 are read at once). Read late, as on CUDA, rows leave the batch a few steps later, so the exponential noise
@@ -22,8 +23,10 @@ import decode_reference as ref  # noqa: E402
 
 import vision_rwkv.caption.generate as caption_generate  # noqa: E402
 from vision_rwkv import RWKV7, SamplingConfig, VisionRWKVError  # noqa: E402
+from vision_rwkv.lm import beam as beam_module  # noqa: E402
 from vision_rwkv.lm import generate as generate_module  # noqa: E402
 from vision_rwkv.lm import readback  # noqa: E402
+from vision_rwkv.lm.beam import beam_search  # noqa: E402
 from vision_rwkv.lm.generate import decode_loop  # noqa: E402
 
 LAG = 2
@@ -68,11 +71,11 @@ PATHS = [("engine", 0), ("eager", LAG), ("bucketed", 0), ("bucketed", LAG)]
 
 @pytest.fixture
 def path(request, monkeypatch):
-    """Put both the new loop and the reference on the given stepper, and read back with the given lag."""
+    """Put both the new loops and the reference on the given stepper, and read back with the given lag."""
     name, lag = request.param
     make = STEPPERS[name]
     if make is not None:
-        for module in (generate_module, ref):
+        for module in (generate_module, beam_module, ref):
             monkeypatch.setattr(module, "rnn_stepper", make)
     monkeypatch.setattr(readback, "CPU_LAG_STEPS", lag)
     return name, lag
@@ -177,6 +180,91 @@ def test_seeded_sampling_read_late_is_reproducible_and_as_before_while_no_row_en
     assert new == ref.decode_loop(lm, logits, state.clone(), cfg, [], g2)
 
 
+# ---- beam search -----------------------------------------------------------------------------------------
+
+
+def beam_cases(nb, stops):
+    """(config, stop ids) for one beam width: many stop tokens and one (images end at different steps, some
+    are cut at max_new_tokens), no length normalisation, a length penalty between, more hypotheses returned
+    than beams, min_new_tokens with bans, no stop token at all."""
+    beam = dict(strategy="beam", num_beams=nb, max_new_tokens=12)
+    return [
+        (SamplingConfig(**beam, length_penalty=1.0), stops),
+        (SamplingConfig(**beam, length_penalty=1.0, num_return_sequences=nb), stops[2:3]),
+        (SamplingConfig(**beam, length_penalty=0.0, num_return_sequences=nb), stops),
+        (SamplingConfig(**beam, length_penalty=0.7, num_return_sequences=nb + 2), stops),
+        (SamplingConfig(**beam, min_new_tokens=3, banned_tokens=[stops[0], 7], num_return_sequences=2), stops[1:]),
+        (SamplingConfig(strategy="beam", num_beams=nb, max_new_tokens=5, num_return_sequences=nb), []),
+    ]
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True, ids=lambda p: f"{p[0]}-lag{p[1]}")
+@pytest.mark.parametrize("B", [1, 3, 7])
+@pytest.mark.parametrize("nb", [1, 2, 3, 4])
+def test_beam_search_equals_the_reference(lm, path, B, nb):
+    logits, state = prefix(lm, B, seed=1)
+    stops = staggered_stops(lm, logits, state, 12)
+    for cfg, stop in beam_cases(nb, stops):
+        new = beam_search(lm, logits, state.clone(), cfg, stop)
+        old = ref.beam_search(lm, logits, state.clone(), cfg, stop)
+        assert_same_hypotheses(new, old)
+        assert all(len(row) == min(cfg.num_return_sequences, len(row)) > 0 for row in new)
+
+
+def test_the_beam_cases_cover_what_they_claim(lm):
+    """On this model the cases above hold hypotheses ended by a stop token and hypotheses cut at
+    max_new_tokens, side by side in one image's list, and more hypotheses than beams where asked."""
+    logits, state = prefix(lm, 7, seed=1)
+    stops = staggered_stops(lm, logits, state, 12)
+    rows = [row for cfg, stop in beam_cases(3, stops) for row in beam_search(lm, logits, state.clone(), cfg, stop)]
+    assert any(len({h.finished for h in row}) == 2 for row in rows)
+    assert max(len(row) for row in rows) == 5
+
+
+class UniformStep:
+    """A stand-in decoder whose every step puts equal logits on tokens 0..3 (0 stops): every candidate
+    ties, and with length_penalty 1 hypotheses of lengths 1 and 2 tie too (2c / 2 = c exactly)."""
+
+    bucketed = False
+
+    def __init__(self, V):
+        self.logits = torch.full((V,), -1e4)
+        self.logits[:4] = 0.0
+
+    def __call__(self, tokens, state):
+        return self.logits.to(tokens.device).expand(tokens.shape[0], -1).clone(), state
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda])])
+@pytest.mark.parametrize("lag", [0, LAG])
+@pytest.mark.parametrize("nb, length_penalty", [(2, 1.0), (3, 0.0), (3, 1.0), (4, 0.0), (4, 1.0)])
+def test_beam_search_breaks_ties_as_the_reference(lm, monkeypatch, device, lag, nb, length_penalty):
+    """Equal scores keep the order in which hypotheses were filed (sorted() is stable), and the candidates
+    of a step come in topk's order: both the same as the reference, which the output's order shows."""
+    for module in (beam_module, ref):
+        monkeypatch.setattr(module, "rnn_stepper", lambda lm: UniformStep(lm.config.vocab_size))
+    monkeypatch.setattr(readback, "CPU_LAG_STEPS", lag)
+    B, V = 3, lm.config.vocab_size
+    logits = UniformStep(V)(torch.zeros(B, dtype=torch.long, device=device), None)[0]
+    state = lm.init_state(B).to(device)
+    cfg = SamplingConfig(strategy="beam", num_beams=nb, max_new_tokens=4, length_penalty=length_penalty,
+                         num_return_sequences=nb)
+    new = beam_search(lm, logits, state.clone(), cfg, [0])
+    old = ref.beam_search(lm, logits, state.clone(), cfg, [0])
+    assert_same_hypotheses(new, old)
+    assert any(len({h.score for h in row}) < len(row) for row in new)  # there were ties to break
+
+
+def test_beam_search_reorders_the_state_in_place(lm, monkeypatch):
+    """After the first step every state handed to the step is the buffer the step returned, reordered in
+    place: no new state per step."""
+    stepper = BucketedStep(lm)
+    monkeypatch.setattr(beam_module, "rnn_stepper", lambda lm: stepper)
+    logits, state = prefix(lm, 3)
+    beam_search(lm, logits, state, SamplingConfig(strategy="beam", num_beams=3, max_new_tokens=10), [])
+    assert stepper.copies == 1 and set(stepper.sizes) == {9} and len(stepper.sizes) == 9
+
+
 # ---- the demo model, through caption_features -----------------------------------------------------------------
 
 
@@ -196,14 +284,16 @@ def demo_features():
 def reference_caption_features(monkeypatch, model, tokens, pooled, cfg):
     """caption_features as it ran before: the same prefill, the reference loops."""
     with monkeypatch.context() as m:
-        for name in ("decode_loop", "Hypothesis", "rank_score"):
+        for name in ("decode_loop", "beam_search", "Hypothesis", "rank_score"):
             m.setattr(caption_generate, name, getattr(ref, name))
         return caption_generate.caption_features(model, tokens, pooled, cfg)
 
 
-def test_demo_captions_equal_the_reference(demo_features, monkeypatch):
+@pytest.mark.parametrize("cfg", [SamplingConfig(), SamplingConfig(strategy="beam", num_beams=3),
+                                 SamplingConfig(strategy="beam", num_beams=3, num_return_sequences=3)],
+                         ids=["greedy", "beam3", "beam3-nbest3"])
+def test_demo_captions_equal_the_reference(demo_features, monkeypatch, cfg):
     model, tokens, pooled = demo_features
-    cfg = SamplingConfig()
     new = caption_generate.caption_features(model, tokens, pooled, cfg)
     old = reference_caption_features(monkeypatch, model, tokens, pooled, cfg)
     assert_same_hypotheses(new, old)
@@ -213,10 +303,12 @@ def test_demo_captions_equal_the_reference(demo_features, monkeypatch):
 # ---- bad input ------------------------------------------------------------------------------------------
 
 
-def test_bad_token_ids_are_one_line(lm):
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_bad_token_ids_are_one_line(lm, strategy):
     logits, state = prefix(lm, 2)
-    run = decode_loop
-    cfg = SamplingConfig(max_new_tokens=4)
+    run = beam_search if strategy == "beam" else decode_loop
+    beam = dict(num_beams=2) if strategy == "beam" else {}
+    cfg = SamplingConfig(strategy=strategy, max_new_tokens=4, **beam)
     with pytest.raises(VisionRWKVError, match=r"stop tokens .* holds token id 97, outside the vocabulary; "
                                               r"expected ids in \[0, 97\)"):
         run(lm, logits, state, cfg, [0, 97])
@@ -241,7 +333,7 @@ def cuda_lm():
 @cuda
 def test_cuda_graphed_decoding_equals_the_reference(cuda_lm):
     """The real graphed stepper (vision_rwkv.lm.graphs), fp32: greedy with rows ending at different steps
-    (the batch shrinks through power-of-two sizes, LAG_STEPS late), seeded sampling."""
+    (the batch shrinks through power-of-two sizes, LAG_STEPS late), beam search, seeded sampling."""
     from vision_rwkv.lm.graphs import GraphedStep, rnn_stepper
 
     lm = cuda_lm
@@ -254,6 +346,10 @@ def test_cuda_graphed_decoding_equals_the_reference(cuda_lm):
     assert new == ref.decode_loop(lm, logits, state.clone(), cfg, stops, scores=old_scores)
     assert len({len(row) for row in new}) >= 4
     assert new_scores == pytest.approx(old_scores, rel=1e-5, abs=1e-5)
+    for nb in (1, 3, 4):
+        for cfg, stop in beam_cases(nb, stops):
+            assert_same_hypotheses(beam_search(lm, logits, state.clone(), cfg, stop),
+                                   ref.beam_search(lm, logits, state.clone(), cfg, stop))
     cfg = SamplingConfig(**SAMPLING, seed=5)
     assert decode_loop(lm, logits, state.clone(), cfg, stops) == decode_loop(lm, logits, state.clone(), cfg, stops)
 
@@ -272,14 +368,19 @@ def count_syncs(fn) -> int:
 
 @pytest.mark.gpu
 @cuda
-def test_cuda_decoding_of_20_tokens_waits_for_the_gpu_a_handful_of_times(cuda_lm):
-    """The reference reads back at every token (so the count can fail); the new loop only at the end.
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_cuda_decoding_of_20_tokens_waits_for_the_gpu_a_handful_of_times(cuda_lm, strategy):
+    """The reference reads back at every token (so the count can fail); the new loops only at the end.
     Their lagged reads wait on events LAG_STEPS steps old, which sync debug mode does not count: those
     are counted apart, one per step at most."""
     lm, T = cuda_lm, 20
     logits, state = prefix(lm, 8)
-    cfg = SamplingConfig(max_new_tokens=T, min_new_tokens=T)
-    loops = decode_loop, ref.decode_loop
+    if strategy == "beam":
+        cfg = SamplingConfig(strategy="beam", num_beams=3, max_new_tokens=T, min_new_tokens=T)
+        loops = beam_search, ref.beam_search
+    else:
+        cfg = SamplingConfig(max_new_tokens=T, min_new_tokens=T)
+        loops = decode_loop, ref.decode_loop
     new, old = ((lambda loop=loop: loop(lm, logits, state, cfg, [0])) for loop in loops)
     new(), old()  # graphs captured, kernels loaded
     torch.cuda.synchronize()
