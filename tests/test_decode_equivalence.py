@@ -268,17 +268,18 @@ def test_beam_search_reorders_the_state_in_place(lm, monkeypatch):
 # ---- the demo model, through caption_features -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def demo_features():
+def demo_inputs(device: str, dtype: str):
+    """The shipped demo model as Captioner.load gives it, and the encoded shipped examples."""
     from PIL import Image
 
     from vision_rwkv import Captioner
 
     examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("shapes_test_*.png"))
-    model = Captioner.load(device="cpu", dtype="fp32").model
-    with torch.no_grad():
-        x = torch.stack([model.encoder.preprocess(Image.open(p).convert("RGB")) for p in examples])
-        return model, *model.encode(x)
+    captioner = Captioner.load(device=device, dtype=dtype)
+    model = captioner.model
+    x = torch.stack([model.encoder.preprocess(Image.open(p).convert("RGB")) for p in examples])
+    with torch.no_grad(), torch.autocast(captioner.device.type, dtype=torch.bfloat16, enabled=captioner.bf16):
+        return captioner, *model.encode(x.to(captioner.device))
 
 
 def reference_caption_features(monkeypatch, model, tokens, pooled, cfg):
@@ -289,15 +290,39 @@ def reference_caption_features(monkeypatch, model, tokens, pooled, cfg):
         return caption_generate.caption_features(model, tokens, pooled, cfg)
 
 
-@pytest.mark.parametrize("cfg", [SamplingConfig(), SamplingConfig(strategy="beam", num_beams=3),
-                                 SamplingConfig(strategy="beam", num_beams=3, num_return_sequences=3)],
-                         ids=["greedy", "beam3", "beam3-nbest3"])
-def test_demo_captions_equal_the_reference(demo_features, monkeypatch, cfg):
-    model, tokens, pooled = demo_features
-    new = caption_generate.caption_features(model, tokens, pooled, cfg)
-    old = reference_caption_features(monkeypatch, model, tokens, pooled, cfg)
+def assert_demo_equals_the_reference(monkeypatch, captioner, tokens, pooled, cfg):
+    """As Captioner runs it: under bf16 autocast when the weights are bf16."""
+    with torch.autocast(captioner.device.type, dtype=torch.bfloat16, enabled=captioner.bf16):
+        new = caption_generate.caption_features(captioner.model, tokens, pooled, cfg)
+        old = reference_caption_features(monkeypatch, captioner.model, tokens, pooled, cfg)
     assert_same_hypotheses(new, old)
     assert all(row[0].finished and row[0].ids for row in new)  # real captions, ended by end-of-text
+
+
+DEMO_CONFIGS = {"greedy": SamplingConfig(), "beam3": SamplingConfig(strategy="beam", num_beams=3),
+                "beam3-nbest3": SamplingConfig(strategy="beam", num_beams=3, num_return_sequences=3)}
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def cpu_demo(request):
+    return demo_inputs("cpu", request.param)
+
+
+@pytest.mark.parametrize("name", sorted(DEMO_CONFIGS))
+def test_demo_captions_equal_the_reference(cpu_demo, monkeypatch, name):
+    assert_demo_equals_the_reference(monkeypatch, *cpu_demo, DEMO_CONFIGS[name])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype, names", [("fp32", sorted(DEMO_CONFIGS)), ("bf16", ["beam3", "beam3-nbest3"])])
+def test_cuda_demo_captions_equal_the_reference(monkeypatch, dtype, names):
+    """Graphs on. bf16 (caption.py's default on CUDA) for beam search only: its batch is the reference's at
+    every step, so the very same kernels run on the same rows; a greedy batch shrinks LAG_STEPS steps later
+    than the reference's, and bf16 products at another batch size may round a near-tie the other way."""
+    inputs = demo_inputs("cuda", dtype)
+    for name in names:
+        assert_demo_equals_the_reference(monkeypatch, *inputs, DEMO_CONFIGS[name])
 
 
 # ---- bad input ------------------------------------------------------------------------------------------
