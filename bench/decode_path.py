@@ -26,7 +26,6 @@ import argparse
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -40,6 +39,7 @@ from rnn_step import randomize  # noqa: E402
 from vision_rwkv import RWKV7, RWKV7Config, SamplingConfig  # noqa: E402
 from vision_rwkv.lm.beam import beam_search  # noqa: E402
 from vision_rwkv.lm.generate import decode_loop  # noqa: E402
+from vision_rwkv.lm.readback import count_syncs  # noqa: E402
 
 
 def median_ms(fn, device: torch.device, repeats: int) -> float:
@@ -60,20 +60,6 @@ def median_ms(fn, device: torch.device, repeats: int) -> float:
             fn()
             times.append(1e3 * (time.perf_counter() - t))
     return statistics.median(times)
-
-
-def count_syncs(fn, device: torch.device) -> int | None:
-    """Synchronizing CUDA calls in one fn(), as torch's sync debug mode sees them (None on the CPU)."""
-    if device.type != "cuda":
-        return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(w.message) for w in caught)
 
 
 def tokens_of(result) -> list:
@@ -139,7 +125,8 @@ def compare(lm, logits, state, cfg: SamplingConfig, loops, device: torch.device,
         def decode(loop=loop):
             return loop(lm, logits, state.clone(), cfg, [0])
 
-        runs.append((median_ms(decode, device, repeats), count_syncs(decode, device), tokens_of(decode())))
+        syncs = count_syncs(decode) if device.type == "cuda" else None
+        runs.append((median_ms(decode, device, repeats), syncs, tokens_of(decode())))
     (old_ms, old_syncs, old_tokens), (new_ms, new_syncs, new_tokens) = runs
     return dict(old_ms_per_token=old_ms / T, new_ms_per_token=new_ms / T, old_tokens_per_s=B * T / (old_ms / 1e3),
                 new_tokens_per_s=B * T / (new_ms / 1e3), ratio=old_ms / new_ms, old_syncs=old_syncs,

@@ -1,19 +1,19 @@
-"""The decoding loops as they were before issue 19 (vision_rwkv/lm/generate.py at commit d0f645c), kept
-verbatim as the reference the device-side loops are tested against (tests/test_decode_equivalence.py)
+"""The decoding loops as they were before issue 19 (vision_rwkv/lm/generate.py at commit d0f645c), copied
+verbatim, as the reference the device-side loops are tested against (tests/test_decode_equivalence.py)
 and timed against (bench/decode_path.py). Only tests and benchmarks import this module.
 
 They read every token back to the host, shrink the batch with Python lists, advance beams image by image
-in Python and gather the whole state each beam step. TokenChooser and ban_tokens are lm/sampling.py's of
-the same commit (torch.multinomial, bans indexed with Python lists), so the reference makes its own draws.
+in Python and gather the whole state each beam step. TokenChooser's choice and ban_tokens are those of the
+same commit (torch.multinomial, bans indexed with Python lists), so the reference makes its own draws.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from vision_rwkv.config import SamplingConfig
+from vision_rwkv.lm import sampling
+from vision_rwkv.lm.beam import Hypothesis, rank_score  # unchanged by issue 19, shared rather than copied
 from vision_rwkv.lm.graphs import rnn_stepper
 from vision_rwkv.lm.rwkv7 import RWKV7
 from vision_rwkv.lm.sampling import NEG_INF, apply_penalties, filter_logits
@@ -86,18 +86,6 @@ def _bucket(n: int) -> int:
 
 
 # ---- beam search ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Hypothesis:
-    ids: list[int]  # new tokens, stop token excluded
-    logprob: float  # sum of log-probabilities, the stop token's included when it ended the hypothesis
-    score: float  # what beams are ranked by: logprob / length ** length_penalty
-    finished: bool  # ended with a stop token (False: cut at max_new_tokens)
-
-
-def rank_score(logprob: float, length: int, penalty: float) -> float:
-    return logprob / max(length, 1) ** penalty
 
 
 @torch.no_grad()
@@ -196,21 +184,9 @@ def _advance(b, n, top_lp, top_idx, V, nb, stop, history, finished, done, cfg):
     return rows, toks, lps
 
 
-class TokenChooser:
-    """Keeps the per-row occurrence counts and the generator; picks one token per row each step."""
-
-    def __init__(self, cfg: SamplingConfig, batch_size: int, vocab_size: int, device, generator=None):
-        self.cfg = cfg.validate()
-        self.counts = None
-        if cfg.presence_penalty or cfg.frequency_penalty:
-            self.counts = torch.zeros(batch_size, vocab_size, device=device)
-        self.generator = generator
-        if generator is None and cfg.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
-
-    @property
-    def greedy(self) -> bool:
-        return self.cfg.strategy == "greedy" or self.cfg.temperature == 0
+class TokenChooser(sampling.TokenChooser):
+    """lm/sampling.py's TokenChooser as it chose at d0f645c: bans indexed with Python lists, draws by
+    torch.multinomial. Its counts, generator and row selection have not changed since, so they are inherited."""
 
     def scores(self, logits: torch.Tensor, extra_banned=()) -> torch.Tensor:
         """Logits after bans and penalties: what greedy and beam search rank by."""
@@ -224,16 +200,6 @@ class TokenChooser:
             return logits.argmax(dim=-1)
         probs = torch.softmax(filter_logits(logits, self.cfg), dim=-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-
-    def update(self, tokens: torch.Tensor) -> None:
-        if self.counts is not None:
-            self.counts *= self.cfg.penalty_decay
-            ones = torch.ones(tokens.shape[0], 1, dtype=self.counts.dtype, device=self.counts.device)
-            self.counts.scatter_add_(1, tokens.view(-1, 1), ones)
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        if self.counts is not None:
-            self.counts = self.counts[rows]
 
 
 def ban_tokens(logits: torch.Tensor, banned) -> torch.Tensor:

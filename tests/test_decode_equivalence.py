@@ -11,7 +11,6 @@ being reproducible, and equal to the reference's as long as no row has ended.
 """
 
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -285,7 +284,7 @@ def demo_inputs(device: str, dtype: str):
 def reference_caption_features(monkeypatch, model, tokens, pooled, cfg):
     """caption_features as it ran before: the same prefill, the reference loops."""
     with monkeypatch.context() as m:
-        for name in ("decode_loop", "beam_search", "Hypothesis", "rank_score"):
+        for name in ("decode_loop", "beam_search"):
             m.setattr(caption_generate, name, getattr(ref, name))
         return caption_generate.caption_features(model, tokens, pooled, cfg)
 
@@ -379,18 +378,6 @@ def test_cuda_graphed_decoding_equals_the_reference(cuda_lm):
     assert decode_loop(lm, logits, state.clone(), cfg, stops) == decode_loop(lm, logits, state.clone(), cfg, stops)
 
 
-def count_syncs(fn) -> int:
-    """How many synchronizing CUDA calls fn makes, as torch's sync debug mode sees them."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(w.message) for w in caught)
-
-
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
@@ -409,7 +396,7 @@ def test_cuda_decoding_of_20_tokens_waits_for_the_gpu_a_handful_of_times(cuda_lm
     new, old = ((lambda loop=loop: loop(lm, logits, state, cfg, [0])) for loop in loops)
     new(), old()  # graphs captured, kernels loaded
     torch.cuda.synchronize()
-    assert count_syncs(old) >= T
+    assert readback.count_syncs(old) >= T
     waits = []
     original = torch.cuda.Event.synchronize
 
@@ -419,7 +406,7 @@ def test_cuda_decoding_of_20_tokens_waits_for_the_gpu_a_handful_of_times(cuda_lm
 
     torch.cuda.Event.synchronize = counted
     try:
-        assert count_syncs(new) <= 3
+        assert readback.count_syncs(new) <= 3
     finally:
         torch.cuda.Event.synchronize = original
     assert len(waits) <= T + 1

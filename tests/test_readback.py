@@ -36,3 +36,12 @@ def test_a_lagged_read_on_cuda_gives_the_value_pushed_lag_steps_before():
         reader.push(torch.tensor(n, device="cuda") * 10)
         seen.append(reader.read())
     assert seen == [None] * readback.LAG_STEPS + [0, 10, 20]
+
+
+@pytest.mark.gpu
+@cuda
+def test_count_syncs_counts_what_makes_the_host_wait():
+    x = torch.ones(4, device="cuda")
+    assert readback.count_syncs(lambda: x.sum().item()) == 1
+    assert readback.count_syncs(lambda: x.tolist() + x.tolist()) == 2
+    assert readback.count_syncs(lambda: readback.to_device([1, 2], "cuda") + x.sum()) == 0

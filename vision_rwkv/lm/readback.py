@@ -10,6 +10,7 @@ number of steps later, by when the device has long produced it.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 
 import torch
@@ -74,3 +75,16 @@ class LaggedRead:
         if event is not None:
             event.synchronize()
         return host.item()
+
+
+def count_syncs(fn) -> int:
+    """How many times fn() makes the host wait for a CUDA device, as torch's sync debug mode flags them
+    (a D2H copy, .item(), a synchronize; a wait on an event, as LaggedRead.read's, is not flagged)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
