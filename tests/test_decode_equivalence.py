@@ -362,7 +362,8 @@ def test_cuda_graphed_decoding_equals_the_reference(cuda_lm):
 
     lm = cuda_lm
     logits, state = prefix(lm, 13)
-    assert isinstance(rnn_stepper(lm), GraphedStep)
+    with torch.no_grad():  # as decoding runs: graphs are for inference only
+        assert isinstance(rnn_stepper(lm), GraphedStep)
     stops = staggered_stops(lm, logits, state, 24)
     cfg = SamplingConfig(max_new_tokens=24)
     new_scores, old_scores = [], []
@@ -370,6 +371,9 @@ def test_cuda_graphed_decoding_equals_the_reference(cuda_lm):
     assert new == ref.decode_loop(lm, logits, state.clone(), cfg, stops, scores=old_scores)
     assert len({len(row) for row in new}) >= 4
     assert new_scores == pytest.approx(old_scores, rel=1e-5, abs=1e-5)
+    with torch.no_grad():
+        sizes = {key[0] for key in rnn_stepper(lm).graphs}  # graphs captured: (batch size, ...) keys
+    assert 13 in sizes and len(sizes) >= 3 and all(s & (s - 1) == 0 for s in sizes - {13}), sizes
     for nb in (1, 3, 4):
         for cfg, stop in beam_cases(nb, stops):
             assert_same_hypotheses(beam_search(lm, logits, state.clone(), cfg, stop),

@@ -15,8 +15,8 @@ from collections import deque
 
 import torch
 
-# How many steps late a CUDA value is read: the host then runs at most this many steps ahead of the device,
-# and a decode may step this many times after its last row finished. Fixed rather than "as soon as ready",
+# How many steps late a CUDA value is read: the host then runs no more than about this many steps ahead of
+# the device, and a decode may step this many times after its last row finished. Fixed rather than "as soon as ready",
 # so the steps at which a batch shrinks, and with them the sampled draws, do not depend on timing.
 LAG_STEPS = 2
 # On the CPU a read costs nothing, so it is read at once; tests raise this to run the lagged logic there.
