@@ -112,6 +112,19 @@ def test_state_rows_can_be_selected_and_joined(tiny_model):
     torch.testing.assert_close(joined.ffn_shift, state.ffn_shift)
 
 
+def test_state_rows_can_be_reordered_in_place(tiny_model):
+    with torch.no_grad():
+        _, state = tiny_model(torch.randint(0, 97, (5, 4)))
+    rows = torch.tensor([4, 4, 0, 2, 1])
+    expected = state[rows]
+    scratch = state.clone()
+    pointers = [t.data_ptr() for t in (state.att_shift, state.wkv, state.ffn_shift)]
+    state.reorder_(rows, scratch)
+    for name in ("att_shift", "wkv", "ffn_shift"):
+        assert torch.equal(getattr(state, name), getattr(expected, name))
+    assert pointers == [t.data_ptr() for t in (state.att_shift, state.wkv, state.ffn_shift)]
+
+
 def test_gradients_flow_through_gpt_mode_and_the_initial_state(tiny_model):
     tokens = torch.randint(0, 97, (2, 40))
     state = tiny_model.init_state(2)

@@ -10,6 +10,7 @@ from vision_rwkv.lm.sampling import (
     TokenChooser,
     apply_penalties,
     ban_tokens,
+    draw,
     filter_logits,
     top_a_mask,
     top_k_mask,
@@ -60,6 +61,8 @@ def test_penalties_and_bans():
     torch.testing.assert_close(out, torch.tensor([[0, -0.75, -1.0, 0], [-0.625, 0, 0, 0]]))
     banned = ban_tokens(logits, [1, 3])
     assert torch.isinf(banned[:, [1, 3]]).all() and (banned[:, [0, 2]] == 0).all()
+    assert torch.equal(ban_tokens(logits, torch.tensor([3, 1])), banned)  # ids already on the device
+    assert (logits == 0).all()  # the input is left alone
 
 
 def test_penalty_counts_decay_per_row():
@@ -130,3 +133,11 @@ def test_strategy_is_a_choice_that_saves_as_a_string():
     cfg = SamplingConfig(strategy="beam")
     assert cfg.strategy is Strategy.beam and cfg.strategy == "beam" and f"{cfg.strategy}" == "beam"
     assert yaml.safe_load(yaml.safe_dump(plain(cfg)))["strategy"] == "beam"
+
+
+def test_draw_is_torch_multinomial_without_its_checks():
+    probs = torch.softmax(3 * torch.randn(6, 50, generator=torch.Generator().manual_seed(0)), dim=-1)
+    for seed in range(4):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            assert torch.equal(draw(probs, g1), torch.multinomial(probs, 1, generator=g2).squeeze(-1))

@@ -1,12 +1,14 @@
 """Captions from encoder features: the image prefix (and prompt) in GPT mode builds the state, then the
-language model decodes in RNN mode (vision_rwkv.lm.generate: greedy, sampling, beam search)."""
+language model decodes in RNN mode (vision_rwkv.lm.generate: greedy and sampling; vision_rwkv.lm.beam:
+beam search)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..config import SamplingConfig
-from ..lm.generate import Hypothesis, beam_search, decode_loop, rank_score
+from ..lm.beam import Hypothesis, beam_search, rank_score
+from ..lm.generate import decode_loop
 from ..lm.graphs import prefill_runner
 
 

@@ -1,21 +1,22 @@
 """Decoding in RNN mode: a prompt (or image prefix) runs in GPT mode, then one token at a time.
 
-`decode_loop` is the shared core: it takes the logits after the prefix and the state, and steps each
-row until it emits a stop token or reaches max_new_tokens. Finished rows leave the batch, so the work
-shrinks as captions end.
+`decode_loop` is the shared core of greedy decoding and sampling: it takes the logits after the prefix and
+the state, and steps each row until it emits a stop token or reaches max_new_tokens. Its bookkeeping stays
+on the device (vision_rwkv.lm.readback says why): tokens go into a (B, max_new_tokens) tensor, finished rows
+are a bool tensor, scores add up there, and the host reads back only a live-row count, a few steps late.
+Finished rows leave the batch, so the work shrinks as captions end. Beam search is lm/beam.py.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from ..config import SamplingConfig
 from ..errors import VisionRWKVError
 from .graphs import rnn_stepper
+from .readback import LaggedRead, to_device, to_host
 from .rwkv7 import RWKV7
-from .sampling import TokenChooser
+from .sampling import TokenChooser, token_ids
 from .state import RWKVState
 
 
@@ -29,54 +30,61 @@ def decode_loop(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
 
     On CUDA the steps replay CUDA graphs (vision_rwkv.lm.graphs), one per batch size. Finished rows then
     stay in the batch, ignored, until the live ones fit a smaller power of two, so a batch is captured
-    at a few sizes only; eagerly, finished rows leave at once. Rows never mix, so the tokens are the same.
+    at a few sizes only; eagerly, finished rows leave as soon as the host learns of them (at once on the
+    CPU, LAG_STEPS steps later on CUDA). Rows never mix, so the tokens are the same; sampled draws depend
+    on the batch sizes stepped, so they are reproducible for a given device and setting, not across them.
+    """
+    tokens, totals = decode_tokens(lm, logits, state, cfg, stop_ids, generator, with_scores=scores is not None)
+    tokens, totals = to_host(tokens, totals)
+    if scores is not None:
+        scores[:] = totals.tolist()
+    return [[t for t in row if t >= 0] for row in tokens.tolist()]
+
+
+@torch.no_grad()
+def decode_tokens(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: SamplingConfig, stop_ids,
+                  generator=None, with_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_loop on the device: -> tokens (B, max_new_tokens), each row's new tokens then -1s, and the
+    rows' log-probabilities (B,) in fp64 (zeros unless with_scores), added in the order decode_loop adds them.
     """
     cfg.validate()
-    B = logits.shape[0]
-    device = logits.device
-    stop = sorted({int(s) for s in stop_ids})
-    stop_t = torch.tensor(stop, dtype=torch.long, device=device)
-    chooser = TokenChooser(cfg, B, logits.shape[-1], device, generator)
+    B, V = logits.shape
+    device, T = logits.device, cfg.max_new_tokens
+    stop = token_ids(stop_ids, V, "the stop tokens (end-of-text and sampling.stop_tokens)")
+    stop_t = to_device(stop, device)
+    chooser = TokenChooser(cfg, B, V, device, generator)
     step = rnn_stepper(lm)
     graphed = getattr(step, "bucketed", False)
-    out: list[list[int]] = [[] for _ in range(B)]
-    rows = list(range(B))  # the original row of each slot of the batch
-    live = [True] * B  # slots still generating (False: finished, or padding)
-    total = [0.0] * B
-    for n in range(cfg.max_new_tokens):
-        extra = stop if n < cfg.min_new_tokens else ()
-        tokens = chooser.choose(logits, extra_banned=extra)
+    # Row B of these is a sink: writes for finished and padding slots go there, so no index repeats elsewhere.
+    out = torch.full((B + 1, T), -1, dtype=torch.long, device=device)
+    totals = torch.zeros(B + 1, dtype=torch.float64, device=device)
+    rows = torch.arange(B, device=device)  # (S,): the original row of each of the batch's S slots (S = B at first)
+    live = torch.ones(B, dtype=torch.bool, device=device)  # (S,): still generating (False: finished, padding)
+    live_count = LaggedRead(device)
+    for n in range(T):
+        tokens = chooser.choose(logits, extra_banned=stop if n < cfg.min_new_tokens else ())
         chooser.update(tokens)
-        if scores is not None:
+        if with_scores:
             lp = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-            for row, ok, value in zip(rows, live, lp.tolist()):
-                if ok:
-                    total[row] += value
-        done = torch.isin(tokens, stop_t) if stop else torch.zeros_like(tokens, dtype=torch.bool)
-        for i, (tok, fin) in enumerate(zip(tokens.tolist(), done.tolist())):
-            if live[i]:
-                if fin:
-                    live[i] = False
-                else:
-                    out[rows[i]].append(tok)
-        if n == cfg.max_new_tokens - 1:
+            target = torch.where(live, rows, B)
+            totals.index_put_((target,), totals[target] + lp.double())
+        ended = (tokens.unsqueeze(1) == stop_t).any(1)  # (S,)
+        live = live & ~ended
+        out[torch.where(live, rows, B), n] = tokens
+        if n == T - 1:
             break
-        n_live = sum(live)
+        live_count.push(live.sum())
+        n_live = live_count.read()  # a count from LAG_STEPS steps ago: at least the live rows now
         if n_live == 0:
             break
-        size = _bucket(n_live) if graphed else n_live
-        if size < len(rows):  # shrink the batch: live slots first, then padding copies of the first one
-            keep = [i for i, ok in enumerate(live) if ok]
-            keep += [keep[0]] * (size - len(keep))
-            keep_t = torch.tensor(keep, device=device)
-            rows = [rows[i] for i in keep]
-            live = [True] * n_live + [False] * (size - n_live)
-            tokens, state = tokens[keep_t], state[keep_t]
-            chooser.keep_rows(keep_t)
+        if n_live is not None:
+            size = _bucket(n_live) if graphed else n_live
+            if size < rows.shape[0]:  # shrink the batch: live slots first (in order), then finished ones
+                keep = torch.argsort((~live).to(torch.uint8), stable=True)[:size]
+                rows, live, tokens, state = rows[keep], live[keep], tokens[keep], state[keep]
+                chooser.keep_rows(keep)
         logits, state = step(tokens, state)
-    if scores is not None:
-        scores[:] = total
-    return out
+    return out[:B], totals[:B]
 
 
 def _bucket(n: int) -> int:
@@ -115,114 +123,3 @@ def generate(lm: RWKV7, tokenizer, prompt, *, sampling: SamplingConfig | None = 
     new = decode_loop(lm, torch.cat(last), RWKVState.cat(states), cfg, stop, generator)
     texts = [tokenizer.decode(ids) for ids in new]
     return texts[0] if single else texts
-
-
-# ---- beam search ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Hypothesis:
-    ids: list[int]  # new tokens, stop token excluded
-    logprob: float  # sum of log-probabilities, the stop token's included when it ended the hypothesis
-    score: float  # what beams are ranked by: logprob / length ** length_penalty
-    finished: bool  # ended with a stop token (False: cut at max_new_tokens)
-
-
-def rank_score(logprob: float, length: int, penalty: float) -> float:
-    return logprob / max(length, 1) ** penalty
-
-
-@torch.no_grad()
-def beam_search(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: SamplingConfig,
-                stop_ids) -> list[list[Hypothesis]]:
-    """Beam search from B prefixes: logits (B,V) and state for B rows -> for each row its n best
-    hypotheses (cfg.num_return_sequences), best first.
-
-    Beams are ranked by logprob / length ** length_penalty, length counting the stop token. Banned tokens
-    and min_new_tokens apply; presence/frequency penalties and the sampling filters do not (they are for
-    sampling). A row stops once it holds num_beams finished hypotheses and no live beam can rank above
-    the worst of them at its current length.
-    """
-    cfg.validate()
-    B, V = logits.shape
-    nb, device = cfg.num_beams, logits.device
-    stop = sorted({int(s) for s in stop_ids})
-    state = state[torch.arange(B, device=device).repeat_interleave(nb)]  # (B*nb) rows, beam-major per image
-    logits = logits.repeat_interleave(nb, dim=0)
-    beam_lp = torch.full((B, nb), float("-inf"), device=device)
-    beam_lp[:, 0] = 0.0  # all beams start equal: let only the first expand at step 0
-    history: list[list[list[int]]] = [[[] for _ in range(nb)] for _ in range(B)]
-    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-    done = [False] * B
-    banned = list(cfg.banned_tokens)
-    step = rnn_stepper(lm)  # a CUDA graph replay per step on CUDA (the batch stays B*nb rows)
-    for n in range(cfg.max_new_tokens):
-        extra = banned + (stop if n < cfg.min_new_tokens else [])
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        if extra:
-            lp[:, extra] = float("-inf")
-        cand = (beam_lp.view(-1, 1) + lp).view(B, nb * V)
-        top_lp, top_idx = cand.topk(min(2 * nb, nb * V), dim=1)  # (B, 2nb)
-        next_rows, next_tokens, next_lp = [], [], []
-        for b in range(B):
-            rows, toks, lps = _advance(b, n, top_lp[b].tolist(), top_idx[b].tolist(), V, nb, stop, history,
-                                       finished, done, cfg)
-            next_rows += rows
-            next_tokens += toks
-            next_lp.append(lps)
-        beam_lp = torch.tensor(next_lp, device=device)
-        if all(done) or n == cfg.max_new_tokens - 1:
-            break
-        rows_t = torch.tensor(next_rows, device=device)
-        logits, state = step(torch.tensor(next_tokens, device=device), state[rows_t])
-    for b in range(B):  # rows cut at max_new_tokens: their live beams compete too
-        if not done[b]:
-            for k in range(nb):
-                if beam_lp[b, k] > float("-inf") and history[b][k] is not None:
-                    ids = history[b][k]
-                    value = float(beam_lp[b, k])
-                    finished[b].append(Hypothesis(ids, value, rank_score(value, len(ids), cfg.length_penalty), False))
-    return [sorted(f, key=lambda h: -h.score)[: cfg.num_return_sequences] for f in finished]
-
-
-def _advance(b, n, top_lp, top_idx, V, nb, stop, history, finished, done, cfg):
-    """One image's step: file finished candidates, pick the next nb live beams.
-
-    Returns the state rows to continue from (into the B*nb layout), their next tokens and log-probs.
-    A done image keeps nb placeholder beams (row b*nb, token 0, -inf) so the batch shape stays fixed.
-    """
-    if done[b]:
-        return [b * nb] * nb, [0] * nb, [float("-inf")] * nb
-    rows, toks, lps, new_hist = [], [], [], []
-    for rank, (value, idx) in enumerate(zip(top_lp, top_idx)):
-        if value == float("-inf"):
-            break
-        beam, tok = divmod(idx, V)
-        ids = history[b][beam]
-        if tok in stop:
-            if rank < nb:  # a stop among the best nb candidates ends a hypothesis
-                score = rank_score(value, len(ids) + 1, cfg.length_penalty)
-                finished[b].append(Hypothesis(list(ids), value, score, True))
-            continue
-        rows.append(b * nb + beam)
-        toks.append(tok)
-        lps.append(value)
-        new_hist.append(ids + [tok])
-        if len(rows) == nb:
-            break
-    while len(rows) < nb:  # fewer live candidates than beams: pad with dead beams
-        rows.append(b * nb)
-        toks.append(0)
-        lps.append(float("-inf"))
-        new_hist.append(None)
-    history[b] = new_hist
-    if len(finished[b]) >= nb:
-        worst = sorted(h.score for h in finished[b])[-nb]
-        best_live = max(lps)
-        # Log-probabilities only fall, so a live beam's rank at its next length is bounded by this
-        # (exact for length_penalty 0 and the usual heuristic otherwise).
-        if best_live == float("-inf") or rank_score(best_live, n + 1, cfg.length_penalty) <= worst:
-            done[b] = True
-    elif all(v == float("-inf") for v in lps):
-        done[b] = True
-    return rows, toks, lps

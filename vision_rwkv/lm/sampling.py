@@ -10,17 +10,40 @@ from __future__ import annotations
 import torch
 
 from ..config import SamplingConfig
+from ..errors import VisionRWKVError
+from .readback import to_device
 
 NEG_INF = float("-inf")
 
 
+def token_ids(ids, vocab_size: int, what: str) -> list[int]:
+    """Sorted distinct ids, each checked to lie in the vocabulary (one line naming `what` otherwise)."""
+    ids = sorted({int(i) for i in ids})
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise VisionRWKVError(f"{what} holds token id {bad[0]}, outside the vocabulary; expected ids in "
+                              f"[0, {vocab_size})")
+    return ids
+
+
+def ban_ids(banned, extra, vocab_size: int, device) -> torch.Tensor | None:
+    """banned and extra (stop tokens during min_new_tokens) as one device tensor of ids, or None if there
+    are none; made once per decode, so no step sends a list to the device."""
+    ids = token_ids([*banned, *extra], vocab_size, "sampling.banned_tokens (with the stop tokens before "
+                                                   "min_new_tokens)")
+    if len(ids) >= vocab_size:
+        raise VisionRWKVError(f"sampling.banned_tokens (with the stop tokens before min_new_tokens) ban all "
+                              f"{vocab_size} tokens of the vocabulary; expected at least one token left to choose")
+    return to_device(ids, device) if ids else None
+
+
 def ban_tokens(logits: torch.Tensor, banned) -> torch.Tensor:
-    """Set the banned token ids to -inf in every row."""
+    """Set the banned token ids (a sequence, or a tensor of ids on the logits' device) to -inf in every row."""
     if banned is None or len(banned) == 0:
         return logits
-    logits = logits.clone()
-    logits[:, torch.as_tensor(list(banned), dtype=torch.long, device=logits.device)] = NEG_INF
-    return logits
+    if not isinstance(banned, torch.Tensor):
+        banned = torch.as_tensor(list(banned), dtype=torch.long, device=logits.device)
+    return logits.index_fill(1, banned, NEG_INF)
 
 
 def apply_penalties(logits, counts, presence: float, frequency: float) -> torch.Tensor:
@@ -68,11 +91,21 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return logits
 
 
+def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One token per row of probs (B,V): the draw torch.multinomial(probs, 1) makes (argmax of probs over
+    exponential noise, the same generator use), without the validity checks with which multinomial reads
+    the probabilities back to the host at every call."""
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
 class TokenChooser:
     """Keeps the per-row occurrence counts and the generator; picks one token per row each step."""
 
     def __init__(self, cfg: SamplingConfig, batch_size: int, vocab_size: int, device, generator=None):
         self.cfg = cfg.validate()
+        self.vocab_size, self.device = vocab_size, device
+        self._bans: dict[tuple, torch.Tensor | None] = {}  # extra bans -> all banned ids on the device
         self.counts = None
         if cfg.presence_penalty or cfg.frequency_penalty:
             self.counts = torch.zeros(batch_size, vocab_size, device=device)
@@ -86,7 +119,7 @@ class TokenChooser:
 
     def scores(self, logits: torch.Tensor, extra_banned=()) -> torch.Tensor:
         """Logits after bans and penalties: what greedy and beam search rank by."""
-        logits = ban_tokens(logits.float(), list(self.cfg.banned_tokens) + list(extra_banned))
+        logits = ban_tokens(logits.float(), self.banned(extra_banned))
         return apply_penalties(logits, self.counts, self.cfg.presence_penalty, self.cfg.frequency_penalty)
 
     def choose(self, logits: torch.Tensor, extra_banned=()) -> torch.Tensor:
@@ -95,7 +128,14 @@ class TokenChooser:
         if self.greedy:
             return logits.argmax(dim=-1)
         probs = torch.softmax(filter_logits(logits, self.cfg), dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return draw(probs, self.generator)
+
+    def banned(self, extra=()) -> torch.Tensor | None:
+        """The configured bans with `extra` added, as device ids (None: nothing banned)."""
+        key = tuple(extra)
+        if key not in self._bans:
+            self._bans[key] = ban_ids(self.cfg.banned_tokens, key, self.vocab_size, self.device)
+        return self._bans[key]
 
     def update(self, tokens: torch.Tensor) -> None:
         if self.counts is not None:

@@ -52,6 +52,16 @@ class RWKVState:
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         return RWKVState(self.att_shift[:, idx], self.wkv[:, idx], self.ffn_shift[:, idx])
 
+    def reorder_(self, rows: torch.Tensor, scratch: RWKVState) -> RWKVState:
+        """Select, reorder or repeat rows in place: rows (B,) indexes this state's B rows. The selected rows
+        pass through scratch, a state of the same shape, so no new state is allocated (beam search does
+        this at every step)."""
+        for name in STATE_KEYS:
+            tensor, buffer = getattr(self, name), getattr(scratch, name)
+            torch.index_select(tensor, 1, rows, out=buffer)
+            tensor.copy_(buffer)
+        return self
+
     @staticmethod
     def cat(states: list[RWKVState]) -> RWKVState:
         return RWKVState(
