@@ -251,7 +251,10 @@ def test_beam_search_breaks_ties_as_the_reference(lm, monkeypatch, device, lag, 
     new = beam_search(lm, logits, state.clone(), cfg, [0])
     old = ref.beam_search(lm, logits, state.clone(), cfg, [0])
     assert_same_hypotheses(new, old)
-    assert any(len({h.score for h in row}) < len(row) for row in new)  # there were ties to break
+    # there were ties to break: by design on the CPU; CUDA's topk orders equal candidates its own way, and
+    # with 4 beams and no length penalty both loops filed hypotheses of distinct scores there (H200, 2026-12-03)
+    if device == "cpu" or (nb, length_penalty) != (4, 0.0):
+        assert any(len({h.score for h in row}) < len(row) for row in new)
 
 
 def test_beam_search_reorders_the_state_in_place(lm, monkeypatch):

@@ -15,8 +15,8 @@ copies made once per weight version:
 With the kernels there is a second, fused path for a few rows (six launches a layer: LayerNorm, the
 mixes and the products that read them in one kernel, ln_mix_matmul; the other products as one-pass
 matrix-vector kernels, linear_), packed as w_in (3C + 4R, C), of which w_rkv and lora1 are views, and
-lora2_in (4C, R), the four second low-rank matrices as four groups of one product, of which lora2 is a
-view; FUSED_MAX_BATCH says when it runs. On the CPU the products go through oneDNN's packed weights.
+lora2_in (4C, R), the four second low-rank matrices as four groups of one product; FUSED_MAX_BATCH says
+when it runs. On the CPU the products go through oneDNN's packed weights.
 
 Other matrices are the parameters themselves, or copies cast to the compute dtype when the weights have
 another (fp32 weights under bf16 autocast). The residual stream, LayerNorms and the state are fp32; the
@@ -143,7 +143,7 @@ class StepEngine:
                 w_in = out[f"{i}.w_in"]
                 out[f"{i}.w_rkv"] = w_in[:3 * C].view(3, C, C).transpose(1, 2)
                 out[f"{i}.lora1"] = w_in[3 * C:].view(4, R, C).transpose(1, 2)
-                out[f"{i}.lora2"] = out[f"{i}.lora2_in"].view(4, C, R).transpose(1, 2)
+                out[f"{i}.lora2"] = torch.stack(high).to(self.dtype)  # (4, R, C): cuBLAS's fast layout here
             else:
                 # (G,K,N); the reduce products read them transposed, so keep (G,N,K) memory for them
                 contiguous = (lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)) if self.reduce \

@@ -125,5 +125,5 @@ def linear_(x, w, out, groups: int = 1) -> None:
     output columns [g*N, (g+1)*N) read input columns [g*K, (g+1)*K). groups=1 is a plain product; the
     step's second low-rank products are 4 groups (v, w, a, g), each reading its own R columns."""
     K, n = w.shape[1], w.shape[0] // groups
-    for g in range(groups):
-        out[:, g * n:(g + 1) * n] = F.linear(x[:, g * K:(g + 1) * K].to(w.dtype), w[g * n:(g + 1) * n])
+    for g in range(groups):  # into out itself: no product then copy
+        torch.mm(x[:, g * K:(g + 1) * K].to(w.dtype), w[g * n:(g + 1) * n].t(), out=out[:, g * n:(g + 1) * n])
