@@ -214,7 +214,7 @@ def sampling_from_fields(fields: dict, max_new_tokens_limit: int) -> SamplingCon
             raise RequestError(f"{key} is {value!r}; expected {'an integer' if kind is int else kind.__name__}") from None
     kwargs = {("num_return_sequences" if k == "num_return" else k): v for k, v in values.items()}
     kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-    sampling = SamplingConfig(**kwargs)
+    sampling = SamplingConfig(**kwargs).validate()
     if sampling.max_new_tokens > max_new_tokens_limit:
         raise RequestError(f"max_new_tokens is {sampling.max_new_tokens}; this server allows at most "
                            f"{max_new_tokens_limit}")
@@ -223,7 +223,7 @@ def sampling_from_fields(fields: dict, max_new_tokens_limit: int) -> SamplingCon
     if sampling.strategy == Strategy.beam and sampling.num_return_sequences > sampling.num_beams:
         raise RequestError(f"num_return is {sampling.num_return_sequences}; beam search returns at most num_beams "
                            f"({sampling.num_beams})")
-    return sampling.validate()
+    return sampling
 
 
 def sampling_summary(sampling: SamplingConfig) -> dict:
