@@ -183,12 +183,14 @@ def _parse_json(body: bytes):
         raise RequestError("\"images\" must be a list of base64 strings or {\"name\", \"data\"} objects")
     images = []
     for i, item in enumerate(items):
-        name, data = (item.get("name", f"image {i}"), item.get("data")) if isinstance(item, dict) else (f"image {i}", item)
+        name, data = f"image {i}", item
+        if isinstance(item, dict):
+            name, data = item.get("name", name), item.get("data")
         if not isinstance(data, str):
             raise RequestError(f"images[{i}] must be a base64 string (or an object with one in \"data\")")
         try:
-            images.append((str(name), base64.b64decode(data.split(",", 1)[-1] if data.startswith("data:") else data,
-                                                       validate=True)))
+            payload = data.split(",", 1)[-1] if data.startswith("data:") else data  # a data: URL from a page
+            images.append((str(name), base64.b64decode(payload, validate=True)))
         except (binascii.Error, ValueError):
             raise RequestError(f"images[{i}] is not valid base64") from None
     return images, doc
@@ -211,7 +213,8 @@ def sampling_from_fields(fields: dict, max_new_tokens_limit: int) -> SamplingCon
                 raise ValueError
             values[key] = kind(value)
         except (TypeError, ValueError):
-            raise RequestError(f"{key} is {value!r}; expected {'an integer' if kind is int else kind.__name__}") from None
+            expected = "an integer" if kind is int else kind.__name__
+            raise RequestError(f"{key} is {value!r}; expected {expected}") from None
     kwargs = {("num_return_sequences" if k == "num_return" else k): v for k, v in values.items()}
     kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     sampling = SamplingConfig(**kwargs).validate()
