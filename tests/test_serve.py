@@ -232,7 +232,7 @@ def test_results_are_batch_invariant(captioner, sampling):
     alone.close()
     assert expected.batch_images == 1
 
-    together = BatchScheduler(captioner, max_batch=32, max_wait_ms=2000).start()
+    together = BatchScheduler(captioner, max_batch=32, max_wait_ms=2000, continuous=False).start()
     others = [together.submit(preprocessed(captioner, EXAMPLES), sampling) for _ in range(2)]
     mine = together.submit(preprocessed(captioner, [SHAPES_3]), sampling)
     together.close()
@@ -248,7 +248,7 @@ def test_results_are_batch_invariant(captioner, sampling):
 
 
 def test_requests_with_different_settings_share_a_batch_window_but_not_a_decode(captioner):
-    scheduler = BatchScheduler(captioner, max_wait_ms=2000, max_batch=3).start()
+    scheduler = BatchScheduler(captioner, max_wait_ms=2000, max_batch=3, continuous=False).start()
     greedy = scheduler.submit(preprocessed(captioner, [SHAPES_3]), SamplingConfig(max_new_tokens=48))
     beam = scheduler.submit(preprocessed(captioner, [SHAPES_3]), SamplingConfig(strategy="beam", max_new_tokens=48))
     greedy2 = scheduler.submit(preprocessed(captioner, [SHAPES_3]), SamplingConfig(max_new_tokens=48))
@@ -296,3 +296,46 @@ def test_overload_gives_503s_with_retry_after_and_loses_no_response(captioner):
         else:
             assert r.json()["results"][0]["captions"][0]["caption"]
     assert health and set(health) == {200}
+
+
+# ---- continuous batching: plain greedy rows join and leave the running decode step by step -------------------
+
+
+def test_rows_join_the_running_decode_and_get_what_they_get_alone(captioner):
+    """Requests arrive while others decode (different max_new_tokens, so rows leave at different steps):
+    every image's caption and score equal Captioner's, alone, and some requests really joined mid-decode."""
+    import time
+
+    reference = {p: captioner.caption_images(preprocessed(captioner, [p]), SamplingConfig(max_new_tokens=48))[0][0]
+                 for p in EXAMPLES}
+    scheduler = BatchScheduler(captioner, max_batch=32, max_wait_ms=0).start()
+    futures = []
+    for i in range(8):
+        paths = EXAMPLES[i % len(EXAMPLES):] or EXAMPLES
+        futures.append((paths, scheduler.submit(preprocessed(captioner, paths), SamplingConfig(max_new_tokens=48))))
+        time.sleep(0.03)  # a few steps apart
+    cut = scheduler.submit(preprocessed(captioner, [SHAPES_3]), SamplingConfig(max_new_tokens=5))
+    scheduler.close()
+    joined_late = 0
+    for paths, future in futures:
+        got = future.result()
+        for path, captions in zip(paths, got.captions):
+            (text, score), = captions
+            assert text == reference[path][0]
+            assert score == pytest.approx(reference[path][1], abs=1e-4)
+        joined_late += got.batch_images > len(paths)
+    assert joined_late >= 1
+    assert scheduler.batches_run == 0  # all of it went through the running decode
+    (text, _), = cut.result().captions[0]
+    alone = captioner.caption_images(preprocessed(captioner, [SHAPES_3]), SamplingConfig(max_new_tokens=5))
+    assert text == alone[0][0][0]
+
+
+def test_a_beam_request_runs_between_steps_of_the_running_decode(captioner):
+    scheduler = BatchScheduler(captioner, max_wait_ms=0).start()
+    greedy = scheduler.submit(preprocessed(captioner, EXAMPLES), SamplingConfig(max_new_tokens=48))
+    beam_cfg = SamplingConfig(strategy="beam", num_beams=3, max_new_tokens=48)
+    beam = scheduler.submit(preprocessed(captioner, [SHAPES_3]), beam_cfg)
+    scheduler.close()
+    assert beam.result().captions == captioner.caption_images(preprocessed(captioner, [SHAPES_3]), beam_cfg)
+    assert len(greedy.result().captions) == len(EXAMPLES)

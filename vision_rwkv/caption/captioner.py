@@ -186,8 +186,11 @@ class Captioner:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             tokens, pooled = self.model.encode(images)
             hyps = caption_features(self.model, tokens, pooled, sampling, generator)
-        return [[(" ".join(self.model.tokenizer.decode(h.ids).split()), float(h.logprob)) for h in row]
-                for row in hyps]
+        return [[(self.text(h.ids), float(h.logprob)) for h in row] for row in hyps]
+
+    def text(self, ids: list[int]) -> str:
+        """Token ids -> a caption: the decoded text with runs of whitespace collapsed to one space."""
+        return " ".join(self.model.tokenizer.decode(ids).split())
 
 
 # ---- loading images (in DataLoader workers) ---------------------------------------------------------------

@@ -52,7 +52,7 @@ def create_app(captioner, cfg: ServeConfig | None = None, *, name: str = "demo")
     """The app for a loaded Captioner. Its lifespan starts the batching worker and, at shutdown (after
     uvicorn has finished the requests in flight), drains the queue and stops it."""
     cfg = (cfg or ServeConfig()).validate()
-    scheduler = BatchScheduler(captioner, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue)
+    scheduler = BatchScheduler(captioner, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, cfg.continuous)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -266,7 +266,8 @@ def describe_model(captioner, cfg: ServeConfig, name: str) -> dict:
         "projector": {"kind": str(model.config.projector.kind), "prefix_len": model.prefix_len},
         "decoder": {"n_layer": dec.n_layer, "n_embd": dec.n_embd, "head_size": dec.head_size,
                     "vocab_size": dec.vocab_size},
-        "limits": {"max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms, "max_queue": cfg.max_queue,
+        "limits": {"continuous": cfg.continuous,
+                   "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms, "max_queue": cfg.max_queue,
                    "max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
                    "max_images": cfg.max_images, "max_new_tokens": cfg.max_new_tokens},
     }

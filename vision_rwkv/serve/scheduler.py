@@ -1,9 +1,12 @@
-"""Dynamic batching for the server: one worker thread owns the model and captions queued requests together.
+"""Batching for the server: one worker thread owns the model and captions queued requests together.
 
-Requests wait in a bounded queue. The worker takes the oldest, waits up to max_wait_ms for more to arrive
-(until max_batch images are waiting), then captions what it took: requests with the same sampling settings
-share one encode + prefill + decode. Batching happens at the request level: a batch runs to its end
-before the next one starts (rows do not join a running decode).
+Requests wait in a bounded queue. Plain greedy requests (the page's and the API's default) are batched
+continuously, at the step level: their images are encoded and prefilled as soon as the worker is between
+two steps, their rows join the running decode at the next step, and each row leaves as soon as it ends
+(vision_rwkv.serve.continuous). Every other request (beam search, sampling, penalties) is batched per
+request: when nothing is decoding, the worker waits up to max_wait_ms for more to arrive (until
+max_batch images are waiting), and requests with the same settings share one encode + prefill + decode
+that runs to its end; while rows are decoding, such a request runs between two steps.
 
 Results are batch-invariant: rows never mix in the model, greedy and beam search depend on a row's own
 logits only, and seeded sampling runs each request on its own, from a generator seeded with its seed, so a
@@ -27,6 +30,7 @@ import torch
 
 from ..config import SamplingConfig, Strategy
 from ..errors import VisionRWKVError
+from .continuous import RunningBatch, joins_running_batch
 
 
 class QueueFull(VisionRWKVError):
@@ -53,6 +57,7 @@ class _Job:
     sampling: SamplingConfig
     future: Future = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
+    joined_at: float = 0.0  # when its rows joined the running decode (continuous batching)
 
     @property
     def size(self) -> int:
@@ -67,7 +72,8 @@ class BatchScheduler:
         scheduler.close()   # finishes everything queued, then stops the worker
     """
 
-    def __init__(self, captioner, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256):
+    def __init__(self, captioner, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
+                 continuous: bool = True):
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise VisionRWKVError(f"max_batch={max_batch}, max_queue={max_queue}, max_wait_ms={max_wait_ms}; "
                                   "expected max_batch >= 1, max_queue >= 1 and max_wait_ms >= 0")
@@ -78,7 +84,9 @@ class BatchScheduler:
         self._closing = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="vision-rwkv-serve-worker", daemon=True)
-        self.batches_run = 0
+        self.batches_run = 0  # request-level batches (not the continuous decode's steps)
+        self.continuous = continuous  # plain greedy rows join and leave the running decode step by step
+        self._running = RunningBatch(captioner)
 
     def start(self) -> BatchScheduler:
         self._thread.start()
@@ -116,32 +124,71 @@ class BatchScheduler:
 
     def _run(self) -> None:
         while True:
-            jobs = self._take_batch()
+            jobs = self._take_batch(block=not self._running)
             if jobs is None:
                 return
             for group in _groups(jobs):
-                self._caption(group)
+                if self.continuous and joins_running_batch(group[0].sampling):
+                    self._join(group)
+                else:
+                    self._caption(group)
+            if self._running:
+                self._step()
 
-    def _take_batch(self) -> list[_Job] | None:
-        """Wait for a job, then up to max_wait for max_batch images; None once closing with nothing left."""
+    def _take_batch(self, block: bool) -> list[_Job] | None:
+        """Blocking (nothing is decoding): wait for a job, then up to max_wait for max_batch images; None once
+        closing with nothing left. Not blocking (rows are decoding): whatever is queued now, up to the
+        room left in the running batch, so it joins at the next step."""
+        room = self.max_batch - len(self._running)
         with self._cond:
-            while not self._jobs:
-                if self._closing:
-                    return None
-                self._cond.wait()
-            deadline = self._jobs[0].queued_at + self.max_wait_s
-            while self._queued_images < self.max_batch and not self._closing:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
+            if block:
+                while not self._jobs:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                deadline = self._jobs[0].queued_at + self.max_wait_s
+                while self._queued_images < self.max_batch and not self._closing:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            elif room <= 0:
+                return []
             jobs, images = [], 0
-            while self._jobs and (not jobs or images + self._jobs[0].size <= self.max_batch):
+            while self._jobs and (not jobs or images + self._jobs[0].size <= room):
+                if not block and images + self._jobs[0].size > room:
+                    break
                 job = self._jobs.popleft()
                 jobs.append(job)
                 images += job.size
             self._queued_images -= images
             return jobs
+
+    def _join(self, jobs: list[_Job]) -> None:
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        start = time.perf_counter()
+        try:
+            self._running.admit(jobs)
+        except Exception as e:
+            for job in jobs:
+                job.future.set_exception(e)
+            return
+        for job in jobs:
+            job.joined_at = start
+
+    def _step(self) -> None:
+        try:
+            done = self._running.step()
+        except Exception as e:  # a bug or an out-of-memory: every row decoding now learns of it
+            for job in {id(r.job): r.job for r in self._running.rows}.values():
+                job.future.set_exception(e)
+            self._running = RunningBatch(self.captioner)
+            return
+        for job, captions, seconds, batch_rows in done:
+            job.future.set_result(Captioned(captions, (job.joined_at - job.queued_at) * 1000, seconds * 1000,
+                                            batch_rows))
 
     def _caption(self, jobs: list[_Job]) -> None:
         jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
