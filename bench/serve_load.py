@@ -40,6 +40,8 @@ def parse_args(argv):
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--no-continuous", dest="continuous", action="store_false",
+                   help="batch every request whole (no rows joining the running decode)")
     return p.parse_args(argv)
 
 
@@ -129,7 +131,7 @@ class InProcessServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         cfg = ServeConfig(port=self.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                          max_queue=args.max_queue)
+                          max_queue=args.max_queue, continuous=args.continuous)
         app = create_app(self.captioner, cfg)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     limit_concurrency=4096, backlog=4096))
@@ -178,7 +180,7 @@ def main(argv=None) -> list[dict]:
 
 def report(captioner, baseline, rows, args) -> list[dict]:
     print(f"serve load: {describe(captioner)}; max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
-          f"max_queue {args.max_queue}, {args.max_new_tokens} new tokens max, {args.seconds:g} s per level")
+          f"max_queue {args.max_queue}, continuous {args.continuous}, {args.max_new_tokens} new tokens max, {args.seconds:g} s per level")
     if baseline is not None:
         print(f"baseline: offline caption_images at batch {args.max_batch}: {baseline:.1f} images/s")
     print(f"{'clients':>7} {'requests':>8} {'req/s':>8} {'vs offline':>10} {'p50 ms':>8} {'p99 ms':>8} "
