@@ -198,6 +198,21 @@ def test_nothing_a_client_sends_is_written_to_disk(client, monkeypatch):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("fields", [{}, {"strategy": "beam"}], ids=["continuous", "request-level"])
+def test_a_failure_in_the_worker_is_a_json_500_and_the_server_goes_on(captioner, client, monkeypatch, fields):
+    from vision_rwkv.serve import continuous
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(captioner, "caption_images", broken)
+    monkeypatch.setattr(continuous.RunningBatch, "step", broken)
+    assert "internal error while captioning (RuntimeError)" in one_line_error(post_files(client, SHAPES_3, **fields),
+                                                                              500)
+    monkeypatch.undo()
+    assert post_files(client, SHAPES_3, **fields).status_code == 200
+
+
 def test_cors_is_off_unless_configured(captioner, client):
     assert "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": "http://a.example"}).headers
     cfg = ServeConfig(cors_origins=["http://a.example"])

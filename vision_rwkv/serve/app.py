@@ -17,6 +17,7 @@ import binascii
 import email.parser
 import email.policy
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -38,6 +39,7 @@ SAMPLING_FIELDS = {"strategy": str, "num_beams": int, "num_return": int, "top_p"
 DEFAULT_MAX_NEW_TOKENS = 48  # as the CLI's presets, so a default request captions as caption.py does
 MAX_BEAMS = 16
 RETRY_AFTER_S = 1
+log = logging.getLogger(__name__)
 
 
 class RequestError(VisionRWKVError):
@@ -90,6 +92,9 @@ def create_app(captioner, cfg: ServeConfig | None = None, *, name: str = "demo")
             return error(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
         except VisionRWKVError as e:  # sampling settings out of range, or not used by the strategy
             return error(400, one_line(e))
+        except Exception as e:  # a bug or an out-of-memory in the worker: logged in full, answered in one line
+            log.exception("captioning failed")
+            return error(500, f"internal error while captioning ({type(e).__name__}); see the server's log")
         done = time.perf_counter()
         results = [{"name": n, "captions": [{"caption": text, "score": score} for text, score in caps]}
                    for (n, _), caps in zip(named, captioned.captions)]

@@ -165,15 +165,13 @@ class BatchScheduler:
             return jobs
 
     def _join(self, jobs: list[_Job]) -> None:
-        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
-        if not jobs:
-            return
+        jobs = _claim(jobs)
         start = time.perf_counter()
         try:
-            self._running.admit(jobs)
-        except Exception as e:
-            for job in jobs:
-                job.future.set_exception(e)
+            if jobs:
+                self._running.admit(jobs)
+        except Exception as e:  # a bug or an out-of-memory: these requests learn of it
+            _fail(jobs, e)
             return
         for job in jobs:
             job.joined_at = start
@@ -182,8 +180,7 @@ class BatchScheduler:
         try:
             done = self._running.step()
         except Exception as e:  # a bug or an out-of-memory: every row decoding now learns of it
-            for job in {id(r.job): r.job for r in self._running.rows}.values():
-                job.future.set_exception(e)
+            _fail(list({id(r.job): r.job for r in self._running.rows}.values()), e)
             self._running = RunningBatch(self.captioner)
             return
         for job, captions, seconds, batch_rows in done:
@@ -191,7 +188,7 @@ class BatchScheduler:
                                             batch_rows))
 
     def _caption(self, jobs: list[_Job]) -> None:
-        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        jobs = _claim(jobs)
         if not jobs:
             return
         start = time.perf_counter()
@@ -200,8 +197,7 @@ class BatchScheduler:
             generator = _generator(jobs[0].sampling, self.captioner.device)
             captions = self.captioner.caption_images(images, jobs[0].sampling, generator)
         except Exception as e:  # a bug or an out-of-memory: every request of the batch learns of it
-            for job in jobs:
-                job.future.set_exception(e)
+            _fail(jobs, e)
             return
         compute_ms = (time.perf_counter() - start) * 1000
         self.batches_run += 1
@@ -210,6 +206,16 @@ class BatchScheduler:
             job.future.set_result(Captioned(captions[offset:offset + job.size], (start - job.queued_at) * 1000,
                                             compute_ms, len(images)))
             offset += job.size
+
+
+def _claim(jobs: list[_Job]) -> list[_Job]:
+    """The jobs whose futures were not cancelled, now marked running."""
+    return [job for job in jobs if job.future.set_running_or_notify_cancel()]
+
+
+def _fail(jobs: list[_Job], error: Exception) -> None:
+    for job in jobs:
+        job.future.set_exception(error)
 
 
 def _seeded(sampling: SamplingConfig) -> bool:
