@@ -83,6 +83,9 @@ def test_the_page_in_chromium_shows_the_caption_caption_py_prints(server):
             assert "log-prob" in page.inner_text(".card .score")
             assert page.inner_text("#error") == ""
             page.screenshot(path=str(Path(tempfile.mkdtemp(prefix="vision-rwkv-page-")) / "page.png"))
+            page.set_input_files("#file", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"hello"}])
+            page.wait_for_selector(".card .card-error", timeout=60_000)
+            assert page.inner_text("#error") == "notes.png: not an image (or a format Pillow cannot read)"
         finally:
             browser.close()
     assert shown == expected
