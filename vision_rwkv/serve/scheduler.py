@@ -47,8 +47,8 @@ class Captioned:
 
     captions: list[list[tuple[str, float]]]
     queue_ms: float  # from submit() to the start of its batch
-    compute_ms: float  # encode + prefill + decode of the batch it ran in
-    batch_images: int  # images in that batch (its own included)
+    compute_ms: float  # encode + prefill + decode of its batch; continuous: from joining to its last row's end
+    batch_images: int  # images in that batch (its own included); continuous: rows decoding at its last step
 
 
 @dataclass
