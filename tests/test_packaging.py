@@ -36,6 +36,7 @@ def test_wheel_contains_every_module_config_and_the_kernel_sources(wheel):
         assert f"vision_rwkv/kernels/{source}" in names
     for asset in ("config.yaml", "model.safetensors", "tokenizer.json"):  # caption.py's default model
         assert f"vision_rwkv/assets/demo/{asset}" in names
+    assert "vision_rwkv/serve/static/index.html" in names  # the server's page
     confs = {str(p.relative_to(ROOT)) for p in (ROOT / "vision_rwkv" / "cli" / "conf").rglob("*.yaml")}
     assert confs and not sorted(c for c in confs if c not in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))

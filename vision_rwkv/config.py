@@ -431,3 +431,42 @@ class CaptionJobConfig:
     progress: Optional[bool] = None  # None: when stderr is a terminal
     overwrite: bool = False  # True: start afresh (no resume), replacing out, its journal and existing NAME.txt
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+# ---- serving captions over HTTP (serve.py, vision-rwkv serve) -----------------------------------------
+
+
+@dataclass
+class ServeConfig:
+    """The captioning server: the schema of the CLI's conf/serve.yaml (vision_rwkv.serve reads it)."""
+
+    checkpoint: Optional[str] = None  # None: the shipped demo model
+    host: str = "127.0.0.1"  # loopback only unless asked
+    port: int = 8000
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch: int = 32  # images encoded and decoded together
+    max_wait_ms: float = 5.0  # how long the worker waits for more images once one has arrived
+    continuous: bool = True  # plain greedy rows join and leave the running decode step by step
+    max_queue: int = 256  # images waiting; beyond it requests get 503 with Retry-After
+    max_body_bytes: int = 20 * 1024 * 1024  # a request body over it gets 413
+    max_pixels: int = 4096 * 4096  # an image over it gets 413
+    max_images: int = 16  # images in one request
+    max_new_tokens: int = 128  # the most a request may ask for
+    cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
+
+    def validate(self) -> ServeConfig:
+        checks = [
+            (0 <= self.port <= 65535, f"port is {self.port}; expected 0 to 65535"),
+            (self.max_batch >= 1, f"max_batch is {self.max_batch}; expected >= 1"),
+            (self.max_wait_ms >= 0, f"max_wait_ms is {self.max_wait_ms}; expected >= 0"),
+            (self.max_queue >= 1, f"max_queue is {self.max_queue}; expected >= 1"),
+            (self.max_body_bytes >= 1, f"max_body_bytes is {self.max_body_bytes}; expected >= 1"),
+            (self.max_pixels >= 1, f"max_pixels is {self.max_pixels}; expected >= 1"),
+            (self.max_images >= 1, f"max_images is {self.max_images}; expected >= 1"),
+            (self.max_new_tokens >= 1, f"max_new_tokens is {self.max_new_tokens}; expected >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VisionRWKVError(message)
+        return self

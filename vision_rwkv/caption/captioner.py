@@ -172,14 +172,25 @@ class Captioner:
                        generator) -> list[CaptionResult]:
         results = {i: CaptionResult(paths[i], None, None, reason) for i, reason in batch.errors.items()}
         if batch.images is not None:
-            images = batch.images.to(self.device, non_blocking=True)  # (B,3,H,W), the good images only
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                tokens, pooled = self.model.encode(images)
-                hyps = caption_features(self.model, tokens, pooled, sampling, generator)
-            for i, best in zip(batch.good, (h[0] for h in hyps)):
-                text = " ".join(self.model.tokenizer.decode(best.ids).split())
-                results[i] = CaptionResult(paths[i], text, float(best.logprob), None)
+            for i, captions in zip(batch.good, self.caption_images(batch.images, sampling, generator)):
+                text, score = captions[0]
+                results[i] = CaptionResult(paths[i], text, score, None)
         return [results[i] for i in sorted(results)]
+
+    @torch.no_grad()
+    def caption_images(self, images: torch.Tensor, sampling: SamplingConfig,
+                       generator: torch.Generator | None = None) -> list[list[tuple[str, float]]]:
+        """Preprocessed images (B,3,H,W) -> per image, num_return_sequences (caption, score) pairs, best
+        first. Images come from self.model.encoder.preprocess; the server calls this from its one worker."""
+        images = images.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            tokens, pooled = self.model.encode(images)
+            hyps = caption_features(self.model, tokens, pooled, sampling, generator)
+        return [[(self.text(h.ids), float(h.logprob)) for h in row] for row in hyps]
+
+    def text(self, ids: list[int]) -> str:
+        """Token ids -> a caption: the decoded text with runs of whitespace collapsed to one space."""
+        return " ".join(self.model.tokenizer.decode(ids).split())
 
 
 # ---- loading images (in DataLoader workers) ---------------------------------------------------------------

@@ -9,6 +9,7 @@ VisionRWKVError "<path>: <reason>", so a captioning run can record the bad row a
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import struct
@@ -24,6 +25,12 @@ from ..errors import VisionRWKVError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MAX_PIXELS = 8192 * 8192  # a 67M-pixel RGB image is 200 MB decoded; anything larger is refused
 WHITE = (255, 255, 255)
+
+
+
+class TooManyPixels(VisionRWKVError):
+    """An image over the pixel limit (a possible decompression bomb): the server answers 413 for it."""
+
 
 # What Pillow's decoders raise on damaged data. Anything else escaping a decoder is a bug worth a traceback.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError)
@@ -50,6 +57,14 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
             return _decode(f, path, max_pixels)
     except OSError as e:  # open() itself: permission, a link that changed since the stat, ...
         raise VisionRWKVError(f"{path}: {_os_reason(e)}") from None
+
+
+def decode_image_bytes(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Like load_image, for an image held in memory (an upload): nothing touches the disk. name stands in
+    for the path in the messages; an image over max_pixels raises TooManyPixels."""
+    if not data:
+        raise VisionRWKVError(f"{name}: empty file (0 bytes); expected an image")
+    return _decode(io.BytesIO(data), Path(name), max_pixels)
 
 
 def _check_regular_file(path: Path) -> None:
@@ -90,7 +105,7 @@ def _decode(f, path: Path, max_pixels: int) -> Image.Image:
         except UnidentifiedImageError:
             raise VisionRWKVError(f"{path}: not an image (or a format Pillow cannot read)") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise VisionRWKVError(f"{path}: too many pixels, a possible decompression bomb ({e})") from None
+            raise TooManyPixels(f"{path}: too many pixels, a possible decompression bomb ({e})") from None
         except VisionRWKVError:
             raise
         except _DECODE_ERRORS as e:
@@ -111,7 +126,7 @@ def _check_pixels(im: Image.Image, path: Path, max_pixels: int) -> None:
     if w <= 0 or h <= 0:
         raise VisionRWKVError(f"{path}: image has size {w}x{h}; expected a positive width and height")
     if w * h > max_pixels:
-        raise VisionRWKVError(
+        raise TooManyPixels(
             f"{path}: image is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} "
             "(a possible decompression bomb)"
         )

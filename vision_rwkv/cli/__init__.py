@@ -3,6 +3,7 @@
     vision-rwkv caption PATH... [key=value ...]     caption images and folders (caption.py)
     vision-rwkv train [key=value ...]               train a captioning model (train_caption.py; Hydra)
     vision-rwkv eval --karpathy ... [options]       COCO caption metrics (eval_coco.py)
+    vision-rwkv serve [key=value ...]               serve captions over HTTP with a web page (serve.py)
     vision-rwkv prep STEP [options]                 one data preparation step (data_prep/STEP.py)
 
 Each command imports only what it needs, so `vision-rwkv caption` starts without the training stack.
@@ -19,6 +20,7 @@ COMMANDS = {
     "caption": ("vision_rwkv.cli.caption", "cli", "caption images and folders"),
     "train": ("vision_rwkv.cli.train", "cli", "train a captioning model (Hydra overrides)"),
     "eval": ("vision_rwkv.cli.eval", "main", "caption a Karpathy split and score it with the COCO metrics"),
+    "serve": ("vision_rwkv.cli.serve", "cli", "serve captions over HTTP, with a web page (Hydra overrides)"),
     "prep": ("vision_rwkv.cli.prep", "main", "data preparation: vision-rwkv prep --help lists the steps"),
 }
 PROG = "vision-rwkv"

@@ -1,0 +1,356 @@
+"""The captioning server on the demo model, through Starlette's TestClient: every endpoint, every error, the
+same caption as caption.py, batch-invariant results, and 503s rather than lost responses under overload."""
+
+import base64
+import io
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("starlette", reason="the server needs the [serve] extra")
+pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx (in the [serve] extra)")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from vision_rwkv import Captioner, SamplingConfig  # noqa: E402
+from vision_rwkv.config import ServeConfig  # noqa: E402
+from vision_rwkv.serve import BatchScheduler, QueueFull, SchedulerClosed, create_app  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "examples").glob("shapes_test_*.png"))
+SHAPES_3 = REPO / "examples" / "shapes_test_3.png"
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    return Captioner.load(device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def client(captioner):
+    with TestClient(create_app(captioner, ServeConfig(max_wait_ms=1))) as c:
+        yield c
+
+
+def png_bytes(path=SHAPES_3) -> bytes:
+    return Path(path).read_bytes()
+
+
+def post_files(client, *paths, **fields):
+    files = [("image", (Path(p).name, png_bytes(p), "image/png")) for p in paths]
+    return client.post("/v1/caption", files=files, data={k: str(v) for k, v in fields.items()})
+
+
+def captions_of(response) -> list[list[str]]:
+    return [[c["caption"] for c in r["captions"]] for r in response.json()["results"]]
+
+
+# ---- the endpoints ------------------------------------------------------------------------------------------
+
+
+def test_the_page_is_html_with_no_external_resources(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert 'id="file"' in r.text and 'id="strategy"' in r.text and "v1/caption" in r.text
+    assert "http://" not in r.text and "https://" not in r.text  # no CDN: it works offline
+
+
+def test_healthz_and_model(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    m = client.get("/v1/model").json()
+    assert m["name"] == "demo" and m["device"] == "cpu" and m["dtype"] == "fp32"
+    assert m["decoder"]["n_layer"] == 4 and m["limits"]["max_batch"] == 32
+
+
+def test_the_caption_equals_caption_py(client, captioner, capsys):
+    from vision_rwkv.cli.caption import main as caption_main
+
+    assert caption_main([str(SHAPES_3), "device=cpu", "num_workers=0"]) == 0
+    printed = capsys.readouterr().out.strip()
+    (expected,) = list(captioner.caption_paths([SHAPES_3], SamplingConfig(max_new_tokens=48)))
+    assert printed == expected.caption
+
+    r = post_files(client, SHAPES_3)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (result,) = body["results"]
+    assert result["name"] == "shapes_test_3.png"
+    assert result["captions"][0]["caption"] == printed
+    assert result["captions"][0]["score"] == pytest.approx(expected.score, abs=1e-4)
+    assert set(body["timings"]) == {"decode_ms", "queue_ms", "compute_ms", "total_ms", "batch_images"}
+    assert body["sampling"] == {"strategy": "greedy", "max_new_tokens": 48, "num_return": 1}
+
+
+def test_json_base64_gives_the_same_as_multipart(client):
+    data = base64.b64encode(png_bytes()).decode()
+    r = client.post("/v1/caption", json={"images": [data, {"name": "x.png", "data": "data:image/png;base64," + data}]})
+    assert r.status_code == 200, r.text
+    assert [x["name"] for x in r.json()["results"]] == ["image 0", "x.png"]
+    assert captions_of(r)[0] == captions_of(r)[1] == captions_of(post_files(client, SHAPES_3))[0]
+
+
+def test_several_images_in_one_request_come_back_in_order(client, captioner):
+    r = post_files(client, *EXAMPLES)
+    expected = [x.caption for x in captioner.caption_paths(EXAMPLES, SamplingConfig(max_new_tokens=48))]
+    assert [c[0] for c in captions_of(r)] == expected
+
+
+def test_beam_and_sampling_fields(client):
+    r = post_files(client, SHAPES_3, strategy="beam", num_beams=3, num_return=2)
+    assert r.status_code == 200, r.text
+    (caps,) = r.json()["results"]
+    scores = [c["score"] for c in caps["captions"]]
+    assert len(scores) == 2 and r.json()["sampling"]["num_beams"] == 3
+    fields = dict(strategy="sample", top_p=0.9, top_a=0.1, temperature=0.8, seed=7, num_return=3, max_new_tokens=20)
+    a, b = post_files(client, SHAPES_3, **fields), post_files(client, SHAPES_3, **fields)
+    assert a.status_code == 200, a.text
+    assert captions_of(a) == captions_of(b) and len(captions_of(a)[0]) == 3  # seeded: reproducible
+
+
+# ---- errors: JSON {"error": one line} -----------------------------------------------------------------------
+
+
+def one_line_error(r, status):
+    assert r.status_code == status, r.text
+    message = r.json()["error"]
+    assert message and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"top_p": 0.5}, "no effect with strategy greedy"),
+    ({"strategy": "nucleus"}, "expected one of"),
+    ({"strategy": "beam", "num_beams": 0}, "num_beams must be >= 1"),
+    ({"strategy": "beam", "num_beams": 2, "num_return": 3}, "at most num_beams"),
+    ({"strategy": "sample", "top_p": 1.5}, "top_p must be in (0, 1]"),
+    ({"strategy": "sample", "temperature": -1}, "temperature must be >= 0"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+    ({"max_new_tokens": 1000}, "at most 128"),
+    ({"num_beams": "many"}, "expected an integer"),
+    ({"seed": 1.5}, "expected an integer"),
+    ({"beams": 3}, "unknown field(s) beams"),
+])
+def test_bad_sampling_fields_are_400(client, fields, words):
+    data = base64.b64encode(png_bytes()).decode()
+    assert words in one_line_error(client.post("/v1/caption", json={"images": [data], **fields}), 400)
+
+
+def test_a_file_that_is_not_an_image_is_400_one_line(client):
+    r = client.post("/v1/caption", files=[("image", ("notes.png", b"hello, not a png", "image/png"))])
+    assert one_line_error(r, 400) == "notes.png: not an image (or a format Pillow cannot read)"
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"images": ["@@@not base64@@@"]}, "not valid base64"),
+    ({"images": "abc"}, "must be a list"),
+    ({"images": [1]}, "must be a base64 string"),
+    ({"images": []}, "no images in the request"),
+    ([1, 2], "must be an object"),
+])
+def test_bad_json_bodies_are_400(client, body, words):
+    assert words in one_line_error(client.post("/v1/caption", json=body), 400)
+
+
+def test_not_json_and_wrong_content_type(client):
+    assert "not valid JSON" in one_line_error(
+        client.post("/v1/caption", content=b"{oops", headers={"content-type": "application/json"}), 400)
+    assert "expected multipart/form-data or application/json" in one_line_error(
+        client.post("/v1/caption", content=b"x", headers={"content-type": "text/plain"}), 415)
+
+
+def test_unknown_paths_and_methods_are_json(client):
+    assert "no such path /v2" in one_line_error(client.get("/v2"), 404)
+    assert "GET is not allowed" in one_line_error(client.get("/v1/caption"), 405)
+
+
+def test_a_body_over_the_limit_and_an_image_over_the_pixel_limit_are_413(captioner):
+    with TestClient(create_app(captioner, ServeConfig(max_body_bytes=1000))) as small:
+        assert "the limit is 1,000" in one_line_error(post_files(small, SHAPES_3), 413)
+
+        def chunks():  # no Content-Length: the limit holds while streaming
+            yield b'{"images": ["' + b"A" * 800
+            yield b"A" * 800 + b'"]}'
+
+        r = small.post("/v1/caption", content=chunks(), headers={"content-type": "application/json"})
+        assert "over the limit of 1,000 bytes" in one_line_error(r, 413)
+    with TestClient(create_app(captioner, ServeConfig(max_pixels=32 * 32))) as few_pixels:
+        assert "more than the limit of 1,024" in one_line_error(post_files(few_pixels, SHAPES_3), 413)
+    with TestClient(create_app(captioner, ServeConfig(max_images=2))) as few_images:
+        assert "at most 2" in one_line_error(post_files(few_images, *EXAMPLES[:3]), 413)
+
+
+def test_nothing_a_client_sends_is_written_to_disk(client, monkeypatch):
+    def no_disk(*args, **kwargs):
+        raise AssertionError("the server tried to write an upload to disk")
+
+    for name in ("SpooledTemporaryFile", "NamedTemporaryFile", "TemporaryFile", "mkstemp"):
+        monkeypatch.setattr(tempfile, name, no_disk)
+    noise = np.random.default_rng(0).integers(0, 256, (900, 900, 3), dtype=np.uint8)  # a 2.4 MB PNG
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG", compress_level=0)
+    assert buffer.tell() > 2_000_000
+    r = client.post("/v1/caption", files=[("image", ("noise.png", buffer.getvalue(), "image/png"))])
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("fields", [{}, {"strategy": "beam"}], ids=["continuous", "request-level"])
+def test_a_failure_in_the_worker_is_a_json_500_and_the_server_goes_on(captioner, client, monkeypatch, fields):
+    from vision_rwkv.serve import continuous
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(captioner, "caption_images", broken)
+    monkeypatch.setattr(continuous.RunningBatch, "step", broken)
+    assert "internal error while captioning (RuntimeError)" in one_line_error(post_files(client, SHAPES_3, **fields),
+                                                                              500)
+    monkeypatch.undo()
+    assert post_files(client, SHAPES_3, **fields).status_code == 200
+
+
+def test_cors_is_off_unless_configured(captioner, client):
+    assert "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": "http://a.example"}).headers
+    cfg = ServeConfig(cors_origins=["http://a.example"])
+    with TestClient(create_app(captioner, cfg)) as c:
+        r = c.get("/healthz", headers={"Origin": "http://a.example"})
+        assert r.headers["access-control-allow-origin"] == "http://a.example"
+
+
+def test_it_binds_loopback_by_default():
+    assert ServeConfig().host == "127.0.0.1"
+
+
+# ---- batching ---------------------------------------------------------------------------------------------
+
+
+def preprocessed(captioner, paths):
+    import torch
+
+    return torch.stack([captioner.model.encoder.preprocess(Image.open(p).convert("RGB")) for p in paths])
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingConfig(max_new_tokens=48),
+    SamplingConfig(strategy="beam", num_beams=3, num_return_sequences=2, max_new_tokens=48),
+    SamplingConfig(strategy="sample", top_p=0.9, seed=5, num_return_sequences=2, max_new_tokens=48),
+], ids=["greedy", "beam", "seeded-sample"])
+def test_results_are_batch_invariant(captioner, sampling):
+    """A request gets the same captions alone as in a batch with others (the worker waits long enough here
+    for all of them to share one batch)."""
+    alone = BatchScheduler(captioner, max_wait_ms=0).start()
+    expected = alone.submit(preprocessed(captioner, [SHAPES_3]), sampling).result()
+    alone.close()
+    assert expected.batch_images == 1
+
+    together = BatchScheduler(captioner, max_batch=32, max_wait_ms=2000, continuous=False).start()
+    others = [together.submit(preprocessed(captioner, EXAMPLES), sampling) for _ in range(2)]
+    mine = together.submit(preprocessed(captioner, [SHAPES_3]), sampling)
+    together.close()
+    got = mine.result()
+    if sampling.seed is None:
+        assert got.batch_images == 2 * len(EXAMPLES) + 1  # it really shared the batch
+    assert [c for c, _ in got.captions[0]] == [c for c, _ in expected.captions[0]]
+    assert [s for _, s in got.captions[0]] == pytest.approx([s for _, s in expected.captions[0]], abs=1e-4)
+    assert others[0].result().captions == others[1].result().captions
+    if sampling.seed is None:  # seeded draws come from one generator per request, so they depend on its images
+        i = EXAMPLES.index(SHAPES_3)
+        assert [c for c, _ in others[0].result().captions[i]] == [c for c, _ in expected.captions[0]]
+
+
+def test_requests_with_different_settings_share_a_batch_window_but_not_a_decode(captioner):
+    scheduler = BatchScheduler(captioner, max_wait_ms=2000, max_batch=3, continuous=False).start()
+    greedy = scheduler.submit(preprocessed(captioner, [SHAPES_3]), SamplingConfig(max_new_tokens=48))
+    beam = scheduler.submit(preprocessed(captioner, [SHAPES_3]), SamplingConfig(strategy="beam", max_new_tokens=48))
+    greedy2 = scheduler.submit(preprocessed(captioner, [SHAPES_3]), SamplingConfig(max_new_tokens=48))
+    scheduler.close()
+    assert greedy.result().batch_images == greedy2.result().batch_images == 2
+    assert beam.result().batch_images == 1
+    assert scheduler.batches_run == 2
+
+
+def test_a_full_queue_refuses_at_once_and_close_drains_what_was_queued(captioner):
+    scheduler = BatchScheduler(captioner, max_wait_ms=10_000, max_batch=64, max_queue=4).start()
+    images = preprocessed(captioner, [SHAPES_3])
+    accepted = [scheduler.submit(images, SamplingConfig(max_new_tokens=8)) for _ in range(4)]
+    with pytest.raises(QueueFull, match="the queue is full"):
+        scheduler.submit(images, SamplingConfig(max_new_tokens=8))
+    scheduler.close()  # does not wait out max_wait_ms: closing starts the last batch at once
+    assert all(f.done() and len(f.result().captions) == 1 for f in accepted)
+    with pytest.raises(SchedulerClosed):
+        scheduler.submit(images, SamplingConfig())
+
+
+def test_overload_gives_503s_with_retry_after_and_loses_no_response(captioner):
+    cfg = ServeConfig(max_queue=3, max_batch=3, max_wait_ms=50)
+    n = 24
+    with TestClient(create_app(captioner, cfg)) as c:
+        health: list[int] = []
+        stop = threading.Event()
+
+        def poll_health():
+            while not stop.is_set():
+                health.append(c.get("/healthz").status_code)
+
+        poller = threading.Thread(target=poll_health)
+        poller.start()
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda _: post_files(c, SHAPES_3, max_new_tokens=16), range(n)))
+        stop.set()
+        poller.join()
+    statuses = [r.status_code for r in responses]
+    assert len(statuses) == n and set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) >= 1 and statuses.count(200) >= 1, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1" and "queue is full" in r.json()["error"]
+        else:
+            assert r.json()["results"][0]["captions"][0]["caption"]
+    assert health and set(health) == {200}
+
+
+# ---- continuous batching: plain greedy rows join and leave the running decode step by step -------------------
+
+
+def test_rows_join_the_running_decode_and_get_what_they_get_alone(captioner):
+    """Requests arrive while others decode (different max_new_tokens, so rows leave at different steps):
+    every image's caption and score equal Captioner's, alone, and some requests really joined mid-decode."""
+    import time
+
+    reference = {p: captioner.caption_images(preprocessed(captioner, [p]), SamplingConfig(max_new_tokens=48))[0][0]
+                 for p in EXAMPLES}
+    scheduler = BatchScheduler(captioner, max_batch=32, max_wait_ms=0).start()
+    futures = []
+    for i in range(8):
+        paths = EXAMPLES[i % len(EXAMPLES):] or EXAMPLES
+        futures.append((paths, scheduler.submit(preprocessed(captioner, paths), SamplingConfig(max_new_tokens=48))))
+        time.sleep(0.03)  # a few steps apart
+    cut = scheduler.submit(preprocessed(captioner, [SHAPES_3]), SamplingConfig(max_new_tokens=5))
+    scheduler.close()
+    joined_late = 0
+    for paths, future in futures:
+        got = future.result()
+        for path, captions in zip(paths, got.captions):
+            (text, score), = captions
+            assert text == reference[path][0]
+            assert score == pytest.approx(reference[path][1], abs=1e-4)
+        joined_late += got.batch_images > len(paths)
+    assert joined_late >= 1
+    assert scheduler.batches_run == 0  # all of it went through the running decode
+    (text, _), = cut.result().captions[0]
+    alone = captioner.caption_images(preprocessed(captioner, [SHAPES_3]), SamplingConfig(max_new_tokens=5))
+    assert text == alone[0][0][0]
+
+
+def test_a_beam_request_runs_between_steps_of_the_running_decode(captioner):
+    scheduler = BatchScheduler(captioner, max_wait_ms=0).start()
+    greedy = scheduler.submit(preprocessed(captioner, EXAMPLES), SamplingConfig(max_new_tokens=48))
+    beam_cfg = SamplingConfig(strategy="beam", num_beams=3, max_new_tokens=48)
+    beam = scheduler.submit(preprocessed(captioner, [SHAPES_3]), beam_cfg)
+    scheduler.close()
+    assert beam.result().captions == captioner.caption_images(preprocessed(captioner, [SHAPES_3]), beam_cfg)
+    assert len(greedy.result().captions) == len(EXAMPLES)

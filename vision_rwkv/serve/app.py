@@ -1,0 +1,278 @@
+"""The captioning server's ASGI app (Starlette): the page, the caption API, health and model info.
+
+    app = create_app(Captioner.load(), ServeConfig())     # then: uvicorn.run(app, host=..., port=...)
+
+Request bodies are read into memory up to max_body_bytes and never written to disk (multipart bodies are
+parsed here with the standard library's email parser, not spooled to temporary files). Errors are JSON
+{"error": "one line"}: 400 for a bad field or a file that is not an image, 413 for a body over the size
+limit or an image over the pixel limit, 503 with Retry-After when the queue is full or the server is
+shutting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.parser
+import email.policy
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Route
+
+from ..caption.images import TooManyPixels, decode_image_bytes
+from ..config import SamplingConfig, ServeConfig, Strategy
+from ..errors import VisionRWKVError, one_line
+from .scheduler import BatchScheduler, QueueFull, SchedulerClosed
+
+# The request fields that choose decoding, and how each is read from a form's text.
+SAMPLING_FIELDS = {"strategy": str, "num_beams": int, "num_return": int, "top_p": float, "top_a": float,
+                   "temperature": float, "max_new_tokens": int, "seed": int}
+DEFAULT_MAX_NEW_TOKENS = 48  # as the CLI's presets, so a default request captions as caption.py does
+MAX_BEAMS = 16
+RETRY_AFTER_S = 1
+log = logging.getLogger(__name__)
+
+
+class RequestError(VisionRWKVError):
+    """A client's mistake: answered with `status` and the one-line message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def create_app(captioner, cfg: ServeConfig | None = None, *, name: str = "demo") -> Starlette:
+    """The app for a loaded Captioner. Its lifespan starts the batching worker and, at shutdown (after
+    uvicorn has finished the requests in flight), drains the queue and stops it."""
+    cfg = (cfg or ServeConfig()).validate()
+    scheduler = BatchScheduler(captioner, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, cfg.continuous)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(scheduler.close)
+
+    async def page(request: Request):
+        return HTMLResponse(resources.files(__package__).joinpath("static/index.html").read_text("utf-8"))
+
+    async def healthz(request: Request):
+        return JSONResponse({"status": "ok", "queued_images": scheduler.queued_images})
+
+    async def model_info(request: Request):
+        return JSONResponse(describe_model(captioner, cfg, name))
+
+    async def caption(request: Request):
+        started = time.perf_counter()
+        try:
+            body = await read_body(request, cfg.max_body_bytes)
+            named, fields = await run_in_threadpool(parse_request, request.headers.get("content-type", ""), body)
+            sampling = sampling_from_fields(fields, cfg.max_new_tokens)
+            if not named:
+                raise RequestError("no images in the request; send multipart files or JSON {\"images\": [base64]}")
+            if len(named) > cfg.max_images:
+                raise RequestError(f"{len(named)} images in one request; at most {cfg.max_images}", 413)
+            images = await run_in_threadpool(preprocess, captioner, named, cfg.max_pixels)
+            decoded = time.perf_counter()
+            captioned = await asyncio.wrap_future(scheduler.submit(images, sampling))
+        except RequestError as e:
+            return error(e.status, str(e))
+        except (QueueFull, SchedulerClosed) as e:
+            return error(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
+        except VisionRWKVError as e:  # sampling settings out of range, or not used by the strategy
+            return error(400, one_line(e))
+        except Exception as e:  # a bug or an out-of-memory in the worker: logged in full, answered in one line
+            log.exception("captioning failed")
+            return error(500, f"internal error while captioning ({type(e).__name__}); see the server's log")
+        done = time.perf_counter()
+        results = [{"name": n, "captions": [{"caption": text, "score": score} for text, score in caps]}
+                   for (n, _), caps in zip(named, captioned.captions)]
+        return JSONResponse({
+            "results": results,
+            "sampling": sampling_summary(sampling),
+            "timings": {"decode_ms": round((decoded - started) * 1000, 2), "queue_ms": round(captioned.queue_ms, 2),
+                        "compute_ms": round(captioned.compute_ms, 2), "total_ms": round((done - started) * 1000, 2),
+                        "batch_images": captioned.batch_images},
+        })
+
+    app = Starlette(routes=[Route("/", page), Route("/healthz", healthz), Route("/v1/model", model_info),
+                            Route("/v1/caption", caption, methods=["POST"])],
+                    lifespan=lifespan, exception_handlers={404: _not_found, 405: _not_allowed})
+    if cfg.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type"])
+    app.state.scheduler = scheduler
+    return app
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _not_found(request, exc):
+    return error(404, f"no such path {request.url.path}; the API is GET /, GET /healthz, GET /v1/model, "
+                      "POST /v1/caption")
+
+
+async def _not_allowed(request, exc):
+    return error(405, f"{request.method} is not allowed on {request.url.path}")
+
+
+# ---- reading a request --------------------------------------------------------------------------------
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, in memory; 413 as soon as it is known to exceed limit (Content-Length or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"request body is {int(declared):,} bytes; the limit is {limit:,}", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"request body is over the limit of {limit:,} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_request(content_type: str, body: bytes) -> tuple[list[tuple[str, bytes]], dict]:
+    """-> ([(image name, encoded bytes)], the other fields). Multipart: every file part is an image, every
+    other part a field. JSON: {"images": [base64 or {"name", "data"}], field: value, ...}."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if kind == "multipart/form-data":
+        return _parse_multipart(content_type, body)
+    if kind == "application/json":
+        return _parse_json(body)
+    raise RequestError(f"content type {kind or '(none)'!r}; expected multipart/form-data or application/json", 415)
+
+
+def _parse_multipart(content_type: str, body: bytes):
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise RequestError("malformed multipart body; expected parts separated by the boundary in Content-Type")
+    images, fields = [], {}
+    for part in message.iter_parts():
+        field = part.get_param("name", header="content-disposition")
+        data = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        if filename is not None:
+            images.append((filename, data))
+        elif field:
+            fields[str(field)] = data.decode("utf-8", errors="replace")
+    return images, fields
+
+
+def _parse_json(body: bytes):
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"the body is not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise RequestError("the JSON body must be an object: {\"images\": [base64, ...], field: value, ...}")
+    items = doc.pop("images", [])
+    if not isinstance(items, list):
+        raise RequestError("\"images\" must be a list of base64 strings or {\"name\", \"data\"} objects")
+    images = []
+    for i, item in enumerate(items):
+        name, data = f"image {i}", item
+        if isinstance(item, dict):
+            name, data = item.get("name", name), item.get("data")
+        if not isinstance(data, str):
+            raise RequestError(f"images[{i}] must be a base64 string (or an object with one in \"data\")")
+        try:
+            payload = data.split(",", 1)[-1] if data.startswith("data:") else data  # a data: URL from a page
+            images.append((str(name), base64.b64decode(payload, validate=True)))
+        except (binascii.Error, ValueError):
+            raise RequestError(f"images[{i}] is not valid base64") from None
+    return images, doc
+
+
+def sampling_from_fields(fields: dict, max_new_tokens_limit: int) -> SamplingConfig:
+    """The request's decoding settings, checked as the CLI checks them (SamplingConfig.validate)."""
+    unknown = sorted(set(fields) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}; expected any of {', '.join(SAMPLING_FIELDS)}")
+    values = {}
+    for key, value in fields.items():
+        kind = SAMPLING_FIELDS[key]
+        if value is None or value == "":
+            continue
+        try:
+            if isinstance(value, bool) or (kind is str and not isinstance(value, str)):
+                raise ValueError
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            values[key] = kind(value)
+        except (TypeError, ValueError):
+            expected = "an integer" if kind is int else kind.__name__
+            raise RequestError(f"{key} is {value!r}; expected {expected}") from None
+    kwargs = {("num_return_sequences" if k == "num_return" else k): v for k, v in values.items()}
+    kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    sampling = SamplingConfig(**kwargs).validate()
+    if sampling.max_new_tokens > max_new_tokens_limit:
+        raise RequestError(f"max_new_tokens is {sampling.max_new_tokens}; this server allows at most "
+                           f"{max_new_tokens_limit}")
+    if sampling.num_beams > MAX_BEAMS or sampling.num_return_sequences > MAX_BEAMS:
+        raise RequestError(f"num_beams and num_return may be at most {MAX_BEAMS}")
+    if sampling.strategy == Strategy.beam and sampling.num_return_sequences > sampling.num_beams:
+        raise RequestError(f"num_return is {sampling.num_return_sequences}; beam search returns at most num_beams "
+                           f"({sampling.num_beams})")
+    return sampling
+
+
+def sampling_summary(sampling: SamplingConfig) -> dict:
+    out = {"strategy": str(sampling.strategy), "max_new_tokens": sampling.max_new_tokens,
+           "num_return": sampling.num_return_sequences}
+    if sampling.strategy == Strategy.beam:
+        out["num_beams"] = sampling.num_beams
+    if sampling.strategy == Strategy.sample:
+        out.update(temperature=sampling.temperature, top_p=sampling.top_p, top_a=sampling.top_a, seed=sampling.seed)
+    return out
+
+
+def preprocess(captioner, named: list[tuple[str, bytes]], max_pixels: int):
+    """Decode and preprocess every image: (n,3,H,W). 413 for one over the pixel limit, 400 for one that is not
+    an image."""
+    import torch
+
+    tensors = []
+    for name, data in named:
+        try:
+            tensors.append(captioner.model.encoder.preprocess(decode_image_bytes(data, name, max_pixels)))
+        except TooManyPixels as e:
+            raise RequestError(one_line(e), 413) from None
+        except VisionRWKVError as e:
+            raise RequestError(one_line(e)) from None
+    return torch.stack(tensors)
+
+
+def describe_model(captioner, cfg: ServeConfig, name: str) -> dict:
+    model = captioner.model
+    dec = model.config.decoder
+    return {
+        "name": name,
+        "device": str(captioner.device),
+        "dtype": "bf16" if captioner.bf16 else "fp32",
+        "encoder": {"model": model.config.encoder.model, "pretrained": model.config.encoder.pretrained},
+        "projector": {"kind": str(model.config.projector.kind), "prefix_len": model.prefix_len},
+        "decoder": {"n_layer": dec.n_layer, "n_embd": dec.n_embd, "head_size": dec.head_size,
+                    "vocab_size": dec.vocab_size},
+        "limits": {"continuous": cfg.continuous,
+                   "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms, "max_queue": cfg.max_queue,
+                   "max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
+                   "max_images": cfg.max_images, "max_new_tokens": cfg.max_new_tokens},
+    }

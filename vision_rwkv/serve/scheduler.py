@@ -1,0 +1,237 @@
+"""Batching for the server: one worker thread owns the model and captions queued requests together.
+
+Requests wait in a bounded queue. Plain greedy requests (the page's and the API's default) are batched
+continuously, at the step level: their images are encoded and prefilled as soon as the worker is between
+two steps, their rows join the running decode at the next step, and each row leaves as soon as it ends
+(vision_rwkv.serve.continuous). Every other request (beam search, sampling, penalties) is batched per
+request: when nothing is decoding, the worker waits up to max_wait_ms for more to arrive (until
+max_batch images are waiting), and requests with the same settings share one encode + prefill + decode
+that runs to its end; while rows are decoding, such a request runs between two steps.
+
+Results are batch-invariant: rows never mix in the model, greedy and beam search depend on a row's own
+logits only, and seeded sampling runs each request on its own, from a generator seeded with its seed, so a
+request gets the same captions whoever else was queued with it. Unseeded sampling shares a batch and is
+not reproducible anyway.
+
+Only the worker thread touches the model: the RNN steppers keep one state buffer per batch size and are
+not thread-safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import SamplingConfig, Strategy
+from ..errors import VisionRWKVError
+from .continuous import RunningBatch, joins_running_batch
+
+
+class QueueFull(VisionRWKVError):
+    """The queue holds max_queue images already: try again later (the server answers 503)."""
+
+
+class SchedulerClosed(VisionRWKVError):
+    """The scheduler is shutting down and takes no new requests (the server answers 503)."""
+
+
+@dataclass
+class Captioned:
+    """One request's outcome: per image, its (caption, score) pairs best first, and where the time went."""
+
+    captions: list[list[tuple[str, float]]]
+    queue_ms: float  # from submit() to the start of its batch
+    compute_ms: float  # encode + prefill + decode of its batch; continuous: from joining to its last row's end
+    batch_images: int  # images in that batch (its own included); continuous: rows decoding at its last step
+
+
+@dataclass
+class _Job:
+    images: torch.Tensor  # (n,3,H,W), preprocessed
+    sampling: SamplingConfig
+    future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.perf_counter)
+    joined_at: float = 0.0  # when its rows joined the running decode (continuous batching)
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[0]
+
+
+class BatchScheduler:
+    """A bounded queue and the one worker thread that captions from it with a Captioner.
+
+        scheduler = BatchScheduler(captioner, max_batch=32, max_wait_ms=5, max_queue=256).start()
+        captioned = scheduler.submit(images, SamplingConfig()).result()
+        scheduler.close()   # finishes everything queued, then stops the worker
+    """
+
+    def __init__(self, captioner, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
+                 continuous: bool = True):
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise VisionRWKVError(f"max_batch={max_batch}, max_queue={max_queue}, max_wait_ms={max_wait_ms}; "
+                                  "expected max_batch >= 1, max_queue >= 1 and max_wait_ms >= 0")
+        self.captioner = captioner
+        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
+        self._jobs: deque[_Job] = deque()
+        self._queued_images = 0
+        self._closing = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="vision-rwkv-serve-worker", daemon=True)
+        self.batches_run = 0  # request-level batches (not the continuous decode's steps)
+        self.continuous = continuous  # plain greedy rows join and leave the running decode step by step
+        self._running = RunningBatch(captioner)
+
+    def start(self) -> BatchScheduler:
+        self._thread.start()
+        return self
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def submit(self, images: torch.Tensor, sampling: SamplingConfig) -> Future:
+        """Queue preprocessed images (n,3,H,W) with their (validated) sampling settings; the Future gives a
+        Captioned. Raises QueueFull or SchedulerClosed at once instead of queueing."""
+        sampling.validate()
+        job = _Job(images, sampling)
+        with self._cond:
+            if self._closing:
+                raise SchedulerClosed("the server is shutting down; try another instance or again later")
+            if self._queued_images + job.size > self.max_queue:
+                raise QueueFull(f"the queue is full ({self._queued_images} images waiting, at most "
+                                f"{self.max_queue}); try again shortly")
+            self._jobs.append(job)
+            self._queued_images += job.size
+            self._cond.notify()
+        return job.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new requests, caption every queued one, then stop the worker."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- the worker ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            jobs = self._take_batch(block=not self._running)
+            if jobs is None:
+                return
+            for group in _groups(jobs):
+                if self.continuous and joins_running_batch(group[0].sampling):
+                    self._join(group)
+                else:
+                    self._caption(group)
+            if self._running:
+                self._step()
+
+    def _take_batch(self, block: bool) -> list[_Job] | None:
+        """Blocking (nothing is decoding): wait for a job, then up to max_wait for max_batch images; None once
+        closing with nothing left. Not blocking (rows are decoding): whatever is queued now, up to the
+        room left in the running batch, so it joins at the next step."""
+        room = self.max_batch - len(self._running)
+        with self._cond:
+            if block:
+                while not self._jobs:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                deadline = self._jobs[0].queued_at + self.max_wait_s
+                while self._queued_images < self.max_batch and not self._closing:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            elif room <= 0:
+                return []
+            jobs, images = [], 0
+            while self._jobs and (not jobs or images + self._jobs[0].size <= room):
+                if not block and images + self._jobs[0].size > room:
+                    break
+                job = self._jobs.popleft()
+                jobs.append(job)
+                images += job.size
+            self._queued_images -= images
+            return jobs
+
+    def _join(self, jobs: list[_Job]) -> None:
+        jobs = _claim(jobs)
+        start = time.perf_counter()
+        try:
+            if jobs:
+                self._running.admit(jobs)
+        except Exception as e:  # a bug or an out-of-memory: these requests learn of it
+            _fail(jobs, e)
+            return
+        for job in jobs:
+            job.joined_at = start
+
+    def _step(self) -> None:
+        try:
+            done = self._running.step()
+        except Exception as e:  # a bug or an out-of-memory: every row decoding now learns of it
+            _fail(list({id(r.job): r.job for r in self._running.rows}.values()), e)
+            self._running = RunningBatch(self.captioner)
+            return
+        for job, captions, seconds, batch_rows in done:
+            job.future.set_result(Captioned(captions, (job.joined_at - job.queued_at) * 1000, seconds * 1000,
+                                            batch_rows))
+
+    def _caption(self, jobs: list[_Job]) -> None:
+        jobs = _claim(jobs)
+        if not jobs:
+            return
+        start = time.perf_counter()
+        try:
+            images = torch.cat([job.images for job in jobs])
+            generator = _generator(jobs[0].sampling, self.captioner.device)
+            captions = self.captioner.caption_images(images, jobs[0].sampling, generator)
+        except Exception as e:  # a bug or an out-of-memory: every request of the batch learns of it
+            _fail(jobs, e)
+            return
+        compute_ms = (time.perf_counter() - start) * 1000
+        self.batches_run += 1
+        offset = 0
+        for job in jobs:
+            job.future.set_result(Captioned(captions[offset:offset + job.size], (start - job.queued_at) * 1000,
+                                            compute_ms, len(images)))
+            offset += job.size
+
+
+def _claim(jobs: list[_Job]) -> list[_Job]:
+    """The jobs whose futures were not cancelled, now marked running."""
+    return [job for job in jobs if job.future.set_running_or_notify_cancel()]
+
+
+def _fail(jobs: list[_Job], error: Exception) -> None:
+    for job in jobs:
+        job.future.set_exception(error)
+
+
+def _seeded(sampling: SamplingConfig) -> bool:
+    return sampling.strategy == Strategy.sample and sampling.seed is not None
+
+
+def _generator(sampling: SamplingConfig, device: torch.device) -> torch.Generator | None:
+    return torch.Generator(device=device).manual_seed(sampling.seed) if _seeded(sampling) else None
+
+
+def _groups(jobs: list[_Job]) -> list[list[_Job]]:
+    """Jobs that may share a decode: the same settings, and never a seeded sampling job with another."""
+    groups: dict[tuple, list[_Job]] = {}
+    for i, job in enumerate(jobs):
+        key = tuple(str(v) for v in dataclasses.astuple(job.sampling))
+        if _seeded(job.sampling):
+            key = (*key, i)  # its own generator, its own batch
+        groups.setdefault(key, []).append(job)
+    return list(groups.values())
