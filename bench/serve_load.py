@@ -180,7 +180,8 @@ def main(argv=None) -> list[dict]:
 
 def report(captioner, baseline, rows, args) -> list[dict]:
     print(f"serve load: {describe(captioner)}; max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
-          f"max_queue {args.max_queue}, continuous {args.continuous}, {args.max_new_tokens} new tokens max, {args.seconds:g} s per level")
+          f"max_queue {args.max_queue}, continuous {args.continuous}, {args.max_new_tokens} new tokens max, "
+          f"{args.seconds:g} s per level")
     if baseline is not None:
         print(f"baseline: offline caption_images at batch {args.max_batch}: {baseline:.1f} images/s")
     print(f"{'clients':>7} {'requests':>8} {'req/s':>8} {'vs offline':>10} {'p50 ms':>8} {'p99 ms':>8} "
