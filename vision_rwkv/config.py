@@ -39,6 +39,11 @@ class Choice(str, Enum):
             raise VisionRWKVError(f"{key} is {value!r}; expected one of {', '.join(m.value for m in cls)}") from None
 
 
+class DecoderArch(Choice):
+    rwkv7 = "rwkv7"
+    rwkv4 = "rwkv4"
+
+
 class WKVImpl(Choice):
     auto = "auto"
     cuda = "cuda"
@@ -94,34 +99,47 @@ def _lora_dim(n_embd: int, factor: float) -> int:
 
 
 @dataclass
-class RWKV7Config:
-    """Shape of an RWKV-7 ("x070") decoder. The None fields take the official defaults."""
+class DecoderConfig:
+    """Shape of an RWKV decoder of either generation. The None fields take the official defaults.
 
+    arch picks the generation: rwkv7 ("x070", the default, and what every config before RWKV-4 meant) or
+    rwkv4. head_size and the four low-rank dims belong to RWKV-7 alone and are ignored by RWKV-4, which
+    has one WKV channel per embedding channel.
+    """
+
+    arch: DecoderArch = DecoderArch.rwkv7
     vocab_size: int = 65536
     n_layer: int = 12
     n_embd: int = 768
     head_size: int = 64
-    dim_ffn: Optional[int] = None  # 4 * n_embd, as in the released RWKV-7 models
+    dim_ffn: Optional[int] = None  # 4 * n_embd, as in the released RWKV-7 and RWKV-4 models
     d_decay_lora: Optional[int] = None
     d_aaa_lora: Optional[int] = None
     d_mv_lora: Optional[int] = None
     d_gate_lora: Optional[int] = None
-    wkv_impl: WKVImpl = WKVImpl.auto  # which WKV implementation GPT mode uses: auto | cuda | chunked | reference
+    # which WKV implementation GPT mode uses: auto | cuda | chunked (RWKV-7 only) | reference
+    wkv_impl: WKVImpl = WKVImpl.auto
 
     def __post_init__(self):
+        self.arch = DecoderArch.parse(self.arch, "decoder.arch")
         self.wkv_impl = WKVImpl.parse(self.wkv_impl, "decoder.wkv_impl")
 
-    def resolved(self) -> RWKV7Config:
+    def resolved(self) -> DecoderConfig:
         """A copy with every None filled in, after checking that the shape is buildable."""
-        for name in ("vocab_size", "n_layer", "n_embd", "head_size"):
+        for name in ("vocab_size", "n_layer", "n_embd") + (("head_size",) if self.arch == DecoderArch.rwkv7 else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise VisionRWKVError(f"decoder.{name} must be a positive integer, got {value!r}")
+        c = self.n_embd
+        if self.arch == DecoderArch.rwkv4:
+            if self.wkv_impl == WKVImpl.chunked:
+                raise VisionRWKVError("decoder.wkv_impl is chunked, which only RWKV-7 has; expected auto, cuda or "
+                                      "reference for decoder.arch=rwkv4")
+            return dataclasses.replace(self, dim_ffn=self.dim_ffn or 4 * c)
         if self.n_embd % self.head_size:
             raise VisionRWKVError(
                 f"decoder.n_embd ({self.n_embd}) must be a multiple of decoder.head_size ({self.head_size})"
             )
-        c = self.n_embd
         return dataclasses.replace(
             self,
             dim_ffn=self.dim_ffn or 4 * c,
@@ -135,12 +153,21 @@ class RWKV7Config:
     def n_head(self) -> int:
         return self.n_embd // self.head_size
 
+    def describe(self) -> str:
+        """A short name of the shape, e.g. for error messages: "RWKV-7 L12-D768 (head 64, vocab 65536)"."""
+        if self.arch == DecoderArch.rwkv4:
+            return f"RWKV-4 L{self.n_layer}-D{self.n_embd} (vocab {self.vocab_size})"
+        return f"RWKV-7 L{self.n_layer}-D{self.n_embd} (head {self.head_size}, vocab {self.vocab_size})"
+
     def to_dict(self) -> dict[str, Any]:
         return plain(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RWKV7Config:
+    def from_dict(cls, data: dict[str, Any]) -> DecoderConfig:
         return from_dict(cls, data, "decoder")
+
+
+RWKV7Config = DecoderConfig  # the name from before RWKV-4 joined; the same class (arch defaults to rwkv7)
 
 
 @dataclass
@@ -356,7 +383,7 @@ class CaptionConfig:
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    decoder: RWKV7Config = field(default_factory=RWKV7Config)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -372,7 +399,7 @@ class CaptionConfig:
 _SECTIONS = {
     "encoder": EncoderConfig,
     "projector": ProjectorConfig,
-    "decoder": RWKV7Config,
+    "decoder": DecoderConfig,
     "data": DataConfig,
     "sampling": SamplingConfig,
     "optim": OptimConfig,

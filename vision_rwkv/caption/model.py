@@ -1,4 +1,4 @@
-"""CaptionModel: frozen CLIP encoder -> projector -> RWKV-7 decoder, and its checkpoint folder.
+"""CaptionModel: frozen CLIP encoder -> projector -> RWKV decoder (RWKV-7 or RWKV-4), and its checkpoint folder.
 
 Training sequence, one row per (image, caption), right-padded:
 
@@ -26,9 +26,9 @@ from ..config import CaptionConfig, caption_config_from_dict, caption_config_to_
 from ..errors import VisionRWKVError
 from ..hub import model_card, push_folder, resolve
 from ..lm.checkpoint import CONFIG, WEIGHTS, build_decoder
+from ..lm.decoder import Decoder, build_decoder_model
 from ..lm.formats import load_decoder
-from ..lm.rwkv7 import RWKV7
-from ..lm.tokenizer import load_tokenizer
+from ..lm.tokenizer import check_fits, load_tokenizer
 from ..ops.linear_ce import linear_cross_entropy
 from .encoder import ClipEncoder
 from .projector import build_projector, param_groups, prefix_length
@@ -40,19 +40,15 @@ IGNORE = -100
 
 
 class CaptionModel(nn.Module):
-    def __init__(self, cfg: CaptionConfig, tokenizer, decoder: RWKV7 | None = None):
+    def __init__(self, cfg: CaptionConfig, tokenizer, decoder: Decoder | None = None):
         super().__init__()
         self.config = cfg
         self.tokenizer = tokenizer
         self.provenance: dict | None = None  # where it came from (provenance.json), set by training
         self.encoder = ClipEncoder(cfg.encoder)
-        self.decoder = decoder if decoder is not None else RWKV7(cfg.decoder)
+        self.decoder = decoder if decoder is not None else build_decoder_model(cfg.decoder)
         self.config.decoder = self.decoder.config  # the resolved shape (e.g. read from an official .pth)
-        vocab = getattr(tokenizer, "vocab_size", None)
-        if vocab is not None and vocab > self.decoder.config.vocab_size:
-            raise VisionRWKVError(
-                f"the tokenizer has {vocab} ids but the decoder's vocabulary is {self.decoder.config.vocab_size}"
-            )
+        check_fits(tokenizer, self.decoder.config.vocab_size)
         d_model = self.decoder.config.n_embd
         self.projector = build_projector(cfg.projector, self.encoder.token_dim, self.encoder.pooled_dim, d_model)
         self.prefix_len = prefix_length(cfg.projector, self.encoder.num_patches)

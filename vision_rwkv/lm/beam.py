@@ -3,7 +3,7 @@
 The batch is B images x num_beams rows, beam-major per image, for the whole search. Each step ranks every
 image's num_beams x V continuations at once, files the stop candidates among the best num_beams as finished
 hypotheses, keeps the first num_beams other candidates as the next beams, and reorders the state rows in
-place (RWKVState.reorder_, through one scratch state made at the start). Token histories and the best finished
+place (DecoderState.reorder_, through one scratch state made at the start). Token histories and the best finished
 hypotheses stay on the device; the host reads an all-done flag a few steps late (lm/readback.py) and
 builds the Hypothesis lists once, at the end.
 """
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SamplingConfig
+from .decoder import Decoder
 from .graphs import rnn_stepper
 from .readback import LaggedRead, to_device, to_host
-from .rwkv7 import RWKV7
 from .sampling import NEG_INF, ban_ids, token_ids
-from .state import RWKVState
+from .state import DecoderState
 
 
 @dataclass
@@ -35,7 +35,7 @@ def rank_score(logprob: float, length: int, penalty: float) -> float:
 
 
 @torch.no_grad()
-def beam_search(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: SamplingConfig,
+def beam_search(lm: Decoder, logits: torch.Tensor, state: DecoderState, cfg: SamplingConfig,
                 stop_ids) -> list[list[Hypothesis]]:
     """Beam search from B prefixes: logits (B,V) and state for B rows -> for each row its n best
     hypotheses (cfg.num_return_sequences), best first.
@@ -54,7 +54,7 @@ def beam_search(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
     beams = _Beams(B, V, cfg, to_device(stop, device), device)
     image = torch.arange(B * nb, device=device) // nb  # (B*nb,) rows, beam-major per image
     state, logits = state[image], logits[image]
-    scratch = RWKVState(*(torch.empty_like(t) for t in (state.att_shift, state.wkv, state.ffn_shift)))
+    scratch = state.empty_like()
     all_done = LaggedRead(device)
     step = rnn_stepper(lm)  # a CUDA graph replay per step on CUDA (the batch stays B*nb rows)
     for n in range(cfg.max_new_tokens):

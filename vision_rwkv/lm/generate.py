@@ -13,15 +13,15 @@ import torch
 
 from ..config import SamplingConfig
 from ..errors import VisionRWKVError
+from .decoder import Decoder
 from .graphs import rnn_stepper
 from .readback import LaggedRead, to_device, to_host
-from .rwkv7 import RWKV7
 from .sampling import TokenChooser, token_ids
-from .state import RWKVState
+from .state import DecoderState
 
 
 @torch.no_grad()
-def decode_loop(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: SamplingConfig,
+def decode_loop(lm: Decoder, logits: torch.Tensor, state: DecoderState, cfg: SamplingConfig,
                 stop_ids, generator=None, scores: list[float] | None = None) -> list[list[int]]:
     """logits (B,V) after the prefix, state for B rows -> B lists of new token ids (stop token excluded).
 
@@ -42,7 +42,7 @@ def decode_loop(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: Sampling
 
 
 @torch.no_grad()
-def decode_tokens(lm: RWKV7, logits: torch.Tensor, state: RWKVState, cfg: SamplingConfig, stop_ids,
+def decode_tokens(lm: Decoder, logits: torch.Tensor, state: DecoderState, cfg: SamplingConfig, stop_ids,
                   generator=None, with_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """decode_loop on the device: -> tokens (B, max_new_tokens), each row's new tokens then -1s, and the
     rows' log-probabilities (B,) in fp64 (zeros unless with_scores), added in the order decode_loop adds them.
@@ -93,7 +93,7 @@ def _bucket(n: int) -> int:
 
 
 @torch.no_grad()
-def generate(lm: RWKV7, tokenizer, prompt, *, sampling: SamplingConfig | None = None, state=None,
+def generate(lm: Decoder, tokenizer, prompt, *, sampling: SamplingConfig | None = None, state=None,
              generator=None):
     """Plain language-model use: prompt text in, continuation text out.
 
@@ -120,6 +120,6 @@ def generate(lm: RWKV7, tokenizer, prompt, *, sampling: SamplingConfig | None = 
         last.append(logits)
         states.append(s)
     stop = [tokenizer.eos_id, *cfg.stop_tokens]
-    new = decode_loop(lm, torch.cat(last), RWKVState.cat(states), cfg, stop, generator)
+    new = decode_loop(lm, torch.cat(last), DecoderState.cat(states), cfg, stop, generator)
     texts = [tokenizer.decode(ids) for ids in new]
     return texts[0] if single else texts

@@ -14,6 +14,8 @@ MAX_PREFILL_TOKENS tokens.
 
 The step a graph captures is the fused one (engine.StepEngine: about eleven launches a layer instead of
 about eighty) unless VISION_RWKV_FUSED_STEP=0, which captures lm.step's plain PyTorch operations instead.
+The fused step is RWKV-7's; an RWKV-4 decoder's graphs capture lm.step's operations (lm/decoder.py is
+the interface both follow).
 
 Contract (what caption_features, decode_loop and beam_search rely on; not a public API):
 - the prefill gives lm(...)'s results (the same kernels run, in the same order); the step gives lm.step's
@@ -38,9 +40,10 @@ import weakref
 import torch
 
 from ..ops.rwkv7 import unavailable_reason
+from .decoder import Decoder
 from .engine import EngineStepper, StepEngine, compute_dtype
 from .rwkv7 import RWKV7
-from .state import RWKVState
+from .state import DecoderState
 
 # batch x prefix length above this prefills eagerly: on an H100 (bench/prefill.py, 196-position prefix,
 # L12-D768) a graph made the prefill 3.5x faster at batch 1 and 2.2x at 8, and nothing at 32 or 64,
@@ -62,17 +65,17 @@ def graphs_enabled() -> bool:
     return os.environ.get("VISION_RWKV_CUDA_GRAPHS", "1") != "0" and not _failed
 
 
-def _graphable(lm: RWKV7) -> bool:
+def _graphable(lm: Decoder) -> bool:
     return lm.emb.weight.device.type == "cuda" and not lm.training and not torch.is_grad_enabled() \
         and graphs_enabled()
 
 
-def rnn_stepper(lm: RWKV7):
+def rnn_stepper(lm: Decoder):
     """A callable (tokens (B,), state) -> (logits (B,V), state): graph replays on CUDA, the fused step
     without graphs on the CPU (engine.EngineStepper), lm.step when training or switched off."""
     if not _graphable(lm):
-        if lm.emb.weight.device.type == "cpu" and fused_step_enabled() and not lm.training \
-                and not torch.is_grad_enabled():
+        if isinstance(lm, RWKV7) and lm.emb.weight.device.type == "cpu" and fused_step_enabled() \
+                and not lm.training and not torch.is_grad_enabled():
             stepper = _cpu_steppers.get(lm)
             if stepper is None:
                 stepper = _cpu_steppers[lm] = EngineStepper(lm)
@@ -85,7 +88,7 @@ def rnn_stepper(lm: RWKV7):
     return stepper
 
 
-def prefill_runner(lm: RWKV7):
+def prefill_runner(lm: Decoder):
     """A callable inputs_embeds (B,T,C) -> (last-position logits (B,V), state), as
     lm(inputs_embeds=x, last_only=True): graph replays on CUDA for up to MAX_PREFILL_TOKENS tokens."""
     if not _graphable(lm):
@@ -105,7 +108,7 @@ class _Graph:
 class _Graphs:
     """Captured graphs of one decoder, by key; the capture itself (warm-up, stream, autocast)."""
 
-    def __init__(self, lm: RWKV7):
+    def __init__(self, lm: Decoder):
         self.lm = lm
         self.graphs: dict[tuple, _Graph] = {}
         self.weights: tuple = ()
@@ -166,7 +169,7 @@ class _Graphs:
 class GraphedStep(_Graphs):
     bucketed = True  # decode_loop keeps power-of-two batches, so a few graphs serve a whole decode
 
-    def __init__(self, lm: RWKV7):
+    def __init__(self, lm: Decoder):
         super().__init__(lm)
         self.engines: dict[torch.dtype, StepEngine] = {}  # by compute dtype
 
@@ -180,8 +183,8 @@ class GraphedStep(_Graphs):
 
     def _engine(self) -> StepEngine | None:
         """The fused step for the current compute dtype, or None (graphs then capture lm.step's operations)."""
-        if not fused_step_enabled():
-            return None
+        if not fused_step_enabled() or not isinstance(self.lm, RWKV7):
+            return None  # the fused step is RWKV-7's; other generations capture lm.step's operations
         cfg = self.lm.config
         reason = unavailable_reason(self.lm.emb.weight.device, cfg.head_size, cfg.n_embd)
         if reason is not None:
@@ -195,13 +198,13 @@ class GraphedStep(_Graphs):
             self.engines[dtype] = StepEngine(self.lm, dtype)
         return self.engines[dtype]
 
-    def __call__(self, tokens: torch.Tensor, state: RWKVState | None):
+    def __call__(self, tokens: torch.Tensor, state: DecoderState | None):
         # capture and replay on the model's GPU, whichever is current (a torchrun process on cuda:1
         # that never called set_device still has cuda:0 current)
         with torch.cuda.device(self.lm.emb.weight.device):
             return self._call(tokens, state)
 
-    def _call(self, tokens: torch.Tensor, state: RWKVState | None):
+    def _call(self, tokens: torch.Tensor, state: DecoderState | None):
         lm, B = self.lm, tokens.shape[0]
 
         def make_inputs():
@@ -213,9 +216,7 @@ class GraphedStep(_Graphs):
             if engine is not None:
                 return engine.step(tok, st)  # updates st in place
             logits, new = lm.step_unchecked(tok, st)
-            st.att_shift.copy_(new.att_shift)
-            st.wkv.copy_(new.wkv)
-            st.ffn_shift.copy_(new.ffn_shift)
+            st.copy_(new)
             return logits
 
         g = self._get((B, engine is not None, *self._autocast_key()), make_inputs, run)
@@ -225,9 +226,7 @@ class GraphedStep(_Graphs):
         state = lm.state_for(state, B)  # what lm.step does: a fresh state for None, else the checks
         g_tokens.copy_(tokens)
         if state is not g_state:
-            g_state.att_shift.copy_(state.att_shift)
-            g_state.wkv.copy_(state.wkv)
-            g_state.ffn_shift.copy_(state.ffn_shift)
+            g_state.copy_(state)
         g.graph.replay()
         return g.outputs.clone(), g_state
 

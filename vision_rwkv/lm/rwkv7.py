@@ -1,4 +1,4 @@
-"""The RWKV-7 ("x070", "Goose") decoder: one set of weights, two modes.
+"""The RWKV-7 ("x070", "Goose") decoder: one set of weights, two modes (the interface: lm/decoder.py).
 
 GPT mode runs a whole (B, T) sequence in parallel through the WKV dispatcher; RNN mode takes one token
 per row and updates the recurrent state. Parameter names and shapes are the official ones, so an
@@ -14,17 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import RWKV7Config
+from ..config import DecoderArch, RWKV7Config
 from ..errors import VisionRWKVError
 from ..ops.wkv7 import wkv7, wkv7_step
+from .decoder import Decoder, token_shift
 from .state import RWKVState
 
 LN_X_EPS = 64e-5  # the official GroupNorm eps for ln_x
-
-
-def _token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """(B,T,C), (B,C) -> (B,T,C): each position sees the previous token's x (prev for t=0)."""
-    return torch.cat([prev.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
 
 
 class TimeMix(nn.Module):
@@ -56,7 +52,7 @@ class TimeMix(nn.Module):
         """x (B,T,C) ln1 output; shift (B,C); wkv_state (B,H,N,N). Returns out, shift, wkv_state, v_first."""
         B, T, C = x.shape
         H, N = self.cfg.n_head, self.cfg.head_size
-        xx = _token_shift(x, shift) - x
+        xx = token_shift(x, shift) - x
         xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 
         r = self.receptance(xr)
@@ -95,7 +91,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift):
         """x (B,T,C) ln2 output; shift (B,C). Returns out, shift."""
-        xx = _token_shift(x, shift) - x
+        xx = token_shift(x, shift) - x
         k = torch.relu(self.key(x + xx * self.x_k)) ** 2
         return self.value(k), x[:, -1]
 
@@ -121,84 +117,37 @@ class Block(nn.Module):
         return x + dx, v_first, att_shift, wkv_state, ffn_shift
 
 
-class RWKV7(nn.Module):
-    """The decoder. ``lm(tokens)`` is GPT mode, ``lm.step(tokens_t, state)`` is RNN mode.
+class RWKV7(Decoder):
+    """The RWKV-7 decoder. ``lm(tokens)`` is GPT mode, ``lm.step(tokens_t, state)`` is RNN mode (lm/decoder.py).
 
     Both return (logits, state); the state after GPT mode is exactly the one RNN mode would reach.
     """
 
+    STATE = RWKVState
+    LR_SCALES = {"att.w0": 2.0}  # the decay's bias trains at twice the base rate, as in the official recipe
+
     def __init__(self, cfg: RWKV7Config, init: bool = True):
-        super().__init__()
         cfg = cfg.resolved()
-        self.config = cfg
-        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.check_inputs = True  # range-check token ids (one device sync per call)
-        # GPT mode with autograd: recompute each block in the backward pass rather than keep its activations
-        self.activation_checkpointing = False
+        if cfg.arch != DecoderArch.rwkv7:
+            raise VisionRWKVError(f"RWKV7 builds decoder.arch=rwkv7, got {cfg.arch.value}; use build_decoder_model")
+        super().__init__(cfg, nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)))
         if init:
             init_official_(self)
-
-    # ---- state -------------------------------------------------------------------------------------
 
     def init_state(self, batch_size: int, device=None) -> RWKVState:
         cfg = self.config
         device = self.emb.weight.device if device is None else device
         return RWKVState.zeros(cfg.n_layer, batch_size, cfg.n_embd, cfg.head_size, device=device)
 
-    def state_for(self, state: RWKVState | None, batch_size: int) -> RWKVState:
-        """A fresh state for None, else `state` after checking it fits this model and batch (one clear line)."""
-        if state is None:
-            return self.init_state(batch_size)
-        if not isinstance(state, RWKVState):
-            raise VisionRWKVError(f"state must be an RWKVState (from this model), got {type(state).__name__}")
+    def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         cfg = self.config
-        state.check(cfg.n_layer, cfg.n_embd, cfg.head_size, batch_size)
-        if state.device != self.emb.weight.device:
-            raise VisionRWKVError(f"state is on {state.device}, but the model is on {self.emb.weight.device}")
-        return state
-
-    # ---- inputs ------------------------------------------------------------------------------------
+        return RWKVState.shapes(cfg.n_layer, batch_size, cfg.n_embd, cfg.head_size)
 
     def unused_parameters(self) -> list[nn.Parameter]:
-        """Parameters no forward pass reads: layer 0's value-residual mix (v0, v1, v2; layer 0 makes
-        v_first rather than mixing it). They are kept for the official checkpoint layout; training
-        freezes them, since DistributedDataParallel requires every trained parameter to get a gradient."""
+        """Layer 0's value-residual mix (v0, v1, v2): layer 0 makes v_first rather than mixing it. They are
+        kept for the official checkpoint layout."""
         att = self.blocks[0].att
         return [att.v0, att.v1, att.v2]
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B,T) token ids -> (B,T,C) embeddings (before ln0), after checking the ids."""
-        self._check_ids(tokens)
-        return self.emb(tokens)
-
-    def _check_ids(self, tokens) -> None:
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-            raise VisionRWKVError(f"tokens must be an integer (Long) tensor, got {_describe(tokens)}")
-        if self.check_inputs and tokens.numel():
-            lo, hi = int(tokens.min()), int(tokens.max())
-            V = self.config.vocab_size
-            if lo < 0 or hi >= V:
-                bad = lo if lo < 0 else hi
-                raise VisionRWKVError(f"token id {bad} is outside this model's vocabulary: expected ids in [0, {V})")
-
-    def checked_inputs(self, tokens, inputs_embeds) -> torch.Tensor:
-        """The embeddings GPT mode runs on, (B,T,C), after the checks forward() makes on its inputs."""
-        if (tokens is None) == (inputs_embeds is None):
-            raise VisionRWKVError("give exactly one of tokens (B,T) or inputs_embeds (B,T,C)")
-        if tokens is not None:
-            if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] == 0:
-                raise VisionRWKVError(f"tokens must have shape (B, T) with T >= 1, got {_describe(tokens)}")
-            return self.embed(tokens)
-        C = self.config.n_embd
-        x = inputs_embeds
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != C or x.shape[1] == 0:
-            raise VisionRWKVError(f"inputs_embeds must have shape (B, T, {C}) with T >= 1, got {_describe(x)}")
-        return x.to(self.emb.weight.dtype) if not torch.is_autocast_enabled() else x
-
-    # ---- the two modes -----------------------------------------------------------------------------
 
     def _run(self, x: torch.Tensor, state: RWKVState, rnn: bool):
         att, wkv_s, ffn = [], [], []
@@ -215,76 +164,6 @@ class RWKV7(nn.Module):
             torch.stack(att).to(dt), torch.stack(wkv_s).to(dt), torch.stack(ffn).to(dt)
         )
         return self.ln_out(x), new_state
-
-    def hidden(self, tokens=None, state=None, *, inputs_embeds=None):
-        """GPT mode up to ln_out: (B,T,C) hidden states and the final state."""
-        x = self.checked_inputs(tokens, inputs_embeds)
-        return self._run(x, self.state_for(state, x.shape[0]), rnn=False)
-
-    def forward(self, tokens=None, state=None, *, inputs_embeds=None, last_only: bool = False):
-        """GPT mode. tokens (B,T) or inputs_embeds (B,T,C), optional initial state.
-
-        Returns logits (B,T,V) (or (B,V) for the last position with last_only=True) and the final state.
-        """
-        h, state = self.hidden(tokens, state, inputs_embeds=inputs_embeds)
-        if last_only:
-            h = h[:, -1]
-        return self.head(h), state
-
-    def step(self, tokens: torch.Tensor, state: RWKVState | None = None):
-        """RNN mode: tokens (B,) -> logits (B,V) and the updated state."""
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
-            raise VisionRWKVError(f"step() takes one token per row, shape (B,), got {_describe(tokens)}")
-        self._check_ids(tokens)
-        return self.step_unchecked(tokens, self.state_for(state, tokens.shape[0]))
-
-    def step_unchecked(self, tokens: torch.Tensor, state: RWKVState):
-        """step() without the input checks, which read values back to the host (CUDA graphs capture this)."""
-        h, state = self._run(self.emb(tokens.unsqueeze(1)), state, rnn=True)
-        return self._logits_one_row(h[:, 0]) if h.shape[0] == 1 else self.head(h[:, 0]), state
-
-    def _logits_one_row(self, h: torch.Tensor) -> torch.Tensor:
-        """The head for one row. On the CPU, without autograd, it reads a transposed copy of the head's weight:
-        a (1,C) x (C,V) product over contiguous rows runs about twice as fast there as F.linear over the
-        (V,C) weight (BENCHMARKS.md, the CPU decoder), and the head is most of a step's bytes. The copy is
-        made on first use and again whenever the weight changes."""
-        w = self.head.weight
-        if h.device.type != "cpu" or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
-            return self.head(h)
-        key = (w.data_ptr(), w._version, w.dtype)
-        if getattr(self, "_head_t_key", None) != key:
-            self._head_t = w.detach().t().contiguous()
-            self._head_t_key = key
-        return h.to(w.dtype) @ self._head_t
-
-    # ---- training ----------------------------------------------------------------------------------
-
-    def param_groups(self, weight_decay: float, lr_scale_w0: float = 2.0) -> list[dict]:
-        """AdamW groups: decay on the 2-D projection matrices (every nn.Linear weight) only.
-
-        Embedding, LayerNorm/GroupNorm, mixing vectors and the low-rank adapters get none, and
-        att.w0 trains at lr_scale_w0 times the base rate, as in the official recipe.
-        """
-        linear = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
-        decay, no_decay, w0 = [], [], []
-        for name, p in self.named_parameters():
-            if name.endswith("att.w0"):
-                w0.append(p)
-            elif id(p) in linear and p.dim() == 2:
-                decay.append(p)
-            else:
-                no_decay.append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "name": "no_decay"},
-            {"params": w0, "weight_decay": 0.0, "lr_scale": lr_scale_w0, "name": "w0"},
-        ]
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
 
 
 @torch.no_grad()

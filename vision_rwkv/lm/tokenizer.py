@@ -182,12 +182,15 @@ def train_bpe(texts, vocab_size: int, *, min_frequency: int = 2) -> HFTokenizer:
 
 
 def load_tokenizer(spec) -> Tokenizer:
-    """'world' (or rwkv_vocab_v20230424), a tokenizers .json file, or a checkpoint folder."""
+    """'world' (or rwkv_vocab_v20230424), a tokenizers .json file, a checkpoint folder, or a Hugging Face
+    model folder with a tokenizer.json."""
     if spec is None:
         raise VisionRWKVError("no tokenizer given; expected 'world', a tokenizer.json path or a checkpoint folder")
     if isinstance(spec, str) and spec in WORLD_ALIASES:
         return world_tokenizer()
     path = Path(spec)
+    if path.is_dir() and not (path / "config.yaml").is_file() and (path / "tokenizer.json").is_file():
+        return HFTokenizer(path / "tokenizer.json")  # a Hugging Face model folder (e.g. a transformers RWKV-4)
     if path.is_dir():
         from .checkpoint import read_folder_config
 
@@ -200,3 +203,13 @@ def load_tokenizer(spec) -> Tokenizer:
     raise VisionRWKVError(
         f"unknown tokenizer {spec!r}; expected 'world', a tokenizers .json file or a checkpoint folder"
     )
+
+
+def check_fits(tokenizer, vocab_size: int) -> None:
+    """Refuse, in one line, a tokenizer whose ids a decoder of this vocabulary size cannot embed."""
+    ids = getattr(tokenizer, "vocab_size", None)
+    if ids is not None and ids > vocab_size:
+        raise VisionRWKVError(
+            f"the tokenizer has {ids} ids but the decoder's vocabulary is {vocab_size}; expected the decoder's own "
+            "tokenizer (the World vocabulary for RWKV-7 World models, GPT-NeoX's tokenizer.json for RWKV-4 Pile models)"
+        )

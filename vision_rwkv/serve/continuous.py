@@ -18,7 +18,7 @@ import torch
 
 from ..config import SamplingConfig, Strategy
 from ..lm.graphs import prefill_runner, rnn_stepper
-from ..lm.state import RWKVState
+from ..lm.state import DecoderState
 
 
 def joins_running_batch(sampling: SamplingConfig) -> bool:
@@ -43,7 +43,7 @@ class RunningBatch:
     def __init__(self, captioner):
         self.captioner = captioner
         self.rows: list[_Row] = []
-        self.state: RWKVState | None = None
+        self.state: DecoderState | None = None
         self.logits: torch.Tensor | None = None  # (S,V)
         self.started: dict[int, float] = {}  # id(job) -> when it joined
         self._results: dict[int, list] = {}
@@ -69,7 +69,7 @@ class RunningBatch:
             self._results[id(job)] = [None] * job.size
             stop = frozenset([model.eos_id, *job.sampling.stop_tokens])
             self.rows += [_Row(job, i, job.sampling.max_new_tokens, stop, []) for i in range(job.size)]
-        self.state = state if self.state is None else RWKVState.cat([self.state, state])
+        self.state = state if self.state is None else DecoderState.cat([self.state, state])
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
 
     @torch.no_grad()
@@ -101,7 +101,7 @@ class RunningBatch:
             self.rows, self.state, self.logits = [], None, None
         return done
 
-    def _step(self, tokens: torch.Tensor, state: RWKVState):
+    def _step(self, tokens: torch.Tensor, state: DecoderState):
         step = rnn_stepper(self.captioner.model.decoder)
         n = tokens.shape[0]
         if not getattr(step, "bucketed", False):
