@@ -104,19 +104,19 @@ def test_mismatched_shape(model, tmp_path):
 
 
 @pytest.mark.parametrize("key,arch", [
-    ("blocks.0.att.time_maa_x", "RWKV-6"),
-    ("blocks.0.att.time_first", "RWKV-4"),
+    ("blocks.0.att.time_maa_x", "RWKV-6 .*does not support"),
+    ("blocks.0.att.time_faaaa", "RWKV-5 .*does not support"),
     ("transformer.h.0.attn.c_attn.weight", "GPT-2"),
 ])
 def test_other_architecture(tmp_path, key, arch):
     torch.save({key: torch.zeros(2), "emb.weight": torch.zeros(4, 2)}, tmp_path / "m.pth")
-    with pytest.raises(VisionRWKVError, match=f"is {arch}.*expected an RWKV-7"):
+    with pytest.raises(VisionRWKVError, match=f"is {arch}.*expected an RWKV-7 or RWKV-4"):
         load_decoder(tmp_path / "m.pth")
 
 
 def test_not_rwkv7_at_all(tmp_path):
     torch.save({"weight": torch.zeros(2)}, tmp_path / "m.pth")
-    with pytest.raises(VisionRWKVError, match="not an RWKV-7 .* missing key emb.weight"):
+    with pytest.raises(VisionRWKVError, match="not an RWKV-7 .*or RWKV-4.* missing key emb.weight"):
         load_decoder(tmp_path / "m.pth")
 
 
@@ -129,7 +129,7 @@ def test_garbage_file_and_missing_path(tmp_path):
         load_decoder(tmp_path / "nope.pth")
     (tmp_path / "empty").mkdir()
     with pytest.raises(VisionRWKVError, match="empty is a folder of no known decoder format; expected one of: "
-                                              "vision_rwkv checkpoint folder;.* official RWKV-7 .pth"):
+                                              "vision_rwkv checkpoint folder;.* RWKV-4 .*official RWKV-7 or RWKV-4 .pth"):
         load_decoder(tmp_path / "empty")
 
 

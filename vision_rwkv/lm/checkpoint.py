@@ -1,4 +1,4 @@
-"""Decoder checkpoints: official RWKV-7 .pth files and this project's own folders.
+"""Decoder checkpoints: official RWKV-7 and RWKV-4 .pth files and this project's own folders.
 
 Our own format is a folder holding ``model.safetensors`` and ``config.yaml`` (plus ``tokenizer.json``
 when the tokenizer is a file). Keys in model.safetensors are the official names, so conversion in
@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from .._fs import atomic_file, atomic_folder
-from ..config import RWKV7Config
+from ..config import DecoderArch, DecoderConfig
 from ..errors import VisionRWKVError
-from .rwkv7 import RWKV7
+from .decoder import Decoder, build_decoder_model
 
 FORMAT = "vision_rwkv.decoder"
 FORMAT_VERSION = 1
@@ -24,26 +24,32 @@ CONFIG = "config.yaml"
 
 # Keys that identify other architectures, so a wrong file gets a name rather than a key list.
 _OTHER_ARCHS = [
-    ("blocks.0.att.time_first", "RWKV-4"),
-    ("blocks.0.att.time_maa_x", "RWKV-6 (x060)"),
-    ("blocks.0.att.time_faaaa", "RWKV-5 (x052)"),
+    ("blocks.0.att.time_maa_x", "RWKV-6 (x060), a generation this project does not support (RWKV-7 and RWKV-4 only)"),
+    ("blocks.0.att.time_faaaa", "RWKV-5 (x052), a generation this project does not support (RWKV-7 and RWKV-4 only)"),
     ("transformer.h.0.attn.c_attn.weight", "GPT-2"),
     ("model.layers.0.self_attn.q_proj.weight", "a Llama-style transformer"),
     ("model.layers.0.attn.r_proj.weight", "a flash-linear-attention (Hugging Face) RWKV-7, not the official layout"),
+    ("rwkv.blocks.0.attention.time_decay", "a transformers (Hugging Face) RWKV-4, not the official layout"),
 ]
 # Layer 0 makes v_first and never reads its value-residual adapter; official files may omit it.
 _OPTIONAL = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 
 
-def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> RWKV7Config:
-    """Read n_layer, n_embd, head size, low-rank dims, ffn size and vocabulary size off the tensors."""
+def _layers(sd) -> int:
+    return 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit())
+
+
+def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> DecoderConfig:
+    """The generation and shape (layers, width, head size, low-rank dims, ffn size, vocabulary) off the tensors."""
     for key, arch in _OTHER_ARCHS:
         if key in sd:
-            raise VisionRWKVError(f"{source} is {arch} (it has {key}); expected an RWKV-7 (x070) checkpoint")
+            raise VisionRWKVError(f"{source} is {arch} (it has {key}); expected an RWKV-7 or RWKV-4 checkpoint")
+    if "blocks.0.att.time_first" in sd:
+        return _infer_rwkv4(sd, source)
     for key in ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.ffn.key.weight"):
         if key not in sd:
-            raise VisionRWKVError(f"{source} is not an RWKV-7 (x070) checkpoint: missing key {key}")
-    n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit())
+            raise VisionRWKVError(f"{source} is not an RWKV-7 (x070) or RWKV-4 checkpoint: missing key {key}")
+    n_layer = _layers(sd)
     _, head_size = sd["blocks.0.att.r_k"].shape
     vocab_size, n_embd = sd["emb.weight"].shape
 
@@ -51,7 +57,7 @@ def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> RWK
         key = next((f"blocks.{i}.att.{name}" for i in range(n_layer) if f"blocks.{i}.att.{name}" in sd), None)
         return None if key is None else int(sd[key].shape[1])
 
-    return RWKV7Config(
+    return DecoderConfig(
         vocab_size=int(vocab_size),
         n_layer=n_layer,
         n_embd=int(n_embd),
@@ -62,6 +68,19 @@ def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> RWK
         d_mv_lora=lora_dim("v1"),
         d_gate_lora=lora_dim("g1"),
     )
+
+
+def _infer_rwkv4(sd, source: str) -> DecoderConfig:
+    for key in ("emb.weight", "blocks.0.att.key.weight", "blocks.0.ffn.key.weight"):
+        if key not in sd:
+            raise VisionRWKVError(f"{source} is not a complete RWKV-4 checkpoint: missing key {key}")
+    vocab_size, n_embd = sd["emb.weight"].shape
+    attention = sd["blocks.0.att.key.weight"].shape[0]
+    if attention != n_embd:
+        raise VisionRWKVError(f"{source}: the attention width {attention} differs from the embedding width {n_embd}; "
+                              "expected RWKV-4's usual equal widths")
+    return DecoderConfig(arch=DecoderArch.rwkv4, vocab_size=int(vocab_size), n_layer=_layers(sd), n_embd=int(n_embd),
+                         dim_ffn=int(sd["blocks.0.ffn.key.weight"].shape[0]))
 
 
 def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -83,12 +102,10 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
 
 def _shape_name(model) -> str:
     c = getattr(model, "config", None)
-    if isinstance(c, RWKV7Config):
-        return f"RWKV-7 L{c.n_layer}-D{c.n_embd} (head {c.head_size}, vocab {c.vocab_size})"
-    return type(model).__name__
+    return c.describe() if isinstance(c, DecoderConfig) else type(model).__name__
 
 
-def _normalise(sd: dict[str, torch.Tensor], model: RWKV7) -> dict[str, torch.Tensor]:
+def _normalise(sd: dict[str, torch.Tensor], model: Decoder) -> dict[str, torch.Tensor]:
     """Accept the squeezed shapes some converters write (C,) for (1,1,C); fill layer 0's unused adapter."""
     expected = model.state_dict()
     out = {}
@@ -115,12 +132,13 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise VisionRWKVError(f"{path} does not hold a state dict of tensors; expected an official RWKV-7 .pth")
+        raise VisionRWKVError(f"{path} does not hold a state dict of tensors; expected an official RWKV-7 or "
+                              "RWKV-4 .pth")
     return sd
 
 
-def load_official(path, *, device=None, dtype=None, wkv_impl: str = "auto") -> RWKV7:
-    """Load an official RWKV-7 .pth (BlinkDL key names and shapes) as an RWKV7 module."""
+def load_official(path, *, device=None, dtype=None, wkv_impl: str = "auto") -> Decoder:
+    """Load an official RWKV-7 or RWKV-4 .pth (BlinkDL key names and shapes) as an RWKV7 or RWKV4 module."""
     path = Path(path)
     sd = _read_pth(path)
     cfg = infer_config(sd, str(path))
@@ -128,8 +146,8 @@ def load_official(path, *, device=None, dtype=None, wkv_impl: str = "auto") -> R
     return build_decoder(cfg, sd, str(path), device, dtype)
 
 
-def build_decoder(cfg: RWKV7Config, sd, source: str, device, dtype) -> RWKV7:
-    model = RWKV7(cfg, init=False)
+def build_decoder(cfg: DecoderConfig, sd, source: str, device, dtype) -> Decoder:
+    model = build_decoder_model(cfg, init=False)
     sd = _normalise(sd, model)
     check_state_dict(model, sd, source)
     # Keep the stored dtype unless asked otherwise (official files are usually bf16).
@@ -140,15 +158,16 @@ def build_decoder(cfg: RWKV7Config, sd, source: str, device, dtype) -> RWKV7:
     return model.eval()
 
 
-def save_official(model: RWKV7, path) -> None:
-    """Write the official .pth layout (bf16 by default in RWKV-LM; we keep the model's dtype)."""
+def save_official(model: Decoder, path) -> None:
+    """Write the official .pth layout of the model's generation (bf16 by default in RWKV-LM; we keep the
+    model's dtype)."""
     path = Path(path)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_file(path) as tmp:
         torch.save(sd, tmp)
 
 
-def save_decoder(model: RWKV7, folder, *, tokenizer=None, extra_config: dict | None = None) -> Path:
+def save_decoder(model: Decoder, folder, *, tokenizer=None, extra_config: dict | None = None) -> Path:
     """Write our own format: model.safetensors + config.yaml (+ tokenizer), atomically."""
     from safetensors.torch import save_file
 
@@ -178,13 +197,13 @@ def read_folder_config(folder: Path) -> dict:
     return config
 
 
-def load_folder(folder, *, device=None, dtype=None, wkv_impl: str | None = None) -> RWKV7:
+def load_folder(folder, *, device=None, dtype=None, wkv_impl: str | None = None) -> Decoder:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     config = read_folder_config(folder)
-    cfg = RWKV7Config.from_dict(config["decoder"])
+    cfg = DecoderConfig.from_dict(config["decoder"])
     if wkv_impl is not None:
         cfg.wkv_impl = wkv_impl
     weights = folder / WEIGHTS

@@ -1,4 +1,5 @@
-"""RWKV-7 in the Hugging Face layout of flash-linear-attention (fla), converted to and from the official one.
+"""Hugging Face layouts, converted to and from the official (BlinkDL) one: RWKV-7 as flash-linear-attention
+(fla) keeps it, and RWKV-4 as transformers' RwkvForCausalLM keeps it.
 
 An fla checkpoint is a folder: config.json (model_type "rwkv7", RWKV7Config's fields) and the weights
 (model.safetensors, shards with an index, or pytorch_model.bin) under fla's names:
@@ -18,6 +19,16 @@ An fla checkpoint is a folder: config.json (model_type "rwkv7", RWKV7Config's fi
 
 The names come from fla's own model and its official-to-fla converter (fla/layers/rwkv7.py,
 utils/convert_from_rwkv7.py). Layer 0 has no v_lora in fla (its value residual is never read).
+
+A transformers RWKV-4 folder has config.json with model_type "rwkv" (RwkvConfig) and the weights under
+transformers' names, in the official shapes:
+
+    official (BlinkDL)                  transformers
+    emb.weight, ln_out.*, head.weight   rwkv.embeddings.weight, rwkv.ln_out.*, head.weight
+    blocks.i.ln0 / ln1 / ln2            rwkv.blocks.i.pre_ln / ln1 / ln2
+    blocks.i.att.*                      rwkv.blocks.i.attention.*
+    blocks.i.ffn.*                      rwkv.blocks.i.feed_forward.*
+    time_mix_k / time_mix_v / time_mix_r    time_mix_key / time_mix_value / time_mix_receptance
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from .._fs import atomic_folder
 from ..errors import VisionRWKVError
 
 MODEL_TYPE = "rwkv7"
+MODEL_TYPE_RWKV4 = "rwkv"
 _TOP = {"model.embeddings.weight": "emb.weight", "model.norm.weight": "ln_out.weight",
         "model.norm.bias": "ln_out.bias", "lm_head.weight": "head.weight"}
 _NORMS = {"pre_norm": "ln0", "attn_norm": "ln1", "ffn_norm": "ln2"}
@@ -42,15 +54,25 @@ _ATT_VECTORS = {"x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "k_k", "k_a", "r_k"}
 _FFN = {"x_k", "key.weight", "value.weight"}
 
 
-def is_hf_folder(path: Path) -> bool:
-    """A folder with an fla RWKV-7 config.json."""
+def model_type(path: Path) -> str | None:
+    """config.json's model_type in a folder, or None when there is none to read."""
     config = path / "config.json"
     if not (path.is_dir() and config.is_file()):
-        return False
+        return None
     try:
-        return json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+        return json.loads(config.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A folder with an fla RWKV-7 config.json."""
+    return model_type(path) == MODEL_TYPE
+
+
+def is_hf_rwkv4_folder(path: Path) -> bool:
+    """A folder with a transformers RWKV-4 (RwkvForCausalLM) config.json."""
+    return model_type(path) == MODEL_TYPE_RWKV4
 
 
 def official_name(name: str) -> tuple[str, bool]:
@@ -108,9 +130,12 @@ def fla_name(name: str) -> tuple[str | None, bool]:
 
 
 def read_hf(folder: Path) -> dict[str, torch.Tensor]:
-    """The tensors of an fla RWKV-7 folder under their official names and shapes (up to squeezed vectors)."""
+    """The tensors of an fla RWKV-7 or a transformers RWKV-4 folder under their official names and shapes
+    (up to squeezed vectors)."""
     folder = Path(folder)
     sd = _read_weights(folder)
+    if model_type(folder) == MODEL_TYPE_RWKV4:
+        return _read_rwkv4(folder, sd)
     out = {}
     for name, tensor in sd.items():
         try:
@@ -139,14 +164,17 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise VisionRWKVError(f"cannot read the weights in {folder}: {str(e).splitlines()[0]}") from None
-    raise VisionRWKVError(f"{folder} has an RWKV-7 config.json but no model*.safetensors or pytorch_model.bin")
+    raise VisionRWKVError(f"{folder} has an RWKV config.json but no model*.safetensors or pytorch_model.bin")
 
 
 def save_hf(model, folder) -> Path:
-    """Write a decoder in fla's layout (config.json + model.safetensors), e.g. for transformers + fla users."""
+    """Write a decoder in its Hugging Face layout (config.json + model.safetensors): fla's for RWKV-7 (for
+    transformers + fla users), transformers' RwkvForCausalLM for RWKV-4."""
     from safetensors.torch import save_file
 
     c = model.config
+    if c.arch.value == "rwkv4":
+        return _save_rwkv4(model, folder)
     sd = {}
     for name, tensor in model.state_dict().items():
         target, transposed = fla_name(name)
@@ -164,6 +192,69 @@ def save_hf(model, folder) -> Path:
               "v_low_rank_dim": c.d_mv_lora, "gate_low_rank_dim": c.d_gate_lora,
               "value_dim": [c.n_embd] * c.n_layer, "norm_eps": 1e-5, "norm_bias": True, "hidden_act": "sqrelu",
               "tie_word_embeddings": False, "torch_dtype": str(model.emb.weight.dtype).replace("torch.", "")}
+    with atomic_folder(folder) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return Path(folder)
+
+
+# ---- RWKV-4: transformers' RwkvForCausalLM ------------------------------------------------------------
+
+_RWKV4_TOP = {"rwkv.embeddings.weight": "emb.weight", "rwkv.ln_out.weight": "ln_out.weight",
+              "rwkv.ln_out.bias": "ln_out.bias", "head.weight": "head.weight"}
+_RWKV4_PART = {"pre_ln": "ln0", "ln1": "ln1", "ln2": "ln2", "attention": "att", "feed_forward": "ffn"}
+_RWKV4_MIX = {"time_mix_key": "time_mix_k", "time_mix_value": "time_mix_v", "time_mix_receptance": "time_mix_r"}
+_RWKV4_LAYER = re.compile(r"rwkv\.blocks\.(\d+)\.(\w+)\.(.+)")
+
+
+def rwkv4_official_name(name: str) -> str:
+    """The official name of a transformers RWKV-4 tensor (KeyError for one RWKV-4 does not have)."""
+    if name in _RWKV4_TOP:
+        return _RWKV4_TOP[name]
+    match = _RWKV4_LAYER.fullmatch(name)
+    if match is None or match.group(2) not in _RWKV4_PART:
+        raise KeyError(name)
+    i, part, rest = match.groups()
+    return f"blocks.{i}.{_RWKV4_PART[part]}.{_RWKV4_MIX.get(rest, rest)}"
+
+
+def rwkv4_hf_name(name: str) -> str:
+    """The inverse of rwkv4_official_name."""
+    top = {v: k for k, v in _RWKV4_TOP.items()}
+    if name in top:
+        return top[name]
+    i, part, rest = re.fullmatch(r"blocks\.(\d+)\.(\w+)\.(.+)", name).groups()
+    parts, mixes = {v: k for k, v in _RWKV4_PART.items()}, {v: k for k, v in _RWKV4_MIX.items()}
+    return f"rwkv.blocks.{i}.{parts[part]}.{mixes.get(rest, rest)}"
+
+
+def _read_rwkv4(folder: Path, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    config = json.loads((folder / "config.json").read_text())
+    hidden, attention = config.get("hidden_size"), config.get("attention_hidden_size")
+    if attention is not None and attention != hidden:
+        raise VisionRWKVError(f"{folder}: attention_hidden_size {attention} differs from hidden_size {hidden}; "
+                              "expected RWKV-4's usual equal widths")
+    out = {}
+    for name, tensor in sd.items():
+        try:
+            out[rwkv4_official_name(name)] = tensor
+        except KeyError:
+            raise VisionRWKVError(f"{folder}: {name} is not a tensor of transformers' RWKV-4 (rwkv.embeddings, "
+                                  "rwkv.blocks.N.attention/feed_forward/..., rwkv.ln_out, head)") from None
+    return out
+
+
+def _save_rwkv4(model, folder) -> Path:
+    from safetensors.torch import save_file
+
+    c = model.config
+    sd = {rwkv4_hf_name(name): t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    # rescale_every 0: transformers then computes exactly what we do (lm/rwkv4.py says why we never rescale)
+    config = {"model_type": MODEL_TYPE_RWKV4, "architectures": ["RwkvForCausalLM"], "vocab_size": c.vocab_size,
+              "context_length": 1024, "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer,
+              "attention_hidden_size": c.n_embd, "intermediate_size": c.dim_ffn, "layer_norm_epsilon": 1e-5,
+              "rescale_every": 0, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0,
+              "torch_dtype": str(model.emb.weight.dtype).replace("torch.", "")}
     with atomic_folder(folder) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

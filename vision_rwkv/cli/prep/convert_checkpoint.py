@@ -1,9 +1,10 @@
-"""Convert an RWKV-7 decoder between the official .pth layout and a vision_rwkv checkpoint folder.
+"""Convert an RWKV-7 or RWKV-4 decoder between the official .pth layout and a vision_rwkv checkpoint folder.
 
     python data_prep/convert_checkpoint.py RWKV-x070-World-0.4B.pth checkpoints/rwkv7-0.4b --tokenizer world
     python data_prep/convert_checkpoint.py checkpoints/rwkv7-0.4b back.pth
 
-The direction follows the input: a .pth file becomes a folder, a folder becomes a .pth file.
+The direction follows the input: a .pth file becomes a folder, a folder (ours, or a Hugging Face one:
+fla's RWKV-7, transformers' RWKV-4) becomes a .pth file.
 Writes are atomic; an up-to-date output (newer than its input) is left alone unless --force.
 """
 
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = lm.config
-    print(f"wrote {args.dst}: RWKV-7 L{c.n_layer}-D{c.n_embd}, head {c.head_size}, vocab {c.vocab_size}")
+    print(f"wrote {args.dst}: {c.describe()}")
     return 0
 
 
