@@ -129,7 +129,7 @@ def test_garbage_file_and_missing_path(tmp_path):
         load_decoder(tmp_path / "nope.pth")
     (tmp_path / "empty").mkdir()
     with pytest.raises(VisionRWKVError, match="empty is a folder of no known decoder format; expected one of: "
-                                              "vision_rwkv checkpoint folder;.* RWKV-4 .*official RWKV-7 or RWKV-4 .pth"):
+                                              "vision_rwkv checkpoint folder;.* RWKV-4 .*official RWKV-7 or RWKV-4"):
         load_decoder(tmp_path / "empty")
 
 

@@ -235,3 +235,29 @@ def test_long_captions_are_cut_with_one_warning(shapes, tmp_path):
     with pytest.warns(UserWarning, match=r"training captions are longer than data.max_caption_tokens=3") as rec:
         assert train_caption.main(args) == 0
     assert sum("max_caption_tokens" in str(w.message) for w in rec) == 1
+
+
+def test_an_rwkv4_decoder_trains_resumes_and_captions(shapes, tmp_path):
+    """decoder=rwkv4_* presets pick the RWKV-4 generation; the same trainer, checkpoints and captioner serve it."""
+    from vision_rwkv import RWKV4, Captioner, SamplingConfig
+
+    out = tmp_path / "run"
+    args = [a for a in tiny(shapes, out) if not a.startswith("decoder.")]
+    args += ["decoder=rwkv4_169m", "decoder.n_layer=2", "decoder.n_embd=64", "decoder.wkv_impl=reference",
+             "trainer.max_steps=16", "trainer.save_every=8", "trainer.eval_every=16", "optim.lr_all=3e-3"]
+    assert train_caption.main(args) == 0
+    loss, _ = losses(out)
+    assert sum(loss[s] for s in range(13, 17)) / 4 < 0.8 * sum(loss[s] for s in range(1, 5)) / 4
+    model = load_caption_model(out / "checkpoints" / "step-0000016")
+    assert isinstance(model.decoder, RWKV4) and model.config.decoder.arch.value == "rwkv4"
+
+    resumed = [a.replace(str(out), str(tmp_path / "resumed")) for a in args]  # stopped at step 6, resumed
+    assert train_caption.main(resumed + ["trainer.stop_after=6"]) == 0
+    assert train_caption.main(resumed + ["trainer.resume=true"]) == 0
+    again = load_caption_model(tmp_path / "resumed" / "checkpoints" / "step-0000016")
+    for (name, x), y in zip(model.state_dict().items(), again.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
+
+    image = next((shapes / "images" / "test").glob("*.png"))
+    result = list(Captioner(model).caption_paths([image], SamplingConfig(strategy="beam", num_beams=2)))
+    assert result[0].error is None and result[0].caption

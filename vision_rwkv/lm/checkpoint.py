@@ -71,6 +71,10 @@ def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> Dec
 
 
 def _infer_rwkv4(sd, source: str) -> DecoderConfig:
+    for key in ("blocks.0.att.ln_x.weight", "blocks.0.att.gate.weight"):
+        if key in sd:  # RWKV-5.0 / 5.1 kept RWKV-4's time_first, and added a head norm and a gate
+            raise VisionRWKVError(f"{source} is RWKV-5 (it has time_first and {key}), a generation this project "
+                                  "does not support; expected an RWKV-7 or RWKV-4 checkpoint")
     for key in ("emb.weight", "blocks.0.att.key.weight", "blocks.0.ffn.key.weight"):
         if key not in sd:
             raise VisionRWKVError(f"{source} is not a complete RWKV-4 checkpoint: missing key {key}")
