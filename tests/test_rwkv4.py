@@ -297,3 +297,17 @@ def test_logits_match_the_rwkv_package(model, tmp_path):
     assert logits.abs().max() > 1.0
     torch.testing.assert_close(logits[0], ref["seq"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.stack(steps), ref["steps"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(model, tmp_path):
+    from vision_rwkv import build_caption_model
+    from vision_rwkv.config import CaptionConfig, EncoderConfig
+
+    world = pytest.importorskip("vision_rwkv.lm.tokenizer").world_tokenizer()
+    with pytest.raises(VisionRWKVError, match="the tokenizer has 65536 ids but the decoder's vocabulary is 61; "
+                                              "expected the decoder's own tokenizer"):
+        save_decoder(model, tmp_path / "out", tokenizer=world)
+    assert not (tmp_path / "out").exists()
+    cfg = CaptionConfig(encoder=EncoderConfig(model="vrwkv-ViT-tiny"), decoder=rwkv4_config(vocab_size=50277))
+    with pytest.raises(VisionRWKVError, match="65536 ids but the decoder's vocabulary is 50277"):
+        build_caption_model(cfg, tokenizer=world)

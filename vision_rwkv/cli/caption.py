@@ -25,7 +25,7 @@ PROG = "caption.py"
 USAGE = """\
 usage: python caption.py PATH [PATH ...] [key=value ...] [-- PATH ...]
 
-Caption images with a vision_rwkv model (frozen CLIP encoder -> projector -> RWKV-7 decoder).
+Caption images with a vision_rwkv model (frozen CLIP encoder -> projector -> RWKV-7 or RWKV-4 decoder).
 
 PATH is an image file or a folder; folders are searched recursively for .bmp .gif .jpeg .jpg .png
 .tif .tiff .webp files. Every argument without '=' is a path. Arguments after `--` are paths whatever

@@ -16,6 +16,7 @@ from .._fs import atomic_file, atomic_folder
 from ..config import DecoderArch, DecoderConfig
 from ..errors import VisionRWKVError
 from .decoder import Decoder, build_decoder_model
+from .tokenizer import check_fits
 
 FORMAT = "vision_rwkv.decoder"
 FORMAT_VERSION = 1
@@ -183,6 +184,7 @@ def save_decoder(model: Decoder, folder, *, tokenizer=None, extra_config: dict |
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         if tokenizer is not None:
+            check_fits(tokenizer, model.config.vocab_size)
             config["tokenizer"] = tokenizer.save(tmp)
         (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     return folder

@@ -12,7 +12,7 @@ STEPS = {
     "folder_to_dataset": "an image folder with metadata.jsonl/csv to a datasets folder",
     "train_tokenizer": "a byte-level BPE trained on the captions",
     "cache_features": "the frozen encoder's features, for training (Hydra overrides as for train)",
-    "convert_checkpoint": "an RWKV-7 decoder between the official .pth and a vision_rwkv folder",
+    "convert_checkpoint": "an RWKV-7 or RWKV-4 decoder between the official .pth and a vision_rwkv folder",
     "export_model": "a training checkpoint as a small inference copy",
     "shapes_accuracy": "held-out accuracy of a model on the shapes data",
 }
