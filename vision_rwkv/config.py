@@ -62,6 +62,8 @@ class ProjectorKind(Choice):
     mlp = "mlp"
     clipcap = "clipcap"
     resampler = "resampler"
+    state = "state"
+    state_prefix = "state_prefix"
 
 
 class DataSource(Choice):
@@ -296,7 +298,8 @@ class ProjectorConfig:
 
     kind: linear (patch token -> d_model), mlp (2 layers per patch token), clipcap (pooled vector ->
     prefix_len tokens through an MLP), resampler (prefix_len learned queries cross-attending to the
-    patch tokens, `layers` deep).
+    patch tokens, `layers` deep); state (the image written into every layer's initial RNN state, with
+    one start embedding as the prefix) and state_prefix (that state, and clipcap's prefix_len tokens).
     """
 
     kind: ProjectorKind = ProjectorKind.mlp
@@ -305,6 +308,7 @@ class ProjectorConfig:
     layers: int = 2  # resampler depth
     heads: int = 8  # resampler attention heads
     dropout: float = 0.0
+    state_rank: int = 128  # state, state_prefix: the width patch tokens are projected to before each layer's k, v
 
     def __post_init__(self):
         self.kind = ProjectorKind.parse(self.kind, "projector.kind")

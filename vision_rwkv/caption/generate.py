@@ -9,7 +9,6 @@ import torch
 from ..config import SamplingConfig
 from ..lm.beam import Hypothesis, beam_search, rank_score
 from ..lm.generate import decode_loop
-from ..lm.graphs import prefill_runner
 
 
 @torch.no_grad()
@@ -23,8 +22,7 @@ def caption_features(model, tokens: torch.Tensor, pooled: torch.Tensor, cfg: Sam
     """
     cfg.validate()
     lm = model.decoder
-    x = model.prefix(tokens, pooled)  # (B,K',C)
-    logits, state = prefill_runner(lm)(x)  # = lm(inputs_embeds=x, last_only=True): (B,V); a graph on CUDA
+    logits, state = model.prefill(tokens, pooled)  # (B,V), the state after the prefix; a graph on CUDA
     stop = [model.eos_id, *cfg.stop_tokens]
     if cfg.strategy == "beam":
         return beam_search(lm, logits, state, cfg, stop)

@@ -28,6 +28,8 @@ from ..hub import model_card, push_folder, resolve
 from ..lm.checkpoint import CONFIG, WEIGHTS, build_decoder
 from ..lm.decoder import Decoder, build_decoder_model
 from ..lm.formats import load_decoder
+from ..lm.graphs import prefill_runner
+from ..lm.state import DecoderState
 from ..lm.tokenizer import check_fits, load_tokenizer
 from ..ops.linear_ce import linear_cross_entropy
 from .encoder import ClipEncoder
@@ -50,7 +52,8 @@ class CaptionModel(nn.Module):
         self.config.decoder = self.decoder.config  # the resolved shape (e.g. read from an official .pth)
         check_fits(tokenizer, self.decoder.config.vocab_size)
         d_model = self.decoder.config.n_embd
-        self.projector = build_projector(cfg.projector, self.encoder.token_dim, self.encoder.pooled_dim, d_model)
+        self.projector = build_projector(cfg.projector, self.encoder.token_dim, self.encoder.pooled_dim, d_model,
+                                         self.decoder.config)
         self.prefix_len = prefix_length(cfg.projector, self.encoder.num_patches)
         self.prompt_ids = tokenizer.encode(cfg.prompt) if cfg.prompt else []
         self.eos_id = tokenizer.eos_id
@@ -65,15 +68,28 @@ class CaptionModel(nn.Module):
         """(B,3,H,W) preprocessed images -> patch tokens (B,P,Dt), pooled (B,Dp)."""
         return self.encoder(images)
 
-    def prefix(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """Encoder features -> decoder input embeddings (B, K + Lp, C): image prefix, then the prompt."""
+    def condition(self, tokens: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, DecoderState | None]:
+        """Encoder features -> what the decoder starts from: its input embeddings (B, K + Lp, C), the image
+        prefix then the prompt, and its initial state (None, a fresh one, unless the projector is a state
+        projector)."""
         dtype = self.projector_dtype()
-        x = self.projector(tokens.to(dtype), pooled.to(dtype))  # (B,K,C)
+        out = self.projector(tokens.to(dtype), pooled.to(dtype))
+        x, state = out if isinstance(out, tuple) else (out, None)  # (B,K,C), DecoderState or None
         if self.prompt_ids:
             ids = torch.tensor(self.prompt_ids, device=x.device)
             prompt = self.decoder.emb(ids).to(x.dtype)  # (Lp,C)
             x = torch.cat([x, prompt.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
-        return x
+        return x, state
+
+    def prefix(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of condition() (B, K + Lp, C), for callers that need no state."""
+        return self.condition(tokens, pooled)[0]
+
+    def prefill(self, tokens: torch.Tensor, pooled: torch.Tensor):
+        """GPT mode over the image prefix and prompt, from the projector's state: the last position's logits
+        (B,V) and the state decoding continues from. A CUDA graph on CUDA (lm.graphs.prefill_runner)."""
+        x, state = self.condition(tokens, pooled)
+        return prefill_runner(self.decoder)(x, state)
 
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
@@ -98,13 +114,13 @@ class CaptionModel(nn.Module):
     def token_hidden(self, tokens, pooled, captions: torch.Tensor, lengths: torch.Tensor):
         """As token_logprobs, with the decoder's final hidden states (N,C) in place of the logits."""
         B, L = captions.shape
-        prefix = self.prefix(tokens, pooled)  # (B,K',C)
+        prefix, state = self.condition(tokens, pooled)  # (B,K',C), the initial state or None
         k = prefix.shape[1]
         pos = torch.arange(L + 1, device=captions.device)
         real = pos.unsqueeze(0) <= lengths.unsqueeze(1)  # (B,L+1): caption tokens and the eos
         ids = captions.masked_fill(pos[:L].unsqueeze(0) >= lengths.unsqueeze(1), 0)  # padding -> a valid id
         x = torch.cat([prefix, self.decoder.embed(ids).to(prefix.dtype)], dim=1)  # (B,K'+L,C)
-        h, _ = self.decoder.hidden(inputs_embeds=x)
+        h, _ = self.decoder.hidden(inputs_embeds=x, state=state)
         h = h[:, k - 1:]  # (B,L+1,C): the positions that predict caption_0 .. eos
         targets = torch.cat([ids, ids.new_zeros(B, 1)], dim=1)
         targets = targets.scatter(1, lengths.unsqueeze(1), self.eos_id)  # (B,L+1)

@@ -10,7 +10,7 @@ MAX_PREFILL_TOKENS tokens.
 
     step = rnn_stepper(lm)              # lm.step itself on the CPU, or when graphs are switched off
     logits, state = step(tokens, state)
-    logits, state = prefill_runner(lm)(inputs_embeds)   # = lm(inputs_embeds=..., last_only=True)
+    logits, state = prefill_runner(lm)(inputs_embeds, state)   # = lm(inputs_embeds=..., state=..., last_only=True)
 
 The step a graph captures is the fused one (engine.StepEngine: about eleven launches a layer instead of
 about eighty) unless VISION_RWKV_FUSED_STEP=0, which captures lm.step's plain PyTorch operations instead.
@@ -89,10 +89,11 @@ def rnn_stepper(lm: Decoder):
 
 
 def prefill_runner(lm: Decoder):
-    """A callable inputs_embeds (B,T,C) -> (last-position logits (B,V), state), as
-    lm(inputs_embeds=x, last_only=True): graph replays on CUDA for up to MAX_PREFILL_TOKENS tokens."""
+    """A callable (inputs_embeds (B,T,C), initial state or None) -> (last-position logits (B,V), state), as
+    lm(inputs_embeds=x, state=state, last_only=True): graph replays on CUDA for up to MAX_PREFILL_TOKENS
+    tokens."""
     if not _graphable(lm):
-        return lambda x: lm(inputs_embeds=x, last_only=True)
+        return lambda x, state=None: lm(inputs_embeds=x, state=state, last_only=True)
     runner = _prefills.get(lm)
     if runner is None:
         runner = _prefills[lm] = GraphedPrefill(lm)
@@ -232,18 +233,31 @@ class GraphedStep(_Graphs):
 
 
 class GraphedPrefill(_Graphs):
-    def __call__(self, x: torch.Tensor):
+    """The prefill, captured per (shape, dtype, autocast, whether an initial state is given): a state
+    projector's state is copied into the graph's own state buffer, like the embeddings."""
+
+    def __call__(self, x: torch.Tensor, state: DecoderState | None = None):
         lm = self.lm
+        eager = lambda: lm(inputs_embeds=x, state=state, last_only=True)  # noqa: E731
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.device != lm.emb.weight.device \
                 or x.shape[0] * x.shape[1] > MAX_PREFILL_TOKENS:
-            return lm(inputs_embeds=x, last_only=True)  # lm's own checks, or too big to keep a graph for
+            return eager()  # lm's own checks, or too big to keep a graph for
         with torch.cuda.device(lm.emb.weight.device):
             lm.checked_inputs(None, x)  # the shape checks lm(...) makes, before anything is captured
-            g = self._get((tuple(x.shape), x.dtype, x.device, *self._autocast_key()),
-                          lambda: (torch.zeros_like(x),), lambda xs: lm(inputs_embeds=xs, last_only=True))
+            if state is not None:
+                state = lm.state_for(state, x.shape[0])
+
+            def make_inputs():
+                return (torch.zeros_like(x),) + (() if state is None else (lm.init_state(x.shape[0]),))
+
+            key = (tuple(x.shape), x.dtype, x.device, state is not None, *self._autocast_key())
+            g = self._get(key, make_inputs, lambda xs, *st: lm(inputs_embeds=xs, state=st[0] if st else None,
+                                                                last_only=True))
             if g is None:
-                return lm(inputs_embeds=x, last_only=True)
+                return eager()
             g.inputs[0].copy_(x)
+            if state is not None:
+                g.inputs[1].copy_(state)
             g.graph.replay()
             logits, state = g.outputs
             return logits.clone(), state.clone()

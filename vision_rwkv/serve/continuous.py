@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SamplingConfig, Strategy
-from ..lm.graphs import prefill_runner, rnn_stepper
+from ..lm.graphs import rnn_stepper
 from ..lm.state import DecoderState
 
 
@@ -62,7 +62,7 @@ class RunningBatch:
         images = torch.cat([job.images for job in jobs]).to(self.captioner.device)
         with self._context():
             tokens, pooled = model.encode(images)
-            logits, state = prefill_runner(model.decoder)(model.prefix(tokens, pooled))  # (n,V)
+            logits, state = model.prefill(tokens, pooled)  # (n,V)
         now = time.perf_counter()
         for job in jobs:
             self.started[id(job)] = now
