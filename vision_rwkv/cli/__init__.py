@@ -37,8 +37,8 @@ def without_shutdown_stall(code: int) -> int:
 def usage() -> str:
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {what}" for name, (_, _, what) in COMMANDS.items())
-    return (f"usage: {PROG} COMMAND [ARGS ...]\n\nImage captioning with a frozen CLIP encoder and an RWKV decoder (RWKV-7 or RWKV-4)."
-            f"\n\ncommands:\n{rows}\n\n`{PROG} COMMAND --help` describes each one.\n")
+    return (f"usage: {PROG} COMMAND [ARGS ...]\n\nImage captioning with a frozen CLIP encoder and an RWKV decoder "
+            f"(RWKV-7 or RWKV-4).\n\ncommands:\n{rows}\n\n`{PROG} COMMAND --help` describes each one.\n")
 
 
 def main(argv: list[str] | None = None) -> int:
