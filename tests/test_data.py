@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import vision_rwkv
 from vision_rwkv.config import DataConfig
 from vision_rwkv.errors import VisionRWKVError
 from vision_rwkv.synthetic.shapes import score_caption
@@ -360,3 +361,24 @@ def test_train_tokenizer_from_each_kind_of_source(karpathy, tmp_path, capsys):
     assert train_tokenizer(["--data", str(path), "--split", "nope", "--out", str(tmp_path / "k2.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no captions in split 'nope'" in err
+
+
+def test_make_shapes_compositional_split_holds_compositions_out_of_training(tmp_path, capsys):
+    from vision_rwkv.cli.prep.shapes_accuracy import accuracy
+    from vision_rwkv.synthetic.shapes import COMPOSITIONAL
+
+    out = tmp_path / "comp"
+    make_shapes = command("make_shapes")
+    args = ["--out", str(out), "--train", "60", "--val", "5", "--test", "40", "--seed", "2", "--split", "compositional"]
+    assert make_shapes(args) == 0
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert not any(COMPOSITIONAL.shown(r["objects"]) for r in rows if r["split"] != "test")
+    test = [r for r in rows if r["split"] == "test"]
+    assert all(r["heldout"] == COMPOSITIONAL.shown(r["objects"]) for r in test)
+    assert 0 < sum(bool(r["heldout"]) for r in test) < len(test)
+    assert make_shapes(args[:-1] + ["standard"]) == 2  # one folder, one kind of split
+    assert "holds images made with" in capsys.readouterr().err
+
+    result = accuracy(Path(vision_rwkv.__file__).parent / "assets" / "demo", out, limit=40, with_cider=False)
+    assert result["images_seen"] + result["images_heldout"] == 40
+    assert 0.0 <= result["exact_heldout"] <= 1.0 and result["exact_seen"] > 0.5

@@ -7,6 +7,9 @@ objects with vision_rwkv.synthetic.shapes.score_caption: "exact" means the same 
 a correct position or relation; objects_f1 gives partial credit. Also CIDEr-D of the captions against
 the image's reference captions (vision_rwkv.train.metrics.cider: simple tokenization, no Java). Prints them
 and writes them as JSON with --out.
+
+On a folder made with make_shapes.py --split compositional, exact match is also reported apart for the
+test scenes that show a held-out composition (exact_heldout) and for those that do not (exact_seen).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def accuracy(checkpoint, data, split: str = "test", batch_size: int = 64, limit:
     exact, f1, examples = 0, 0.0, []
     res, gts = {}, {}
     by_count: dict[int, list[int]] = {}  # number of shapes -> [exact, images]
+    by_seen: dict[str, list[int]] = {}  # "seen" / "heldout" -> [exact, images], on compositional folders
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         images = torch.stack([model.encoder.preprocess(load_image(Path(data) / r["file_name"])) for r in chunk])
@@ -56,11 +60,17 @@ def accuracy(checkpoint, data, split: str = "test", batch_size: int = 64, limit:
             tally = by_count.setdefault(len(objects[r["image_id"]]), [0, 0])
             tally[0] += bool(s["exact"])
             tally[1] += 1
+            if "heldout" in r:
+                tally = by_seen.setdefault("heldout" if r["heldout"] else "seen", [0, 0])
+                tally[0] += bool(s["exact"])
+                tally[1] += 1
             f1 += s["objects_f1"]
             if len(examples) < 5:
                 examples.append({"file": r["file_name"], "caption": text, "exact": bool(s["exact"])})
     n = len(rows)
-    return {"split": split, "images": n, "exact": exact / n, "objects_f1": f1 / n,
+    seen = {f"exact_{k}": v[0] / v[1] for k, v in sorted(by_seen.items())}
+    seen |= {f"images_{k}": v[1] for k, v in sorted(by_seen.items())}
+    return {"split": split, "images": n, "exact": exact / n, "objects_f1": f1 / n, **seen,
             "cider": cider(gts, res) if with_cider else None,
             "exact_by_shapes": {k: v[0] / v[1] for k, v in sorted(by_count.items())}, "examples": examples}
 
@@ -87,6 +97,9 @@ def main(argv=None) -> int:
           f"objects F1 {result['objects_f1']:.3f}"
           + (f", CIDEr {result['cider']:.3f}" if result["cider"] is not None else ""))
     print("  exact by number of shapes: " + ", ".join(f"{k}: {v:.3f}" for k, v in result["exact_by_shapes"].items()))
+    for kind in ("seen", "heldout"):
+        if f"exact_{kind}" in result:
+            print(f"  exact on {result[f'images_{kind}']} {kind} scenes: {result[f'exact_{kind}']:.3f}")
     for ex in result["examples"]:
         print(f"  {ex['file']}: {ex['caption']!r} ({'ok' if ex['exact'] else 'wrong'})")
     if args.out:
