@@ -289,3 +289,25 @@ def test_the_state_differs_per_image_and_changes_the_captions():
         with_image = m.decoder(inputs_embeds=x, state=state, last_only=True)[0]
         without = m.decoder(inputs_embeds=x, state=fresh, last_only=True)[0]
     assert (with_image - without).abs().max() > 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", sorted(DECODERS))
+def test_the_state_projector_gets_the_kernels_gradient(arch):
+    """On a GPU the WKV call that starts from the projector's state runs the CUDA kernel (WKV-7 or WKV-4):
+    the projector's gradients through it equal those through the PyTorch reference path."""
+    grads = {}
+    for impl in ("cuda", DECODERS[arch].wkv_impl.value):
+        m = make_model("state", arch=arch, seed=4)
+        m.decoder.config.wkv_impl = impl  # the config object every block reads
+        tokens, pooled = (t.cuda() for t in features(m, n=3))
+        m = m.cuda().train()
+        batch, lengths = pad_captions([m.tokenizer.encode(c) for c in CAPTIONS[:3]], "cuda")
+        m.zero_grad()
+        m.loss(tokens, pooled, batch, lengths).backward()
+        grads[impl] = {n: p.grad.clone() for n, p in m.projector.named_parameters()}
+    ref = grads[DECODERS[arch].wkv_impl.value]
+    for name, g in grads["cuda"].items():
+        gap = (g - ref[name]).abs().max() / ref[name].abs().max()
+        assert ref[name].abs().max() > 0 and gap < 1e-3, (name, float(gap))
