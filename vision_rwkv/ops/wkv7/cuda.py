@@ -1,20 +1,21 @@
 """The custom CUDA WKV-7 kernel: built on first use, then called through torch.ops.vision_rwkv.
 
 The sources (kernels/wkv7.cu, kernels/wkv7_chunk.cu, kernels/wkv7_common.h, kernels/wkv7_op.cpp) are
-found beside the installed package (a wheel ships them as vision_rwkv/kernels/) or in the source
-checkout's kernels/ folder. The build goes to a cache folder keyed by the sources, torch, CUDA and the
-target architectures, so it happens once.
+built by ../_cuda_build.py (found beside the package or in the checkout, cached by their hash).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import shutil
 from pathlib import Path
 
 import torch
+
+from .. import _cuda_build
+from .._cuda_build import cache_root, first_error_line
+
+__all__ = ["build", "kernel_dir", "cache_root", "first_error_line", "unavailable_reason", "unsupported",
+           "pick_layout", "tensor_cores_fit", "wkv7_cuda", "SOURCES", "HEADERS", "CHUNK", "TENSOR_CORES"]
 
 SOURCES = ("wkv7_op.cpp", "wkv7.cu", "wkv7_chunk.cu")
 HEADERS = ("wkv7_common.h",)
@@ -32,64 +33,16 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def kernel_dir() -> Path | None:
-    here = Path(__file__).resolve()
-    package = here.parents[2]  # .../vision_rwkv
-    for candidate in (package / "kernels", package.parent / "kernels"):
-        if all((candidate / s).is_file() for s in SOURCES + HEADERS):
-            return candidate
-    return None
-
-
-def _nvcc() -> str | None:
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
-        return str(Path(CUDA_HOME) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
-def cache_root() -> Path:
-    root = os.environ.get("VISION_RWKV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vision_rwkv")
-    return Path(root) / "torch_extensions"
+    return _cuda_build.kernel_dir(SOURCES + HEADERS)
 
 
 @functools.lru_cache(maxsize=1)
 def build() -> str | None:
     """Compile and load the ops. Returns None on success, or why it failed (one line)."""
-    if torch.version.cuda is None:
-        return "this PyTorch build has no CUDA support"
-    src = kernel_dir()
-    if src is None:
-        return "the kernel sources (kernels/wkv7.cu) are not installed with the package"
-    if _nvcc() is None:
-        return "no nvcc found (set CUDA_HOME or put nvcc on PATH)"
-    from torch.utils.cpp_extension import load
-
-    digest = hashlib.sha256()
-    for name in SOURCES + HEADERS:
-        digest.update((src / name).read_bytes())
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-    if not arch and torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        arch = f"{major}.{minor}"
-    digest.update(f"{torch.__version__}|{torch.version.cuda}|{arch}".encode())
-    name = f"vision_rwkv_wkv7_{digest.hexdigest()[:12]}"
-    build_dir = cache_root() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        load(
-            name=name,
-            sources=[str(src / s) for s in SOURCES],
-            build_directory=str(build_dir),
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "-Xptxas=-O3", "-lineinfo"],
-            is_python_module=False,
-            verbose=os.environ.get("VISION_RWKV_BUILD_VERBOSE") == "1",
-        )
-    except Exception as e:  # a compiler failure: keep its first error line for the warning
-        return f"the CUDA kernel failed to build: {first_error_line(str(e)) or type(e).__name__}"
-    _register_fakes()
-    return None
+    reason = _cuda_build.build_extension("wkv7", SOURCES, HEADERS)
+    if reason is None:
+        _register_fakes()
+    return reason
 
 
 TENSOR_CORE_SAVED = 2816  # floats the tensor-core forward saves per chunk and head (kernels/wkv7_op.cpp)
@@ -121,13 +74,6 @@ def _register_fakes() -> None:
         return tuple(torch.empty_like(r) for _ in range(6)) + (ds0,)
 
     _register_fakes.done = True
-
-
-def first_error_line(log: str) -> str:
-    """The compiler's first 'error' line in a build log (torch's own summary line last)."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    compiler = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Error building extension")]
-    return (compiler or lines or [""])[0]
 
 
 @torch.compiler.assume_constant_result  # torch.compile takes the answer at trace time, not the build's file I/O
