@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -40,60 +41,57 @@ def train_args(kind: str, seed: int, data: Path, out: Path, steps: int, extra: l
     return [sys.executable, "train_caption.py", "experiment=shapes_demo", f"projector={kind}",
             f"trainer.seed={seed}", f"data.path={data}", f"data.feature_cache={data}/features",
             f"trainer.out_dir={out}", f"trainer.max_steps={steps}", f"trainer.eval_every={steps}",
-            f"trainer.save_every={steps}", "trainer.progress=false", "data.num_workers=2", "data.val_subset=100",
+            f"trainer.save_every={steps}", "trainer.progress=false", "data.num_workers=1", "data.val_subset=100",
             *extra]
 
 
 def run_all(jobs: list[tuple[str, int]], args) -> dict[tuple[str, int], float]:
-    """Train every (kind, seed), args.parallel at a time; returns each run's wall time in seconds."""
+    """Train and then score every (kind, seed), args.parallel jobs at a time (scoring runs inside each job,
+    so the GPU stays shared to the end); returns each job's wall time in seconds."""
     pending, running, walls = list(jobs), {}, {}
     while pending or running:
         while pending and len(running) < args.parallel:
             kind, seed = pending.pop(0)
             out = args.runs / f"{kind}-{seed}"
-            if (out / "checkpoints" / f"step-{args.steps:07d}").is_dir():
-                walls[(kind, seed)] = float("nan")  # trained by an earlier call
-                continue
+            train = train_args(kind, seed, args.data, out, args.steps, args.train_arg)
+            score_cmd = [sys.executable, __file__, "--score-one", f"{kind},{seed}", "--data", str(args.data),
+                         "--runs", str(args.runs), "--steps", str(args.steps)]
             log = open(args.runs / f"{kind}-{seed}.log", "w")
-            cmd = train_args(kind, seed, args.data, out, args.steps, args.train_arg) + \
-                (["trainer.resume=true"] if out.exists() else [])
-            running[(kind, seed)] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
-                                     time.perf_counter(), log)
+            script = " ".join(map(shlex.quote, train)) + " && " + " ".join(map(shlex.quote, score_cmd))
+            running[(kind, seed)] = (subprocess.Popen(["bash", "-c", script], cwd=ROOT, stdout=log,
+                                                      stderr=subprocess.STDOUT), time.perf_counter(), log)
         time.sleep(1)
         for key, (proc, start, log) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
                 walls[key] = time.perf_counter() - start
                 del running[key]
-                if proc.returncode != 0:
-                    print(f"{key[0]} seed {key[1]} failed (exit {proc.returncode}); see {log.name}", flush=True)
-                else:
-                    print(f"{key[0]} seed {key[1]}: trained in {walls[key]:.0f} s", flush=True)
+                state = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode}; see {log.name})"
+                print(f"{key[0]} seed {key[1]}: {state} in {walls[key]:.0f} s", flush=True)
     return walls
 
 
-def score(kind: str, seed: int, args) -> dict | None:
+def score(kind: str, seed: int, data: Path, runs: Path, steps: int) -> dict:
     import torch
 
     from vision_rwkv.caption.model import load_caption_model
     from vision_rwkv.cli.prep.shapes_accuracy import accuracy
 
-    ckpt = args.runs / f"{kind}-{seed}" / "checkpoints" / f"step-{args.steps:07d}"
-    if not ckpt.is_dir():
-        return None
+    ckpt = runs / f"{kind}-{seed}" / "checkpoints" / f"step-{steps:07d}"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = accuracy(ckpt, args.data, "test", batch_size=250, device=device,
-                      dtype="bf16" if device == "cuda" else "fp32")
+    result = accuracy(ckpt, data, "test", batch_size=250, device=device, dtype="bf16" if device == "cuda" else "fp32")
     model = load_caption_model(ckpt)
     result["projector_params"] = sum(p.numel() for p in model.projector.parameters())
     result.pop("examples", None)
+    result.update(kind=kind, seed=seed, steps=steps,
+                  exact_3=result["exact_by_shapes"].get("3", result["exact_by_shapes"].get(3)))
     return result
 
 
 def summary(rows: list[dict]) -> str:
     cols = [("exact", "exact (all)"), ("exact_seen", "seen"), ("exact_heldout", "held-out"),
             ("exact_3", "3 shapes"), ("cider", "CIDEr-D")]
-    lines = ["| projector | parameters | " + " | ".join(c[1] for c in cols) + " | train s |",
+    lines = ["| projector | parameters | " + " | ".join(c[1] for c in cols) + " | job s |",
              "|---|---|" + "---|" * len(cols) + "---|"]
     for kind in KINDS:
         mine = [r for r in rows if r["kind"] == kind]
@@ -108,7 +106,7 @@ def summary(rows: list[dict]) -> str:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             scale = 1.0 if key == "cider" else 100.0
             cells.append(f"{statistics.mean(values) * scale:.1f} ± {spread * scale:.1f}")
-        walls = [r["train_s"] for r in mine if r["train_s"] == r["train_s"]]
+        walls = [r["train_s"] for r in mine]
         wall = f"{statistics.mean(walls):.0f}" if walls else "n/a"
         lines.append(f"| {kind} | {mine[0]['projector_params']:,} | " + " | ".join(cells) + f" | {wall} |")
     return "\n".join(lines)
@@ -121,13 +119,19 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--parallel", type=int, default=max(1, min(9, (os.cpu_count() or 2) // 2)),
+    ap.add_argument("--parallel", type=int, default=max(1, min(18, os.cpu_count() or 2)),
                     help="runs trained at once (they share the GPU)")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--images", default="20000,500,1000", help="train,val,test images of the data set")
     ap.add_argument("--train-arg", action="append", default=[], help="one more override for every run")
     ap.add_argument("--out", type=Path, default=None, help="write every run's figures here (JSON)")
+    ap.add_argument("--score-one", default=None, help=argparse.SUPPRESS)  # KIND,SEED: a job's scoring step
     args = ap.parse_args(argv)
+    if args.score_one:
+        kind, seed = args.score_one.split(",")
+        result = score(kind, int(seed), args.data, args.runs, args.steps)
+        (args.runs / f"{kind}-{seed}.json").write_text(json.dumps(result))
+        return 0
     kinds, seeds = args.kinds.split(","), [int(s) for s in args.seeds.split(",")]
     if bad := [k for k in kinds if k not in KINDS]:
         ap.error(f"unknown projector {bad[0]!r}; expected some of {', '.join(KINDS)}")
@@ -135,14 +139,16 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     make_data(args.data, args.data_seed, args.images.split(","))
     print(f"data ready in {time.perf_counter() - start:.0f} s", flush=True)
+    from vision_rwkv.ops.wkv7.cuda import build
+
+    build()  # once, before the runs that all need it
     walls = run_all([(k, s) for s in seeds for k in kinds], args)
     rows = []
     for (kind, seed), wall in sorted(walls.items()):
-        result = score(kind, seed, args)
-        if result is None:
+        path = args.runs / f"{kind}-{seed}.json"
+        if not path.is_file():
             continue
-        result.update(kind=kind, seed=seed, train_s=wall, steps=args.steps,
-                      exact_3=result["exact_by_shapes"].get("3", result["exact_by_shapes"].get(3)))
+        result = json.loads(path.read_text()) | {"train_s": wall}
         rows.append(result)
         print(f"{kind} seed {seed}: exact {result['exact']:.3f}, seen {result.get('exact_seen', float('nan')):.3f}, "
               f"held-out {result.get('exact_heldout', float('nan')):.3f}, CIDEr {result['cider']:.3f}", flush=True)
