@@ -30,9 +30,10 @@ def test_wheel_contains_every_module_config_and_the_kernel_sources(wheel):
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "vision_rwkv").rglob("*.py")}
     missing = sorted(m for m in modules if m not in names)
     assert not missing, f"add these packages to [tool.setuptools] packages in pyproject.toml: {missing}"
+    from vision_rwkv.ops.wkv4.cuda import SOURCES as WKV4_SOURCES
     from vision_rwkv.ops.wkv7.cuda import HEADERS, SOURCES
 
-    for source in SOURCES + HEADERS:
+    for source in SOURCES + HEADERS + WKV4_SOURCES:
         assert f"vision_rwkv/kernels/{source}" in names
     for asset in ("config.yaml", "model.safetensors", "tokenizer.json"):  # caption.py's default model
         assert f"vision_rwkv/assets/demo/{asset}" in names
