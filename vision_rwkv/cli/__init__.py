@@ -4,7 +4,7 @@
     vision-rwkv train [key=value ...]               train a captioning model (train_caption.py; Hydra)
     vision-rwkv eval --karpathy ... [options]       COCO caption metrics (eval_coco.py)
     vision-rwkv serve [key=value ...]               serve captions over HTTP with a web page (serve.py)
-    vision-rwkv embed (--texts FILE | PATH...) --out OUT   texts or images -> OUT.npy + OUT.jsonl
+    vision-rwkv embed PATH... --out OUT             embed images, or texts with --texts FILE (.npy + .jsonl)
     vision-rwkv prep STEP [options]                 one data preparation step (data_prep/STEP.py)
 
 Each command imports only what it needs, so `vision-rwkv caption` starts without the training stack.
