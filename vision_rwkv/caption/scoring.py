@@ -1,7 +1,8 @@
 """Image-text matching with a caption model: log p(caption | image), the quantity training maximises.
 
 A caption is scored as training reads it: stripped, tokenized with the model's tokenizer, after the image
-prefix and the prompt, and followed by the end-of-text token, every one of its tokens counted:
+prefix and the prompt, and followed by the end-of-text token, every one of its tokens counted (a caption longer than the
+training run's data.max_caption_tokens is scored whole, where training cut it):
 
     [ prefix (K) | prompt (Lp) ] [ caption (n) ]   targets: caption_0 ... caption_{n-1}, eos
 
