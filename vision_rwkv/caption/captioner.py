@@ -188,6 +188,69 @@ class Captioner:
             hyps = caption_features(self.model, tokens, pooled, sampling, generator)
         return [[(self.text(h.ids), float(h.logprob)) for h in row] for row in hyps]
 
+    # ---- embeddings and image-text matching -------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed_images(self, paths: Iterable[str | os.PathLike], batch_size: int = 32, num_workers: int = 0,
+                     normalize: bool = True) -> torch.Tensor:
+        """Image files -> the encoder's pooled vectors (N, D), float32 on the CPU, in input order; normalize:
+        L2-normalise each row (the default). An image that cannot be read stops the call with one line
+        naming it (a matrix has no place for an error row; caption_paths is the call that goes on)."""
+        paths = [str(p) for p in paths]
+        out = torch.zeros(len(paths), self.model.encoder.pooled_dim)
+        for batch in self._image_batches(paths, batch_size, num_workers):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                _, pooled = self.model.encode(batch.images.to(self.device, non_blocking=True))
+            out[batch.good] = pooled.float().cpu()
+        return torch.nn.functional.normalize(out, dim=1) if normalize else out
+
+    @torch.no_grad()
+    def score(self, paths: Iterable[str | os.PathLike], captions: Iterable[str], normalize: bool = False,
+              batch_size: int = 32, num_workers: int = 0) -> torch.Tensor:
+        """log p(caption | image) for each (path, caption) pair: (N,) float32 on the CPU.
+
+        The sum over the caption's tokens and its end-of-text, as training reads captions (see
+        vision_rwkv.caption.scoring); normalize=True divides by that count (the mean log-probability per
+        token, which compares captions of different lengths). Each distinct image is read, encoded and
+        prefilled once, however many pairs name it. An image that cannot be read stops the call with one
+        line naming it."""
+        from .scoring import caption_ids, score_captions
+
+        paths = [str(p) for p in paths]
+        ids = caption_ids(self.model.tokenizer, captions)  # checks each caption (and that it is not one string)
+        if len(ids) != len(paths):
+            raise VisionRWKVError(f"score takes one caption per path: got {len(paths)} paths and {len(ids)} captions")
+        images = list(dict.fromkeys(paths))  # distinct paths, in order of first use
+        pairs_of: dict[str, list[int]] = {}
+        for i, path in enumerate(paths):
+            pairs_of.setdefault(path, []).append(i)
+        sums, counts = torch.zeros(len(paths)), torch.ones(len(paths))
+        for batch in self._image_batches(images, batch_size, num_workers):
+            pairs = [(row, i) for row, k in enumerate(batch.good) for i in pairs_of[images[k]]]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                tokens, pooled = self.model.encode(batch.images.to(self.device, non_blocking=True))
+                s, c = score_captions(self.model, tokens, pooled, [ids[i] for _, i in pairs],
+                                      [row for row, _ in pairs], batch_size)
+            index = torch.tensor([i for _, i in pairs], dtype=torch.long)
+            sums[index], counts[index] = s, c
+        return sums / counts if normalize else sums
+
+    def _image_batches(self, paths: list[str], batch_size: int, num_workers: int) -> Iterator[_Batch]:
+        """Preprocessed batches of the images, in order; the first image that cannot be read raises one line."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise VisionRWKVError(f"batch_size is {batch_size!r}; expected a positive integer")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise VisionRWKVError(f"num_workers is {num_workers!r}; expected 0 (decode in this process) or more")
+        if not paths:
+            return
+        loader = DataLoader(_ImageFiles(paths, self.model.encoder.preprocess), batch_size=batch_size, shuffle=False,
+                            num_workers=min(num_workers, -(-len(paths) // batch_size)), collate_fn=_collate)
+        for batch in loader:
+            if batch.errors:
+                i = min(batch.errors)
+                raise VisionRWKVError(f"{paths[i]}: {batch.errors[i]}")
+            yield batch
+
     def text(self, ids: list[int]) -> str:
         """Token ids -> a caption: the decoded text with runs of whitespace collapsed to one space."""
         return " ".join(self.model.tokenizer.decode(ids).split())

@@ -4,6 +4,7 @@
     vision-rwkv train [key=value ...]               train a captioning model (train_caption.py; Hydra)
     vision-rwkv eval --karpathy ... [options]       COCO caption metrics (eval_coco.py)
     vision-rwkv serve [key=value ...]               serve captions over HTTP with a web page (serve.py)
+    vision-rwkv embed PATH... --out OUT             embed images, or texts with --texts FILE (.npy + .jsonl)
     vision-rwkv prep STEP [options]                 one data preparation step (data_prep/STEP.py)
 
 Each command imports only what it needs, so `vision-rwkv caption` starts without the training stack.
@@ -21,6 +22,7 @@ COMMANDS = {
     "train": ("vision_rwkv.cli.train", "cli", "train a captioning model (Hydra overrides)"),
     "eval": ("vision_rwkv.cli.eval", "main", "caption a Karpathy split and score it with the COCO metrics"),
     "serve": ("vision_rwkv.cli.serve", "cli", "serve captions over HTTP, with a web page (Hydra overrides)"),
+    "embed": ("vision_rwkv.cli.embed", "cli", "embed texts or images into OUT.npy + OUT.jsonl"),
     "prep": ("vision_rwkv.cli.prep", "main", "data preparation: vision-rwkv prep --help lists the steps"),
 }
 PROG = "vision-rwkv"
