@@ -41,7 +41,7 @@ def train_args(kind: str, seed: int, data: Path, out: Path, steps: int, extra: l
     return [sys.executable, "train_caption.py", "experiment=shapes_demo", f"projector={kind}",
             f"trainer.seed={seed}", f"data.path={data}", f"data.feature_cache={data}/features",
             f"trainer.out_dir={out}", f"trainer.max_steps={steps}", f"trainer.eval_every={steps}",
-            f"trainer.save_every={steps}", "trainer.progress=false", "data.num_workers=1", "data.val_subset=100",
+            f"trainer.save_every={steps}", "trainer.progress=false", "data.num_workers=1", "trainer.cider_eval=false",
             *extra]
 
 

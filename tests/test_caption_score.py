@@ -19,10 +19,11 @@ CAPTIONS = ["a small red circle", "a large blue square to the left of a small gr
             "a large orange square in the center", "  a small yellow triangle  "]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+@pytest.fixture(scope="module", params=["mlp", "state"])
+def tiny(tmp_path_factory, request):
+    """A prefix projector's model, and a state projector's (its image enters as the decoder's initial state)."""
     folder = tmp_path_factory.mktemp("score")
-    captioner = Captioner.load(make_checkpoint(folder / "ckpt"), device="cpu", dtype="fp32")
+    captioner = Captioner.load(make_checkpoint(folder / "ckpt", request.param), device="cpu", dtype="fp32")
     return captioner, [str(p) for p in write_images(folder / "images", 3)]
 
 
@@ -36,10 +37,10 @@ def reference_score(model, path, caption):
     """Sum of log-probs of caption + eos from one GPT-mode pass over [prefix | prompt | caption | eos]."""
     ids = model.tokenizer.encode(caption.strip())
     image = model.encoder.preprocess(load_image(path)).unsqueeze(0)
-    prefix = model.prefix(*model.encode(image))  # (1,K',C)
+    prefix, start = model.condition(*model.encode(image))  # (1,K',C), the initial state (None: a fresh one)
     targets = torch.tensor(ids + [model.eos_id])
     x = torch.cat([prefix, model.decoder.emb(targets).unsqueeze(0)], dim=1)
-    logits, _ = model.decoder(inputs_embeds=x)  # (1,K'+n+1,V)
+    logits, _ = model.decoder(inputs_embeds=x, state=start)  # (1,K'+n+1,V)
     k = prefix.shape[1]
     lp = torch.log_softmax(logits[0, k - 1:k - 1 + len(targets)].float(), dim=-1)  # predicts caption_0 .. eos
     return float(lp.gather(1, targets.unsqueeze(1)).sum()), len(targets)

@@ -26,11 +26,11 @@ CAPTIONS = [
 GREEDY = SamplingConfig(strategy="greedy", max_new_tokens=8)
 
 
-def make_checkpoint(folder: Path) -> Path:
+def make_checkpoint(folder: Path, projector: str = "mlp") -> Path:
     """A tiny caption checkpoint (random weights, BPE tokenizer) saved the way training saves one."""
     cfg = CaptionConfig(
         encoder=EncoderConfig(model="vrwkv-ViT-tiny"),
-        projector=ProjectorConfig(kind="mlp"),
+        projector=ProjectorConfig(kind=projector),
         decoder=RWKV7Config(n_layer=2, n_embd=64, head_size=16, wkv_impl="chunked"),
         tokenizer="train",
         tokenizer_vocab_size=100,

@@ -44,7 +44,8 @@ def score_captions(model, tokens: torch.Tensor, pooled: torch.Tensor, captions: 
     Returns the summed log-probability of each caption and its end-of-text (R,) and the number of
     targets summed, n + 1 (R,), both float32 on the CPU."""
     lm = model.decoder
-    h, state = lm.hidden(inputs_embeds=model.prefix(tokens, pooled))  # (B,K',C), state after the prefix
+    x, start = model.condition(tokens, pooled)  # the prefix embeddings, and a state projector's state (or None)
+    h, state = lm.hidden(inputs_embeds=x, state=start)  # (B,K',C), state after the prefix
     first = h[:, -1]  # (B,C): the position that predicts caption_0
     sums, counts = [], []
     for start in range(0, len(captions), batch_size):
