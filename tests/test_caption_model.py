@@ -230,6 +230,9 @@ def test_checkpoint_round_trip_keeps_every_output(tmp_path, model):
     torch.testing.assert_close(loaded.score(*loaded.encode(torch.zeros(1, 3, 32, 32)), caps[:1]),
                                model.score(*model.encode(torch.zeros(1, 3, 32, 32)), caps[:1]))
     torch.testing.assert_close(loaded.score(tokens, pooled, caps), model.score(tokens, pooled, caps))
+    for cfg in (SamplingConfig(max_new_tokens=10), SamplingConfig(strategy="beam", num_beams=3, max_new_tokens=10)):
+        before, after = caption_features(model, tokens, pooled, cfg), caption_features(loaded, tokens, pooled, cfg)
+        assert [h[0].ids for h in after] == [h[0].ids for h in before]  # identical captions, state projectors too
     assert loaded.config.prompt == "a picture of"
     # the decoder inside loads on its own too
     from vision_rwkv import load_decoder
