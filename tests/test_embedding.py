@@ -1,5 +1,5 @@
 """Sentence embeddings from a decoder: batched = one by one, chunked = whole, the poolings read the right
-positions, only the decoder interface is used, and bad input is one line."""
+positions, only the decoder interface is used, and bad input is one line; for RWKV-7 and RWKV-4 alike."""
 
 import pytest
 import torch
@@ -10,13 +10,26 @@ from vision_rwkv.lm.embedding import POOLS, embed_texts, sentence_embedding
 LENGTHS = [1, 5, 13, 30, 7, 2]
 
 
+@pytest.fixture(params=["rwkv7", "rwkv4"])
+def tiny_model(request):
+    """A random decoder of each generation (vocabulary 97): every test here runs for both."""
+    from conftest import randomize_, tiny_config
+
+    from vision_rwkv import DecoderConfig, build_decoder_model
+
+    torch.manual_seed(0)
+    cfg = tiny_config() if request.param == "rwkv7" else DecoderConfig(arch="rwkv4", vocab_size=97, n_layer=3,
+                                                                        n_embd=64, dim_ffn=128)
+    return randomize_(build_decoder_model(cfg)).eval()
+
+
 def texts_of(lengths, vocab=97, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 class InterfaceOnly:
-    """A decoder seen only through the interface every decoder keeps (RWKV-7 now, RWKV-4 next)."""
+    """A decoder seen only through the interface every decoder keeps (lm/decoder.py)."""
 
     def __init__(self, lm):
         self._lm, self.config, self.head = lm, lm.config, lm.head
