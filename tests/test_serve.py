@@ -354,3 +354,26 @@ def test_a_beam_request_runs_between_steps_of_the_running_decode(captioner):
     scheduler.close()
     assert beam.result().captions == captioner.caption_images(preprocessed(captioner, [SHAPES_3]), beam_cfg)
     assert len(greedy.result().captions) == len(EXAMPLES)
+
+
+def test_a_bug_outside_the_guarded_calls_answers_its_requests_and_the_worker_goes_on(captioner, monkeypatch):
+    import vision_rwkv.serve.scheduler as module
+
+    scheduler = BatchScheduler(captioner, max_wait_ms=0).start()
+    calls = {"n": 0}
+    original = module._groups
+
+    def broken_once(jobs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in the worker")
+        return original(jobs)
+
+    monkeypatch.setattr(module, "_groups", broken_once)
+    images = preprocessed(captioner, [SHAPES_3])
+    first = scheduler.submit(images, SamplingConfig(max_new_tokens=8))
+    with pytest.raises(RuntimeError, match="a bug in the worker"):
+        first.result(timeout=60)
+    second = scheduler.submit(images, SamplingConfig(max_new_tokens=8)).result(timeout=60)
+    scheduler.close()
+    assert len(second.captions) == 1 and scheduler.worker_errors == 1

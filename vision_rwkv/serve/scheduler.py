@@ -85,6 +85,7 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="vision-rwkv-serve-worker", daemon=True)
         self.batches_run = 0  # request-level batches (not the continuous decode's steps)
+        self.worker_errors = 0  # failures the worker caught outside its guarded calls, and survived
         self.continuous = continuous  # plain greedy rows join and leave the running decode step by step
         self._running = RunningBatch(captioner)
 
@@ -124,16 +125,23 @@ class BatchScheduler:
 
     def _run(self) -> None:
         while True:
-            jobs = self._take_batch(block=not self._running)
-            if jobs is None:
-                return
-            for group in _groups(jobs):
-                if self.continuous and joins_running_batch(group[0].sampling):
-                    self._join(group)
-                else:
-                    self._caption(group)
-            if self._running:
-                self._step()
+            jobs: list[_Job] = []
+            try:
+                jobs = self._take_batch(block=not self._running)
+                if jobs is None:
+                    return
+                for group in _groups(jobs):
+                    if self.continuous and joins_running_batch(group[0].sampling):
+                        self._join(group)
+                    else:
+                        self._caption(group)
+                if self._running:
+                    self._step()
+            except Exception as e:  # a bug outside the guarded calls: these requests learn of it, the worker goes on
+                self.worker_errors += 1
+                rows = list({id(r.job): r.job for r in self._running.rows}.values())
+                _fail((jobs or []) + rows, e)
+                self._running = RunningBatch(self.captioner)
 
     def _take_batch(self, block: bool) -> list[_Job] | None:
         """Blocking (nothing is decoding): wait for a job, then up to max_wait for max_batch images; None once
@@ -214,7 +222,10 @@ def _claim(jobs: list[_Job]) -> list[_Job]:
 
 
 def _fail(jobs: list[_Job], error: Exception) -> None:
+    """Answer each job with the error, but for those already answered or cancelled by their client."""
     for job in jobs:
+        if job.future.done() or (not job.future.running() and not job.future.set_running_or_notify_cancel()):
+            continue
         job.future.set_exception(error)
 
 
