@@ -242,7 +242,7 @@ def preprocessed(captioner, paths):
 def test_results_are_batch_invariant(captioner, sampling):
     """A request gets the same captions alone as in a batch with others (the worker waits long enough here
     for all of them to share one batch)."""
-    alone = BatchScheduler(captioner, max_wait_ms=0).start()
+    alone = BatchScheduler(captioner, max_wait_ms=0, continuous=False).start()  # request-level batches here
     expected = alone.submit(preprocessed(captioner, [SHAPES_3]), sampling).result()
     alone.close()
     assert expected.batch_images == 1
@@ -344,6 +344,45 @@ def test_rows_join_the_running_decode_and_get_what_they_get_alone(captioner):
     (text, _), = cut.result().captions[0]
     alone = captioner.caption_images(preprocessed(captioner, [SHAPES_3]), SamplingConfig(max_new_tokens=5))
     assert text == alone[0][0][0]
+
+
+def test_sampling_rows_join_with_their_own_settings_and_generators(captioner):
+    """Seeded sampling (two captions an image), greedy with a ban and min_new_tokens, and unseeded sampling
+    decode together, joining at different steps: the seeded request's captions and scores are the ones it
+    gets decoding alone, and the held-back greedy request's are Captioner's."""
+    import time
+
+    seeded = SamplingConfig(strategy="sample", top_p=0.9, temperature=1.2, seed=11, num_return_sequences=2,
+                            max_new_tokens=24)
+    held = SamplingConfig(min_new_tokens=12, banned_tokens=[1, 2], max_new_tokens=24)  # shapes_test_0 has 9
+    images = preprocessed(captioner, EXAMPLES[:2])
+
+    alone = BatchScheduler(captioner, max_wait_ms=0).start()
+    expected = alone.submit(images, seeded).result()
+    alone.close()
+
+    crowd = BatchScheduler(captioner, max_batch=64, max_wait_ms=0).start()
+    long = SamplingConfig(min_new_tokens=40, max_new_tokens=40)  # still decoding when the seeded rows end
+    others = [crowd.submit(preprocessed(captioner, EXAMPLES), long)]
+    time.sleep(0.05)
+    others.append(crowd.submit(preprocessed(captioner, [SHAPES_3]),
+                               SamplingConfig(strategy="sample", top_k=5, max_new_tokens=30)))
+    mine = crowd.submit(images, seeded)
+    greedy = crowd.submit(preprocessed(captioner, EXAMPLES[:1]), held)
+    crowd.close()
+    got = mine.result()
+    assert got.batch_images > 2 * 2  # it shared the decode: more rows than its own two images x two draws
+    assert [[c for c, _ in image] for image in got.captions] == [[c for c, _ in image] for image in expected.captions]
+    for image, want in zip(got.captions, expected.captions):
+        assert [s for _, s in image] == pytest.approx([s for _, s in want], abs=1e-4)
+        assert len(image) == 2 and image[0][1] >= image[1][1]  # two draws an image, best first
+    (text, score), = greedy.result().captions[0]
+    (want_text, want_score), = captioner.caption_images(preprocessed(captioner, EXAMPLES[:1]), held)[0]
+    assert text == want_text and score == pytest.approx(want_score, abs=1e-4)
+    (plain, _), = captioner.caption_images(preprocessed(captioner, EXAMPLES[:1]), SamplingConfig(max_new_tokens=24))[0]
+    assert text != plain  # min_new_tokens held the end back: the row's own settings were applied
+    assert all(len(f.result().captions) for f in others)
+    assert crowd.batches_run == 0  # none of it needed a request-level batch
 
 
 def test_a_beam_request_runs_between_steps_of_the_running_decode(captioner):

@@ -478,7 +478,7 @@ class ServeConfig:
     dtype: str = "auto"
     max_batch: int = 32  # images encoded and decoded together
     max_wait_ms: float = 5.0  # how long the worker waits for more images once one has arrived
-    continuous: bool = True  # plain greedy rows join and leave the running decode step by step
+    continuous: bool = True  # greedy and sampling rows join and leave the running decode step by step
     max_queue: int = 256  # images waiting; beyond it requests get 503 with Retry-After
     max_body_bytes: int = 20 * 1024 * 1024  # a request body over it gets 413
     max_pixels: int = 4096 * 4096  # an image over it gets 413

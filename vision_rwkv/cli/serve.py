@@ -41,8 +41,9 @@ options (Hydra overrides, key=value; defaults in conf/serve.yaml):
   dtype=DTYPE             auto (default) | bf16 | fp32
   max_batch=N             images captioned together (default 32)
   max_wait_ms=MS          how long a batch waits for more images (default 5)
-  continuous=BOOL         true (default): plain greedy rows join the running decode at the next step and
-                          leave when they end; false: every request is batched whole
+  continuous=BOOL         true (default): greedy and sampling rows join the running decode at the next
+                          step and leave when they end (beam search is batched whole); false: every
+                          request is batched whole
   max_queue=N             images waiting before requests get 503 with Retry-After (default 256)
   max_body_bytes=N        request body limit, 413 beyond it (default 20 MiB)
   max_pixels=N            image size limit, 413 beyond it (default 4096*4096)

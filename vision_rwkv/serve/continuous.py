@@ -1,16 +1,19 @@
-"""Step-level continuous batching for plain greedy requests: rows join the running decode at the next step
-and leave as soon as they end.
+"""Step-level continuous batching for greedy and sampling requests: rows join the running decode at the next
+step and leave as soon as they end.
 
 With RNN states there is no cache to page: a row is its state. New images are encoded and prefilled on
 their own, then their states are concatenated onto the running batch; finished rows are dropped by
-indexing the state. Greedy decoding reads only a row's own logits, so a row's tokens and score are the
-same whatever joins or leaves around it, and equal what decode_loop gives (argmax of the fp32 logits,
-the log-probabilities summed in fp64, the stop token's included). Only the worker thread calls this.
+indexing the state. Every row chooses its next token from its own logits with its own settings: plain
+greedy rows together by one argmax; any other row (sampling, bans, penalties, min_new_tokens) through a
+TokenChooser of its own, with its own generator. A seeded request's rows take their generators from its
+seed (row k of image i, of n sequences an image: seed + i * n + k), so its captions do not depend on what
+else decodes beside it. Scores are the log-probabilities of the chosen tokens under the model's own
+distribution, summed in fp64, the stop token's included, as decode_loop reports them. Beam search ranks
+hypotheses across a row's beams and runs whole, between two steps. Only the worker thread calls this.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -18,13 +21,28 @@ import torch
 
 from ..config import SamplingConfig, Strategy
 from ..lm.graphs import rnn_stepper
+from ..lm.sampling import TokenChooser
 from ..lm.state import DecoderState
 
 
 def joins_running_batch(sampling: SamplingConfig) -> bool:
-    """Plain greedy (any max_new_tokens, one caption, nothing banned or penalised) decodes row by row."""
-    plain = SamplingConfig(strategy=Strategy.greedy, max_new_tokens=sampling.max_new_tokens)
-    return dataclasses.replace(sampling, temperature=plain.temperature, seed=None) == plain
+    """Greedy and sampling requests decode row by row; beam search does not."""
+    return sampling.strategy != Strategy.beam
+
+
+def _greedy(sampling: SamplingConfig) -> bool:
+    return sampling.strategy == Strategy.greedy or sampling.temperature == 0
+
+
+def _plain_greedy(sampling: SamplingConfig) -> bool:
+    """Greedy with nothing banned, penalised or held back: one argmax over the whole batch serves it."""
+    return _greedy(sampling) and not sampling.banned_tokens and not sampling.presence_penalty \
+        and not sampling.frequency_penalty and not sampling.min_new_tokens
+
+
+def sequences(sampling: SamplingConfig) -> int:
+    """Captions an image gets: num_return_sequences draws when sampling, one when greedy."""
+    return 1 if _greedy(sampling) else sampling.num_return_sequences
 
 
 @dataclass
@@ -32,8 +50,10 @@ class _Row:
     job: object  # the scheduler's _Job
     index: int  # the image's place in its request
     max_new_tokens: int
-    stop: frozenset
+    min_new_tokens: int
+    stop: tuple
     ids: list
+    chooser: TokenChooser | None = None  # None: plain greedy, chosen with every other such row at once
     logprob: float = 0.0
 
 
@@ -63,12 +83,25 @@ class RunningBatch:
         with self._context():
             tokens, pooled = model.encode(images)
             logits, state = model.prefill(tokens, pooled)  # (n,V)
-        now = time.perf_counter()
+        now, first, picks = time.perf_counter(), 0, []
+        vocab, device = logits.shape[-1], logits.device
         for job in jobs:
+            cfg, n = job.sampling, sequences(job.sampling)
             self.started[id(job)] = now
-            self._results[id(job)] = [None] * job.size
-            stop = frozenset([model.eos_id, *job.sampling.stop_tokens])
-            self.rows += [_Row(job, i, job.sampling.max_new_tokens, stop, []) for i in range(job.size)]
+            self._results[id(job)] = [[] for _ in range(job.size)]
+            stop = tuple(sorted({model.eos_id, *cfg.stop_tokens}))
+            for i in range(job.size):
+                for k in range(n):
+                    chooser = None
+                    if not _plain_greedy(cfg):
+                        generator = None if cfg.seed is None else \
+                            torch.Generator(device=device).manual_seed(cfg.seed + i * n + k)
+                        chooser = TokenChooser(cfg, 1, vocab, device, generator)
+                    self.rows.append(_Row(job, i, cfg.max_new_tokens, cfg.min_new_tokens, stop, [], chooser))
+                    picks.append(first + i)
+            first += job.size
+        rows = torch.tensor(picks, device=device)  # each image's row, repeated once per sequence it gets
+        state, logits = state[rows], logits[rows]
         self.state = state if self.state is None else DecoderState.cat([self.state, state])
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
 
@@ -77,7 +110,13 @@ class RunningBatch:
         """Choose every row's next token; rows that end leave. -> the jobs whose every row has now ended, as
         (job, captions per image, seconds since it joined, rows in the batch at this step)."""
         logits = self.logits.float()
-        tokens = logits.argmax(dim=-1)  # (S,)
+        tokens = logits.argmax(dim=-1)  # (S,): every plain greedy row's choice
+        for slot, row in enumerate(self.rows):
+            if row.chooser is not None:  # its own settings and generator, from its own logits
+                held = row.stop if len(row.ids) < row.min_new_tokens else ()
+                token = row.chooser.choose(logits[slot:slot + 1], held)
+                row.chooser.update(token)
+                tokens[slot] = token[0]
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1).double()
         size = len(self.rows)
         keep, finished = [], []
@@ -117,9 +156,11 @@ class RunningBatch:
         for row in rows:
             text = self.captioner.text(row.ids)
             results = self._results[id(row.job)]
-            results[row.index] = [(text, float(row.logprob))]
-            if all(r is not None for r in results):
+            results[row.index].append((text, float(row.logprob)))
+            n = sequences(row.job.sampling)
+            if all(len(r) == n for r in results):
                 key = id(row.job)
+                results = [sorted(r, key=lambda c: -c[1]) for r in results]  # best first, as Captioner ranks
                 done.append((row.job, results, time.perf_counter() - self.started.pop(key), size))
                 del self._results[key]
         return done

@@ -1,17 +1,18 @@
 """Batching for the server: one worker thread owns the model and captions queued requests together.
 
-Requests wait in a bounded queue. Plain greedy requests (the page's and the API's default) are batched
-continuously, at the step level: their images are encoded and prefilled as soon as the worker is between
-two steps, their rows join the running decode at the next step, and each row leaves as soon as it ends
-(vision_rwkv.serve.continuous). Every other request (beam search, sampling, penalties) is batched per
+Requests wait in a bounded queue. Greedy and sampling requests (greedy is the page's and the API's
+default) are batched continuously, at the step level: their images are encoded and prefilled as soon as
+the worker is between two steps, their rows join the running decode at the next step, each choosing its
+tokens with its own settings and generator, and each row leaves as soon as it ends
+(vision_rwkv.serve.continuous). Beam search (and every request, with continuous=False) is batched per
 request: when nothing is decoding, the worker waits up to max_wait_ms for more to arrive (until
 max_batch images are waiting), and requests with the same settings share one encode + prefill + decode
 that runs to its end; while rows are decoding, such a request runs between two steps.
 
 Results are batch-invariant: rows never mix in the model, greedy and beam search depend on a row's own
-logits only, and seeded sampling runs each request on its own, from a generator seeded with its seed, so a
-request gets the same captions whoever else was queued with it. Unseeded sampling shares a batch and is
-not reproducible anyway.
+logits only, and a seeded sampling row draws from a generator of its own, seeded from its request's seed
+(in the running decode; per request, a seeded request runs alone on one generator), so a request gets the
+same captions whoever else decodes beside it. Unseeded sampling is not reproducible anyway.
 
 Only the worker thread touches the model: the RNN steppers keep one state buffer per batch size and are
 not thread-safe.
@@ -86,7 +87,7 @@ class BatchScheduler:
         self._thread = threading.Thread(target=self._run, name="vision-rwkv-serve-worker", daemon=True)
         self.batches_run = 0  # request-level batches (not the continuous decode's steps)
         self.worker_errors = 0  # failures the worker caught outside its guarded calls, and survived
-        self.continuous = continuous  # plain greedy rows join and leave the running decode step by step
+        self.continuous = continuous  # greedy and sampling rows join and leave the running decode step by step
         self._running = RunningBatch(captioner)
 
     def start(self) -> BatchScheduler:
