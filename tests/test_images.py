@@ -291,3 +291,26 @@ def test_find_images_errors(tmp_path):
 
 def test_extensions_cover_the_common_formats():
     assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"} <= IMAGE_EXTENSIONS
+
+
+def test_a_draft_size_decodes_jpegs_at_the_smallest_scale_that_covers_it(tmp_path):
+    """PIL's draft mode: a 640x480 JPEG asked for 224 comes back at 1/2 scale (both sides still >= 224), for 64
+    at 1/4 (160x120, as 1/8 would give 60 rows); a PNG, and a JPEG smaller than a scale, decode in full; the
+    EXIF orientation still applies; and the small decode looks like the full one shrunk."""
+    rng = np.random.default_rng(3)
+    smooth = np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((40, 40, 1))).astype(np.uint8)  # 480x640 blocks
+    Image.fromarray(smooth).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(smooth).save(tmp_path / "big.png")
+    Image.fromarray(smooth[:150, :200]).save(tmp_path / "small.jpg", quality=95)
+    assert load_image(tmp_path / "big.jpg", draft_size=224).size == (320, 240)
+    assert load_image(tmp_path / "big.jpg", draft_size=64).size == (160, 120)
+    assert load_image(tmp_path / "big.jpg").size == (640, 480)
+    assert load_image(tmp_path / "big.png", draft_size=64).size == (640, 480)
+    assert load_image(tmp_path / "small.jpg", draft_size=224).size == (200, 150)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(smooth).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    assert load_image(tmp_path / "rot.jpg", draft_size=224).size == (240, 320)
+    full = np.asarray(load_image(tmp_path / "big.jpg").resize((160, 120), Image.Resampling.BOX), dtype=float)
+    draft = np.asarray(load_image(tmp_path / "big.jpg", draft_size=64), dtype=float)
+    assert np.abs(full - draft).mean() < 3.0  # out of 255: the JPEG's own scaling, not another picture

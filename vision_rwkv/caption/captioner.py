@@ -84,8 +84,12 @@ class Captioner:
     on the batch size too.
     """
 
-    def __init__(self, model: CaptionModel, device: torch.device | str | None = None, *, autocast: bool | None = None):
-        """autocast: bf16 autocast on or off; None: on when the model is on CUDA or its weights are bf16."""
+    def __init__(self, model: CaptionModel, device: torch.device | str | None = None, *, autocast: bool | None = None,
+                 jpeg_draft: bool = True):
+        """autocast: bf16 autocast on or off; None: on when the model is on CUDA or its weights are bf16.
+        jpeg_draft: decode JPEGs at the smallest DCT scale that still covers the encoder's input size
+        (images.load_image's draft_size), rather than in full; False decodes every file in full."""
+        self.jpeg_draft = jpeg_draft
         self.device = torch.device(device) if device is not None else model.device
         self.model = model.to(self.device).eval()
         bf16_weights = self.model.decoder.emb.weight.dtype == torch.bfloat16
@@ -122,6 +126,11 @@ class Captioner:
                          cache_dir=cache_dir, local_files_only=local_files_only)
         return cls.load(folder, device=device, dtype=dtype)
 
+    @property
+    def draft_size(self) -> int | None:
+        """The side JPEGs are decoded down to (at least), or None for full decodes."""
+        return max(self.model.encoder.image_size) if self.jpeg_draft else None
+
     # ---- captioning ------------------------------------------------------------------------------------
 
     def caption_paths(self, paths: Iterable[str | os.PathLike], sampling: SamplingConfig, batch_size: int = 32,
@@ -148,7 +157,7 @@ class Captioner:
         if not paths:
             return
         loader = DataLoader(
-            _ImageFiles(paths, self.model.encoder.preprocess),
+            _ImageFiles(paths, self.model.encoder.preprocess, self.draft_size),
             batch_size=batch_size,
             shuffle=False,
             num_workers=min(num_workers, -(-len(paths) // batch_size)),  # no more workers than batches
@@ -243,7 +252,8 @@ class Captioner:
             raise VisionRWKVError(f"num_workers is {num_workers!r}; expected 0 (decode in this process) or more")
         if not paths:
             return
-        loader = DataLoader(_ImageFiles(paths, self.model.encoder.preprocess), batch_size=batch_size, shuffle=False,
+        files = _ImageFiles(paths, self.model.encoder.preprocess, self.draft_size)
+        loader = DataLoader(files, batch_size=batch_size, shuffle=False,
                             num_workers=min(num_workers, -(-len(paths) // batch_size)), collate_fn=_collate)
         for batch in loader:
             if batch.errors:
@@ -262,9 +272,10 @@ class Captioner:
 class _ImageFiles(Dataset):
     """Item i: (i, preprocessed image tensor, None) or (i, None, one-line reason it could not be read)."""
 
-    def __init__(self, paths: list[str], preprocess):
+    def __init__(self, paths: list[str], preprocess, draft_size: int | None = None):
         self.paths = paths
         self.preprocess = preprocess
+        self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -272,7 +283,7 @@ class _ImageFiles(Dataset):
     def __getitem__(self, i: int):
         path = self.paths[i]
         try:
-            return i, self.preprocess(load_image(path)), None
+            return i, self.preprocess(load_image(path, draft_size=self.draft_size)), None
         except VisionRWKVError as e:
             return i, None, _without_path(str(e), path)
         except Exception as e:  # a decoder or transform failing in a way images.py did not foresee

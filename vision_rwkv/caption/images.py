@@ -44,17 +44,22 @@ def is_image_path(path: str | os.PathLike) -> bool:
 # ---- loading ---------------------------------------------------------------------------------------
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
     """Decode an image file fully into an 8-bit RGB image, upright according to its EXIF orientation.
 
     Transparent pixels are composited on white; 16-bit images are scaled (not clipped) to 8 bits.
     Raises VisionRWKVError("<path>: <reason>") for anything that is not a readable, sane image.
+
+    draft_size: for a consumer that shrinks the image to about this side anyway (an encoder's preprocess),
+    a JPEG is decoded at the smallest of its own DCT scales (1/2, 1/4, 1/8: PIL's draft mode) whose width
+    and height both stay at least draft_size; less to decode and less to resize. Other formats, and JPEGs
+    too small for a scale, decode in full.
     """
     path = Path(path)
     _check_regular_file(path)
     try:
         with open(path, "rb") as f:
-            return _decode(f, path, max_pixels)
+            return _decode(f, path, max_pixels, draft_size)
     except OSError as e:  # open() itself: permission, a link that changed since the stat, ...
         raise VisionRWKVError(f"{path}: {_os_reason(e)}") from None
 
@@ -93,13 +98,15 @@ def _os_reason(e: OSError) -> str:
     return reasons.get(e.errno, f"cannot read ({e.strerror or e})")
 
 
-def _decode(f, path: Path, max_pixels: int) -> Image.Image:
+def _decode(f, path: Path, max_pixels: int, draft_size: int | None = None) -> Image.Image:
     # Pillow warns (rather than fails) between its own limit and twice it; make that an error here only.
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(f) as im:
                 _check_pixels(im, path, max_pixels)
+                if draft_size and im.format == "JPEG":
+                    im.draft(None, (draft_size, draft_size))
                 im.load()  # a full decode, so truncation shows up now rather than as grey rows later
                 return to_rgb(_upright(im))
         except UnidentifiedImageError:
