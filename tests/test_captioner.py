@@ -174,7 +174,7 @@ def test_a_batch_of_only_bad_files(captioner, tmp_path):
 def test_unexpected_decoder_exceptions_become_error_results(captioner, tmp_path, monkeypatch):
     paths = write_images(tmp_path, 2)
 
-    def broken(path):
+    def broken(path, **options):  # load_image(path, draft_size=...)
         if str(path).endswith("img1.png"):
             raise ZeroDivisionError("a decoder bug")
         return Image.open(path).convert("RGB")
