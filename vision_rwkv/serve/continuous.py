@@ -100,8 +100,9 @@ class RunningBatch:
                     self.rows.append(_Row(job, i, cfg.max_new_tokens, cfg.min_new_tokens, stop, [], chooser))
                     picks.append(first + i)
             first += job.size
-        rows = torch.tensor(picks, device=device)  # each image's row, repeated once per sequence it gets
-        state, logits = state[rows], logits[rows]
+        if len(picks) != first:  # some image gets several draws: repeat its row once per sequence
+            rows = torch.tensor(picks, device=device)
+            state, logits = state[rows], logits[rows]
         self.state = state if self.state is None else DecoderState.cat([self.state, state])
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
 
