@@ -241,3 +241,30 @@ def test_a_saved_state_continues_exactly_like_the_original(tiny_model, tmp_path)
         RWKVState.load(tmp_path / "other.safetensors")
     with pytest.raises(VisionRWKVError, match="state.wkv has shape"):  # another model's shape: one line
         tiny_model.step(tokens[:, 0], RWKVState.zeros(3, 2, 64, 32))
+
+
+def test_a_compiled_training_step_equals_eager_in_loss_and_every_gradient():
+    """torch.compile with the model's COMPILE_OPTIONS (lm/rwkv7.py) over the loss and its backward, on the CPU.
+    (The GPU failure those options avoid needs a GPU to show; bench/train_lm.py runs that shape there.)"""
+    from vision_rwkv.lm.rwkv7 import COMPILE_OPTIONS
+    from vision_rwkv.ops.linear_ce import linear_cross_entropy
+
+    torch.manual_seed(0)
+    lm = randomize_(RWKV7(tiny_config()))
+
+    def loss_fn(model, tokens):
+        h, _ = model.hidden(tokens[:, :-1])
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.head.weight, tokens[:, 1:].reshape(-1))
+
+    tokens = torch.randint(0, lm.config.vocab_size, (2, 17))
+    eager = loss_fn(lm, tokens)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+    lm.zero_grad(set_to_none=True)
+    compiled = torch.compile(loss_fn, dynamic=False, options=COMPILE_OPTIONS)(lm, tokens)
+    compiled.backward()
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5)
+    got = {n: p.grad for n, p in lm.named_parameters() if p.grad is not None}
+    assert got.keys() == grads.keys() and len(got) > 50
+    for name, g in grads.items():
+        assert torch.allclose(got[name], g, rtol=1e-4, atol=1e-5), name

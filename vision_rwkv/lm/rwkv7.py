@@ -22,6 +22,14 @@ from .state import RWKVState
 
 LN_X_EPS = 64e-5  # the official GroupNorm eps for ln_x
 
+# Options for torch.compile(..., options=COMPILE_OPTIONS) of a training step through this model. Inductor's
+# mix-order reduction (on by default) fuses a LayerNorm backward with the column sums that make the (1, 1, C)
+# parameters' gradients; at (8, 1024) tokens on an H200 (torch 2.11) the backward it builds then fails with
+# "AssertionError: wrong number of dimensions1" (a 1-D buffer where (1, 1, C) is expected). Off, the step
+# compiles and runs (bench/train_lm.py; BENCHMARKS.md). For CUDA graphs add {"triton.cudagraphs": True}:
+# torch.compile takes mode= or options=, not both.
+COMPILE_OPTIONS = {"triton.mix_order_reduction": False}
+
 
 class TimeMix(nn.Module):
     def __init__(self, cfg: RWKV7Config, layer_id: int):
