@@ -349,10 +349,18 @@ def linear_(x, w, out, groups: int = 1, block_n: int = 2, num_warps: int = 1) ->
                                             ROWS=_block(B), BLOCK_N=bn, BLOCK_K=block_k, num_warps=num_warps)
 
 
+WKV_FEW_WARPS_BATCH = 64  # from this batch on, one warp per (row, head) tile: fewer warps, more tiles resident
+
+
 def wkv_step_(state, rkv, lora, vec, v_first, layer0: bool, out, num_warps: int | None = None) -> None:
+    """reference.wkv_step_. Warps per (row, head) program, measured on an H200 (bench/ln_mix_matmul.py --only
+    wkv, 2026-12-04, N=64): batch 1 best with 4 (2.5 us), batch 64 with 1 (6.6 against 7.6 us with 4), 256 with
+    1 (30.6 against 33.5 us)."""
     B, H, N, _ = state.shape
+    if num_warps is None:
+        num_warps = 8 if N > 64 else (1 if B >= WKV_FEW_WARPS_BATCH else 4)  # N > 64: not measured
     # rkv (3,B,C) and lora (4,B,C) may be views into wider rows: each part's columns contiguous
     assert rkv.stride(2) == 1 and lora.stride(2) == 1
     _wkv_step_kernel[(B, H)](state, rkv, lora, vec, v_first, out, B, H, H * N, LOG_DECAY_SCALE, LN_X_EPS,
                              rkv.stride(1), rkv.stride(0), lora.stride(1), lora.stride(0), LAYER0=layer0, N=N,
-                             num_warps=num_warps or (4 if N <= 64 else 8))
+                             num_warps=num_warps)
