@@ -331,6 +331,131 @@ def test_a_non_contiguous_state_is_one_clear_line():
         StepEngine(lm, ops=reference).step(torch.tensor([1, 2]), state)
 
 
+# ---- GPT mode: the prefill through the same family ---------------------------------------------------
+
+def seq_inputs(B=2, T=5, C=64, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g)).to(DEVICE)  # noqa: E731
+    M = B * T
+    return dict(x=rnd(B, T, C, scale=3.0), dx=rnd(B, T, C).to(dtype), shift=rnd(B, C),
+                rkv=rnd(3, M, C).to(dtype), lora=rnd(4, M, C).to(dtype), v_first=rnd(M, C), y=rnd(M, C).to(dtype),
+                vec=torch.cat([rnd(5, C), rnd(1, C, scale=0.3), 1 + rnd(1, C, scale=0.2), rnd(1, C, scale=0.2)]))
+
+
+@kernels_run
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 5])
+def test_ln_mix_seq_kernel_equals_reference(dtype, T):
+    """Every position's shift is the LayerNorm of the one before (the state's at t = 0); the state's shift
+    becomes the last position's; x_out = x + dx, and x itself is left alone."""
+    base = op_inputs(dtype=dtype)
+    for has_dx, groups in ((True, 6), (False, 1)):
+        results = []
+        for ops in (triton_ops(), reference):
+            d = clone(seq_inputs(T=T, dtype=dtype))
+            x_before = d["x"].clone()
+            x_out = torch.zeros_like(d["x"]) if has_dx else None
+            out = torch.empty(groups, *d["x"].shape, dtype=dtype, device=DEVICE)
+            ops.ln_mix_seq_(d["x"], d["dx"] if has_dx else None, x_out, base["w"], base["b"], d["shift"],
+                            base["mix"][:groups], out)
+            assert torch.equal(d["x"], x_before)
+            results.append((out, d["shift"]) + ((x_out,) if has_dx else ()))
+        for got, want in zip(*results):
+            assert rel(got, want) <= (1e-6 if got.dtype == torch.float32 else 8e-3), (has_dx, groups)
+    # the mix at t > 0 reads position t - 1, not the state: with mix = 1 the output is the position before
+    d = clone(seq_inputs(T=T))
+    out = torch.empty(1, *d["x"].shape, device=DEVICE)
+    shift = d["shift"].clone()
+    triton_ops().ln_mix_seq_(d["x"], None, None, base["w"], base["b"], d["shift"], torch.ones(1, 64, device=DEVICE),
+                             out)
+    xl = torch.nn.functional.layer_norm(d["x"], (64,), base["w"], base["b"], reference.LN_EPS)
+    assert rel(out[0, :, 0], shift) <= 1e-6
+    assert T == 1 or rel(out[0, :, 1:], xl[:, :-1]) <= 1e-6
+    assert rel(d["shift"], xl[:, -1]) <= 1e-6
+
+
+@kernels_run
+@pytest.mark.parametrize("layer0", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wkv_pre_and_post_kernels_equal_reference(layer0, dtype):
+    H = 4
+    results = []
+    for ops in (triton_ops(), reference):
+        d = clone(seq_inputs(dtype=dtype))
+        M, C = d["y"].shape
+        pre = torch.empty(5, M, C, device=DEVICE, dtype=dtype)
+        ops.wkv_pre_(d["rkv"], d["lora"], d["vec"], d["v_first"], layer0, pre, H)
+        out = torch.empty(M, C, device=DEVICE, dtype=dtype)
+        ops.wkv_post_(d["y"], d["rkv"][0], pre[1], pre[2], d["lora"][3], d["vec"], out, H)
+        results.append((pre, d["v_first"], out))
+    for got, want in zip(*results):
+        assert rel(got, want) <= (1e-5 if dtype == torch.float32 else 2e-2), layer0
+    if layer0:
+        assert rel(results[0][1], seq_inputs(dtype=dtype)["rkv"][2]) <= 1e-6  # v_first <- v
+
+
+def run_prefill(lm, ops, x, state, dtype=None):
+    engine = StepEngine(lm, dtype, ops=ops)
+    state = state.clone()
+    return engine.prefill(x, state), state
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ops", _ops_under_test())
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 7)])
+def test_prefill_equals_gpt_mode_within_the_fp32_noise_floor(ops, B, T):
+    """engine.prefill against lm(inputs_embeds=x, state=state, last_only=True), from a random state: the same
+    measured bound as the step (FP32_SLACK times the fp32 model's own distance from its fp64 run)."""
+    ops = triton_ops() if ops == "triton" else ops
+    lm = lm_on(DEVICE, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(B, T, lm.config.n_embd, generator=g).to(DEVICE)
+    s0 = lm.init_state(B)
+    for t in (s0.att_shift, s0.wkv, s0.ffn_shift):
+        t.copy_(torch.randn(t.shape, generator=g))
+    truth, truth_state = lm.double()(inputs_embeds=x.double(), state=fp64_state(s0), last_only=True)
+    lm = lm.float()
+    ref, ref_state = lm(inputs_embeds=x, state=s0.clone(), last_only=True)
+    got, state = run_prefill(lm, ops, x, s0)
+    floor = rel(ref, truth)
+    assert 0 < floor < 1e-5
+    assert rel(got, truth) <= FP32_SLACK * floor, (rel(got, truth), floor)
+    for name in ("att_shift", "wkv", "ffn_shift"):
+        got_s, want, base = (getattr(s, name) for s in (state, truth_state, ref_state))
+        assert rel(got_s, want) <= FP32_SLACK * max(rel(base, want), 1e-7), name
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ops", _ops_under_test())
+def test_prefill_then_steps_equals_one_gpt_pass_and_batched_equals_one_by_one(ops):
+    """A full pass = a prefill of the first positions then RNN steps from its state; and rows never mix."""
+    ops = triton_ops() if ops == "triton" else ops
+    lm = lm_on(DEVICE, seed=8)
+    tokens = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    want, _ = lm(tokens)
+    engine = StepEngine(lm, ops=ops)
+    state = lm.init_state(3)
+    logits = [engine.prefill(lm.emb(tokens[:, :4]), state)]
+    logits += [engine.step(tokens[:, t], state) for t in (4, 5)]
+    assert rel(torch.stack(logits, 1), want[:, 3:]) <= 1e-5
+    for row in range(3):
+        alone = lm.init_state(1)
+        assert rel(engine.prefill(lm.emb(tokens[row:row + 1, :4]), alone), logits[0][row:row + 1]) <= 1e-6
+        assert rel(alone.wkv, lm(tokens[row:row + 1, :4])[1].wkv) <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ops", _ops_under_test())
+def test_prefill_with_bf16_matrices_stays_within_its_bound(ops):
+    ops = triton_ops() if ops == "triton" else ops
+    lm = lm_on(DEVICE, seed=3)
+    x = torch.randn(2, 9, lm.config.n_embd, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    want, _ = run_prefill(lm, reference, x, lm.init_state(2))
+    got, state = run_prefill(lm, ops, x, lm.init_state(2), dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and state.wkv.dtype == torch.float32
+    assert rel(got, want) <= BF16_BOUND
+
+
 # ---- what cannot run says so, once, and falls back --------------------------------------------------
 
 def test_unavailable_kernels_say_why_once_and_fall_back_to_the_reference(monkeypatch):

@@ -1,4 +1,4 @@
-"""RNN mode of an RWKV-7 decoder through the fused step operations (vision_rwkv.ops.rwkv7).
+"""Both modes of an RWKV-7 decoder's inference through one family of fused operations (vision_rwkv.ops.rwkv7).
 
 `lm.step` runs each layer as about eighty small PyTorch operations. `StepEngine(lm).step(tokens, state)`
 runs the same step as eleven launches a layer: four fused kernels (LayerNorm with the token-shift mixes,
@@ -17,6 +17,13 @@ mixes and the products that read them in one kernel, ln_mix_matmul; the other pr
 matrix-vector kernels, linear_), packed as w_in (3C + 4R, C), of which w_rkv and lora1 are views, and
 lora2_in (4C, R), the four second low-rank matrices as four groups of one product; FUSED_MAX_BATCH says
 when it runs. On the CPU the products go through oneDNN's packed weights.
+
+GPT mode for inference (`engine.prefill(x, state)`: an image prefix or a prompt, forward only) runs each
+layer through the same packed weights and the same family, about fourteen launches a layer: ln_mix_seq_
+(LayerNorm and the six mixes with the position before), the r, k, v and low-rank products batched as in the
+split path, lora_act_, wkv_pre_, the WKV-7 kernel over the whole sequence (ops/wkv7), wkv_post_, the output
+product, ln_mix_seq_ again, the channel mix's two products and relu2_. Only the last position's logits
+are computed, as a prefill needs.
 
 Other matrices are the parameters themselves, or copies cast to the compute dtype when the weights have
 another (fp32 weights under bf16 autocast). The residual stream, LayerNorms and the state are fp32; the
@@ -172,15 +179,19 @@ class StepEngine:
     def step(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
         """tokens (B,) -> logits (B,V); `state` (fp32, contiguous) is updated in place. No input checks
         beyond the state's layout: lm.step's checks read values back to the host, which graphs cannot."""
-        for name in ("att_shift", "wkv", "ffn_shift"):
-            t = getattr(state, name)
-            if t.dtype != torch.float32 or not t.is_contiguous():
-                raise VisionRWKVError(f"the fused RNN step needs a contiguous fp32 state; {name} is "
-                                      f"{t.dtype}{'' if t.is_contiguous() else ', not contiguous'}")
+        self._check_state(state)
         tokens = tokens.contiguous()  # the kernels index rows by position
         fused = self.uses_kernels and tokens.shape[0] <= self.fused_max_batch
         with torch.autocast(tokens.device.type, enabled=False):
             return self._step_fused(tokens, state) if fused else self._step_split(tokens, state)
+
+    @staticmethod
+    def _check_state(state: RWKVState) -> None:
+        for name in ("att_shift", "wkv", "ffn_shift"):
+            t = getattr(state, name)
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise VisionRWKVError(f"the fused operations need a contiguous fp32 state; {name} is "
+                                      f"{t.dtype}{'' if t.is_contiguous() else ', not contiguous'}")
 
     def _step_fused(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
         """Six launches a layer: [LayerNorm + mixes + r, k, v and the first low-rank products], the second
@@ -248,6 +259,58 @@ class StepEngine:
             dx = self._linear(k, f"{i}.w_value", one_pass=True)
         ops.ln_mix_(x, dx, lm.ln_out.weight, lm.ln_out.bias, None, None, xf)
         return self._linear(xf[0], "head")
+
+    # ---- GPT mode (a prefill) -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor, state: RWKVState) -> torch.Tensor:
+        """inputs_embeds x (B,T,C) from `state` (fp32, contiguous, updated in place) -> the last position's
+        logits (B,V): lm(inputs_embeds=x, state=state, last_only=True) through the fused operations."""
+        self._check_state(state)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._prefill(x, state)
+
+    def _prefill(self, x_in: torch.Tensor, state: RWKVState) -> torch.Tensor:
+        from ..ops.wkv7 import wkv7
+
+        lm, ops, p, dt = self.lm, self.ops, self._buffers, self.dtype
+        cfg = lm.config
+        B, T, C = x_in.shape
+        H, N, M = cfg.n_head, cfg.head_size, B * T
+        dev = x_in.device
+        ln0 = lm.blocks[0].ln0
+        # the residual stream ping-pongs between two fp32 buffers: ln_mix_seq_ reads one and writes the other
+        xa = F.layer_norm(x_in.float(), (C,), ln0.weight.float(), ln0.bias.float(), reference.LN_EPS)
+        xb = torch.empty_like(xa)
+        xs = torch.empty(6, B, T, C, device=dev, dtype=dt)
+        xf = torch.empty(1, B, T, C, device=dev, dtype=dt)
+        pre = torch.empty(5, M, C, device=dev, dtype=dt)  # w, k, v, -kk, kk*a: the WKV kernel's inputs
+        y = torch.empty(M, C, device=dev, dtype=dt)
+        v_first = torch.empty(M, C, device=dev)
+        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        dx = None
+        for i, block in enumerate(lm.blocks):
+            ops.ln_mix_seq_(xa, dx, xb, block.ln1.weight, block.ln1.bias, state.att_shift[i], p[f"{i}.mix_att"], xs)
+            if dx is not None:
+                xa, xb = xb, xa
+            mixed = xs.view(6, M, C)
+            rkv = torch.bmm(mixed[:3], p[f"{i}.w_rkv"])  # (3,M,C): r, k, v
+            h = torch.bmm(mixed[2:], p[f"{i}.lora1"])  # (4,M,R): v, w, a, g
+            ops.lora_act_(h)
+            lora = torch.bmm(h, p[f"{i}.lora2"])  # (4,M,C)
+            ops.wkv_pre_(rkv, lora, p[f"{i}.vec"], v_first, i == 0, pre, H)
+            out, new = wkv7(heads(rkv[0]), *map(heads, pre), state=state.wkv[i], impl=cfg.wkv_impl)
+            state.wkv[i].copy_(new)
+            ops.wkv_post_(out.reshape(M, C), rkv[0], pre[1], pre[2], lora[3], p[f"{i}.vec"], y, H)
+            dx = F.linear(y, p[f"{i}.w_out"]).view(B, T, C)
+            ops.ln_mix_seq_(xa, dx, xb, block.ln2.weight, block.ln2.bias, state.ffn_shift[i], p[f"{i}.mix_ffn"], xf)
+            xa, xb = xb, xa
+            k = F.linear(xf[0].view(M, C), p[f"{i}.w_key"])
+            ops.relu2_(k)
+            dx = F.linear(k, p[f"{i}.w_value"]).view(B, T, C)
+        last = xa[:, -1] + dx[:, -1].float()
+        xl = F.layer_norm(last, (C,), lm.ln_out.weight.float(), lm.ln_out.bias.float(), reference.LN_EPS)
+        return F.linear(xl.to(dt), p["head"])
 
     def _bmm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x (G,B,K) times the stacked weights `name` (G,K,N) -> (G,B,N)."""

@@ -14,12 +14,14 @@ MAX_PREFILL_TOKENS tokens.
 
 The step a graph captures is the fused one (engine.StepEngine: about eleven launches a layer instead of
 about eighty) unless VISION_RWKV_FUSED_STEP=0, which captures lm.step's plain PyTorch operations instead.
+The prefill likewise runs the same family of fused operations in GPT mode (StepEngine.prefill), or lm(...)
+itself with VISION_RWKV_FUSED_STEP=0.
 The fused step is RWKV-7's; an RWKV-4 decoder's graphs capture lm.step's operations (lm/decoder.py is
 the interface both follow).
 
 Contract (what caption_features, decode_loop and beam_search rely on; not a public API):
-- the prefill gives lm(...)'s results (the same kernels run, in the same order); the step gives lm.step's
-  with plain operations, and within the bounds tests/ops/test_rwkv7_step.py measures with the fused step;
+- the prefill and the step give lm(...)'s and lm.step's results: exactly with plain operations, and
+  within the bounds tests/ops/test_rwkv7_step.py measures with the fused ones;
 - the state a step returns is the graph's own buffer: it stays valid only until the next call for the
   same batch size, so select rows from it (state[rows], which copies) before keeping it across calls;
   the prefill returns its own copy;
@@ -234,30 +236,47 @@ class GraphedStep(_Graphs):
 
 class GraphedPrefill(_Graphs):
     """The prefill, captured per (shape, dtype, autocast, whether an initial state is given): a state
-    projector's state is copied into the graph's own state buffer, like the embeddings."""
+    projector's state is copied into the graph's own state buffer, like the embeddings. An RWKV-7 decoder's
+    prefill runs the fused operations (engine.StepEngine.prefill) unless VISION_RWKV_FUSED_STEP=0, as the step
+    does; above MAX_PREFILL_TOKENS it runs them eagerly, with no graph."""
 
     def __call__(self, x: torch.Tensor, state: DecoderState | None = None):
         lm = self.lm
-        eager = lambda: lm(inputs_embeds=x, state=state, last_only=True)  # noqa: E731
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.device != lm.emb.weight.device \
-                or x.shape[0] * x.shape[1] > MAX_PREFILL_TOKENS:
-            return eager()  # lm's own checks, or too big to keep a graph for
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.device != lm.emb.weight.device:
+            return lm(inputs_embeds=x, state=state, last_only=True)  # lm's own checks and one-line errors
         with torch.cuda.device(lm.emb.weight.device):
             lm.checked_inputs(None, x)  # the shape checks lm(...) makes, before anything is captured
             if state is not None:
                 state = lm.state_for(state, x.shape[0])
+            engine = self._engine()
+
+            def run(xs, *st):
+                if engine is None:
+                    return lm(inputs_embeds=xs, state=st[0] if st else None, last_only=True)
+                own = st[0] if st else lm.init_state(xs.shape[0])  # in place: a graph's input buffer
+                return engine.prefill(xs, own), own
+
+            if x.shape[0] * x.shape[1] > MAX_PREFILL_TOKENS:  # too big to keep a graph for: eagerly
+                return run(x, *(() if state is None else (state.clone(),)))
 
             def make_inputs():
                 return (torch.zeros_like(x),) + (() if state is None else (lm.init_state(x.shape[0]),))
 
-            key = (tuple(x.shape), x.dtype, x.device, state is not None, *self._autocast_key())
-            g = self._get(key, make_inputs, lambda xs, *st: lm(inputs_embeds=xs, state=st[0] if st else None,
-                                                                last_only=True))
+            key = (tuple(x.shape), x.dtype, x.device, state is not None, engine is not None, *self._autocast_key())
+            g = self._get(key, make_inputs, run)
             if g is None:
-                return eager()
+                return lm(inputs_embeds=x, state=state, last_only=True)
             g.inputs[0].copy_(x)
             if state is not None:
                 g.inputs[1].copy_(state)
             g.graph.replay()
             logits, state = g.outputs
             return logits.clone(), state.clone()
+
+    def _engine(self) -> StepEngine | None:
+        """The fused operations' engine, shared with the decoder's RNN step (one packing of the weights)."""
+        step = _steppers.get(self.lm)
+        if step is None:
+            step = _steppers[self.lm] = GraphedStep(self.lm)
+        step.check_weights()
+        return step._engine()

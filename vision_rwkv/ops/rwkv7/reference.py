@@ -11,6 +11,14 @@ kernels do, so a whole step can be captured in one CUDA graph with no copies bet
                    place; ln_x, the r_k bonus and the gate: out = (GroupNorm(S r) + bonus) * g
     relu2_         the channel mix's relu(x)^2
 
+GPT mode (a prefill: T positions a row, forward only) uses the same family, with three of its own:
+
+    ln_mix_seq_    ln_mix_ over (B,T,C): each position's shift is the position before it (the state's
+                   shift for the first), and the state's shift becomes the last position's LayerNorm
+    wkv_pre_       the part of wkv_step_ before the state update, for every position: the WKV
+                   kernel's inputs w, k, v, -kk, kk*a (v_first written by layer 0, mixed in by the others)
+    wkv_post_      the part after it: out = (GroupNorm(y) + bonus) * g from the WKV kernel's y
+
 Everything is computed in fp32; the residual stream and the state stay fp32, and the inputs of the matrix
 products (`out` buffers) are rounded to their dtype, the decoder's compute dtype.
 """
@@ -89,6 +97,54 @@ def wkv_step_(state, rkv, lora, vec, v_first, layer0: bool, out) -> None:
     y = F.group_norm(y.reshape(B, C), H, ln_w, ln_b, LN_X_EPS)
     bonus = (heads(r) * heads(k) * r_k.view(1, H, N)).sum(-1, keepdim=True) * heads(v)
     out.copy_((y + bonus.reshape(B, C)) * g)
+
+
+def ln_mix_seq_(x, dx, x_out, weight, bias, shift, mix, out) -> None:
+    """x (B,T,C) fp32 is read; x_out (B,T,C) fp32 <- x + dx (dx (B,T,C) or None: then x_out is not written
+    and may be None); with xl = LayerNorm(x + dx), out (G,B,T,C) <- xl + (prev - xl) * mix[g], where prev is
+    xl one position earlier and shift (B,C) fp32 at the first position; shift <- xl[:, -1]."""
+    xs = x + dx.float() if dx is not None else x
+    xl = F.layer_norm(xs, (xs.shape[2],), weight.float(), bias.float(), LN_EPS)
+    prev = torch.cat([shift.unsqueeze(1), xl[:, :-1]], dim=1)
+    out.copy_(xl.unsqueeze(0) + (prev - xl).unsqueeze(0) * mix.float()[:, None, None])
+    shift.copy_(xl[:, -1])
+    if dx is not None:
+        x_out.copy_(xs)
+
+
+def _pre(k, v, v_l, w_l, a_l, vec, v_first, layer0: bool, H: int):
+    """wkv_step_'s arithmetic before the state update, over rows (R,C) fp32 -> w, k, v, kk, a (fp32)."""
+    w0, a0, v0, k_k, k_a = vec[:5]
+    if layer0:
+        v_first.copy_(v)
+    else:
+        v = v + (v_first - v) * torch.sigmoid(v0 + v_l)
+    a = torch.sigmoid(a0 + a_l)
+    R, C = k.shape
+    kk = F.normalize((k * k_k).view(R, H, C // H), dim=-1, p=2.0).view(R, C)
+    return w0 + w_l, k * (1 + (a - 1) * k_a), v, kk, a
+
+
+def wkv_pre_(rkv, lora, vec, v_first, layer0: bool, out, n_head: int) -> None:
+    """rkv (3,M,C) = r, k, v and lora (4,M,C) in LORA_ROWS order for M = B*T positions; vec (8,C) fp32;
+    v_first (M,C) fp32, written by layer 0 and read by the others. out (5,M,C) <- the WKV kernel's inputs
+    w (the raw decay logit), k, v, -kk, kk*a, in out's dtype."""
+    _, k, v = (t.float() for t in rkv)
+    v_l, w_l, a_l, _ = (t.float() for t in lora)
+    w, k, v, kk, a = _pre(k, v, v_l, w_l, a_l, vec.float(), v_first, layer0, n_head)
+    for i, t in enumerate((w, k, v, -kk, kk * a)):
+        out[i].copy_(t)
+
+
+def wkv_post_(y, r, k, v, g, vec, out, n_head: int) -> None:
+    """y (M,C) the WKV kernel's output, r, k, v (M,C) as it took them (k and v after wkv_pre_), g (M,C)
+    the gate; vec (8,C) fp32. out (M,C) <- (GroupNorm(y) + bonus) * g, bonus = sum(r * k * r_k) * v a head."""
+    M, C = y.shape
+    heads = lambda t: t.float().view(M, n_head, C // n_head)  # noqa: E731
+    r_k, ln_w, ln_b = vec.float()[5:]
+    y = F.group_norm(y.float(), n_head, ln_w, ln_b, LN_X_EPS)
+    bonus = (heads(r) * heads(k) * heads(r_k.expand(M, C))).sum(-1, keepdim=True) * heads(v)
+    out.copy_((y + bonus.reshape(M, C)) * g.float())
 
 
 # output-block activations of ln_mix_matmul_

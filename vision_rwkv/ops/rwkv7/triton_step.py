@@ -60,11 +60,11 @@ def _ln_mix_kernel(x_ptr, dx_ptr, w_ptr, b_ptr, shift_ptr, mix_ptr, out_ptr, B, 
 
 @triton.jit
 def _lora_act_kernel(h_ptr, R, BLOCK_R: tl.constexpr):
-    group = tl.program_id(0)  # LORA_ROWS: 0 v, 1 w (tanh), 2 a, 3 g (sigmoid)
-    row = tl.program_id(1)
+    row = tl.program_id(0)  # on axis 0, which takes more than 65,535 programs (GPT mode's B*T rows)
+    group = tl.program_id(1)  # LORA_ROWS: 0 v, 1 w (tanh), 2 a, 3 g (sigmoid)
     offs = tl.arange(0, BLOCK_R)
     mask = offs < R
-    at = (group * tl.num_programs(1) + row) * R + offs
+    at = (group * tl.num_programs(0) + row) * R + offs
     h = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
     sig = 1.0 / (1.0 + tl.exp(-h))
     tanh = 2.0 / (1.0 + tl.exp(-2.0 * h)) - 1.0
@@ -127,6 +127,91 @@ def _wkv_step_kernel(state_ptr, rkv_ptr, lora_ptr, vec_ptr, vfirst_ptr, out_ptr,
     y = tl.sum(s * r[None, :], 1)
     mean = tl.sum(y, 0) / N
     d = y - mean
+    y = d * (1.0 / tl.sqrt(tl.sum(d * d, 0) / N + eps)) * ln_w + ln_b
+    bonus = tl.sum(r * k * r_k, 0) * v
+    tl.store(out_ptr + at, ((y + bonus) * g).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _ln_mix_seq_kernel(x_ptr, dx_ptr, x_out_ptr, w_ptr, b_ptr, shift_ptr, shift_out_ptr, mix_ptr, out_ptr,
+                       M, T, C, eps, HAS_DX: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One position a program: its LayerNorm and the one of the position before (computed again here, so
+    no program waits on another), or the state's shift at t = 0."""
+    row = tl.program_id(0)
+    t = row % T
+    offs = tl.arange(0, BLOCK_C)
+    mask = offs < C
+    at = row * C + offs
+    x = tl.load(x_ptr + at, mask=mask, other=0.0)
+    if HAS_DX:
+        x += tl.load(dx_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_out_ptr + at, x, mask=mask)
+    xl = _layer_norm(x, mask, w_ptr, b_ptr, offs, C, eps)
+    if t == 0:
+        prev = tl.load(shift_ptr + (row // T) * C + offs, mask=mask, other=0.0)
+    else:
+        xp = tl.load(x_ptr + at - C, mask=mask, other=0.0)
+        if HAS_DX:
+            xp += tl.load(dx_ptr + at - C, mask=mask, other=0.0).to(tl.float32)
+        prev = _layer_norm(xp, mask, w_ptr, b_ptr, offs, C, eps)
+    if t == T - 1:  # the new shift goes to a buffer of its own: the t = 0 programs still read the old one
+        tl.store(shift_out_ptr + (row // T) * C + offs, xl, mask=mask)
+    xx = prev - xl
+    for g in tl.static_range(G):
+        mix = tl.load(mix_ptr + g * C + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + g * M * C + at, (xl + xx * mix).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _wkv_pre_kernel(rkv_ptr, lora_ptr, vec_ptr, vfirst_ptr, out_ptr, M, C, LAYER0: tl.constexpr, N: tl.constexpr):
+    """wkv_step_'s arithmetic before the state update, for one (position, head)."""
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    col = h * N + tl.arange(0, N)
+    at = row * C + col
+    part = M * C
+    k = tl.load(rkv_ptr + part + at).to(tl.float32)
+    v = tl.load(rkv_ptr + 2 * part + at).to(tl.float32)
+    v_l = tl.load(lora_ptr + at).to(tl.float32)
+    w_l = tl.load(lora_ptr + part + at).to(tl.float32)
+    a_l = tl.load(lora_ptr + 2 * part + at).to(tl.float32)
+    w0 = tl.load(vec_ptr + col)
+    a0 = tl.load(vec_ptr + C + col)
+    v0 = tl.load(vec_ptr + 2 * C + col)
+    k_k = tl.load(vec_ptr + 3 * C + col)
+    k_a = tl.load(vec_ptr + 4 * C + col)
+    if LAYER0:
+        tl.store(vfirst_ptr + at, v)
+    else:
+        v = v + (tl.load(vfirst_ptr + at) - v) * _sigmoid(v0 + v_l)
+    a = _sigmoid(a0 + a_l)
+    kk = k * k_k
+    kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, 0)), 1e-12)
+    k = k * (1.0 + (a - 1.0) * k_a)
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + at, (w0 + w_l).to(ty))
+    tl.store(out_ptr + part + at, k.to(ty))
+    tl.store(out_ptr + 2 * part + at, v.to(ty))
+    tl.store(out_ptr + 3 * part + at, (-kk).to(ty))
+    tl.store(out_ptr + 4 * part + at, (kk * a).to(ty))
+
+
+@triton.jit
+def _wkv_post_kernel(y_ptr, r_ptr, k_ptr, v_ptr, g_ptr, vec_ptr, out_ptr, C, eps, N: tl.constexpr):
+    """(GroupNorm(y) + bonus) * g for one (position, head)."""
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    col = h * N + tl.arange(0, N)
+    at = row * C + col
+    y = tl.load(y_ptr + at).to(tl.float32)
+    r = tl.load(r_ptr + at).to(tl.float32)
+    k = tl.load(k_ptr + at).to(tl.float32)
+    v = tl.load(v_ptr + at).to(tl.float32)
+    g = tl.load(g_ptr + at).to(tl.float32)
+    r_k = tl.load(vec_ptr + 5 * C + col)
+    ln_w = tl.load(vec_ptr + 6 * C + col)
+    ln_b = tl.load(vec_ptr + 7 * C + col)
+    d = y - tl.sum(y, 0) / N
     y = d * (1.0 / tl.sqrt(tl.sum(d * d, 0) / N + eps)) * ln_w + ln_b
     bonus = tl.sum(r * k * r_k, 0) * v
     tl.store(out_ptr + at, ((y + bonus) * g).to(out_ptr.dtype.element_ty))
@@ -296,9 +381,33 @@ def ln_mix_(x, dx, weight, bias, shift, mix, out) -> None:
                          num_warps=_warps(block))
 
 
+def ln_mix_seq_(x, dx, x_out, weight, bias, shift, mix, out) -> None:
+    B, T, C = x.shape
+    block = _block(C)
+    new_shift = torch.empty_like(shift)
+    _ln_mix_seq_kernel[(B * T,)](x, x if dx is None else dx, x if x_out is None else x_out, weight, bias, shift,
+                                 new_shift, mix, out, B * T, T, C, LN_EPS, HAS_DX=dx is not None, G=out.shape[0],
+                                 BLOCK_C=block, num_warps=_warps(block))
+    shift.copy_(new_shift)
+
+
+def wkv_pre_(rkv, lora, vec, v_first, layer0: bool, out, n_head: int) -> None:
+    _, M, C = rkv.shape
+    assert rkv.is_contiguous() and lora.is_contiguous() and out.is_contiguous()
+    _wkv_pre_kernel[(M, n_head)](rkv, lora, vec, v_first, out, M, C, LAYER0=layer0, N=C // n_head,
+                                 num_warps=1 if C // n_head <= 64 else 2)
+
+
+def wkv_post_(y, r, k, v, g, vec, out, n_head: int) -> None:
+    M, C = y.shape
+    assert all(t.is_contiguous() for t in (y, r, k, v, g, out))
+    _wkv_post_kernel[(M, n_head)](y, r, k, v, g, vec, out, C, LN_X_EPS, N=C // n_head,
+                                  num_warps=1 if C // n_head <= 64 else 2)
+
+
 def lora_act_(h) -> None:
     G, B, R = h.shape
-    _lora_act_kernel[(G, B)](h, R, BLOCK_R=_block(R), num_warps=1)
+    _lora_act_kernel[(B, G)](h, R, BLOCK_R=_block(R), num_warps=1)
 
 
 def relu2_(h) -> None:
