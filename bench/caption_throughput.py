@@ -111,7 +111,8 @@ def end_to_end(captioner, paths, sampling, batch_size, workers) -> dict:
 @torch.no_grad()
 def stages(captioner, paths, sampling, batch_size, workers) -> dict:
     model, device = captioner.model, captioner.device
-    loader = torch.utils.data.DataLoader(_ImageFiles([str(p) for p in paths], model.encoder.preprocess),
+    loader = torch.utils.data.DataLoader(_ImageFiles([str(p) for p in paths], model.encoder.preprocess,
+                                                     captioner.draft_size),  # decoded as Captioner decodes them
                                          batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                                          pin_memory=device.type == "cuda")
     totals = dict.fromkeys(("waiting for images", "encoder", "prefill", "decoding"), 0.0)
@@ -141,9 +142,9 @@ def stages(captioner, paths, sampling, batch_size, workers) -> dict:
             "ms_per_image": {k: 1000 * v / n for k, v in totals.items()}}
 
 
-def decode_only(paths, preprocess, batch_size, workers) -> dict:
-    loader = torch.utils.data.DataLoader(_ImageFiles([str(p) for p in paths], preprocess), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=_collate)
+def decode_only(paths, preprocess, batch_size, workers, draft_size=None) -> dict:
+    loader = torch.utils.data.DataLoader(_ImageFiles([str(p) for p in paths], preprocess, draft_size),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     t = time.perf_counter()
     n = sum(len(b.good) for b in loader)
     seconds = time.perf_counter() - t
@@ -256,9 +257,10 @@ def main() -> None:
           f"{args.new_tokens} new tokens per caption", flush=True)
 
     end_to_end(captioner, paths[:64], sampling, 32, args.workers)  # warm-up: kernel build, allocator, cuDNN
-    dec = decode_only(paths, captioner.model.encoder.preprocess, 32, args.workers)
+    dec = decode_only(paths, captioner.model.encoder.preprocess, 32, args.workers, captioner.draft_size)
     report["decode_only"] = dec
-    print(f"image decoding alone ({args.workers} workers): {dec['images_per_s']:.0f} images/s", flush=True)
+    print(f"image decoding alone ({args.workers} workers, draft size {captioner.draft_size}): "
+          f"{dec['images_per_s']:.0f} images/s", flush=True)
     for bs in args.batch_sizes:
         subset = paths[: args.batch1_images] if bs == 1 else paths
         e2e = end_to_end(captioner, subset, sampling, bs, args.workers)

@@ -185,3 +185,33 @@ def test_the_prefill_runs_the_fused_operations_unless_switched_off(lm, monkeypat
     calls.clear()
     logits, _ = graphs.prefill_runner(lm)(torch.randn(2, 6, lm.config.n_embd, device="cuda"))
     assert not calls
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("autocast", [False, True])
+def test_graphed_encoder_equals_eager_for_new_images_and_large_batches_run_eagerly(autocast, monkeypatch):
+    """encoder_runner: a graph per small batch shape, replayed with new images (the same kernels on the same
+    data: fp32 to rounding noise), the results its own copies; above MAX_ENCODER_GRAPH_BATCH, no graph."""
+    from vision_rwkv.caption.encoder import ClipEncoder
+    from vision_rwkv.config import EncoderConfig
+    from vision_rwkv.lm import graphs
+
+    torch.manual_seed(0)
+    enc = ClipEncoder(EncoderConfig(model="vrwkv-ViT-tiny")).cuda().eval()
+    monkeypatch.setattr(graphs, "MAX_ENCODER_GRAPH_BATCH", 3)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    rtol = 2e-2 if autocast else 1e-5
+    kept = []
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        for B in (1, 3, 3, 4):
+            images = torch.randn(B, 3, *enc.image_size, device="cuda", generator=g)
+            got = graphs.encoder_runner(enc)(images)
+            want = enc(images)
+            for a, b in zip(got, want):
+                close(a.float(), b.float(), rtol)
+            kept.append((got, want))
+    assert len(graphs._encoders[enc].graphs) == 2  # batches 1 and 3; 4 ran eagerly
+    for got, want in kept:  # later replays left earlier results alone
+        close(got[0].float(), want[0].float(), rtol)
+    enc.train()
+    assert graphs.encoder_runner(enc) is enc

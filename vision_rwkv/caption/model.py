@@ -28,7 +28,7 @@ from ..hub import model_card, push_folder, resolve
 from ..lm.checkpoint import CONFIG, WEIGHTS, build_decoder
 from ..lm.decoder import Decoder, build_decoder_model
 from ..lm.formats import load_decoder
-from ..lm.graphs import prefill_runner
+from ..lm.graphs import encoder_runner, prefill_runner
 from ..lm.state import DecoderState
 from ..lm.tokenizer import check_fits, load_tokenizer
 from ..ops.linear_ce import linear_cross_entropy
@@ -65,8 +65,9 @@ class CaptionModel(nn.Module):
     # ---- the prefix ------------------------------------------------------------------------------------
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,3,H,W) preprocessed images -> patch tokens (B,P,Dt), pooled (B,Dp)."""
-        return self.encoder(images)
+        """(B,3,H,W) preprocessed images -> patch tokens (B,P,Dt), pooled (B,Dp). A CUDA graph on CUDA for
+        small batches (lm.graphs.encoder_runner)."""
+        return encoder_runner(self.encoder)(images)
 
     def condition(self, tokens: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, DecoderState | None]:
         """Encoder features -> what the decoder starts from: its input embeddings (B, K + Lp, C), the image

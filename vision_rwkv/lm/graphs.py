@@ -11,6 +11,7 @@ MAX_PREFILL_TOKENS tokens.
     step = rnn_stepper(lm)              # lm.step itself on the CPU, or when graphs are switched off
     logits, state = step(tokens, state)
     logits, state = prefill_runner(lm)(inputs_embeds, state)   # = lm(inputs_embeds=..., state=..., last_only=True)
+    tokens, pooled = encoder_runner(encoder)(images)           # = encoder(images), small batches only
 
 The step a graph captures is the fused one (engine.StepEngine: about eleven launches a layer instead of
 about eighty) unless VISION_RWKV_FUSED_STEP=0, which captures lm.step's plain PyTorch operations instead.
@@ -54,6 +55,11 @@ MAX_PREFILL_TOKENS = 4096
 
 _steppers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _prefills: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_encoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# images per call up to which the image encoder replays a graph: at batch 1 on an H200 the eager ViT-B-16
+# took 13 ms (bench/caption_throughput.py, 2026-12-04), the host issuing kernels; from a few dozen images on
+# the GPU work dominates, and every batch size kept would hold a graph's activations
+MAX_ENCODER_GRAPH_BATCH = 16
 _cpu_steppers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _failed: set[str] = set()
 _warned: set[str] = set()
@@ -103,6 +109,19 @@ def prefill_runner(lm: Decoder):
     return runner
 
 
+def encoder_runner(encoder: torch.nn.Module):
+    """A callable images (B,3,H,W) -> encoder(images): graph replays on CUDA for up to MAX_ENCODER_GRAPH_BATCH
+    images (a frozen encoder in eval mode, no autograd), the encoder itself otherwise."""
+    p = next(encoder.parameters(), None)
+    if p is None or p.device.type != "cuda" or encoder.training or torch.is_grad_enabled() or not graphs_enabled():
+        return encoder
+    runner = _encoders.get(encoder)
+    if runner is None:
+        runner = _encoders[encoder] = GraphedEncoder(encoder)
+    runner.check_weights()
+    return runner
+
+
 class _Graph:
     def __init__(self, graph, inputs, outputs):
         self.graph, self.inputs, self.outputs = graph, inputs, outputs
@@ -140,8 +159,11 @@ class _Graphs:
                 return None
         return g
 
+    def _device(self) -> torch.device:
+        return self.lm.emb.weight.device
+
     def _capture(self, inputs: tuple, run) -> _Graph:
-        device = self.lm.emb.weight.device
+        device = self._device()
         autocast, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
         def body():
@@ -280,3 +302,25 @@ class GraphedPrefill(_Graphs):
             step = _steppers[self.lm] = GraphedStep(self.lm)
         step.check_weights()
         return step._engine()
+
+
+class GraphedEncoder(_Graphs):
+    """The image encoder, captured per (input shape, dtype, autocast setting) up to MAX_ENCODER_GRAPH_BATCH
+    images; larger batches, and inputs the encoder rejects, run it eagerly (its own one-line errors)."""
+
+    def _device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    def __call__(self, images: torch.Tensor):
+        encoder, device = self.lm, self._device()
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.device != device \
+                or images.shape[0] > MAX_ENCODER_GRAPH_BATCH or tuple(images.shape[1:]) != (3, *encoder.image_size):
+            return encoder(images)
+        with torch.cuda.device(device):
+            key = (tuple(images.shape), images.dtype, *self._autocast_key())
+            g = self._get(key, lambda: (torch.zeros_like(images),), encoder)
+            if g is None:
+                return encoder(images)
+            g.inputs[0].copy_(images)
+            g.graph.replay()
+            return tuple(t.clone() for t in g.outputs)
