@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import DecoderArch, RWKV7Config
 from ..errors import VisionRWKVError
+from ..ops.rwkv7.train import fused_train_enabled, ln_mix_seq
 from ..ops.wkv7 import wkv7, wkv7_step
 from .decoder import Decoder, token_shift
 from .state import RWKVState
@@ -56,12 +57,21 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
 
+    def mix_vectors(self) -> torch.Tensor:
+        """The six token-shift mixes (6,C), in the order forward_mixed takes the mixed inputs."""
+        return torch.cat([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]).view(6, -1)
+
     def forward(self, x, shift, wkv_state, v_first, rnn: bool = False):
         """x (B,T,C) ln1 output; shift (B,C); wkv_state (B,H,N,N). Returns out, shift, wkv_state, v_first."""
-        B, T, C = x.shape
-        H, N = self.cfg.n_head, self.cfg.head_size
         xx = token_shift(x, shift) - x
-        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        mixed = [x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)]
+        return self.forward_mixed(mixed, x[:, -1], wkv_state, v_first, rnn)
+
+    def forward_mixed(self, mixed, new_shift, wkv_state, v_first, rnn: bool = False):
+        """forward from the six mixed inputs (xr, xw, xk, xv, xa, xg), each (B,T,C), and the new shift."""
+        xr, xw, xk, xv, xa, xg = mixed
+        B, T, C = xr.shape
+        H, N = self.cfg.n_head, self.cfg.head_size
 
         r = self.receptance(xr)
         w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # raw decay logit; the WKV op soft-clamps it
@@ -83,10 +93,10 @@ class TimeMix(nn.Module):
             y = y.unsqueeze(1)
         else:
             y, wkv_state = wkv7(*map(heads, (r, w, k, v, -kk, kk * a)), state=wkv_state, impl=self.cfg.wkv_impl)
-        y = F.group_norm(y.to(x.dtype).reshape(B * T, C), H, self.ln_x.weight, self.ln_x.bias, LN_X_EPS)
+        y = F.group_norm(y.to(new_shift.dtype).reshape(B * T, C), H, self.ln_x.weight, self.ln_x.bias, LN_X_EPS)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)  # (B,T,H,N)
         y = y.view(B, T, C) + bonus.reshape(B, T, C)
-        return self.output(y * g), x[:, -1], wkv_state, v_first
+        return self.output(y * g), new_shift, wkv_state, v_first
 
 
 class ChannelMix(nn.Module):
@@ -100,8 +110,11 @@ class ChannelMix(nn.Module):
     def forward(self, x, shift):
         """x (B,T,C) ln2 output; shift (B,C). Returns out, shift."""
         xx = token_shift(x, shift) - x
-        k = torch.relu(self.key(x + xx * self.x_k)) ** 2
-        return self.value(k), x[:, -1]
+        return self.forward_mixed(x + xx * self.x_k, x[:, -1])
+
+    def forward_mixed(self, xk, new_shift):
+        k = torch.relu(self.key(xk)) ** 2
+        return self.value(k), new_shift
 
 
 class Block(nn.Module):
@@ -119,6 +132,19 @@ class Block(nn.Module):
     def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, rnn: bool = False):
         if self.layer_id == 0:
             x = self.ln0(x)
+        if not rnn and fused_train_enabled(x, self.att.cfg.head_size):
+            # GPT mode on CUDA: each LayerNorm and its token-shift mixes as one op with a fused backward. The
+            # mixes come in the products' dtype; the shift in the LayerNorm's (fp32 under autocast)
+            device = x.device.type
+            autocast = torch.is_autocast_enabled(device)
+            dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+            ln_dtype = torch.float32 if autocast else x.dtype
+            mixed, shift = ln_mix_seq(x, att_shift, self.ln1.weight, self.ln1.bias, self.att.mix_vectors(), dtype)
+            dx, att_shift, wkv_state, v_first = self.att.forward_mixed(mixed, shift.to(ln_dtype), wkv_state, v_first)
+            x = x + dx
+            mixed, ffn_shift = ln_mix_seq(x, ffn_shift, self.ln2.weight, self.ln2.bias, self.ffn.x_k.view(1, -1), dtype)
+            dx, ffn_shift = self.ffn.forward_mixed(mixed[0], ffn_shift.to(ln_dtype))
+            return x + dx, v_first, att_shift, wkv_state, ffn_shift
         dx, att_shift, wkv_state, v_first = self.att(self.ln1(x), att_shift, wkv_state, v_first, rnn)
         x = x + dx
         dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)

@@ -1,4 +1,5 @@
-"""The fused RWKV-7 layer operations of RNN mode: Triton kernels, with the PyTorch references beside them.
+"""The fused RWKV-7 layer operations, for RNN mode and GPT mode: Triton kernels, with the PyTorch references
+beside them (reference.py; train.py has GPT mode's op with a backward, for training).
 
     ops = step_ops(device, head_size, n_embd)   # triton_step on CUDA when it can run, else reference
     ops.ln_mix_(x, dx, w, b, shift, mix, out); ops.wkv_step_(...); ...

@@ -1,4 +1,4 @@
-"""The RNN-mode (T=1) RWKV-7 layer operations as Triton kernels: one launch each, fp32 inside.
+"""The RWKV-7 layer operations as Triton kernels, RNN mode's (T=1) and GPT mode's: one launch each, fp32 inside.
 
 Same contract as reference.py (in-place on preallocated, contiguous buffers); the wrappers check nothing
 beyond what the dispatcher in __init__.py already did. A program handles one batch row (the LayerNorm
@@ -160,6 +160,63 @@ def _ln_mix_seq_kernel(x_ptr, dx_ptr, x_out_ptr, w_ptr, b_ptr, shift_ptr, shift_
     for g in tl.static_range(G):
         mix = tl.load(mix_ptr + g * C + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + g * M * C + at, (xl + xx * mix).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ln_mix_seq_bwd_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, mix_ptr, dout_ptr, dlast_ptr, dx_ptr, dshift_ptr,
+                           part_ptr, M, T, C, eps, HAS_DLAST: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+    """ln_mix_seq's backward over ROWS positions a program: dx, the first positions' dshift, and this program's
+    partial sums of dmix (G rows), dweight and dbias (part (programs, G + 2, C), summed afterwards)."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_C)
+    mask = offs < C
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_C,), tl.float32)
+    db = tl.zeros((BLOCK_C,), tl.float32)
+    for i in range(0, ROWS):
+        row = pid * ROWS + i
+        if row < M:
+            t = row % T
+            at = row * C + offs
+            x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.sum(x, 0) / C
+            d = tl.where(mask, x - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / C + eps)
+            xhat = d * rstd
+            xl = xhat * w + b
+            if t == 0:
+                prev = tl.load(shift_ptr + (row // T) * C + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                xp = tl.load(x_ptr + at - C, mask=mask, other=0.0).to(tl.float32)
+                mp = tl.sum(xp, 0) / C
+                dp = tl.where(mask, xp - mp, 0.0)
+                prev = dp * (1.0 / tl.sqrt(tl.sum(dp * dp, 0) / C + eps)) * w + b
+            dxl = tl.zeros((BLOCK_C,), tl.float32)
+            dprev = tl.zeros((BLOCK_C,), tl.float32)
+            for g in tl.static_range(G):
+                mix = tl.load(mix_ptr + g * C + offs, mask=mask, other=0.0).to(tl.float32)
+                do = tl.load(dout_ptr + g * M * C + at, mask=mask, other=0.0).to(tl.float32)
+                dxl += do * (1.0 - mix)
+                dprev += do * mix
+                if t + 1 < T:  # the next position's mix reads this one
+                    dn = tl.load(dout_ptr + g * M * C + at + C, mask=mask, other=0.0).to(tl.float32)
+                    dxl += dn * mix
+                part = part_ptr + (pid * (G + 2) + g) * C + offs
+                tl.store(part, tl.load(part, mask=mask, other=0.0) + do * (prev - xl), mask=mask)
+            if t == 0:
+                tl.store(dshift_ptr + (row // T) * C + offs, dprev, mask=mask)
+            if HAS_DLAST:
+                if t == T - 1:
+                    dxl += tl.load(dlast_ptr + (row // T) * C + offs, mask=mask, other=0.0).to(tl.float32)
+            dw += dxl * xhat
+            db += dxl
+            gw = dxl * w
+            dx = rstd * (gw - tl.sum(gw, 0) / C - xhat * (tl.sum(gw * xhat, 0) / C))
+            tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(part_ptr + (pid * (G + 2) + G) * C + offs, dw, mask=mask)
+    tl.store(part_ptr + (pid * (G + 2) + G + 1) * C + offs, db, mask=mask)
 
 
 @triton.jit
@@ -389,6 +446,26 @@ def ln_mix_seq_(x, dx, x_out, weight, bias, shift, mix, out) -> None:
                                  new_shift, mix, out, B * T, T, C, LN_EPS, HAS_DX=dx is not None, G=out.shape[0],
                                  BLOCK_C=block, num_warps=_warps(block))
     shift.copy_(new_shift)
+
+
+LN_MIX_BWD_ROWS = 16  # positions a program of ln_mix_seq's backward: partial sums for M / 16 programs
+
+
+def ln_mix_seq_backward(x, weight, bias, shift, mix, dout, dlast):
+    """The gradients of ln_mix_seq (reference.ln_mix_seq's autograd): x (B,T,C), shift (B,C), mix (G,C),
+    dout (G,B,T,C), dlast (B,C) or None -> dx, dshift, dweight, dbias, dmix (fp32 for the parameters)."""
+    B, T, C = x.shape
+    G, M = mix.shape[0], B * T
+    block = _block(C)
+    programs = triton.cdiv(M, LN_MIX_BWD_ROWS)
+    part = torch.zeros(programs, G + 2, C, device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x)
+    dshift = torch.empty(B, C, device=x.device, dtype=torch.float32)
+    _ln_mix_seq_bwd_kernel[(programs,)](x, weight, bias, shift, mix, dout, x if dlast is None else dlast, dx, dshift,
+                                        part, M, T, C, LN_EPS, HAS_DLAST=dlast is not None, G=G,
+                                        ROWS=LN_MIX_BWD_ROWS, BLOCK_C=block, num_warps=_warps(block))
+    sums = part.sum(0)
+    return dx, dshift, sums[G], sums[G + 1], sums[:G]
 
 
 def wkv_pre_(rkv, lora, vec, v_first, layer0: bool, out, n_head: int) -> None:
