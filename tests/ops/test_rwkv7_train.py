@@ -1,7 +1,7 @@
-"""The GPT-mode training op (vision_rwkv.ops.rwkv7.train.ln_mix_seq) and the model's use of it.
+"""The GPT-mode training ops (vision_rwkv.ops.rwkv7.train: ln_mix_seq, wkv_pre, wkv_post) and the model's use.
 
 Without a GPU the kernels run in Triton's interpreter, as in test_rwkv7_step.py. The op against its PyTorch
-reference in outputs and every gradient; the model's training step with the op against the same step with
+reference in outputs and every gradient; the model's training step with the ops against the same step with
 plain operations (VISION_RWKV_FUSED_TRAIN=0), in the loss, every parameter's gradient and the initial
 state's. Bounds: fp32 to rounding noise (both compute the LayerNorm in fp32, in different orders of
 summation); the bf16 outputs to one bf16 rounding.
@@ -78,3 +78,34 @@ def test_the_model_uses_the_plain_operations_where_the_kernels_cannot_run(monkey
         assert train.fused_train_enabled(x.cuda(), 16)
         monkeypatch.setenv("VISION_RWKV_FUSED_TRAIN", "0")
         assert not train.fused_train_enabled(x.cuda(), 16)
+
+
+@kernels_run
+@pytest.mark.parametrize("layer0", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wkv_pre_and_post_equal_their_references_in_outputs_and_every_gradient(layer0, dtype):
+    """The arithmetic around the WKV kernel, forward and backward: inputs in the products' dtype, fp32
+    vectors; in bf16 the outputs and gradients to a few bf16 roundings."""
+    triton_ops()
+    g = torch.Generator().manual_seed(21 + layer0)
+    M, C, H = 37, 64, 4
+    rnd = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g)).to(DEVICE)  # noqa: E731
+    pre_in = [rnd(M, C).to(dtype) for _ in range(5)] + [rnd(5, C), None if layer0 else rnd(M, C).to(dtype)]
+    post_in = [rnd(M, C).to(dtype) for _ in range(5)] + [torch.cat([rnd(1, C, scale=0.3), 1 + rnd(1, C, scale=0.2),
+                                                                    rnd(1, C, scale=0.2)])]
+    if layer0:
+        pre_in[2] = None  # layer 0 has no value-residual input
+    d_pre, d_post = [rnd(M, C) for _ in range(5)], rnd(M, C)
+    results = []
+    for pre, post in ((train.wkv_pre, train.wkv_post), (train.pre_reference, train.post_reference)):
+        a = [None if t is None else t.clone().requires_grad_() for t in pre_in]
+        b = [t.clone().requires_grad_() for t in post_in]
+        with interpreter():
+            outs = pre(*a, H, dtype)
+            out = post(*b, H, dtype)
+            loss = sum((o.float() * d).sum() for o, d in zip(outs, d_pre)) + (out.float() * d_post).sum()
+            loss.backward()
+        results.append([o.float() for o in outs] + [out.float()] + [t.grad for t in a + b if t is not None])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for i, (got, want) in enumerate(zip(*results)):
+        assert got.shape == want.shape and rel(got, want) <= tol, (i, rel(got, want))

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import DecoderArch, RWKV7Config
 from ..errors import VisionRWKVError
-from ..ops.rwkv7.train import fused_train_enabled, ln_mix_seq
+from ..ops.rwkv7.train import fused_train_enabled, ln_mix_seq, wkv_post, wkv_pre
 from ..ops.wkv7 import wkv7, wkv7_step
 from .decoder import Decoder, token_shift
 from .state import RWKVState
@@ -67,11 +67,15 @@ class TimeMix(nn.Module):
         mixed = [x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)]
         return self.forward_mixed(mixed, x[:, -1], wkv_state, v_first, rnn)
 
-    def forward_mixed(self, mixed, new_shift, wkv_state, v_first, rnn: bool = False):
-        """forward from the six mixed inputs (xr, xw, xk, xv, xa, xg), each (B,T,C), and the new shift."""
+    def forward_mixed(self, mixed, new_shift, wkv_state, v_first, rnn: bool = False, fused: bool = False):
+        """forward from the six mixed inputs (xr, xw, xk, xv, xa, xg), each (B,T,C), and the new shift.
+        fused (GPT mode, ops/rwkv7/train.py): the arithmetic around the WKV kernel as two fused ops."""
         xr, xw, xk, xv, xa, xg = mixed
         B, T, C = xr.shape
         H, N = self.cfg.n_head, self.cfg.head_size
+        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        if fused:
+            return self._forward_fused(mixed, new_shift, wkv_state, v_first)
 
         r = self.receptance(xr)
         w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # raw decay logit; the WKV op soft-clamps it
@@ -87,7 +91,6 @@ class TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
         k = k * (1 + (a - 1) * self.k_a)
 
-        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         if rnn:
             y, wkv_state = wkv7_step(wkv_state, *(t[:, 0] for t in map(heads, (r, w, k, v, -kk, kk * a))))
             y = y.unsqueeze(1)
@@ -97,6 +100,29 @@ class TimeMix(nn.Module):
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)  # (B,T,H,N)
         y = y.view(B, T, C) + bonus.reshape(B, T, C)
         return self.output(y * g), new_shift, wkv_state, v_first
+
+    def _forward_fused(self, mixed, new_shift, wkv_state, v_first):
+        xr, xw, xk, xv, xa, xg = mixed
+        B, T, C = xr.shape
+        H, N, M = self.cfg.n_head, self.cfg.head_size, B * T
+        rows = lambda t: t.reshape(M, C)  # noqa: E731
+        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
+        w_l = torch.tanh(xw @ self.w1) @ self.w2
+        a_l = (xa @ self.a1) @ self.a2
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        if self.layer_id == 0:
+            v_first, v_l, vf = v, None, None
+        else:
+            v_l, vf = rows((xv @ self.v1) @ self.v2), rows(v_first)
+        v0 = self.v0 if self.layer_id else torch.zeros_like(self.v0)  # layer 0's stays unused (no gradient)
+        vec5 = torch.cat([self.w0, self.a0, v0, self.k_k, self.k_a]).view(5, C)
+        w, k, v, a, b = wkv_pre(rows(k), rows(v), v_l, rows(w_l), rows(a_l), vec5, vf, H, r.dtype)
+        y, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), heads(a), heads(b), state=wkv_state,
+                            impl=self.cfg.wkv_impl)
+        vec3 = torch.cat([self.r_k.view(1, C), self.ln_x.weight.view(1, C), self.ln_x.bias.view(1, C)])
+        y = wkv_post(rows(y), rows(r), k, v, rows(g), vec3, H, r.dtype)
+        return self.output(y.view(B, T, C)), new_shift, wkv_state, v_first
 
 
 class ChannelMix(nn.Module):
@@ -140,7 +166,8 @@ class Block(nn.Module):
             dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
             ln_dtype = torch.float32 if autocast else x.dtype
             mixed, shift = ln_mix_seq(x, att_shift, self.ln1.weight, self.ln1.bias, self.att.mix_vectors(), dtype)
-            dx, att_shift, wkv_state, v_first = self.att.forward_mixed(mixed, shift.to(ln_dtype), wkv_state, v_first)
+            dx, att_shift, wkv_state, v_first = self.att.forward_mixed(mixed, shift.to(ln_dtype), wkv_state, v_first,
+                                                                       fused=True)
             x = x + dx
             mixed, ffn_shift = ln_mix_seq(x, ffn_shift, self.ln2.weight, self.ln2.bias, self.ffn.x_k.view(1, -1), dtype)
             dx, ffn_shift = self.ffn.forward_mixed(mixed[0], ffn_shift.to(ln_dtype))

@@ -1,6 +1,8 @@
-"""GPT-mode operations with a backward, for training: a LayerNorm and its token-shift mixes in one op.
+"""GPT-mode operations with a backward, for training: the elementwise work of a layer in three fused ops.
 
-    mixes, last = ln_mix_seq(x, shift, weight, bias, mix, out_dtype)
+    mixes, last = ln_mix_seq(x, shift, weight, bias, mix, out_dtype)      # a LayerNorm and its token-shift mixes
+    w, k, v, a, b = wkv_pre(k, v, v_l, w_l, a_l, vec5, v_first, H, dtype)  # between the products and WKV
+    out = wkv_post(y, r, k, v, g, vec3, H, dtype)                          # ln_x, the r_k bonus and the gate
 
 x (B,T,C) is the residual stream, shift (B,C) the state's shift (the LayerNorm output of the position before
 the sequence), mix (G,C). With xl = LayerNorm(x) and prev the position before (shift at t = 0):
@@ -10,9 +12,14 @@ their backward (about thirty kernels over the whole activation, some of them str
 kernels: ops/rwkv7's ln_mix_seq_ forward, and a backward that gives dx and dshift in one pass over the
 positions and the parameters' gradients as partial sums.
 
-`reference` is the same in PyTorch (what autograd differentiates; the tests compare every gradient with
-it). `fused_train_enabled` says whether the model uses the kernels: on CUDA where they can run, not inside
-torch.compile (inductor fuses the plain operations itself), unless VISION_RWKV_FUSED_TRAIN=0.
+wkv_pre and wkv_post are the time mix's arithmetic before and after the WKV kernel (ops/rwkv7/reference.py's
+wkv_pre_ and wkv_post_, as the prefill runs them), each a forward kernel and a backward kernel that also
+leaves partial sums for the per-channel parameters' gradients.
+
+`reference`, `pre_reference` and `post_reference` are the same in PyTorch (what autograd differentiates;
+the tests compare every gradient with them). `fused_train_enabled` says whether the model uses the kernels:
+on CUDA where they can run, not inside torch.compile (inductor fuses the plain operations itself), unless
+VISION_RWKV_FUSED_TRAIN=0.
 """
 
 from __future__ import annotations
@@ -73,3 +80,89 @@ def fused_train_enabled(x: torch.Tensor, head_size: int) -> bool:
     from . import unavailable_reason
 
     return unavailable_reason(x.device, head_size, x.shape[-1]) is None
+
+
+# ---- the time mix around the WKV kernel -----------------------------------------------------------------
+
+def pre_reference(k, v, v_l, w_l, a_l, vec5, v_first, n_head: int, out_dtype):
+    """-> w (the raw decay logit), k, v, -kk, kk*a, each (M,C) in out_dtype: the model's arithmetic between
+    its products and the WKV kernel. vec5 (5,C): w0, a0, v0, k_k, k_a; v_first None in layer 0."""
+    w0, a0, v0, k_k, k_a = vec5.float()
+    k, v = k.float(), v.float()
+    if v_first is not None:
+        v = v + (v_first.float() - v) * torch.sigmoid(v0 + v_l.float())
+    a = torch.sigmoid(a0 + a_l.float())
+    M, C = k.shape
+    kk = F.normalize((k * k_k).view(M, n_head, C // n_head), dim=-1, p=2.0).view(M, C)
+    k = k * (1 + (a - 1) * k_a)
+    return tuple(t.to(out_dtype) for t in (w0 + w_l.float(), k, v, -kk, kk * a))
+
+
+def post_reference(y, r, k, v, g, vec3, n_head: int, out_dtype):
+    """-> (GroupNorm(y) + bonus) * g (M,C) in out_dtype; vec3 (3,C): r_k, ln_x's weight, its bias."""
+    M, C = y.shape
+    r_k, ln_w, ln_b = vec3.float()
+    heads = lambda t: t.float().view(M, n_head, C // n_head)  # noqa: E731
+    from .reference import LN_X_EPS
+
+    out = F.group_norm(y.float(), n_head, ln_w, ln_b, LN_X_EPS)
+    bonus = (heads(r) * heads(k) * heads(r_k.expand(M, C))).sum(-1, keepdim=True) * heads(v)
+    return ((out + bonus.reshape(M, C)) * g.float()).to(out_dtype)
+
+
+class _Pre(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k, v, v_l, w_l, a_l, vec5, v_first, n_head, out_dtype):
+        from . import triton_step
+
+        c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        k, v, v_l, w_l, a_l, v_first = map(c, (k, v, v_l, w_l, a_l, v_first))
+        out = torch.empty(5, *k.shape, device=k.device, dtype=out_dtype)
+        triton_step.train_pre_forward(k, v, v_l, w_l, a_l, vec5.contiguous(), v_first, out, n_head)
+        ctx.save_for_backward(k, v, v_l, a_l, vec5, v_first)
+        ctx.n_head = n_head
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (k, v, v_l, w_l, a_l, vec5, v_first))
+        ctx.set_materialize_grads(False)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from . import triton_step
+
+        k, v, v_l, a_l, vec5, v_first = ctx.saved_tensors
+        d = torch.stack([torch.zeros_like(k) if g is None else g.to(k.dtype) for g in grads])
+        dk, dv, dv_l, dw_l, da_l, dv_first, dvec = triton_step.train_pre_backward(
+            k, v, v_l, a_l, vec5.contiguous(), v_first, d, ctx.n_head)
+        out = (dk, dv, dv_l, dw_l, da_l, dvec, dv_first)
+        return (*(None if g is None else g.to(dt) for g, dt in zip(out, ctx.dtypes)), None, None)
+
+
+class _Post(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, r, k, v, g, vec3, n_head, out_dtype):
+        from . import triton_step
+
+        y, r, k, v, g = (t.contiguous() for t in (y, r, k, v, g))
+        out = torch.empty(y.shape, device=y.device, dtype=out_dtype)
+        triton_step.train_post_forward(y, r, k, v, g, vec3.contiguous(), out, n_head)
+        ctx.save_for_backward(y, r, k, v, g, vec3)
+        ctx.n_head = n_head
+        return out
+
+    @staticmethod
+    def backward(ctx, d):
+        from . import triton_step
+
+        y, r, k, v, g, vec3 = ctx.saved_tensors
+        grads = triton_step.train_post_backward(y, r, k, v, g, vec3.contiguous(), d.contiguous(), ctx.n_head)
+        return (*(gr.to(t.dtype) for gr, t in zip(grads, (y, r, k, v, g, vec3))), None, None)
+
+
+def wkv_pre(k, v, v_l, w_l, a_l, vec5, v_first, n_head: int, out_dtype):
+    """pre_reference through the kernels, with their backward. Tensors (M,C); v_l and v_first None in layer 0."""
+    return _Pre.apply(k, v, v_l, w_l, a_l, vec5, v_first, n_head, out_dtype)
+
+
+def wkv_post(y, r, k, v, g, vec3, n_head: int, out_dtype):
+    """post_reference through the kernels, with their backward."""
+    return _Post.apply(y, r, k, v, g, vec3, n_head, out_dtype)

@@ -220,6 +220,154 @@ def _ln_mix_seq_bwd_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, mix_ptr, dout_ptr, dl
 
 
 @triton.jit
+def _train_pre_fwd_kernel(k_ptr, v_ptr, vl_ptr, wl_ptr, al_ptr, vec_ptr, vf_ptr, out_ptr, M, C,
+                          LAYER0: tl.constexpr, N: tl.constexpr):
+    """wkv_pre's arithmetic for training, separate input tensors (M,C): out (5,M,C) <- w, k, v, -kk, kk*a."""
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    col = h * N + tl.arange(0, N)
+    at = row * C + col
+    part = M * C
+    k = tl.load(k_ptr + at).to(tl.float32)
+    v = tl.load(v_ptr + at).to(tl.float32)
+    w_l = tl.load(wl_ptr + at).to(tl.float32)
+    a_l = tl.load(al_ptr + at).to(tl.float32)
+    w0 = tl.load(vec_ptr + col).to(tl.float32)
+    a0 = tl.load(vec_ptr + C + col).to(tl.float32)
+    k_k = tl.load(vec_ptr + 3 * C + col).to(tl.float32)
+    k_a = tl.load(vec_ptr + 4 * C + col).to(tl.float32)
+    if not LAYER0:
+        v0 = tl.load(vec_ptr + 2 * C + col).to(tl.float32)
+        v_l = tl.load(vl_ptr + at).to(tl.float32)
+        v = v + (tl.load(vf_ptr + at).to(tl.float32) - v) * _sigmoid(v0 + v_l)
+    a = _sigmoid(a0 + a_l)
+    kk = k * k_k
+    kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, 0)), 1e-12)
+    k = k * (1.0 + (a - 1.0) * k_a)
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + at, (w0 + w_l).to(ty))
+    tl.store(out_ptr + part + at, k.to(ty))
+    tl.store(out_ptr + 2 * part + at, v.to(ty))
+    tl.store(out_ptr + 3 * part + at, (-kk).to(ty))
+    tl.store(out_ptr + 4 * part + at, (kk * a).to(ty))
+
+
+@triton.jit
+def _train_pre_bwd_kernel(k_ptr, v_ptr, vl_ptr, al_ptr, vec_ptr, vf_ptr, d_ptr, dk_ptr, dv_ptr, dvl_ptr, dwl_ptr,
+                          dal_ptr, dvf_ptr, part_ptr, M, C, LAYER0: tl.constexpr, ROWS: tl.constexpr,
+                          N: tl.constexpr):
+    """The backward of _train_pre_fwd over ROWS positions of one head: d (5,M,C) the outputs' gradients ->
+    the inputs' gradients, and partial sums (programs, 5, C) for w0, a0, v0, k_k, k_a."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    col = h * N + tl.arange(0, N)
+    part = M * C
+    a0 = tl.load(vec_ptr + C + col).to(tl.float32)
+    v0 = tl.load(vec_ptr + 2 * C + col).to(tl.float32)
+    k_k = tl.load(vec_ptr + 3 * C + col).to(tl.float32)
+    k_a = tl.load(vec_ptr + 4 * C + col).to(tl.float32)
+    g_w0 = tl.zeros((N,), tl.float32)
+    g_a0 = tl.zeros((N,), tl.float32)
+    g_v0 = tl.zeros((N,), tl.float32)
+    g_kk = tl.zeros((N,), tl.float32)
+    g_ka = tl.zeros((N,), tl.float32)
+    for i in range(0, ROWS):
+        row = pid * ROWS + i
+        if row < M:
+            at = row * C + col
+            k = tl.load(k_ptr + at).to(tl.float32)
+            a_l = tl.load(al_ptr + at).to(tl.float32)
+            d_w = tl.load(d_ptr + at).to(tl.float32)
+            d_k = tl.load(d_ptr + part + at).to(tl.float32)
+            d_v = tl.load(d_ptr + 2 * part + at).to(tl.float32)
+            d_na = tl.load(d_ptr + 3 * part + at).to(tl.float32)
+            d_b = tl.load(d_ptr + 4 * part + at).to(tl.float32)
+            a = _sigmoid(a0 + a_l)
+            raw = k * k_k
+            norm = tl.sqrt(tl.sum(raw * raw, 0))
+            kk = raw / tl.maximum(norm, 1e-12)
+            d_kk = d_b * a - d_na
+            d_a = d_b * kk + d_k * k * k_a
+            if norm > 1e-12:
+                d_raw = (d_kk - kk * tl.sum(kk * d_kk, 0)) / norm
+            else:
+                d_raw = d_kk / 1e-12
+            dk = d_k * (1.0 + (a - 1.0) * k_a) + d_raw * k_k
+            g_kk += d_raw * k
+            g_ka += d_k * k * (a - 1.0)
+            dz_a = d_a * a * (1.0 - a)
+            g_a0 += dz_a
+            g_w0 += d_w
+            tl.store(dk_ptr + at, dk.to(dk_ptr.dtype.element_ty))
+            tl.store(dwl_ptr + at, d_w.to(dwl_ptr.dtype.element_ty))
+            tl.store(dal_ptr + at, dz_a.to(dal_ptr.dtype.element_ty))
+            if LAYER0:
+                tl.store(dv_ptr + at, d_v.to(dv_ptr.dtype.element_ty))
+            else:
+                v = tl.load(v_ptr + at).to(tl.float32)
+                vf = tl.load(vf_ptr + at).to(tl.float32)
+                s = _sigmoid(v0 + tl.load(vl_ptr + at).to(tl.float32))
+                dz_v = d_v * (vf - v) * s * (1.0 - s)
+                g_v0 += dz_v
+                tl.store(dv_ptr + at, (d_v * (1.0 - s)).to(dv_ptr.dtype.element_ty))
+                tl.store(dvf_ptr + at, (d_v * s).to(dvf_ptr.dtype.element_ty))
+                tl.store(dvl_ptr + at, dz_v.to(dvl_ptr.dtype.element_ty))
+    base = part_ptr + pid * 5 * C + col
+    tl.store(base, g_w0)
+    tl.store(base + C, g_a0)
+    tl.store(base + 2 * C, g_v0)
+    tl.store(base + 3 * C, g_kk)
+    tl.store(base + 4 * C, g_ka)
+
+
+@triton.jit
+def _train_post_bwd_kernel(y_ptr, r_ptr, k_ptr, v_ptr, g_ptr, vec_ptr, d_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dg_ptr,
+                           part_ptr, M, C, eps, ROWS: tl.constexpr, N: tl.constexpr):
+    """The backward of wkv_post over ROWS positions of one head: d (M,C) -> dy, dr, dk, dv, dg, and partial
+    sums (programs, 3, C) for r_k, ln_x's weight and bias. vec (3,C): r_k, weight, bias."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    col = h * N + tl.arange(0, N)
+    r_k = tl.load(vec_ptr + col).to(tl.float32)
+    ln_w = tl.load(vec_ptr + C + col).to(tl.float32)
+    ln_b = tl.load(vec_ptr + 2 * C + col).to(tl.float32)
+    g_rk = tl.zeros((N,), tl.float32)
+    g_w = tl.zeros((N,), tl.float32)
+    g_b = tl.zeros((N,), tl.float32)
+    for i in range(0, ROWS):
+        row = pid * ROWS + i
+        if row < M:
+            at = row * C + col
+            y = tl.load(y_ptr + at).to(tl.float32)
+            r = tl.load(r_ptr + at).to(tl.float32)
+            k = tl.load(k_ptr + at).to(tl.float32)
+            v = tl.load(v_ptr + at).to(tl.float32)
+            g = tl.load(g_ptr + at).to(tl.float32)
+            d = tl.load(d_ptr + at).to(tl.float32)
+            dm = y - tl.sum(y, 0) / N
+            rstd = 1.0 / tl.sqrt(tl.sum(dm * dm, 0) / N + eps)
+            yhat = dm * rstd
+            c = tl.sum(r * k * r_k, 0)
+            z = yhat * ln_w + ln_b + c * v
+            dz = d * g
+            tl.store(dg_ptr + at, (d * z).to(dg_ptr.dtype.element_ty))
+            g_w += dz * yhat
+            g_b += dz
+            gy = dz * ln_w
+            dy = rstd * (gy - tl.sum(gy, 0) / N - yhat * (tl.sum(gy * yhat, 0) / N))
+            tl.store(dy_ptr + at, dy.to(dy_ptr.dtype.element_ty))
+            dc = tl.sum(dz * v, 0)
+            tl.store(dv_ptr + at, (dz * c).to(dv_ptr.dtype.element_ty))
+            tl.store(dr_ptr + at, (dc * k * r_k).to(dr_ptr.dtype.element_ty))
+            tl.store(dk_ptr + at, (dc * r * r_k).to(dk_ptr.dtype.element_ty))
+            g_rk += dc * r * k
+    base = part_ptr + pid * 3 * C + col
+    tl.store(base, g_rk)
+    tl.store(base + C, g_w)
+    tl.store(base + 2 * C, g_b)
+
+
+@triton.jit
 def _wkv_pre_kernel(rkv_ptr, lora_ptr, vec_ptr, vfirst_ptr, out_ptr, M, C, LAYER0: tl.constexpr, N: tl.constexpr):
     """wkv_step_'s arithmetic before the state update, for one (position, head)."""
     row = tl.program_id(0)
@@ -254,8 +402,9 @@ def _wkv_pre_kernel(rkv_ptr, lora_ptr, vec_ptr, vfirst_ptr, out_ptr, M, C, LAYER
 
 
 @triton.jit
-def _wkv_post_kernel(y_ptr, r_ptr, k_ptr, v_ptr, g_ptr, vec_ptr, out_ptr, C, eps, N: tl.constexpr):
-    """(GroupNorm(y) + bonus) * g for one (position, head)."""
+def _wkv_post_kernel(y_ptr, r_ptr, k_ptr, v_ptr, g_ptr, vec_ptr, out_ptr, C, eps, N: tl.constexpr,
+                     VEC0: tl.constexpr = 5):
+    """(GroupNorm(y) + bonus) * g for one (position, head); r_k, ln_x's weight and bias are vec's rows VEC0 on."""
     row = tl.program_id(0)
     h = tl.program_id(1)
     col = h * N + tl.arange(0, N)
@@ -265,9 +414,9 @@ def _wkv_post_kernel(y_ptr, r_ptr, k_ptr, v_ptr, g_ptr, vec_ptr, out_ptr, C, eps
     k = tl.load(k_ptr + at).to(tl.float32)
     v = tl.load(v_ptr + at).to(tl.float32)
     g = tl.load(g_ptr + at).to(tl.float32)
-    r_k = tl.load(vec_ptr + 5 * C + col)
-    ln_w = tl.load(vec_ptr + 6 * C + col)
-    ln_b = tl.load(vec_ptr + 7 * C + col)
+    r_k = tl.load(vec_ptr + VEC0 * C + col).to(tl.float32)
+    ln_w = tl.load(vec_ptr + (VEC0 + 1) * C + col).to(tl.float32)
+    ln_b = tl.load(vec_ptr + (VEC0 + 2) * C + col).to(tl.float32)
     d = y - tl.sum(y, 0) / N
     y = d * (1.0 / tl.sqrt(tl.sum(d * d, 0) / N + eps)) * ln_w + ln_b
     bonus = tl.sum(r * k * r_k, 0) * v
@@ -466,6 +615,55 @@ def ln_mix_seq_backward(x, weight, bias, shift, mix, dout, dlast):
                                         ROWS=LN_MIX_BWD_ROWS, BLOCK_C=block, num_warps=_warps(block))
     sums = part.sum(0)
     return dx, dshift, sums[G], sums[G + 1], sums[:G]
+
+
+TRAIN_BWD_ROWS = 16  # positions a program of the training ops' backward (one head each)
+
+
+def train_pre_forward(k, v, v_l, w_l, a_l, vec5, v_first, out, n_head: int) -> None:
+    """k, v, v_l, w_l, a_l (M,C) contiguous; vec5 (5,C): w0, a0, v0, k_k, k_a; v_first (M,C) or None (layer 0,
+    whose v_l is then unused); out (5,M,C) <- w, k, v, -kk, kk*a."""
+    M, C = k.shape
+    N = C // n_head
+    layer0 = v_first is None
+    _train_pre_fwd_kernel[(M, n_head)](k, v, k if layer0 else v_l, w_l, a_l, vec5, k if layer0 else v_first, out,
+                                       M, C, LAYER0=layer0, N=N, num_warps=1 if N <= 64 else 2)
+
+
+def train_pre_backward(k, v, v_l, a_l, vec5, v_first, d, n_head: int):
+    """-> dk, dv, dv_l (None for layer 0), dw_l, da_l, dv_first (None for layer 0), dvec5 (5,C) fp32."""
+    M, C = k.shape
+    N = C // n_head
+    layer0 = v_first is None
+    programs = triton.cdiv(M, TRAIN_BWD_ROWS)
+    part = torch.empty(programs, 5, C, device=k.device, dtype=torch.float32)
+    dk, dv, dw_l, da_l = (torch.empty_like(k) for _ in range(4))
+    dv_l = None if layer0 else torch.empty_like(v_l)
+    dv_first = None if layer0 else torch.empty_like(v_first)
+    _train_pre_bwd_kernel[(programs, n_head)](k, v, k if layer0 else v_l, a_l, vec5, k if layer0 else v_first, d,
+                                              dk, dv, dk if layer0 else dv_l, dw_l, da_l,
+                                              dk if layer0 else dv_first, part, M, C, LAYER0=layer0,
+                                              ROWS=TRAIN_BWD_ROWS, N=N, num_warps=1 if N <= 64 else 2)
+    return dk, dv, dv_l, dw_l, da_l, dv_first, part.sum(0)
+
+
+def train_post_forward(y, r, k, v, g, vec3, out, n_head: int) -> None:
+    """wkv_post_ with vec3 (3,C) = r_k, ln_x's weight, its bias."""
+    M, C = y.shape
+    _wkv_post_kernel[(M, n_head)](y, r, k, v, g, vec3, out, C, LN_X_EPS, N=C // n_head, VEC0=0,
+                                  num_warps=1 if C // n_head <= 64 else 2)
+
+
+def train_post_backward(y, r, k, v, g, vec3, d, n_head: int):
+    """-> dy, dr, dk, dv, dg, dvec3 (3,C) fp32 (r_k, ln_x's weight, its bias)."""
+    M, C = y.shape
+    N = C // n_head
+    programs = triton.cdiv(M, TRAIN_BWD_ROWS)
+    part = torch.empty(programs, 3, C, device=y.device, dtype=torch.float32)
+    dy, dr, dk, dv, dg = (torch.empty_like(t) for t in (y, r, k, v, g))
+    _train_post_bwd_kernel[(programs, n_head)](y, r, k, v, g, vec3, d, dy, dr, dk, dv, dg, part, M, C, LN_X_EPS,
+                                               ROWS=TRAIN_BWD_ROWS, N=N, num_warps=1 if N <= 64 else 2)
+    return dy, dr, dk, dv, dg, part.sum(0)
 
 
 def wkv_pre_(rkv, lora, vec, v_first, layer0: bool, out, n_head: int) -> None:
