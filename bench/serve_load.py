@@ -1,6 +1,8 @@
 """A bounded load test of the captioning server on localhost: N concurrent clients for T seconds each.
 
     python bench/serve_load.py [--clients 1,8,32,128] [--seconds 10] [--device cpu] [--checkpoint DIR]
+    python bench/serve_load.py --model throughput --device cuda --max-batch 128 --max-new-tokens 20 \
+        --client-procs 8 --rates 0.5x,2x --json out.json
     python bench/serve_load.py --url http://127.0.0.1:8000      # a server already running (loopback only)
 
 Without --url the server runs in this process (uvicorn on a free loopback port, in a thread) with the demo
@@ -9,13 +11,26 @@ throughput at --max-batch images per call, on the same image and settings. Every
 examples/shapes_test_3.png (multipart, greedy, --max-new-tokens) in a loop, keep-alive, until T seconds
 or --max-requests have passed. Per N: requests/s, p50 and p99 latency of the answered requests, and
 the 503s and other errors. Every request is bounded by a timeout, so a run cannot hang.
+
+--model throughput serves caption_throughput.py's model instead (ViT-B-16 + mlp projector + RWKV-7 L12-D768
+V65536, random weights, bf16 on CUDA): its decoder rarely ends a caption, so each runs --max-new-tokens.
+--client-procs spreads the clients over that many processes (threads in each), so that the clients do not
+share the server's interpreter. --rates runs open-loop levels after the closed-loop ones: requests sent on a
+fixed schedule whatever the answers, at R requests/s, or at a multiple of the measured capacity (the best
+closed-loop req/s) written 0.5x, 2x; per rate, the answered share, p50/p99, the 503s and whether /healthz
+answered throughout (polled every 0.5 s). Before the timed levels, an untimed warm-up level captures the
+CUDA graphs. --json writes every row, the baseline and the settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import json
+import multiprocessing
+import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -42,6 +57,12 @@ def parse_args(argv):
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--no-continuous", dest="continuous", action="store_false",
                    help="batch every request whole (no rows joining the running decode)")
+    p.add_argument("--model", choices=("checkpoint", "throughput"), default="checkpoint",
+                   help="in-process server: --checkpoint's model (the demo by default), or the throughput model")
+    p.add_argument("--client-procs", type=int, default=1, help="processes the clients run in (1: threads here)")
+    p.add_argument("--rates", default="", help="open-loop levels: requests/s, or multiples of capacity (0.5x, 2x)")
+    p.add_argument("--warmup-seconds", type=float, default=2.0, help="an untimed level before the timed ones")
+    p.add_argument("--json", default=None, help="write the rows, baseline and settings here")
     return p.parse_args(argv)
 
 
@@ -80,23 +101,109 @@ def percentile(values, q):
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def run_level(host, port, clients, args, body, content_type) -> dict:
-    outs = [[] for _ in range(clients)]
-    until = time.perf_counter() + args.seconds
-    threads = [threading.Thread(target=client_loop, args=(host, port, body, content_type, until,
-                                                          args.max_requests, args.timeout, out)) for out in outs]
-    start = time.perf_counter()
+def _threads(target, n, *args) -> list:
+    """n threads running target(*args, out) -> every out's items, once all have ended."""
+    outs = [[] for _ in range(n)]
+    threads = [threading.Thread(target=target, args=(*args, out)) for out in outs]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return [r for out in outs for r in out]
+
+
+def _closed_share(host, port, body, content_type, seconds, max_requests, timeout, clients):
+    """A client process's share of a closed-loop level: its clients as threads; -> (status, seconds) list."""
+    until = time.perf_counter() + seconds
+    return _threads(client_loop, clients, host, port, body, content_type, until, max_requests, timeout)
+
+
+def _open_share(host, port, body, content_type, seconds, rate, timeout, offset):
+    """A client process's share of an open-loop level: a request every 1/rate s from offset, each in a thread of
+    its own (bounded by timeout), whatever the answers."""
+    results, threads = [], []
+    start = time.perf_counter() + offset
+
+    def one(out=results):
+        client_loop(host, port, body, content_type, float("inf"), 1, timeout, out)
+
+    k = 0
+    while True:
+        at = start + k / rate
+        if at - start >= seconds:
+            break
+        time.sleep(max(0.0, at - time.perf_counter()))
+        t = threading.Thread(target=one)
+        t.start()
+        threads.append(t)
+        k += 1
+    for t in threads:
+        t.join()
+    return results
+
+
+def _spread(n: int, parts: int) -> list[int]:
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def run_level(host, port, clients, args, body, content_type) -> dict:
+    start = time.perf_counter()
+    procs = max(1, min(args.client_procs, clients))
+    if procs == 1:
+        done = _closed_share(host, port, body, content_type, args.seconds, args.max_requests, args.timeout, clients)
+    else:
+        with multiprocessing.get_context("spawn").Pool(procs) as pool:
+            shares = pool.starmap(_closed_share, [(host, port, body, content_type, args.seconds, args.max_requests,
+                                                   args.timeout, n) for n in _spread(clients, procs) if n])
+        done = [r for share in shares for r in share]
     elapsed = time.perf_counter() - start
-    done = [r for out in outs for r in out]
     ok = [s for status, s in done if status == 200]
     return {"clients": clients, "requests": len(done), "ok": len(ok), "rps": len(ok) / elapsed,
             "p50_ms": percentile(ok, 50) * 1000, "p99_ms": percentile(ok, 99) * 1000,
             "busy_503": sum(status == 503 for status, _ in done),
             "errors": sum(status not in (200, 503) for status, _ in done), "seconds": elapsed}
+
+
+def run_rate(host, port, rate, args, body, content_type) -> dict:
+    """An open-loop level at `rate` requests/s for --seconds, /healthz polled throughout."""
+    health = {"polls": 0, "failed": 0}
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                conn = http.client.HTTPConnection(host, port, timeout=5)
+                conn.request("GET", "/healthz")
+                ok = conn.getresponse().status == 200
+                conn.close()
+            except (OSError, http.client.HTTPException):
+                ok = False
+            health["polls"] += 1
+            health["failed"] += not ok
+            stop.wait(0.5)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    procs = max(1, args.client_procs)
+    start = time.perf_counter()
+    try:
+        if procs == 1:
+            done = _open_share(host, port, body, content_type, args.seconds, rate, args.timeout, 0.0)
+        else:
+            with multiprocessing.get_context("spawn").Pool(procs) as pool:
+                shares = pool.starmap(_open_share, [(host, port, body, content_type, args.seconds, rate / procs,
+                                                     args.timeout, i / rate) for i in range(procs)])
+            done = [r for share in shares for r in share]
+    finally:
+        stop.set()
+        poller.join()
+    elapsed = time.perf_counter() - start
+    ok = [s for status, s in done if status == 200]
+    busy = sum(status == 503 for status, _ in done)
+    return {"rate": rate, "requests": len(done), "ok": len(ok), "answered_rps": len(ok) / elapsed,
+            "p50_ms": percentile(ok, 50) * 1000, "p99_ms": percentile(ok, 99) * 1000, "busy_503": busy,
+            "busy_share": busy / max(1, len(done)), "errors": sum(status not in (200, 503) for status, _ in done),
+            "healthz_polls": health["polls"], "healthz_failed": health["failed"], "seconds": elapsed}
 
 
 def offline_images_per_s(captioner, args) -> float:
@@ -126,7 +233,18 @@ class InProcessServer:
         from vision_rwkv.config import ServeConfig
         from vision_rwkv.serve import create_app
 
-        self.captioner = Captioner.load(args.checkpoint, device=args.device, dtype=args.dtype)
+        if args.model == "throughput":
+            import torch
+
+            sys.path.insert(0, str(REPO / "bench"))
+            from caption_throughput import build_model
+
+            device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                                  ("cpu" if args.device == "auto" else args.device))
+            model = build_model(device)
+            self.captioner = Captioner(model.to(torch.bfloat16) if device.type == "cuda" else model, device)
+        else:
+            self.captioner = Captioner.load(args.checkpoint, device=args.device, dtype=args.dtype)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -174,8 +292,27 @@ def main(argv=None) -> list[dict]:
                                    for n in levels], args)
     with InProcessServer(args) as server:
         baseline = offline_images_per_s(server.captioner, args)
+        if args.warmup_seconds > 0:  # graphs for the batch sizes the levels reach, the allocator's pools
+            warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup_seconds})
+            for n in sorted({1, max(levels)}):
+                run_level("127.0.0.1", server.port, n, warm, body, content_type)
         rows = [run_level("127.0.0.1", server.port, n, args, body, content_type) for n in levels]
-    return report(server.captioner, baseline, rows, args)
+        rates = []
+        if args.rates:
+            capacity = max(r["rps"] for r in rows)
+            for spec in args.rates.split(","):
+                rate = float(spec[:-1]) * capacity if spec.endswith("x") else float(spec)
+                rates.append(run_rate("127.0.0.1", server.port, rate, args, body, content_type) | {"spec": spec})
+    rows = report(server.captioner, baseline, rows, args)
+    report_rates(rates)
+    if args.json:
+        out = {"device": describe(server.captioner), "baseline_images_per_s": baseline, "closed_loop": rows,
+               "open_loop": rates, "settings": {k: v for k, v in vars(args).items() if k != "json"}}
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(tmp, args.json)
+    return rows
 
 
 def report(captioner, baseline, rows, args) -> list[dict]:
@@ -191,6 +328,17 @@ def report(captioner, baseline, rows, args) -> list[dict]:
         print(f"{r['clients']:>7} {r['requests']:>8} {r['rps']:>8.1f} {r['vs_offline']:>10.2f} {r['p50_ms']:>8.1f} "
               f"{r['p99_ms']:>8.1f} {r['busy_503']:>6} {r['errors']:>6}")
     return rows
+
+
+def report_rates(rates: list[dict]) -> None:
+    if not rates:
+        return
+    print(f"{'offered/s':>9} {'answered/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'503s':>6} {'503 %':>6} {'errors':>6} "
+          f"{'healthz failed':>14}")
+    for r in rates:
+        print(f"{r['rate']:>9.1f} {r['answered_rps']:>10.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+              f"{r['busy_503']:>6} {100 * r['busy_share']:>5.1f}% {r['errors']:>6} "
+              f"{r['healthz_failed']:>6} of {r['healthz_polls']:<5}")
 
 
 if __name__ == "__main__":

@@ -24,3 +24,21 @@ def test_the_load_bench_runs_and_every_request_is_answered(capsys):
 def test_it_refuses_a_server_elsewhere():
     with pytest.raises(SystemExit, match="must point at this machine"):
         serve_load.main(["--url", "http://example.com:8000", "--clients", "1", "--seconds", "0.1"])
+
+
+def test_client_processes_open_loop_rates_and_the_json(tmp_path, capsys):
+    out = tmp_path / "load.json"
+    rows = serve_load.main(["--device", "cpu", "--clients", "2", "--seconds", "1", "--max-new-tokens", "4",
+                            "--max-batch", "4", "--client-procs", "2", "--rates", "3,0.5x", "--warmup-seconds", "0.5",
+                            "--json", str(out)])
+    assert rows[0]["clients"] == 2 and rows[0]["ok"] >= 1 and rows[0]["errors"] == 0
+    import json
+
+    report = json.loads(out.read_text())
+    assert [r["spec"] for r in report["open_loop"]] == ["3", "0.5x"]
+    for r in report["open_loop"]:
+        assert r["errors"] == 0 and r["ok"] + r["busy_503"] == r["requests"] >= 1
+        assert r["healthz_polls"] >= 1 and r["healthz_failed"] == 0
+    assert report["open_loop"][0]["rate"] == 3.0
+    assert report["open_loop"][1]["rate"] == 0.5 * rows[0]["rps"]
+    assert "offered/s" in capsys.readouterr().out

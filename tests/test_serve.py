@@ -416,3 +416,69 @@ def test_a_bug_outside_the_guarded_calls_answers_its_requests_and_the_worker_goe
     second = scheduler.submit(images, SamplingConfig(max_new_tokens=8)).result(timeout=60)
     scheduler.close()
     assert len(second.captions) == 1 and scheduler.worker_errors == 1
+
+
+class _BucketedStep:
+    """GraphedStep's contract on the CPU: the state it returns is its own buffer for that batch size (a graph
+    each), overwritten in place by the next call of that size, whoever makes it."""
+
+    bucketed = True
+
+    def __init__(self, lm):
+        self.lm, self.buffers, self.calls = lm, {}, []  # calls: (who, batch, whether the state was copied in)
+
+    def __call__(self, tokens, state, who="other"):
+        B = tokens.shape[0]
+        own = self.buffers.get(B)
+        copied = own is None or state is not own
+        if own is None:
+            own = self.buffers[B] = state.clone()
+        elif copied:
+            own.copy_(state)
+        logits, new = self.lm.step(tokens, own)
+        own.copy_(new)
+        self.calls.append((who, B, copied))
+        return logits, own
+
+
+def test_the_running_batch_steps_the_steppers_own_buffer_and_survives_a_beam_job_reusing_it(captioner, monkeypatch):
+    """With graphs' contract (bucketed batches, the stepper's own state buffers): rows join, leave and a beam
+    request runs whole through the same stepper between two steps; every caption and score is what it is
+    alone, and steady steps copy no state into the stepper."""
+    import time
+
+    from vision_rwkv.lm import beam, generate
+    from vision_rwkv.serve import continuous
+
+    greedy = SamplingConfig(max_new_tokens=48)
+    beam_cfg = SamplingConfig(strategy="beam", num_beams=3, max_new_tokens=48)
+    reference = {p: captioner.caption_images(preprocessed(captioner, [p]), greedy)[0][0] for p in EXAMPLES}
+    beam_want = captioner.caption_images(preprocessed(captioner, [SHAPES_3]), beam_cfg)
+    step = _BucketedStep(captioner.model.decoder)
+    for module in (generate, beam):
+        monkeypatch.setattr(module, "rnn_stepper", lambda lm: step)
+    running = lambda tokens, state: step(tokens, state, "running")  # noqa: E731
+    running.bucketed = True
+    monkeypatch.setattr(continuous, "rnn_stepper", lambda lm: running)
+    scheduler = BatchScheduler(captioner, max_batch=32, max_wait_ms=0).start()
+    futures = []
+    for i in range(5):
+        paths = EXAMPLES[i % len(EXAMPLES):] or EXAMPLES
+        futures.append((paths, scheduler.submit(preprocessed(captioner, paths), greedy)))
+        time.sleep(0.03)
+    beamed = scheduler.submit(preprocessed(captioner, [SHAPES_3]), beam_cfg)
+    scheduler.close()
+    for paths, future in futures:
+        for path, captions in zip(paths, future.result().captions):
+            (text, score), = captions
+            assert text == reference[path][0] and score == pytest.approx(reference[path][1], abs=1e-4)
+    got = beamed.result().captions  # (this stepper is lm.step, the reference's the CPU engine: scores to 1e-4)
+    assert [[c for c, _ in image] for image in got] == [[c for c, _ in image] for image in beam_want]
+    assert [s for _, s in got[0]] == pytest.approx([s for _, s in beam_want[0]], abs=1e-4)
+    # a running-batch step right after one of the same size, with the same rows (all but the few where rows
+    # joined or left): its state is the stepper's buffer, not copied in
+    steady = [b for a, b in zip(step.calls, step.calls[1:]) if a[:2] == b[:2] and a[0] == "running"]
+    assert sum(not copied for _, _, copied in steady) > 10
+    assert any(who == "other" for who, _, _ in step.calls)  # the beam request used the same stepper
+    assert max(B for who, B, _ in step.calls if who == "running") >= 4  # requests decoded together
+    assert all(B & (B - 1) == 0 for who, B, _ in step.calls if who == "running")  # padded to powers of two

@@ -1,19 +1,28 @@
 """Step-level continuous batching for greedy and sampling requests: rows join the running decode at the next
 step and leave as soon as they end.
 
-With RNN states there is no cache to page: a row is its state. New images are encoded and prefilled on
-their own, then their states are concatenated onto the running batch; finished rows are dropped by
-indexing the state. Every row chooses its next token from its own logits with its own settings: plain
-greedy rows together by one argmax; any other row (sampling, bans, penalties, min_new_tokens) through a
+With RNN states there is no cache to page: a row is its state, kept in a slot of a state buffer whose
+capacity is a power of two. New images are encoded and prefilled on their own, then their states and logits
+are written into free slots (the capacity doubling first when none is free); a finished row just frees its
+slot. The stepper runs on the whole capacity, so on CUDA one bucketed graph serves it with no padding and the
+state stays the graph's own buffer between steps: a steady batch copies no state. Free slots step on token 0
+and their results are ignored. Only when the live rows fit in a quarter of the capacity is the buffer
+compacted, with one gather, to twice their bucket.
+
+Every row chooses its next token from its own logits with its own settings: plain greedy rows together by one
+argmax over all slots on the device; any other row (sampling, bans, penalties, min_new_tokens) through a
 TokenChooser of its own, with its own generator. A seeded request's rows take their generators from its
 seed (row k of image i, of n sequences an image: seed + i * n + k), so its captions do not depend on what
 else decodes beside it. Scores are the log-probabilities of the chosen tokens under the model's own
-distribution, summed in fp64, the stop token's included, as decode_loop reports them. Beam search ranks
-hypotheses across a row's beams and runs whole, between two steps. Only the worker thread calls this.
+distribution, summed in fp64, the stop token's included, as decode_loop reports them; the tokens and scores
+of a step come back to the host in one read, and only the live rows are then looked at in Python. Beam search
+ranks hypotheses across a row's beams and runs whole, between two steps. Only the worker thread calls this.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -45,6 +54,11 @@ def sequences(sampling: SamplingConfig) -> int:
     return 1 if _greedy(sampling) else sampling.num_return_sequences
 
 
+def _bucket(n: int) -> int:
+    """The smallest power of two that holds n rows."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 @dataclass
 class _Row:
     job: object  # the scheduler's _Job
@@ -55,21 +69,37 @@ class _Row:
     ids: list
     chooser: TokenChooser | None = None  # None: plain greedy, chosen with every other such row at once
     logprob: float = 0.0
+    order: int = 0  # when it joined, among all rows: rows ending at the same step are answered in this order
 
 
 class RunningBatch:
-    """The rows decoding now: their state (S rows), the logits their next token comes from, and whose they are."""
+    """The rows decoding now, each in a slot of capacity-sized buffers: the state (C rows), the logits (C,V)
+    their next tokens come from, and which row each slot holds (None: free)."""
 
     def __init__(self, captioner):
         self.captioner = captioner
-        self.rows: list[_Row] = []
-        self.state: DecoderState | None = None
-        self.logits: torch.Tensor | None = None  # (S,V)
+        self.slots: list[_Row | None] = []  # (C,)
+        self.state: DecoderState | None = None  # C rows; between steps, the stepper's own buffer
+        self.logits: torch.Tensor | None = None  # (C,V) fp32
         self.started: dict[int, float] = {}  # id(job) -> when it joined
         self._results: dict[int, list] = {}
+        self._free: list[int] = []  # a heap of the free slots: rows fill the lowest first
+        self._live: list[int] = []  # the occupied slots, ascending
+        self._chosen: list[int] = []  # the occupied slots whose row has a TokenChooser of its own
+        self._free_mask: torch.Tensor | None = None  # (C,) bool on the device: which slots step on token 0
+        self._order = itertools.count()
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self._live)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    @property
+    def rows(self) -> list[_Row]:
+        """The live rows, in slot order."""
+        return [self.slots[s] for s in self._live]
 
     def _context(self):
         c = self.captioner
@@ -77,13 +107,13 @@ class RunningBatch:
 
     @torch.no_grad()
     def admit(self, jobs) -> None:
-        """Encode and prefill the jobs' images, and add their rows to the batch."""
+        """Encode and prefill the jobs' images, and write their rows into free slots."""
         model = self.captioner.model
         images = torch.cat([job.images for job in jobs]).to(self.captioner.device)
         with self._context():
             tokens, pooled = model.encode(images)
             logits, state = model.prefill(tokens, pooled)  # (n,V)
-        now, first, picks = time.perf_counter(), 0, []
+        now, first, picks, rows = time.perf_counter(), 0, [], []
         vocab, device = logits.shape[-1], logits.device
         for job in jobs:
             cfg, n = job.sampling, sequences(job.sampling)
@@ -97,60 +127,126 @@ class RunningBatch:
                         generator = None if cfg.seed is None else \
                             torch.Generator(device=device).manual_seed(cfg.seed + i * n + k)
                         chooser = TokenChooser(cfg, 1, vocab, device, generator)
-                    self.rows.append(_Row(job, i, cfg.max_new_tokens, cfg.min_new_tokens, stop, [], chooser))
+                    rows.append(_Row(job, i, cfg.max_new_tokens, cfg.min_new_tokens, stop, [], chooser,
+                                     order=next(self._order)))
                     picks.append(first + i)
             first += job.size
         if len(picks) != first:  # some image gets several draws: repeat its row once per sequence
-            rows = torch.tensor(picks, device=device)
-            state, logits = state[rows], logits[rows]
-        self.state = state if self.state is None else DecoderState.cat([self.state, state])
-        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+            index = torch.tensor(picks, device=device)
+            state, logits = state[index], logits[index]
+        self._place(rows, state, logits.float())
+
+    def _place(self, rows: list[_Row], state: DecoderState, logits: torch.Tensor) -> None:
+        """Write the new rows' states and logits into free slots, growing the buffers if too few are free."""
+        if self.state is None:
+            self._allocate(_bucket(len(rows)), state, logits)
+        elif len(rows) > len(self._free):
+            capacity = self.capacity
+            while capacity < len(self._live) + len(rows):
+                capacity *= 2
+            self._grow(capacity)
+        slots = [heapq.heappop(self._free) for _ in rows]
+        index = torch.tensor(slots, device=logits.device)
+        for mine, theirs in zip(self.state.tensors(), state.tensors()):
+            mine.index_copy_(1, index, theirs)
+        self.logits.index_copy_(0, index, logits)
+        for slot, row in zip(slots, rows):
+            self.slots[slot] = row
+        self._slots_changed()
+
+    def _allocate(self, capacity: int, like: DecoderState, logits: torch.Tensor) -> None:
+        self.state = self.captioner.model.decoder.init_state(capacity, device=like.device)
+        self.logits = logits.new_zeros(capacity, logits.shape[-1])
+        self.slots = [None] * capacity
+        self._free = list(range(capacity))
+
+    def _grow(self, capacity: int) -> None:
+        """Larger buffers, the present slots copied to the start (one copy; rows keep their slots)."""
+        old, old_logits, old_slots = self.state, self.logits, self.slots
+        self._allocate(capacity, old, old_logits)
+        for mine, theirs in zip(self.state.tensors(), old.tensors()):
+            mine[:, :len(old_slots)] = theirs
+        self.logits[:len(old_slots)] = old_logits
+        self.slots[:len(old_slots)] = old_slots
+        self._free = [s for s, row in enumerate(self.slots) if row is None]  # ascending: a heap
 
     @torch.no_grad()
     def step(self) -> list:
         """Choose every row's next token; rows that end leave. -> the jobs whose every row has now ended, as
         (job, captions per image, seconds since it joined, rows in the batch at this step)."""
-        logits = self.logits.float()
-        tokens = logits.argmax(dim=-1)  # (S,): every plain greedy row's choice
-        for slot, row in enumerate(self.rows):
-            if row.chooser is not None:  # its own settings and generator, from its own logits
-                held = row.stop if len(row.ids) < row.min_new_tokens else ()
-                token = row.chooser.choose(logits[slot:slot + 1], held)
-                row.chooser.update(token)
-                tokens[slot] = token[0]
+        logits = self.logits  # (C,V) fp32
+        tokens = logits.argmax(dim=-1)  # (C,): every plain greedy row's choice
+        for slot in self._chosen:  # its own settings and generator, from its own logits
+            row = self.slots[slot]
+            held = row.stop if len(row.ids) < row.min_new_tokens else ()
+            token = row.chooser.choose(logits[slot:slot + 1], held)
+            row.chooser.update(token)
+            tokens[slot] = token[0]
+        tokens.masked_fill_(self._free_mask, 0)  # free slots step on a harmless token
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1).double()
-        size = len(self.rows)
-        keep, finished = [], []
-        for slot, (row, token, lp) in enumerate(zip(self.rows, tokens.tolist(), logprobs.tolist())):
-            row.logprob += lp
-            if token in row.stop:
-                finished.append(row)
-                continue
-            row.ids.append(token)
-            if len(row.ids) >= row.max_new_tokens:
-                finished.append(row)
-            else:
-                keep.append((slot, row))
-        done = self._finish(finished, size)
-        if keep:
-            slots = torch.tensor([s for s, _ in keep], device=tokens.device)
-            self.rows = [r for _, r in keep]
+        read_tokens, read_logprobs = torch.stack([tokens.double(), logprobs]).tolist()  # one host read a step
+        size, finished = len(self._live), []
+        for slot in self._live:
+            row, token = self.slots[slot], int(read_tokens[slot])
+            row.logprob += read_logprobs[slot]
+            if token not in row.stop:
+                row.ids.append(token)
+                if len(row.ids) < row.max_new_tokens:
+                    continue
+            finished.append(slot)
+        done = self._finish(sorted((self.slots[s] for s in finished), key=lambda r: r.order), size)
+        if finished:
+            tokens = self._leave(finished, tokens)
+        if self._live:
             with self._context():
-                self.logits, self.state = self._step(tokens[slots], self.state[slots])
-        else:
-            self.rows, self.state, self.logits = [], None, None
+                self.logits, self.state = self._step(tokens)
         return done
 
-    def _step(self, tokens: torch.Tensor, state: DecoderState):
-        step = rnn_stepper(self.captioner.model.decoder)
-        n = tokens.shape[0]
-        if not getattr(step, "bucketed", False):
-            return step(tokens, state)
-        size = 1 << (n - 1).bit_length()  # graphs exist for powers of two: pad with copies of row 0
-        pad = torch.zeros(size - n, dtype=torch.long, device=tokens.device)
-        rows = torch.cat([torch.arange(n, device=tokens.device), pad])
-        logits, state = step(tokens[rows], state[rows])
-        return logits[:n], state[torch.arange(n, device=tokens.device)]
+    def _leave(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """Free the finished rows' slots; drop everything when no row is left, compact when few are.
+        -> the tokens (C,) to step, moved with their rows if they were compacted."""
+        for slot in slots:
+            self.slots[slot] = None
+            heapq.heappush(self._free, slot)
+        live = len(self._live) - len(slots)
+        if live == 0:
+            self.slots, self.state, self.logits, self._free = [], None, None, []
+            self._live, self._chosen, self._free_mask = [], [], None
+            return tokens
+        if live <= self.capacity // 4:
+            return self._compact(live, tokens)
+        self._slots_changed()
+        return tokens
+
+    def _compact(self, live: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Move the live rows to the first slots of buffers twice their bucket (one gather; the rest of the
+        new capacity repeats a live row, stepped and ignored like any free slot)."""
+        keep = [s for s, row in enumerate(self.slots) if row is not None]
+        capacity = 2 * _bucket(live)
+        index = torch.tensor(keep + [keep[0]] * (capacity - live), device=self.logits.device)
+        self.state, self.logits = self.state[index], self.logits[index]
+        self.slots = [self.slots[s] for s in keep] + [None] * (capacity - live)
+        self._free = list(range(live, capacity))
+        self._slots_changed()
+        return tokens[index].masked_fill_(self._free_mask, 0)
+
+    def _slots_changed(self) -> None:
+        self._live = [s for s, row in enumerate(self.slots) if row is not None]
+        self._chosen = [s for s in self._live if self.slots[s].chooser is not None]
+        free = [row is None for row in self.slots]
+        self._free_mask = torch.tensor(free, dtype=torch.bool, device=self.logits.device)
+
+    def detach(self) -> None:
+        """Something else is about to use the decoder's stepper (a beam-search request run whole), whose graphs
+        would overwrite their own state buffer, which this batch may be holding: keep a copy of its own."""
+        if self.state is not None:
+            self.state = self.state.clone()
+
+    def _step(self, tokens: torch.Tensor):
+        """Step every slot: the capacity is a power of two, so a bucketed stepper (graphs) runs it as it is,
+        and the state it returns, its own buffer, is passed back to it at the next step without a copy."""
+        logits, state = rnn_stepper(self.captioner.model.decoder)(tokens, self.state)
+        return logits.float(), state
 
     def _finish(self, rows: list[_Row], size: int) -> list:
         done = []

@@ -135,6 +135,7 @@ class BatchScheduler:
                     if self.continuous and joins_running_batch(group[0].sampling):
                         self._join(group)
                     else:
+                        self._running.detach()  # the whole job's decode reuses the stepper's graphs
                         self._caption(group)
                 if self._running:
                     self._step()
