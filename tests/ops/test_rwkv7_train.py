@@ -9,7 +9,7 @@ summation); the bf16 outputs to one bf16 rounding.
 
 import pytest
 import torch
-from test_rwkv7_step import DEVICE, interpreter, kernels_run, lm_on, rel, triton_ops
+from test_rwkv7_step import DEVICE, KERNELS_UNAVAILABLE, interpreter, kernels_run, lm_on, rel, triton_ops
 
 from vision_rwkv.ops.rwkv7 import train
 
@@ -46,6 +46,7 @@ def test_a_training_step_with_the_fused_op_equals_plain_operations(autocast, mon
     triton_ops()
     if autocast and DEVICE == "cpu":
         pytest.skip("bf16 autocast is the CUDA training setting")
+    monkeypatch.setattr(train, "FUSED_TRAIN_MIN_ROWS", 1)  # this test's 18 positions take the kernels too
     results = []
     for fused in ("1", "0"):
         monkeypatch.setenv("VISION_RWKV_FUSED_TRAIN", fused)
@@ -71,9 +72,14 @@ def test_a_training_step_with_the_fused_op_equals_plain_operations(autocast, mon
         assert rel(grads[name], want[name]) <= (5e-2 if autocast else 1e-4), (name, rel(grads[name], want[name]))
 
 
-def test_the_model_uses_the_plain_operations_where_the_kernels_cannot_run(monkeypatch):
-    x = torch.zeros(1, 2, 64)
+def test_the_model_uses_the_plain_operations_where_the_kernels_cannot_run_or_do_not_pay(monkeypatch):
+    x = torch.zeros(1, train.FUSED_TRAIN_MIN_ROWS, 64)
     assert not train.fused_train_enabled(x, 16)  # the CPU without the interpreter
+    if KERNELS_UNAVAILABLE is None:
+        with interpreter():
+            triton_ops()
+            assert train.fused_train_enabled(x, 16) == (DEVICE == "cpu")  # the kernels run, interpreted
+            assert not train.fused_train_enabled(x[:, 1:], 16)  # too few positions
     if DEVICE == "cuda":
         assert train.fused_train_enabled(x.cuda(), 16)
         monkeypatch.setenv("VISION_RWKV_FUSED_TRAIN", "0")
