@@ -1,25 +1,32 @@
-"""A bounded load test of the captioning server on localhost: N concurrent clients for T seconds each.
+"""A bounded load test of the captioning server on localhost: closed-loop levels (N clients posting back to
+back) and open-loop rates (requests on a fixed schedule, whatever the answers).
 
     python bench/serve_load.py [--clients 1,8,32,128] [--seconds 10] [--device cpu] [--checkpoint DIR]
-    python bench/serve_load.py --model throughput --device cuda --max-batch 128 --max-new-tokens 20 \
-        --client-procs 8 --rates 0.5x,2x --json out.json
+    python bench/serve_load.py --model throughput --clients 1,32,128 --rates 0.5x,2x --max-new-tokens 20 \\
+        --max-batch 128 --json serve.json                     # the GPU goals, on the benchmark's model
     python bench/serve_load.py --url http://127.0.0.1:8000      # a server already running (loopback only)
 
 Without --url the server runs in this process (uvicorn on a free loopback port, in a thread) with the demo
-model or --checkpoint, and the baseline is measured in the same run: the offline Captioner.caption_images
-throughput at --max-batch images per call, on the same image and settings. Every client posts
-examples/shapes_test_3.png (multipart, greedy, --max-new-tokens) in a loop, keep-alive, until T seconds
-or --max-requests have passed. Per N: requests/s, p50 and p99 latency of the answered requests, and
-the 503s and other errors. Every request is bounded by a timeout, so a run cannot hang.
+model, --checkpoint, or --model throughput (bench/caption_throughput.py's model: ViT-B-16, RWKV-7 L12-D768,
+65,536 tokens, random weights; bf16 weights under autocast on CUDA; it rarely emits the stop token, so every
+caption runs to --max-new-tokens), and the baseline is measured in the same run: the offline
+Captioner.caption_images throughput at --max-batch images per call, on the same image and settings.
+Before timing, the in-process server's model runs every shape the running decode will use (on CUDA: its
+graphs are captured then), and every run then gets --warmup-seconds of untimed load through HTTP.
 
---model throughput serves caption_throughput.py's model instead (ViT-B-16 + mlp projector + RWKV-7 L12-D768
-V65536, random weights, bf16 on CUDA): its decoder rarely ends a caption, so each runs --max-new-tokens.
---client-procs spreads the clients over that many processes (threads in each), so that the clients do not
-share the server's interpreter. --rates runs open-loop levels after the closed-loop ones: requests sent on a
-fixed schedule whatever the answers, at R requests/s, or at a multiple of the measured capacity (the best
-closed-loop req/s) written 0.5x, 2x; per rate, the answered share, p50/p99, the 503s and whether /healthz
-answered throughout (polled every 0.5 s). Before the timed levels, an untimed warm-up level captures the
-CUDA graphs. --json writes every row, the baseline and the settings.
+Closed loop: every client posts examples/shapes_test_3.png (multipart, greedy, --max-new-tokens) in a loop,
+keep-alive, until --seconds or --max-requests have passed. Per N: requests/s, p50 and p99 latency of the
+answered requests, and the 503s and other errors.
+Open loop (--rates): each rate, in requests/s or as a multiple of the capacity (`0.5x`: half the best
+closed-loop req/s of this run), issues requests for --seconds on a fixed schedule (evenly spaced, or
+Poisson with --seed), a new keep-alive connection whenever all are busy; latency counts from the scheduled
+time. Per rate: offered and answered req/s, p50/p99 of the 200s, 503s and other errors, and whether
+/healthz, polled every 0.5 s from this process, kept answering.
+
+The clients run in --client-procs processes (spawned; threads within each), so the client side does not
+share the server's interpreter; with 1 they are threads of this process. Every request is bounded by
+--timeout and every level by its length plus --timeout, so a run cannot hang. --json PATH writes every row,
+the baseline and the settings.
 """
 
 from __future__ import annotations
@@ -27,8 +34,11 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import multiprocessing
 import os
+import queue
+import random
 import socket
 import sys
 import threading
@@ -42,13 +52,26 @@ IMAGE = REPO / "examples" / "shapes_test_3.png"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--url", help="a running server on localhost; default: start one in this process")
-    p.add_argument("--clients", default="1,8,32,128", help="comma-separated concurrency levels")
-    p.add_argument("--seconds", type=float, default=10.0, help="how long each level runs")
+    p.add_argument("--clients", default="1,8,32,128", help="comma-separated closed-loop concurrency levels "
+                                                           "(empty: none)")
+    p.add_argument("--rates", default="", help="comma-separated open-loop rates: requests/s (e.g. 50) or a "
+                                               "multiple of the closed-loop capacity (e.g. 0.5x,2x)")
+    p.add_argument("--arrivals", choices=["even", "poisson"], default="even", help="open-loop schedule")
+    p.add_argument("--seed", type=int, default=0, help="the Poisson schedule's seed")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long each level and rate runs")
+    p.add_argument("--warmup-seconds", type=float, default=2.0, help="untimed load before the first level")
     p.add_argument("--max-requests", type=int, default=100_000, help="per client and level, a second bound")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take")
+    p.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                   help="processes the clients run in (default: min(8, CPUs/2)); 1: threads of this process")
+    p.add_argument("--model", choices=["checkpoint", "throughput"], default="checkpoint",
+                   help="in-process server: --checkpoint (default: the demo model), or bench/caption_throughput.py's "
+                        "random-weight model")
     p.add_argument("--checkpoint", default=None, help="in-process server: a caption checkpoint (default: demo)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -57,13 +80,24 @@ def parse_args(argv):
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--no-continuous", dest="continuous", action="store_false",
                    help="batch every request whole (no rows joining the running decode)")
-    p.add_argument("--model", choices=("checkpoint", "throughput"), default="checkpoint",
-                   help="in-process server: --checkpoint's model (the demo by default), or the throughput model")
-    p.add_argument("--client-procs", type=int, default=1, help="processes the clients run in (1: threads here)")
-    p.add_argument("--rates", default="", help="open-loop levels: requests/s, or multiples of capacity (0.5x, 2x)")
-    p.add_argument("--warmup-seconds", type=float, default=2.0, help="an untimed level before the timed ones")
-    p.add_argument("--json", default=None, help="write the rows, baseline and settings here")
-    return p.parse_args(argv)
+    p.add_argument("--json", default=None, help="write the rows, baseline and settings to this file")
+    args = p.parse_args(argv)
+    if args.client_procs < 1:
+        p.error(f"--client-procs must be at least 1, got {args.client_procs}")
+    if args.model == "throughput" and args.checkpoint:
+        p.error("--model throughput builds its own model; leave out --checkpoint")
+    args.levels = [int(n) for n in args.clients.split(",") if n.strip()]
+    args.rate_specs = [r.strip() for r in args.rates.split(",") if r.strip()]
+    for r in args.rate_specs:
+        try:
+            ok = float(r[:-1] if r.endswith("x") else r) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            p.error(f"--rates: {r!r} is neither a positive requests/s nor a positive multiple like 0.5x")
+    if any(r.endswith("x") for r in args.rate_specs) and not args.levels:
+        p.error("--rates given as multiples of the capacity (e.g. 2x) need closed-loop --clients to measure it")
+    return args
 
 
 def multipart(image: bytes, fields: dict) -> tuple[bytes, str]:
@@ -75,23 +109,114 @@ def multipart(image: bytes, fields: dict) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+def post(conn, body, content_type):
+    """One request on a keep-alive connection -> its status, or an error's name (the connection is then
+    closed, and reopens on its next use)."""
+    try:
+        conn.request("POST", "/v1/caption", body=body, headers={"Content-Type": content_type})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException) as e:
+        conn.close()
+        return type(e).__name__
+
+
 def client_loop(host, port, body, content_type, until, max_requests, timeout, out: list):
-    """Post until the deadline; out receives (status or an error name, seconds) per request."""
+    """Post until the deadline (perf_counter); out receives (status or an error name, seconds) per request."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     for _ in range(max_requests):
         if time.perf_counter() >= until:
             break
         start = time.perf_counter()
-        try:
-            conn.request("POST", "/v1/caption", body=body, headers={"Content-Type": content_type})
-            response = conn.getresponse()
-            response.read()
-            out.append((response.status, time.perf_counter() - start))
-        except (OSError, http.client.HTTPException) as e:
-            out.append((type(e).__name__, time.perf_counter() - start))
-            conn.close()
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        status = post(conn, body, content_type)
+        out.append((status, time.perf_counter() - start))
     conn.close()
+
+
+def _wait_until(wall: float) -> float:
+    """Sleep until the wall-clock time `wall` (shared by the processes of a level) -> perf_counter then."""
+    time.sleep(max(0.0, wall - time.time()))
+    return time.perf_counter()
+
+
+def closed_clients(task) -> tuple[list, float]:
+    """One process's share of a closed-loop level: its clients as threads, from the wall-clock start for
+    `seconds` -> every (status, seconds), and the wall-clock time its last request ended."""
+    host, port, clients, body, content_type, start_at, seconds, max_requests, timeout = task
+    outs = [[] for _ in range(clients)]
+    until = _wait_until(start_at) + seconds
+    threads = [threading.Thread(target=client_loop, args=(host, port, body, content_type, until, max_requests,
+                                                          timeout, out)) for out in outs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [r for out in outs for r in out], time.time()
+
+
+def open_clients(task) -> tuple[list, float]:
+    """One process's share of an open-loop rate: each request at its scheduled offset from the wall-clock
+    start, on an idle keep-alive connection or a new one (a thread each), whatever the others' answers.
+    -> every (status, seconds from its scheduled time), and the wall-clock time the last one ended."""
+    host, port, offsets, body, content_type, start_at, timeout = task
+    out, lock, idle = [], threading.Lock(), queue.Queue()  # idle: threads' inboxes, ready for a request
+    threads = []
+
+    def worker(inbox):
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        while (due := inbox.get()) is not None:
+            status = post(conn, body, content_type)
+            with lock:
+                out.append((status, time.perf_counter() - due))
+            idle.put(inbox)
+        conn.close()
+
+    zero = _wait_until(start_at)
+    for offset in offsets:
+        due = zero + offset
+        time.sleep(max(0.0, due - time.perf_counter()))
+        try:
+            inbox = idle.get_nowait()
+        except queue.Empty:
+            inbox = queue.SimpleQueue()
+            threads.append(threading.Thread(target=worker, args=(inbox,), daemon=True))
+            threads[-1].start()
+        inbox.put(due)
+    deadline = time.perf_counter() + timeout + 5
+    for _ in threads:  # every thread comes back idle once its last request is answered (or timed out)
+        try:
+            idle.get(timeout=max(0.0, deadline - time.perf_counter())).put(None)
+        except queue.Empty:
+            break
+    for t in threads:
+        t.join(max(0.0, deadline - time.perf_counter()))
+    with lock:
+        return list(out), time.time()
+
+
+class Clients:
+    """Runs each level's clients over `procs` spawned processes (kept for the whole run), or in this process."""
+
+    def __init__(self, procs: int):
+        self.procs = procs
+        self.pool = None
+        if procs > 1:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))  # the children import this file as serve_load
+            self.pool = multiprocessing.get_context("spawn").Pool(procs)
+
+    def run(self, fn, tasks: list, bound: float) -> tuple[list, float]:
+        """fn over the tasks (one a process), bounded by `bound` seconds -> all results, the last end time."""
+        if self.pool is None:
+            results = [fn(task) for task in tasks]
+        else:
+            results = self.pool.map_async(fn, tasks, chunksize=1).get(timeout=bound)
+        return [r for done, _ in results for r in done], max(end for _, end in results)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
 
 
 def percentile(values, q):
@@ -101,109 +226,84 @@ def percentile(values, q):
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def _threads(target, n, *args) -> list:
-    """n threads running target(*args, out) -> every out's items, once all have ended."""
-    outs = [[] for _ in range(n)]
-    threads = [threading.Thread(target=target, args=(*args, out)) for out in outs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return [r for out in outs for r in out]
+def _shares(n: int, parts: int) -> list[int]:
+    return [s for s in (n // parts + (i < n % parts) for i in range(parts)) if s]
 
 
-def _closed_share(host, port, body, content_type, seconds, max_requests, timeout, clients):
-    """A client process's share of a closed-loop level: its clients as threads; -> (status, seconds) list."""
-    until = time.perf_counter() + seconds
-    return _threads(client_loop, clients, host, port, body, content_type, until, max_requests, timeout)
-
-
-def _open_share(host, port, body, content_type, seconds, rate, timeout, offset):
-    """A client process's share of an open-loop level: a request every 1/rate s from offset, each in a thread of
-    its own (bounded by timeout), whatever the answers."""
-    results, threads = [], []
-    start = time.perf_counter() + offset
-
-    def one(out=results):
-        client_loop(host, port, body, content_type, float("inf"), 1, timeout, out)
-
-    k = 0
-    while True:
-        at = start + k / rate
-        if at - start >= seconds:
-            break
-        time.sleep(max(0.0, at - time.perf_counter()))
-        t = threading.Thread(target=one)
-        t.start()
-        threads.append(t)
-        k += 1
-    for t in threads:
-        t.join()
-    return results
-
-
-def _spread(n: int, parts: int) -> list[int]:
-    return [n // parts + (i < n % parts) for i in range(parts)]
-
-
-def run_level(host, port, clients, args, body, content_type) -> dict:
-    start = time.perf_counter()
-    procs = max(1, min(args.client_procs, clients))
-    if procs == 1:
-        done = _closed_share(host, port, body, content_type, args.seconds, args.max_requests, args.timeout, clients)
-    else:
-        with multiprocessing.get_context("spawn").Pool(procs) as pool:
-            shares = pool.starmap(_closed_share, [(host, port, body, content_type, args.seconds, args.max_requests,
-                                                   args.timeout, n) for n in _spread(clients, procs) if n])
-        done = [r for share in shares for r in share]
-    elapsed = time.perf_counter() - start
+def _summary(done: list) -> dict:
     ok = [s for status, s in done if status == 200]
-    return {"clients": clients, "requests": len(done), "ok": len(ok), "rps": len(ok) / elapsed,
-            "p50_ms": percentile(ok, 50) * 1000, "p99_ms": percentile(ok, 99) * 1000,
-            "busy_503": sum(status == 503 for status, _ in done),
-            "errors": sum(status not in (200, 503) for status, _ in done), "seconds": elapsed}
+    return {"requests": len(done), "ok": len(ok), "p50_ms": percentile(ok, 50) * 1000,
+            "p99_ms": percentile(ok, 99) * 1000, "busy_503": sum(status == 503 for status, _ in done),
+            "errors": sum(status not in (200, 503) for status, _ in done)}
 
 
-def run_rate(host, port, rate, args, body, content_type) -> dict:
-    """An open-loop level at `rate` requests/s for --seconds, /healthz polled throughout."""
-    health = {"polls": 0, "failed": 0}
-    stop = threading.Event()
+def run_level(clients_runner, host, port, clients, args, body, content_type, seconds=None) -> dict:
+    seconds = args.seconds if seconds is None else seconds
+    start_at = time.time() + 0.2  # every process starts its clients then
+    tasks = [(host, port, n, body, content_type, start_at, seconds, args.max_requests, args.timeout)
+             for n in _shares(clients, clients_runner.procs)]
+    done, end = clients_runner.run(closed_clients, tasks, seconds + args.timeout + 30)
+    elapsed = end - start_at
+    row = {"clients": clients, **_summary(done), "seconds": elapsed}
+    row["rps"] = row["ok"] / elapsed
+    return row
 
-    def poll():
-        while not stop.is_set():
+
+def schedule(rate: float, seconds: float, arrivals: str, seed: int) -> list[float]:
+    """Offsets in seconds of the requests a rate issues in `seconds`: evenly spaced, or Poisson arrivals."""
+    if arrivals == "even":
+        return [k / rate for k in range(math.ceil(rate * seconds - 1e-9))]
+    rng, t, out = random.Random(seed), 0.0, []
+    while (t := t + rng.expovariate(rate)) < seconds:
+        out.append(t)
+    return out
+
+
+class HealthPoller:
+    """GET /healthz every 0.5 s from this process while a rate runs: how many answered 200, in how long."""
+
+    def __init__(self, host, port, timeout):
+        self.host, self.port, self.timeout = host, port, timeout
+        self.ok, self.failed, self.worst = 0, 0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            start = time.perf_counter()
             try:
-                conn = http.client.HTTPConnection(host, port, timeout=5)
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
                 conn.request("GET", "/healthz")
-                ok = conn.getresponse().status == 200
+                good = conn.getresponse().status == 200
                 conn.close()
             except (OSError, http.client.HTTPException):
-                ok = False
-            health["polls"] += 1
-            health["failed"] += not ok
-            stop.wait(0.5)
+                good = False
+            self.worst = max(self.worst, time.perf_counter() - start)
+            self.ok, self.failed = self.ok + good, self.failed + (not good)
+            self._stop.wait(max(0.0, 0.5 - (time.perf_counter() - start)))
 
-    poller = threading.Thread(target=poll)
-    poller.start()
-    procs = max(1, args.client_procs)
-    start = time.perf_counter()
-    try:
-        if procs == 1:
-            done = _open_share(host, port, body, content_type, args.seconds, rate, args.timeout, 0.0)
-        else:
-            with multiprocessing.get_context("spawn").Pool(procs) as pool:
-                shares = pool.starmap(_open_share, [(host, port, body, content_type, args.seconds, rate / procs,
-                                                     args.timeout, i / rate) for i in range(procs)])
-            done = [r for share in shares for r in share]
-    finally:
-        stop.set()
-        poller.join()
-    elapsed = time.perf_counter() - start
-    ok = [s for status, s in done if status == 200]
-    busy = sum(status == 503 for status, _ in done)
-    return {"rate": rate, "requests": len(done), "ok": len(ok), "answered_rps": len(ok) / elapsed,
-            "p50_ms": percentile(ok, 50) * 1000, "p99_ms": percentile(ok, 99) * 1000, "busy_503": busy,
-            "busy_share": busy / max(1, len(done)), "errors": sum(status not in (200, 503) for status, _ in done),
-            "healthz_polls": health["polls"], "healthz_failed": health["failed"], "seconds": elapsed}
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(self.timeout + 1)
+
+
+def run_rate(clients_runner, host, port, spec, rate, args, body, content_type) -> dict:
+    offsets = schedule(rate, args.seconds, args.arrivals, args.seed)
+    procs = max(1, min(clients_runner.procs, len(offsets)))
+    start_at = time.time() + 0.2
+    tasks = [(host, port, offsets[i::procs], body, content_type, start_at, args.timeout) for i in range(procs)]
+    with HealthPoller(host, port, min(args.timeout, 5.0)) as health:
+        done, end = clients_runner.run(open_clients, tasks, args.seconds + args.timeout + 30)
+    elapsed = max(end - start_at, args.seconds)
+    row = {"rate": spec, "offered_rps": len(offsets) / args.seconds, **_summary(done), "seconds": elapsed,
+           "healthz_ok": health.ok, "healthz_failed": health.failed, "healthz_worst_ms": health.worst * 1000}
+    row["rps"] = row["ok"] / elapsed
+    row["busy_503_rps"] = row["busy_503"] / elapsed
+    return row
 
 
 def offline_images_per_s(captioner, args) -> float:
@@ -225,26 +325,37 @@ def offline_images_per_s(captioner, args) -> float:
     return args.max_batch / best
 
 
+def load_captioner(args):
+    import torch
+
+    from vision_rwkv import Captioner
+
+    if args.model == "checkpoint":
+        return Captioner.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    from vision_rwkv.caption.captioner import resolve_device
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from caption_throughput import build_model
+
+    device = resolve_device(args.device)
+    model = build_model(device)
+    cuda = device.type == "cuda"
+    if cuda and args.dtype != "fp32":
+        model = model.to(torch.bfloat16)  # as caption_throughput.py does: bf16 weights, under autocast
+    return Captioner(model, device, autocast=cuda)
+
+
 class InProcessServer:
     def __init__(self, args):
         import uvicorn
 
-        from vision_rwkv import Captioner
         from vision_rwkv.config import ServeConfig
         from vision_rwkv.serve import create_app
+        from vision_rwkv.serve.continuous import warm_up
 
-        if args.model == "throughput":
-            import torch
-
-            sys.path.insert(0, str(REPO / "bench"))
-            from caption_throughput import build_model
-
-            device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                                  ("cpu" if args.device == "auto" else args.device))
-            model = build_model(device)
-            self.captioner = Captioner(model.to(torch.bfloat16) if device.type == "cuda" else model, device)
-        else:
-            self.captioner = Captioner.load(args.checkpoint, device=args.device, dtype=args.dtype)
+        self.captioner = load_captioner(args)
+        if args.continuous:
+            warm_up(self.captioner, args.max_batch)  # before the worker exists: graphs, allocator pools
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -277,68 +388,94 @@ def describe(captioner) -> str:
     dev = captioner.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     c = captioner.model.config.decoder
-    return f"{name}, decoder L{c.n_layer}-D{c.n_embd} V{c.vocab_size}, {'bf16' if captioner.bf16 else 'fp32'}"
+    weights = str(captioner.model.decoder.emb.weight.dtype).removeprefix("torch.")
+    return f"{name}, decoder L{c.n_layer}-D{c.n_embd} V{c.vocab_size}, {weights} weights, " \
+           f"autocast {'bf16' if captioner.bf16 else 'off'}"
+
+
+def measure(host, port, args, body, content_type) -> tuple[list, list]:
+    """The warm-up, the closed-loop levels, then the open-loop rates -> (closed rows, open rows)."""
+    runner = Clients(args.client_procs)
+    try:
+        if args.warmup_seconds > 0:
+            busiest = max(args.levels, default=args.max_batch)
+            run_level(runner, host, port, min(busiest, args.max_batch), args, body, content_type,
+                      seconds=args.warmup_seconds)
+        closed = [run_level(runner, host, port, n, args, body, content_type) for n in args.levels]
+        capacity = max((r["rps"] for r in closed), default=float("nan"))
+        opened = []
+        for spec in args.rate_specs:
+            rate = float(spec[:-1]) * capacity if spec.endswith("x") else float(spec)
+            if not rate > 0:
+                opened.append({"rate": spec, "offered_rps": 0.0, "skipped": "the capacity measured was 0"})
+                continue
+            opened.append(run_rate(runner, host, port, spec, rate, args, body, content_type))
+    finally:
+        runner.close()
+    return closed, opened
 
 
 def main(argv=None) -> list[dict]:
+    """Runs the load test and prints its tables -> the closed-loop rows (then the open-loop ones)."""
     args = parse_args(argv)
-    levels = [int(n) for n in args.clients.split(",")]
     body, content_type = multipart(IMAGE.read_bytes(), {"max_new_tokens": args.max_new_tokens})
     if args.url:
         target = urlsplit(args.url)
         if target.hostname not in ("127.0.0.1", "localhost", "::1"):
             raise SystemExit(f"--url must point at this machine (127.0.0.1, localhost or ::1), not {target.hostname}")
-        return report(None, None, [run_level(target.hostname, target.port or 80, n, args, body, content_type)
-                                   for n in levels], args)
+        closed, opened = measure(target.hostname, target.port or 80, args, body, content_type)
+        return report(None, None, closed, opened, args)
     with InProcessServer(args) as server:
         baseline = offline_images_per_s(server.captioner, args)
-        if args.warmup_seconds > 0:  # graphs for the batch sizes the levels reach, the allocator's pools
-            warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup_seconds})
-            for n in sorted({1, max(levels)}):
-                run_level("127.0.0.1", server.port, n, warm, body, content_type)
-        rows = [run_level("127.0.0.1", server.port, n, args, body, content_type) for n in levels]
-        rates = []
-        if args.rates:
-            capacity = max(r["rps"] for r in rows)
-            for spec in args.rates.split(","):
-                rate = float(spec[:-1]) * capacity if spec.endswith("x") else float(spec)
-                rates.append(run_rate("127.0.0.1", server.port, rate, args, body, content_type) | {"spec": spec})
-    rows = report(server.captioner, baseline, rows, args)
-    report_rates(rates)
-    if args.json:
-        out = {"device": describe(server.captioner), "baseline_images_per_s": baseline, "closed_loop": rows,
-               "open_loop": rates, "settings": {k: v for k, v in vars(args).items() if k != "json"}}
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(tmp, args.json)
-    return rows
+        closed, opened = measure("127.0.0.1", server.port, args, body, content_type)
+    return report(server.captioner, baseline, closed, opened, args)
 
 
-def report(captioner, baseline, rows, args) -> list[dict]:
-    print(f"serve load: {describe(captioner)}; max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
+def report(captioner, baseline, closed, opened, args) -> list[dict]:
+    device = describe(captioner)
+    print(f"serve load: {device}; max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
           f"max_queue {args.max_queue}, continuous {args.continuous}, {args.max_new_tokens} new tokens max, "
-          f"{args.seconds:g} s per level")
+          f"{args.seconds:g} s per level, {args.client_procs} client processes")
     if baseline is not None:
         print(f"baseline: offline caption_images at batch {args.max_batch}: {baseline:.1f} images/s")
-    print(f"{'clients':>7} {'requests':>8} {'req/s':>8} {'vs offline':>10} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'503s':>6} {'errors':>6}")
-    for r in rows:
+    if closed:
+        print(f"{'clients':>7} {'requests':>8} {'req/s':>8} {'vs offline':>10} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'503s':>6} {'errors':>6}")
+    for r in closed:
         r["vs_offline"] = r["rps"] / baseline if baseline else float("nan")
         print(f"{r['clients']:>7} {r['requests']:>8} {r['rps']:>8.1f} {r['vs_offline']:>10.2f} {r['p50_ms']:>8.1f} "
               f"{r['p99_ms']:>8.1f} {r['busy_503']:>6} {r['errors']:>6}")
-    return rows
+    if opened:
+        print(f"open loop ({args.arrivals} arrivals, {args.seconds:g} s a rate; capacity = the best closed-loop "
+              f"req/s):")
+        print(f"{'rate':>7} {'offered':>8} {'answered':>8} {'p50 ms':>8} {'p99 ms':>8} {'503s':>6} {'503/s':>7} "
+              f"{'errors':>6} {'healthz':>9}")
+    for r in opened:
+        if "skipped" in r:
+            print(f"{r['rate']:>7} skipped: {r['skipped']}")
+            continue
+        health = f"{r['healthz_ok']}/{r['healthz_ok'] + r['healthz_failed']}"
+        print(f"{r['rate']:>7} {r['offered_rps']:>8.1f} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+              f"{r['busy_503']:>6} {r['busy_503_rps']:>7.1f} {r['errors']:>6} {health:>9}")
+        if r["healthz_failed"]:
+            print(f"        /healthz failed {r['healthz_failed']} times during this rate "
+                  f"(slowest answer {r['healthz_worst_ms']:.0f} ms)")
+    if args.json:
+        write_json(args.json, device, baseline, closed, opened, args)
+    return closed + opened
 
 
-def report_rates(rates: list[dict]) -> None:
-    if not rates:
-        return
-    print(f"{'offered/s':>9} {'answered/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'503s':>6} {'503 %':>6} {'errors':>6} "
-          f"{'healthz failed':>14}")
-    for r in rates:
-        print(f"{r['rate']:>9.1f} {r['answered_rps']:>10.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-              f"{r['busy_503']:>6} {100 * r['busy_share']:>5.1f}% {r['errors']:>6} "
-              f"{r['healthz_failed']:>6} of {r['healthz_polls']:<5}")
+def write_json(path, device, baseline, closed, opened, args) -> None:
+    from vision_rwkv._fs import atomic_write  # the project's one atomic write: a temp file, fsync, rename
+
+    def plain(row):  # NaN (no answered request) is not JSON: null
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("levels", "rate_specs")}
+    doc = {"device": device, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "settings": settings,
+           "baseline_images_per_s": baseline, "closed_loop": [plain(r) for r in closed],
+           "open_loop": [plain(r) for r in opened]}
+    atomic_write(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":

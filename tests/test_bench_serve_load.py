@@ -1,5 +1,6 @@
 """bench/serve_load.py runs on the CPU at tiny sizes (a smoke test: its figures come from longer runs)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,10 +10,12 @@ pytest.importorskip("uvicorn", reason="the server needs the [serve] extra")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import serve_load  # noqa: E402
 
+TINY = ["--device", "cpu", "--max-new-tokens", "4", "--max-batch", "4", "--warmup-seconds", "0.2"]
+
 
 def test_the_load_bench_runs_and_every_request_is_answered(capsys):
-    rows = serve_load.main(["--device", "cpu", "--clients", "1,4", "--seconds", "1", "--max-new-tokens", "4",
-                            "--max-batch", "4", "--max-queue", "2", "--max-requests", "3"])
+    rows = serve_load.main(TINY + ["--clients", "1,4", "--seconds", "1", "--max-queue", "2", "--max-requests", "3",
+                                   "--client-procs", "1"])
     assert [r["clients"] for r in rows] == [1, 4]
     for r in rows:
         assert r["errors"] == 0 and r["ok"] >= 1 and r["ok"] + r["busy_503"] == r["requests"]
@@ -21,24 +24,43 @@ def test_the_load_bench_runs_and_every_request_is_answered(capsys):
     assert "baseline: offline caption_images at batch 4" in out and "CPU, decoder L4-D256" in out
 
 
+@pytest.mark.parametrize("procs", [1, 2])
+def test_open_loop_rates_in_client_processes_and_the_json(tmp_path, capsys, procs):
+    """A closed level, then an absolute rate and one relative to the capacity it measured, the clients in
+    this process or in two spawned ones; every row, the baseline and the settings land in the JSON."""
+    path = tmp_path / "load.json"
+    rows = serve_load.main(TINY + ["--clients", "1", "--seconds", "1", "--rates", "2,0.5x",
+                                   "--client-procs", str(procs), "--json", str(path)])
+    closed, absolute, relative = rows
+    assert closed["clients"] == 1 and closed["ok"] >= 1
+    assert absolute["rate"] == "2" and absolute["offered_rps"] == 2 and absolute["requests"] == 2
+    assert relative["offered_rps"] == pytest.approx(0.5 * closed["rps"], abs=1)  # a whole number of requests
+    for r in (absolute, relative):
+        assert r["errors"] == 0 and r["ok"] + r["busy_503"] == r["requests"] and r["ok"] >= 1
+        assert r["healthz_ok"] >= 1 and r["healthz_failed"] == 0
+    doc = json.loads(path.read_text())
+    assert doc["settings"]["client_procs"] == procs and doc["settings"]["rates"] == "2,0.5x"
+    assert doc["baseline_images_per_s"] > 0 and "CPU" in doc["device"]
+    assert [r["clients"] for r in doc["closed_loop"]] == [1]
+    assert [r["rate"] for r in doc["open_loop"]] == ["2", "0.5x"]
+    assert not list(tmp_path.glob(".*"))  # no temporary file left beside it
+    assert "open loop (even arrivals" in capsys.readouterr().out
+
+
+def test_schedules_are_fixed():
+    assert serve_load.schedule(4, 1, "even", 0) == [0, 0.25, 0.5, 0.75]
+    poisson = serve_load.schedule(50, 2, "poisson", 7)
+    assert poisson == serve_load.schedule(50, 2, "poisson", 7) and 50 < len(poisson) < 150
+    assert poisson == sorted(poisson) and 0 < poisson[0] and poisson[-1] < 2
+
+
+def test_bad_rates_are_refused_before_any_work():
+    with pytest.raises(SystemExit):
+        serve_load.parse_args(["--rates", "fast"])
+    with pytest.raises(SystemExit):
+        serve_load.parse_args(["--clients", "", "--rates", "2x"])  # no closed loop to measure the capacity
+
+
 def test_it_refuses_a_server_elsewhere():
     with pytest.raises(SystemExit, match="must point at this machine"):
         serve_load.main(["--url", "http://example.com:8000", "--clients", "1", "--seconds", "0.1"])
-
-
-def test_client_processes_open_loop_rates_and_the_json(tmp_path, capsys):
-    out = tmp_path / "load.json"
-    rows = serve_load.main(["--device", "cpu", "--clients", "2", "--seconds", "1", "--max-new-tokens", "4",
-                            "--max-batch", "4", "--client-procs", "2", "--rates", "3,0.5x", "--warmup-seconds", "0.5",
-                            "--json", str(out)])
-    assert rows[0]["clients"] == 2 and rows[0]["ok"] >= 1 and rows[0]["errors"] == 0
-    import json
-
-    report = json.loads(out.read_text())
-    assert [r["spec"] for r in report["open_loop"]] == ["3", "0.5x"]
-    for r in report["open_loop"]:
-        assert r["errors"] == 0 and r["ok"] + r["busy_503"] == r["requests"] >= 1
-        assert r["healthz_polls"] >= 1 and r["healthz_failed"] == 0
-    assert report["open_loop"][0]["rate"] == 3.0
-    assert report["open_loop"][1]["rate"] == 0.5 * rows[0]["rps"]
-    assert "offered/s" in capsys.readouterr().out

@@ -482,3 +482,62 @@ def test_the_running_batch_steps_the_steppers_own_buffer_and_survives_a_beam_job
     assert any(who == "other" for who, _, _ in step.calls)  # the beam request used the same stepper
     assert max(B for who, B, _ in step.calls if who == "running") >= 4  # requests decoded together
     assert all(B & (B - 1) == 0 for who, B, _ in step.calls if who == "running")  # padded to powers of two
+
+
+def test_the_running_batch_grows_reuses_freed_slots_and_shrinks_with_every_row_as_alone(captioner):
+    """Driven step by step: the slots' capacity doubles past its first size when rows join with none free,
+    rows leaving mid-decode free their slots and a later row is written into one, and once few rows are left
+    the buffers shrink; every caption and score is what its request gets alone (greedy: Captioner's; seeded
+    sampling: its own rows decoding alone)."""
+    from concurrent.futures import Future
+    from dataclasses import dataclass, field
+
+    from vision_rwkv.serve.continuous import RunningBatch
+
+    @dataclass(eq=False)
+    class Job:
+        images: object
+        sampling: SamplingConfig
+        future: Future = field(default_factory=Future)
+
+        @property
+        def size(self):
+            return self.images.shape[0]
+
+    def decode(batch, arrivals):
+        """arrivals: step -> jobs admitted before it; -> captions by id(job), and the slots' jobs (None: free)
+        before each step."""
+        got, slots, n = {}, [], 0
+        while arrivals or len(batch):
+            if n in arrivals:
+                batch.admit(arrivals.pop(n))
+            if len(batch):
+                slots.append([None if row is None else row.job for row in batch.slots])
+                got.update({id(job): captions for job, captions, _, _ in batch.step()})
+            n += 1
+        return got, slots
+
+    greedy = [SamplingConfig(max_new_tokens=t) for t in (2, 48, 6, 48, 3)]  # 2, 6, 3: cut before the stop token
+    seeded = SamplingConfig(strategy="sample", top_p=0.9, seed=3, num_return_sequences=2, max_new_tokens=10)
+    jobs = [Job(preprocessed(captioner, [p]), cfg) for p, cfg in zip(EXAMPLES + EXAMPLES, greedy)]
+    pair = Job(preprocessed(captioner, EXAMPLES[:2]), seeded)
+    late = jobs[4]
+    got, slots = decode(RunningBatch(captioner), {0: jobs[:2], 4: jobs[2:4] + [pair], 11: [late]})
+
+    capacities = [len(s) for s in slots]
+    assert capacities[0] == 2 and max(capacities) == 8  # doubled twice when five rows came with one slot free
+    assert capacities[-1] == 2  # shrank once one row was left
+    joined = next(n for n, s in enumerate(slots) if late in s)
+    slot = slots[joined].index(late)
+    assert capacities[joined - 1] == capacities[joined]  # it joined with no growth, into a freed slot:
+    assert slots[joined - 1][slot] is None and any(s[slot] not in (None, late) for s in slots[:joined])
+    for job in jobs:
+        want = captioner.caption_images(job.images, job.sampling)
+        assert [[c for c, _ in image] for image in got[id(job)]] == [[c for c, _ in image] for image in want]
+        assert [s for image in got[id(job)] for _, s in image] == \
+            pytest.approx([s for image in want for _, s in image], abs=1e-4)
+    alone, _ = decode(RunningBatch(captioner), {0: [Job(pair.images, seeded)]})
+    (want,) = alone.values()
+    assert [[c for c, _ in image] for image in got[id(pair)]] == [[c for c, _ in image] for image in want]
+    assert [s for image in got[id(pair)] for _, s in image] == pytest.approx([s for image in want for _, s in image],
+                                                                           abs=1e-4)

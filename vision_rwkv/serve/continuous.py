@@ -7,7 +7,7 @@ are written into free slots (the capacity doubling first when none is free); a f
 slot. The stepper runs on the whole capacity, so on CUDA one bucketed graph serves it with no padding and the
 state stays the graph's own buffer between steps: a steady batch copies no state. Free slots step on token 0
 and their results are ignored. Only when the live rows fit in a quarter of the capacity is the buffer
-compacted, with one gather, to twice their bucket.
+compacted, with one gather, to twice their bucket; when no row is left, the buffers go.
 
 Every row chooses its next token from its own logits with its own settings: plain greedy rows together by one
 argmax over all slots on the device; any other row (sampling, bans, penalties, min_new_tokens) through a
@@ -57,6 +57,27 @@ def sequences(sampling: SamplingConfig) -> int:
 def _bucket(n: int) -> int:
     """The smallest power of two that holds n rows."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+@torch.no_grad()
+def warm_up(captioner, max_rows: int) -> None:
+    """Run, untimed, every shape a RunningBatch of up to max_rows rows uses: the encoder and prefill at each
+    number of images joining at once (1..max_rows), and the step at each power-of-two capacity up to
+    max_rows' bucket, under the autocast it runs with. On CUDA this captures their graphs and grows the
+    allocator's pools before the first request rather than during it. Call it before serving: it uses the
+    decoder's stepper, which only the worker thread may touch once requests flow."""
+    model, device = captioner.model, captioner.device
+    size = model.encoder.image_size
+    context = torch.autocast(device.type, dtype=torch.bfloat16, enabled=captioner.bf16)
+    with context:
+        for n in range(1, max_rows + 1):
+            model.prefill(*model.encode(torch.zeros(n, 3, *size, device=device)))
+        step, capacity = rnn_stepper(model.decoder), 1
+        while capacity <= _bucket(max_rows):
+            logits, _ = step(torch.zeros(capacity, dtype=torch.long, device=device),
+                             model.decoder.init_state(capacity))
+            torch.log_softmax(logits.float(), dim=-1).argmax(dim=-1).tolist()
+            capacity *= 2
 
 
 @dataclass
@@ -113,12 +134,10 @@ class RunningBatch:
         with self._context():
             tokens, pooled = model.encode(images)
             logits, state = model.prefill(tokens, pooled)  # (n,V)
-        now, first, picks, rows = time.perf_counter(), 0, [], []
+        first, picks, rows = 0, [], []
         vocab, device = logits.shape[-1], logits.device
         for job in jobs:
             cfg, n = job.sampling, sequences(job.sampling)
-            self.started[id(job)] = now
-            self._results[id(job)] = [[] for _ in range(job.size)]
             stop = tuple(sorted({model.eos_id, *cfg.stop_tokens}))
             for i in range(job.size):
                 for k in range(n):
@@ -135,6 +154,10 @@ class RunningBatch:
             index = torch.tensor(picks, device=device)
             state, logits = state[index], logits[index]
         self._place(rows, state, logits.float())
+        now = time.perf_counter()
+        for job in jobs:
+            self.started[id(job)] = now
+            self._results[id(job)] = [[] for _ in range(job.size)]
 
     def _place(self, rows: list[_Row], state: DecoderState, logits: torch.Tensor) -> None:
         """Write the new rows' states and logits into free slots, growing the buffers if too few are free."""
@@ -145,13 +168,15 @@ class RunningBatch:
             while capacity < len(self._live) + len(rows):
                 capacity *= 2
             self._grow(capacity)
-        slots = [heapq.heappop(self._free) for _ in rows]
+        slots = heapq.nsmallest(len(rows), self._free)
         index = torch.tensor(slots, device=logits.device)
         for mine, theirs in zip(self.state.tensors(), state.tensors()):
             mine.index_copy_(1, index, theirs)
         self.logits.index_copy_(0, index, logits)
-        for slot, row in zip(slots, rows):
+        for slot, row in zip(slots, rows):  # only now that the copies went through (an error leaves them free)
             self.slots[slot] = row
+        self._free = [s for s in self._free if self.slots[s] is None]
+        heapq.heapify(self._free)
         self._slots_changed()
 
     def _allocate(self, capacity: int, like: DecoderState, logits: torch.Tensor) -> None:
@@ -224,7 +249,8 @@ class RunningBatch:
         keep = [s for s, row in enumerate(self.slots) if row is not None]
         capacity = 2 * _bucket(live)
         index = torch.tensor(keep + [keep[0]] * (capacity - live), device=self.logits.device)
-        self.state, self.logits = self.state[index], self.logits[index]
+        self.state = self.state[index]
+        self.logits = self.logits[:capacity]  # the step about to run overwrites them
         self.slots = [self.slots[s] for s in keep] + [None] * (capacity - live)
         self._free = list(range(live, capacity))
         self._slots_changed()
