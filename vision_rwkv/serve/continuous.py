@@ -21,7 +21,6 @@ ranks hypotheses across a row's beams and runs whole, between two steps. Only th
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
 from dataclasses import dataclass
@@ -104,7 +103,6 @@ class RunningBatch:
         self.logits: torch.Tensor | None = None  # (C,V) fp32
         self.started: dict[int, float] = {}  # id(job) -> when it joined
         self._results: dict[int, list] = {}
-        self._free: list[int] = []  # a heap of the free slots: rows fill the lowest first
         self._live: list[int] = []  # the occupied slots, ascending
         self._chosen: list[int] = []  # the occupied slots whose row has a TokenChooser of its own
         self._free_mask: torch.Tensor | None = None  # (C,) bool on the device: which slots step on token 0
@@ -116,6 +114,11 @@ class RunningBatch:
     @property
     def capacity(self) -> int:
         return len(self.slots)
+
+    @property
+    def _free(self) -> list[int]:
+        """The free slots, ascending: new rows fill the lowest first."""
+        return [s for s, row in enumerate(self.slots) if row is None]
 
     @property
     def rows(self) -> list[_Row]:
@@ -168,22 +171,19 @@ class RunningBatch:
             while capacity < len(self._live) + len(rows):
                 capacity *= 2
             self._grow(capacity)
-        slots = heapq.nsmallest(len(rows), self._free)
+        slots = self._free[:len(rows)]
         index = torch.tensor(slots, device=logits.device)
         for mine, theirs in zip(self.state.tensors(), state.tensors()):
             mine.index_copy_(1, index, theirs)
         self.logits.index_copy_(0, index, logits)
         for slot, row in zip(slots, rows):  # only now that the copies went through (an error leaves them free)
             self.slots[slot] = row
-        self._free = [s for s in self._free if self.slots[s] is None]
-        heapq.heapify(self._free)
         self._slots_changed()
 
     def _allocate(self, capacity: int, like: DecoderState, logits: torch.Tensor) -> None:
         self.state = self.captioner.model.decoder.init_state(capacity, device=like.device)
         self.logits = logits.new_zeros(capacity, logits.shape[-1])
         self.slots = [None] * capacity
-        self._free = list(range(capacity))
 
     def _grow(self, capacity: int) -> None:
         """Larger buffers, the present slots copied to the start (one copy; rows keep their slots)."""
@@ -193,7 +193,6 @@ class RunningBatch:
             mine[:, :len(old_slots)] = theirs
         self.logits[:len(old_slots)] = old_logits
         self.slots[:len(old_slots)] = old_slots
-        self._free = [s for s, row in enumerate(self.slots) if row is None]  # ascending: a heap
 
     @torch.no_grad()
     def step(self) -> list:
@@ -232,10 +231,9 @@ class RunningBatch:
         -> the tokens (C,) to step, moved with their rows if they were compacted."""
         for slot in slots:
             self.slots[slot] = None
-            heapq.heappush(self._free, slot)
         live = len(self._live) - len(slots)
         if live == 0:
-            self.slots, self.state, self.logits, self._free = [], None, None, []
+            self.slots, self.state, self.logits = [], None, None
             self._live, self._chosen, self._free_mask = [], [], None
             return tokens
         if live <= self.capacity // 4:
@@ -252,7 +250,6 @@ class RunningBatch:
         self.state = self.state[index]
         self.logits = self.logits[:capacity]  # the step about to run overwrites them
         self.slots = [self.slots[s] for s in keep] + [None] * (capacity - live)
-        self._free = list(range(live, capacity))
         self._slots_changed()
         return tokens[index].masked_fill_(self._free_mask, 0)
 
