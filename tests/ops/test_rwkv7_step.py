@@ -500,6 +500,7 @@ def test_the_compiled_cpu_step_equals_the_reference_and_follows_weight_changes(m
         got.append(logits)
     (engine, _), = stepper.engines.values()
     assert engine.reduce and not engine.onednn
+    assert stepper.fallback_reason is None or "off the eager step's" in stepper.fallback_reason  # torch 2.11
     assert rel(torch.stack(got, 1), want) <= 1e-5 and rel(state.wkv, want_state.wkv) <= 1e-5
     lm.head.weight.mul_(2)  # in place: packed again, and the compiled step reads the new weights
     assert rel(stepper(tokens[:, 0], None)[0], lm.step(tokens[:, 0])[0]) <= 1e-5
@@ -521,3 +522,35 @@ def test_graphs_fall_back_to_plain_operations_with_one_warning_when_the_kernels_
     monkeypatch.setattr(graphs, "_warned", set())
     with _no_warning():
         assert stepper._engine() is None and not stepper.engines
+
+
+@torch.no_grad()
+def test_a_compiled_cpu_step_that_disagrees_with_the_eager_one_is_replaced_with_one_warning(monkeypatch):
+    """torch 2.11's inductor compiled the CPU step wrong on the device's host; the stepper checks the first
+    compiled call at each batch size against the eager step and falls back, said once."""
+    from vision_rwkv.lm import engine as engine_module
+    from vision_rwkv.lm.graphs import rnn_stepper
+
+    def miscompile(fn, **kwargs):
+        def wrong(tokens, state):
+            fn(tokens, state)
+            state.wkv.mul_(1.5)
+            return fn(tokens, state) * 2
+        return wrong
+
+    monkeypatch.setenv("VISION_RWKV_COMPILE_STEP", "1")
+    monkeypatch.setattr(engine_module.torch, "compile", miscompile)
+    lm = lm_on("cpu")
+    tokens = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(7))
+    stepper = rnn_stepper(lm)
+    want, want_state = run_lm(lm, tokens)
+    state, got = None, []
+    with pytest.warns(UserWarning, match="torch.compile of the CPU step gave results .* off the eager step's"):
+        logits, state = stepper(tokens[:, 0], state)
+    got.append(logits)
+    with _no_warning():
+        for t in range(1, 4):
+            logits, state = stepper(tokens[:, t], state)
+            got.append(logits)
+    assert "off the eager step's" in stepper.fallback_reason
+    assert rel(torch.stack(got, 1), want) <= 1e-5 and rel(state.wkv, want_state.wkv) <= 1e-5

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -375,6 +376,9 @@ def _padded(w: torch.Tensor, rank: int) -> torch.Tensor:
     return z
 
 
+COMPILED_STEP_BOUND = 1e-4  # relative; the fp32 compiled step sits within about 1e-6 of the eager one
+
+
 def compile_step_enabled() -> bool:
     return os.environ.get("VISION_RWKV_COMPILE_STEP", "0") == "1"
 
@@ -395,6 +399,8 @@ class EngineStepper:
         self.lm = lm
         self.engines: dict[tuple, tuple] = {}  # (compute dtype, compiled) -> (StepEngine, its step function)
         self.states: dict[int, RWKVState] = {}
+        self.verified: set[tuple] = set()  # (compute dtype, batch size) where the compiled step was checked
+        self.fallback_reason: str | None = None  # why a compiled step was found wrong and replaced, if it was
 
     def __call__(self, tokens: torch.Tensor, state: RWKVState | None):
         lm = self.lm
@@ -415,4 +421,26 @@ class EngineStepper:
         if state is not own:
             own = self.states[B] = RWKVState(*(t.clone(memory_format=torch.contiguous_format).float()
                                                 for t in (state.att_shift, state.wkv, state.ffn_shift)))
-        return step(tokens.contiguous(), own), own
+        tokens = tokens.contiguous()
+        if compiled and step != engine.step and (dtype, B) not in self.verified:  # compiled, not yet checked
+            return self._verified_step(engine, step, dtype, tokens, own), own
+        return step(tokens, own), own
+
+    def _verified_step(self, engine: StepEngine, step, dtype, tokens, own: RWKVState) -> torch.Tensor:
+        """The compiled step's first call at a batch size, checked against the same step run eagerly from a
+        copy of the state. Some torch versions compile it wrong (torch 2.11's inductor on an H200 host gave
+        logits 23% off); then the eager step serves from here on, said once."""
+        probe = own.clone()
+        want = engine.step(tokens, probe)
+        got = step(tokens, own)
+        errors = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+                  for a, b in ((got, want), (own.wkv, probe.wkv), (own.att_shift, probe.att_shift))]
+        if max(errors) <= COMPILED_STEP_BOUND:
+            self.verified.add((dtype, tokens.shape[0]))
+            return got
+        self.fallback_reason = (f"torch.compile of the CPU step gave results {max(errors):.2g} off the eager "
+                                f"step's on torch {torch.__version__}")
+        warnings.warn(f"vision_rwkv: {self.fallback_reason}; decoding runs the step eagerly instead")
+        self.engines[(dtype, True)] = engine, engine.step
+        own.copy_(probe)
+        return want
