@@ -111,8 +111,7 @@ def end_to_end(captioner, paths, sampling, batch_size, workers) -> dict:
 @torch.no_grad()
 def stages(captioner, paths, sampling, batch_size, workers) -> dict:
     model, device = captioner.model, captioner.device
-    loader = torch.utils.data.DataLoader(_ImageFiles([str(p) for p in paths], model.encoder.preprocess,
-                                                     captioner.draft_size),  # decoded as Captioner decodes them
+    loader = torch.utils.data.DataLoader(captioner.image_files([str(p) for p in paths]),  # as Captioner loads
                                          batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                                          pin_memory=device.type == "cuda")
     totals = dict.fromkeys(("waiting for images", "encoder", "prefill", "decoding"), 0.0)
@@ -122,7 +121,7 @@ def stages(captioner, paths, sampling, batch_size, workers) -> dict:
     for batch in loader:
         now = time.perf_counter()
         totals["waiting for images"] += now - t
-        images = batch.images.to(device, non_blocking=True)
+        images = captioner.model_input(batch.images)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=captioner.bf16):
             tokens, pooled = model.encode(images)
             sync(device)
@@ -142,8 +141,8 @@ def stages(captioner, paths, sampling, batch_size, workers) -> dict:
             "ms_per_image": {k: 1000 * v / n for k, v in totals.items()}}
 
 
-def decode_only(paths, preprocess, batch_size, workers, draft_size=None) -> dict:
-    loader = torch.utils.data.DataLoader(_ImageFiles([str(p) for p in paths], preprocess, draft_size),
+def decode_only(captioner, paths, batch_size, workers) -> dict:
+    loader = torch.utils.data.DataLoader(captioner.image_files([str(p) for p in paths]),
                                          batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     t = time.perf_counter()
     n = sum(len(b.good) for b in loader)
@@ -257,12 +256,14 @@ def main() -> None:
           f"{args.new_tokens} new tokens per caption", flush=True)
 
     end_to_end(captioner, paths[:64], sampling, 32, args.workers)  # warm-up: kernel build, allocator, cuDNN
-    dec = decode_only(paths, captioner.model.encoder.preprocess, 32, args.workers, captioner.draft_size)
+    dec = decode_only(captioner, paths, 32, args.workers)
     report["decode_only"] = dec
     print(f"image decoding alone ({args.workers} workers, draft size {captioner.draft_size}): "
           f"{dec['images_per_s']:.0f} images/s", flush=True)
     for bs in args.batch_sizes:
         subset = paths[: args.batch1_images] if bs == 1 else paths
+        captioner.caption_images(captioner.model_input(torch.zeros(bs, 3, *captioner.model.encoder.image_size,
+                                                                   dtype=torch.uint8)), sampling)  # graphs at bs
         e2e = end_to_end(captioner, subset, sampling, bs, args.workers)
         st = stages(captioner, subset, sampling, bs, args.workers)
         report["runs"].append({"batch_size": bs, "end_to_end": e2e, "stages": st})

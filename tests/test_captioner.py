@@ -147,6 +147,26 @@ def test_score_is_the_best_hypothesis_logprob(captioner, tmp_path):
         assert r.caption == " ".join(model.tokenizer.decode(h[0].ids).split())
 
 
+def test_loaders_hand_over_uint8_pixels_that_the_device_normalises(captioner, tmp_path):
+    """caption_paths' workers resize and crop only; model_input normalises: the preprocessed floats exactly.
+    An encoder whose preprocess does not split (open_clip's) gets float tensors, and uint8 is refused."""
+    paths = [str(p) for p in write_images(tmp_path, 3)]
+    files = captioner.image_files(paths)
+    pixels = torch.stack([files[i][1] for i in range(3)])
+    assert pixels.dtype == torch.uint8
+    preprocess = captioner.model.encoder.preprocess
+    want = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
+    assert torch.equal(captioner.model_input(pixels), want) and torch.equal(captioner.model_input(want), want)
+    other = Captioner(captioner.model, "cpu")
+    other.model.encoder.preprocess = lambda image: preprocess(image)  # a transform with no pixels/normalize
+    try:
+        assert other.image_files(paths)[0][1].dtype == torch.float32
+        with pytest.raises(VisionRWKVError, match="uint8 pixels need an encoder preprocess with normalize"):
+            other.model_input(pixels)
+    finally:
+        other.model.encoder.preprocess = preprocess
+
+
 def test_bad_files_become_error_results_in_their_places(captioner, tmp_path):
     good, bad = write_bad_folder(tmp_path / "mixed")
     names = [good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3], bad[4], good[3], bad[5], good[4], good[5]]

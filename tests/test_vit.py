@@ -9,6 +9,7 @@ from PIL import Image
 from vision_rwkv.caption import vit
 from vision_rwkv.caption.encoder import ClipEncoder
 from vision_rwkv.config import EncoderConfig
+from vision_rwkv.errors import VisionRWKVError
 
 open_clip = pytest.importorskip("open_clip")
 open_clip.add_model_config(vit.PROJECT_CONFIGS)
@@ -91,3 +92,36 @@ def test_the_encoder_builds_plain_random_towers_itself_and_the_rest_with_open_cl
     open_clip.factory._MODEL_CONFIGS["vrwkv-test-sincos"] = cfg
     other = ClipEncoder(EncoderConfig(model="vrwkv-test-sincos"))
     assert type(other.visual) is open_clip.transformer.VisionTransformer and other.num_patches == 16
+
+
+def test_the_transform_splits_into_uint8_pixels_and_a_batched_normalisation():
+    """Loaders hand over pixels() and the model's device normalises a batch: the same floats as the transform."""
+    ours = vit.Preprocess(32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(40, 48), (33, 31)]]
+    pixels = torch.stack([ours.pixels(im) for im in images])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours.normalize(pixels), torch.stack([ours(im) for im in images]), rtol=0, atol=0)
+    if torch.cuda.is_available():  # the same operations, each exactly rounded: the same floats on the GPU
+        torch.testing.assert_close(ours.normalize(pixels.cuda()).cpu(), ours.normalize(pixels), rtol=0, atol=0)
+    for bad in (pixels.float(), pixels[:, :2], pixels[0, 0]):
+        with pytest.raises(VisionRWKVError, match=r"normalize takes uint8 pixels \(3, 32, 32\)"):
+            ours.normalize(bad)
+
+
+def test_a_half_precision_tower_runs_in_its_dtype_whatever_the_autocast():
+    """Under autocast a bf16 tower would keep an fp32 residual stream and cast around every product; it runs
+    in bf16 throughout instead: the same result with autocast on or off, near the fp32 tower's."""
+    torch.manual_seed(0)
+    encoder = ClipEncoder(EncoderConfig(model="vrwkv-ViT-tiny")).eval()
+    images = torch.randn(3, 3, *encoder.image_size)
+    want_tokens, want_pooled = encoder(images)
+    encoder.to(torch.bfloat16)
+    tokens, pooled = encoder(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_tokens, auto_pooled = encoder(images)
+    assert tokens.dtype == pooled.dtype == torch.bfloat16
+    assert torch.equal(auto_tokens, tokens) and torch.equal(auto_pooled, pooled)
+    for got, want in ((tokens, want_tokens), (pooled, want_pooled)):
+        err = float((got.float() - want).abs().max() / want.abs().max())
+        assert 0 < err < 0.05, err  # bf16 rounding, not a different function

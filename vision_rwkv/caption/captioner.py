@@ -131,6 +131,28 @@ class Captioner:
         """The side JPEGs are decoded down to (at least), or None for full decodes."""
         return max(self.model.encoder.image_size) if self.jpeg_draft else None
 
+    # ---- loading images ----------------------------------------------------------------------------------
+
+    def image_files(self, paths: list[str]) -> Dataset:
+        """The images as a Dataset for DataLoader workers (collate with _collate): each JPEG decoded at
+        draft_size, and preprocessed up to uint8 pixels where the encoder's preprocess splits (the project's
+        own ViT transform: the workers resize and crop, model_input normalises on the device, and a loader
+        moves a quarter of the bytes), or in full otherwise."""
+        preprocess = self.model.encoder.preprocess
+        return _ImageFiles(paths, getattr(preprocess, "pixels", preprocess), self.draft_size)
+
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch from image_files, or preprocessed images, on the model's device: uint8 pixels are
+        normalised there by the encoder's preprocess."""
+        images = images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            normalize = getattr(self.model.encoder.preprocess, "normalize", None)
+            if normalize is None:
+                raise VisionRWKVError("uint8 pixels need an encoder preprocess with normalize(); this encoder's "
+                                      "(built by open_clip) takes preprocessed float images")
+            images = normalize(images)
+        return images
+
     # ---- captioning ------------------------------------------------------------------------------------
 
     def caption_paths(self, paths: Iterable[str | os.PathLike], sampling: SamplingConfig, batch_size: int = 32,
@@ -157,7 +179,7 @@ class Captioner:
         if not paths:
             return
         loader = DataLoader(
-            _ImageFiles(paths, self.model.encoder.preprocess, self.draft_size),
+            self.image_files(paths),
             batch_size=batch_size,
             shuffle=False,
             num_workers=min(num_workers, -(-len(paths) // batch_size)),  # no more workers than batches
@@ -190,8 +212,9 @@ class Captioner:
     def caption_images(self, images: torch.Tensor, sampling: SamplingConfig,
                        generator: torch.Generator | None = None) -> list[list[tuple[str, float]]]:
         """Preprocessed images (B,3,H,W) -> per image, num_return_sequences (caption, score) pairs, best
-        first. Images come from self.model.encoder.preprocess; the server calls this from its one worker."""
-        images = images.to(self.device, non_blocking=True)
+        first. Images come from self.model.encoder.preprocess, or are its uint8 pixels (see model_input);
+        the server calls this from its one worker."""
+        images = self.model_input(images)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             tokens, pooled = self.model.encode(images)
             hyps = caption_features(self.model, tokens, pooled, sampling, generator)
@@ -209,7 +232,7 @@ class Captioner:
         out = torch.zeros(len(paths), self.model.encoder.pooled_dim)
         for batch in self._image_batches(paths, batch_size, num_workers):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                _, pooled = self.model.encode(batch.images.to(self.device, non_blocking=True))
+                _, pooled = self.model.encode(self.model_input(batch.images))
             out[batch.good] = pooled.float().cpu()
         return torch.nn.functional.normalize(out, dim=1) if normalize else out
 
@@ -237,7 +260,7 @@ class Captioner:
         for batch in self._image_batches(images, batch_size, num_workers):
             pairs = [(row, i) for row, k in enumerate(batch.good) for i in pairs_of[images[k]]]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                tokens, pooled = self.model.encode(batch.images.to(self.device, non_blocking=True))
+                tokens, pooled = self.model.encode(self.model_input(batch.images))
                 s, c = score_captions(self.model, tokens, pooled, [ids[i] for _, i in pairs],
                                       [row for row, _ in pairs], batch_size)
             index = torch.tensor([i for _, i in pairs], dtype=torch.long)
@@ -252,7 +275,7 @@ class Captioner:
             raise VisionRWKVError(f"num_workers is {num_workers!r}; expected 0 (decode in this process) or more")
         if not paths:
             return
-        files = _ImageFiles(paths, self.model.encoder.preprocess, self.draft_size)
+        files = self.image_files(paths)
         loader = DataLoader(files, batch_size=batch_size, shuffle=False,
                             num_workers=min(num_workers, -(-len(paths) // batch_size)), collate_fn=_collate)
         for batch in loader:
@@ -270,7 +293,7 @@ class Captioner:
 
 
 class _ImageFiles(Dataset):
-    """Item i: (i, preprocessed image tensor, None) or (i, None, one-line reason it could not be read)."""
+    """Item i: (i, preprocess(image), None) or (i, None, one-line reason it could not be read)."""
 
     def __init__(self, paths: list[str], preprocess, draft_size: int | None = None):
         self.paths = paths

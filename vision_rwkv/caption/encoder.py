@@ -128,8 +128,16 @@ class ClipEncoder(nn.Module):
             raise VisionRWKVError(
                 f"encoder input must be (B, 3, {self.image_size[0]}, {self.image_size[1]}), got {tuple(images.shape)}"
             )
+        dtype = next(self.visual.parameters()).dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            pooled, tokens = self.visual(images)
+            if dtype in (torch.bfloat16, torch.float16):
+                # A half-precision tower runs in its own dtype throughout, autocast or not: under autocast its
+                # norms would return fp32, the residual stream would stay fp32, and every product would cast
+                # its input back (a third of a ViT-B-16 forward at batch 256 on an H200).
+                with torch.autocast(images.device.type, enabled=False):
+                    pooled, tokens = self.visual(images.to(dtype))
+            else:
+                pooled, tokens = self.visual(images)
         return tokens, pooled
 
     def feature_key(self) -> str:

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import VisionRWKVError
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PROJECT_CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "clip_configs"
@@ -200,6 +202,12 @@ class Preprocess:
         self.filter = Image.BILINEAR if interpolation == "bilinear" else Image.BICUBIC
 
     def __call__(self, image) -> torch.Tensor:
+        return self.normalize(self.pixels(image))
+
+    def pixels(self, image) -> torch.Tensor:
+        """The resize and crop only: PIL image -> (3,S,S) uint8. A quarter of the float tensor's bytes, so
+        loaders hand these over and normalize() runs where the model is (the same values: the same
+        operations, each exactly rounded)."""
         s = self.size
         if self.resize_mode == "squash":
             image = image.resize((s, s), self.filter)
@@ -211,8 +219,15 @@ class Preprocess:
                 image = image.resize((s, new_long) if w <= h else (new_long, s), self.filter)
             image = _center_crop(image, s)
         x = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8, copy=True))
-        x = x.permute(2, 0, 1).float().div(255)
-        return x.sub_(self.mean).div_(self.std)
+        return x.permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (3,S,S) or (B,3,S,S), on any device -> the float32 tensor __call__ gives."""
+        if pixels.dtype != torch.uint8 or pixels.dim() not in (3, 4) or pixels.shape[-3:] != (3, self.size, self.size):
+            raise VisionRWKVError(f"normalize takes uint8 pixels (3, {self.size}, {self.size}) or (B, 3, {self.size}, "
+                             f"{self.size}) from pixels(); got {pixels.dtype} {tuple(pixels.shape)}")
+        x = pixels.float().div_(255)
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
 
 def _center_crop(image, size: int):

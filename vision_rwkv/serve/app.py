@@ -245,14 +245,16 @@ def sampling_summary(sampling: SamplingConfig) -> dict:
 
 
 def preprocess(captioner, named: list[tuple[str, bytes]], max_pixels: int):
-    """Decode and preprocess every image: (n,3,H,W). 413 for one over the pixel limit, 400 for one that is not
-    an image."""
+    """Decode and preprocess every image: (n,3,H,W), uint8 pixels where the encoder's preprocess splits (a
+    quarter of the bytes while queued; Captioner.model_input normalises them on the device). 413 for one
+    over the pixel limit, 400 for one that is not an image."""
     import torch
 
+    transform = getattr(captioner.model.encoder.preprocess, "pixels", captioner.model.encoder.preprocess)
     tensors = []
     for name, data in named:
         try:
-            tensors.append(captioner.model.encoder.preprocess(decode_image_bytes(data, name, max_pixels)))
+            tensors.append(transform(decode_image_bytes(data, name, max_pixels)))
         except TooManyPixels as e:
             raise RequestError(one_line(e), 413) from None
         except VisionRWKVError as e:

@@ -133,7 +133,7 @@ class RunningBatch:
     def admit(self, jobs) -> None:
         """Encode and prefill the jobs' images, and write their rows into free slots."""
         model = self.captioner.model
-        images = torch.cat([job.images for job in jobs]).to(self.captioner.device)
+        images = self.captioner.model_input(torch.cat([job.images for job in jobs]))
         with self._context():
             tokens, pooled = model.encode(images)
             logits, state = model.prefill(tokens, pooled)  # (n,V)

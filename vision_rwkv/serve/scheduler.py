@@ -54,7 +54,7 @@ class Captioned:
 
 @dataclass
 class _Job:
-    images: torch.Tensor  # (n,3,H,W), preprocessed
+    images: torch.Tensor  # (n,3,H,W), preprocessed, or uint8 pixels (Captioner.model_input)
     sampling: SamplingConfig
     future: Future = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
