@@ -440,7 +440,7 @@ class EngineStepper:
             return got
         self.fallback_reason = (f"torch.compile of the CPU step gave results {max(errors):.2g} off the eager "
                                 f"step's on torch {torch.__version__}")
-        warnings.warn(f"vision_rwkv: {self.fallback_reason}; decoding runs the step eagerly instead")
+        warnings.warn(f"vision_rwkv: {self.fallback_reason}; decoding runs the step eagerly instead", stacklevel=3)
         self.engines[(dtype, True)] = engine, engine.step
         own.copy_(probe)
         return want
