@@ -351,11 +351,8 @@ class InProcessServer:
 
         from vision_rwkv.config import ServeConfig
         from vision_rwkv.serve import create_app
-        from vision_rwkv.serve.continuous import warm_up
 
-        self.captioner = load_captioner(args)
-        if args.continuous:
-            warm_up(self.captioner, args.max_batch)  # before the worker exists: graphs, allocator pools
+        self.captioner = load_captioner(args)  # on CUDA the app's start-up warms it up (continuous.warm_up)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

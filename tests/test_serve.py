@@ -541,3 +541,35 @@ def test_the_running_batch_grows_reuses_freed_slots_and_shrinks_with_every_row_a
     assert [[c for c, _ in image] for image in got[id(pair)]] == [[c for c, _ in image] for image in want]
     assert [s for image in got[id(pair)] for _, s in image] == pytest.approx([s for image in want for _, s in image],
                                                                            abs=1e-4)
+
+
+def test_joins_padded_to_a_power_of_two_give_the_same_captions_and_warm_up_covers_every_padded_size(captioner,
+                                                                                                  monkeypatch):
+    """With CUDA graphs a join is padded to a power of two (a graph per size, each captured by warm_up): the
+    padding rows are encoded, prefilled and dropped; the real rows decode as they do unpadded."""
+    from vision_rwkv.serve import continuous
+
+    model = captioner.model
+    seen = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda images: seen.append(images.shape[0]) or encode(images))
+    images = preprocessed(captioner, EXAMPLES[:3])
+    sampling = SamplingConfig(max_new_tokens=12)
+
+    def run():
+        scheduler = BatchScheduler(captioner, max_batch=8, max_wait_ms=50).start()
+        try:
+            return scheduler.submit(images, sampling).result(timeout=60).captions
+        finally:
+            scheduler.close()
+
+    plain = run()
+    assert seen == [3]
+    monkeypatch.setattr(continuous, "pads_joins", lambda captioner: True)
+    padded = run()
+    assert seen == [3, 4] and [[c for c, _ in image] for image in padded] == [[c for c, _ in image] for image in plain]
+    assert [s for image in padded for _, s in image] == pytest.approx([s for image in plain for _, s in image],
+                                                                      abs=1e-4)
+    seen.clear()
+    continuous.warm_up(captioner, 6)
+    assert seen == [1, 2, 4, 8]

@@ -31,6 +31,7 @@ from starlette.routing import Route
 from ..caption.images import TooManyPixels, decode_image_bytes
 from ..config import SamplingConfig, ServeConfig, Strategy
 from ..errors import VisionRWKVError, one_line
+from .continuous import warm_up
 from .scheduler import BatchScheduler, QueueFull, SchedulerClosed
 
 # The request fields that choose decoding, and how each is read from a form's text.
@@ -51,13 +52,16 @@ class RequestError(VisionRWKVError):
 
 
 def create_app(captioner, cfg: ServeConfig | None = None, *, name: str = "demo") -> Starlette:
-    """The app for a loaded Captioner. Its lifespan starts the batching worker and, at shutdown (after
-    uvicorn has finished the requests in flight), drains the queue and stops it."""
+    """The app for a loaded Captioner. Its lifespan warms the model up on CUDA (continuous.warm_up), starts
+    the batching worker and, at shutdown (after uvicorn has finished the requests in flight), drains the
+    queue and stops it."""
     cfg = (cfg or ServeConfig()).validate()
     scheduler = BatchScheduler(captioner, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, cfg.continuous)
 
     @asynccontextmanager
     async def lifespan(app):
+        if captioner.device.type == "cuda":  # every graph a request can need, captured before the first one
+            await run_in_threadpool(warm_up, captioner, cfg.max_batch)
         scheduler.start()
         try:
             yield

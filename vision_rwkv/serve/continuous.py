@@ -2,9 +2,9 @@
 step and leave as soon as they end.
 
 With RNN states there is no cache to page: a row is its state, kept in a slot of a state buffer whose
-capacity is a power of two. New images are encoded and prefilled on their own, then their states and logits
-are written into free slots (the capacity doubling first when none is free); a finished row just frees its
-slot. The stepper runs on the whole capacity, so on CUDA one bucketed graph serves it with no padding and the
+capacity is a power of two. New images are encoded and prefilled on their own (on CUDA padded to a power of
+two, so a few graphs serve every join), then their states and logits are written into free slots (the
+capacity doubling first when none is free); a finished row just frees its slot. The stepper runs on the whole capacity, so on CUDA one bucketed graph serves it with no padding and the
 state stays the graph's own buffer between steps: a steady batch copies no state. Free slots step on token 0
 and their results are ignored. Only when the live rows fit in a quarter of the capacity is the buffer
 compacted, with one gather, to twice their bucket; when no row is left, the buffers go.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SamplingConfig, Strategy
-from ..lm.graphs import rnn_stepper
+from ..lm.graphs import graphs_enabled, rnn_stepper
 from ..lm.sampling import TokenChooser
 from ..lm.state import DecoderState
 
@@ -58,18 +58,26 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def pads_joins(captioner) -> bool:
+    """Whether images joining together are padded to a power of two (with CUDA graphs: a graph per size)."""
+    return captioner.device.type == "cuda" and graphs_enabled()
+
+
 @torch.no_grad()
 def warm_up(captioner, max_rows: int) -> None:
     """Run, untimed, every shape a RunningBatch of up to max_rows rows uses: the encoder and prefill at each
-    number of images joining at once (1..max_rows), and the step at each power-of-two capacity up to
-    max_rows' bucket, under the autocast it runs with. On CUDA this captures their graphs and grows the
-    allocator's pools before the first request rather than during it. Call it before serving: it uses the
-    decoder's stepper, which only the worker thread may touch once requests flow."""
+    number of images joining at once (a power of two up to max_rows' bucket where joins are padded,
+    1..max_rows otherwise), and the step at each power-of-two capacity up to max_rows' bucket, under the
+    autocast it runs with. On CUDA this captures their graphs and grows the allocator's pools before the
+    first request rather than during it. Call it before serving: it uses the decoder's stepper, which only
+    the worker thread may touch once requests flow."""
     model, device = captioner.model, captioner.device
     size = model.encoder.image_size
     context = torch.autocast(device.type, dtype=torch.bfloat16, enabled=captioner.bf16)
+    joins = [1 << k for k in range(_bucket(max_rows).bit_length())] if pads_joins(captioner) \
+        else range(1, max_rows + 1)
     with context:
-        for n in range(1, max_rows + 1):
+        for n in joins:
             model.prefill(*model.encode(torch.zeros(n, 3, *size, device=device)))
         step, capacity = rnn_stepper(model.decoder), 1
         while capacity <= _bucket(max_rows):
@@ -134,9 +142,13 @@ class RunningBatch:
         """Encode and prefill the jobs' images, and write their rows into free slots."""
         model = self.captioner.model
         images = self.captioner.model_input(torch.cat([job.images for job in jobs]))
+        n = images.shape[0]
+        if pads_joins(self.captioner):  # a few join sizes, so a few graphs (warm_up captures them all)
+            images = torch.cat([images, images[-1:].expand(_bucket(n) - n, *images.shape[1:])])
         with self._context():
             tokens, pooled = model.encode(images)
-            logits, state = model.prefill(tokens, pooled)  # (n,V)
+            logits, state = model.prefill(tokens, pooled)  # (n or its bucket, V); rows never mix
+        logits, state = logits[:n], state[:n]
         first, picks, rows = 0, [], []
         vocab, device = logits.shape[-1], logits.device
         for job in jobs:
