@@ -4,8 +4,9 @@ step and leave as soon as they end.
 With RNN states there is no cache to page: a row is its state, kept in a slot of a state buffer whose
 capacity is a power of two. New images are encoded and prefilled on their own (on CUDA padded to a power of
 two, so a few graphs serve every join), then their states and logits are written into free slots (the
-capacity doubling first when none is free); a finished row just frees its slot. The stepper runs on the whole capacity, so on CUDA one bucketed graph serves it with no padding and the
-state stays the graph's own buffer between steps: a steady batch copies no state. Free slots step on token 0
+capacity doubling first when none is free); a finished row just frees its slot. The stepper runs on the
+whole capacity, so on CUDA one bucketed graph serves it with no padding and the state stays the graph's own
+buffer between steps: a steady batch copies no state. Free slots step on token 0
 and their results are ignored. Only when the live rows fit in a quarter of the capacity is the buffer
 compacted, with one gather, to twice their bucket; when no row is left, the buffers go.
 
