@@ -50,6 +50,7 @@ from vision_rwkv.config import (  # noqa: E402
     RWKV7Config,
     SamplingConfig,
 )
+from vision_rwkv.lm.beam import beam_search  # noqa: E402
 from vision_rwkv.lm.generate import decode_loop  # noqa: E402
 from vision_rwkv.lm.graphs import prefill_runner  # noqa: E402
 
@@ -129,7 +130,10 @@ def stages(captioner, paths, sampling, batch_size, workers) -> dict:
             logits, state = prefill_runner(model.decoder)(model.prefix(tokens, pooled))  # as caption_features
             sync(device)
             t2 = time.perf_counter()
-            decode_loop(model.decoder, logits, state, sampling, stop)
+            if sampling.strategy == "beam":
+                beam_search(model.decoder, logits, state, sampling, stop)
+            else:
+                decode_loop(model.decoder, logits, state, sampling, stop)
             sync(device)
             t = time.perf_counter()
         totals["encoder"] += t1 - now
@@ -230,6 +234,8 @@ def main() -> None:
     ap.add_argument("--baseline-images", type=int, default=64)
     ap.add_argument("--eager-images", type=int, default=512, help="images for the graphs-off and GPT-2 runs")
     ap.add_argument("--new-tokens", type=int, default=20)
+    ap.add_argument("--num-beams", type=int, default=1,
+                    help="1: greedy; more: beam search with this many beams (our runs only: implies --no-baselines)")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--folder", default=None, help="where the JPEGs go (default: a temporary folder)")
     ap.add_argument("--device", default="auto")
@@ -248,12 +254,17 @@ def main() -> None:
     model = build_model(device)
     captioner = Captioner(model.to(torch.bfloat16) if args.dtype == "bf16" else model, device)
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    if args.num_beams > 1:
+        sampling = SamplingConfig(strategy="beam", num_beams=args.num_beams, max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens)
+        args.no_baselines = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     report = {"device": name, "torch": torch.__version__, "workers": args.workers, "new_tokens": args.new_tokens,
-              "dtype": args.dtype,
+              "dtype": args.dtype, "num_beams": args.num_beams,
               "model": "ViT-B-16 (random) + mlp projector + RWKV-7 L12-D768 V65536", "runs": []}
     print(f"device {name}, torch {torch.__version__}, {args.dtype} weights, {args.workers} decode workers, "
-          f"{args.new_tokens} new tokens per caption", flush=True)
+          f"{args.new_tokens} new tokens per caption, " + (f"beam search, {args.num_beams} beams" if
+                                                          args.num_beams > 1 else "greedy"), flush=True)
 
     end_to_end(captioner, paths[:64], sampling, 32, args.workers)  # warm-up: kernel build, allocator, cuDNN
     dec = decode_only(captioner, paths, 32, args.workers)
