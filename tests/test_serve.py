@@ -573,3 +573,22 @@ def test_joins_padded_to_a_power_of_two_give_the_same_captions_and_warm_up_cover
     seen.clear()
     continuous.warm_up(captioner, 6)
     assert seen == [1, 2, 4, 8]
+
+
+def test_while_rows_decode_new_images_join_in_groups_or_after_max_wait(captioner, monkeypatch):
+    """A join costs about the same for 1 image as for 16, and every decoding row waits for it: with 8 rows
+    decoding, one queued image waits (up to max_wait) for a second, a quarter of 8; max_wait 0 joins at once."""
+    from vision_rwkv.serve import continuous, scheduler as scheduler_module
+
+    assert scheduler_module.JOIN_FRACTION == 4
+    image = preprocessed(captioner, EXAMPLES[:1])
+    for wait_ms, joins_alone in ((60_000, False), (0, True)):
+        scheduler = BatchScheduler(captioner, max_batch=32, max_wait_ms=wait_ms)  # not started: driven here
+        monkeypatch.setattr(continuous.RunningBatch, "__len__", lambda self: 8)
+        first = scheduler.submit(image, SamplingConfig())
+        taken = scheduler._take_batch(block=False)
+        assert (len(taken) == 1) if joins_alone else taken == []
+        if not joins_alone:
+            scheduler.submit(image, SamplingConfig())
+            assert len(scheduler._take_batch(block=False)) == 2 and scheduler.queued_images == 0
+        first.cancel()

@@ -1,8 +1,9 @@
 """Batching for the server: one worker thread owns the model and captions queued requests together.
 
 Requests wait in a bounded queue. Greedy and sampling requests (greedy is the page's and the API's
-default) are batched continuously, at the step level: their images are encoded and prefilled as soon as
-the worker is between two steps, their rows join the running decode at the next step, each choosing its
+default) are batched continuously, at the step level: their images are encoded and prefilled between two
+steps (in groups: once they are a quarter of the rows decoding, or the oldest has waited max_wait_ms),
+their rows join the running decode at the next step, each choosing its
 tokens with its own settings and generator, and each row leaves as soon as it ends
 (vision_rwkv.serve.continuous). Beam search (and every request, with continuous=False) is batched per
 request: when nothing is decoding, the worker waits up to max_wait_ms for more to arrive (until
@@ -32,6 +33,9 @@ import torch
 from ..config import SamplingConfig, Strategy
 from ..errors import VisionRWKVError
 from .continuous import RunningBatch, joins_running_batch
+
+
+JOIN_FRACTION = 4  # while rows decode, new images join once they are a quarter of them (or waited max_wait)
 
 
 class QueueFull(VisionRWKVError):
@@ -148,7 +152,10 @@ class BatchScheduler:
     def _take_batch(self, block: bool) -> list[_Job] | None:
         """Blocking (nothing is decoding): wait for a job, then up to max_wait for max_batch images; None once
         closing with nothing left. Not blocking (rows are decoding): whatever is queued now, up to the
-        room left in the running batch, so it joins at the next step."""
+        room left in the running batch, so it joins at the next step; but only once the queued images are
+        at least 1/JOIN_FRACTION of the rows decoding, or the oldest has waited max_wait: a join's encode
+        and prefill take about as long for 1 image as for 16 (launch-bound graphs), and every row waits for
+        it, so joins come in groups."""
         room = self.max_batch - len(self._running)
         with self._cond:
             if block:
@@ -162,8 +169,11 @@ class BatchScheduler:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            elif room <= 0:
+            elif room <= 0 or not self._jobs:
                 return []
+            elif self._queued_images < len(self._running) // JOIN_FRACTION \
+                    and time.perf_counter() - self._jobs[0].queued_at < self.max_wait_s:
+                return []  # not yet: too few to join a large batch, and the oldest can wait longer
             jobs, images = [], 0
             while self._jobs and (not jobs or images + self._jobs[0].size <= room):
                 if not block and images + self._jobs[0].size > room:
