@@ -578,7 +578,8 @@ def test_joins_padded_to_a_power_of_two_give_the_same_captions_and_warm_up_cover
 def test_while_rows_decode_new_images_join_in_groups_or_after_max_wait(captioner, monkeypatch):
     """A join costs about the same for 1 image as for 16, and every decoding row waits for it: with 8 rows
     decoding, one queued image waits (up to max_wait) for a second, a quarter of 8; max_wait 0 joins at once."""
-    from vision_rwkv.serve import continuous, scheduler as scheduler_module
+    from vision_rwkv.serve import continuous
+    from vision_rwkv.serve import scheduler as scheduler_module
 
     assert scheduler_module.JOIN_FRACTION == 4
     image = preprocessed(captioner, EXAMPLES[:1])

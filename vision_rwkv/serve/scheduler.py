@@ -34,7 +34,6 @@ from ..config import SamplingConfig, Strategy
 from ..errors import VisionRWKVError
 from .continuous import RunningBatch, joins_running_batch
 
-
 JOIN_FRACTION = 4  # while rows decode, new images join once they are a quarter of them (or waited max_wait)
 
 
