@@ -224,8 +224,9 @@ class Preprocess:
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels (3,S,S) or (B,3,S,S), on any device -> the float32 tensor __call__ gives."""
         if pixels.dtype != torch.uint8 or pixels.dim() not in (3, 4) or pixels.shape[-3:] != (3, self.size, self.size):
-            raise VisionRWKVError(f"normalize takes uint8 pixels (3, {self.size}, {self.size}) or (B, 3, {self.size}, "
-                             f"{self.size}) from pixels(); got {pixels.dtype} {tuple(pixels.shape)}")
+            raise VisionRWKVError(f"normalize takes uint8 pixels (3, {self.size}, {self.size}) or "
+                                  f"(B, 3, {self.size}, {self.size}) from pixels(); got {pixels.dtype} "
+                                  f"{tuple(pixels.shape)}")
         x = pixels.float().div_(255)
         return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
