@@ -21,8 +21,11 @@ Three measurements per batch size, in one process:
   eager        the stages again with CUDA graphs off (VISION_RWKV_CUDA_GRAPHS=0): the prefill and every
                RNN step launched kernel by kernel from Python, as before graphs.
   GPT-2        when `transformers` is installed: a GPT-2 decoder of the same size (L12-D768, vocabulary
-               65,536, random weights) decoding the same prefix embeddings with its KV cache
-               (generate(), greedy, the same number of new tokens): the usual transformer way.
+               65,536, random weights) decoding the same prefix embeddings greedily, the same number of
+               new tokens, at every batch size, three ways: generate() with its default (dynamic) KV
+               cache, generate() with its static cache, and bench/gpt2_min.py (a preallocated cache,
+               compiled, the step replayed as a CUDA graph: the transformer at its best, like against
+               our graph-replayed RNN step).
 Image decoding alone (the DataLoader with --workers, no model) is timed too, as the ceiling it sets.
 """
 
@@ -41,6 +44,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpt2_min import MinimalGPT2  # noqa: E402
+
 from vision_rwkv.caption.captioner import Captioner, _collate, _ImageFiles  # noqa: E402
 from vision_rwkv.caption.model import build_caption_model  # noqa: E402
 from vision_rwkv.config import (  # noqa: E402
@@ -194,26 +199,38 @@ def baseline(captioner, paths, new_tokens, batch_size) -> dict:
 
 
 @torch.no_grad()
-def gpt2_baseline(captioner, paths, new_tokens, batch_size) -> dict | None:
-    """Decoding time per image of a same-size GPT-2 with its KV cache, from the same prefix embeddings."""
+def gpt2_baseline(captioner, paths, new_tokens, batch_size, kind: str = "dynamic") -> dict | None:
+    """Decoding time per image (prefill included) of a same-size GPT-2 from the same prefix embeddings.
+    kind: "dynamic" (transformers' generate() with its default cache), "static" (generate() with
+    cache_implementation="static") or "minimal" (bench/gpt2_min.py: a preallocated cache, compiled, the
+    step replayed as a CUDA graph). The first batch of each warms up (and compiles)."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         return None
     model, device = captioner.model, captioner.device
     cfg = GPT2Config(vocab_size=65536, n_positions=512, n_embd=768, n_layer=12, n_head=12)
+    torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(cfg).to(device, model.decoder.emb.weight.dtype).eval()
-    loader = torch.utils.data.DataLoader(_ImageFiles([str(p) for p in paths], model.encoder.preprocess),
-                                         batch_size=batch_size, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(captioner.image_files([str(p) for p in paths]), batch_size=batch_size,
+                                         collate_fn=_collate, drop_last=True)
+    minimal = None
     seconds, n = 0.0, 0
     for i, batch in enumerate(loader):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=captioner.bf16):
-            prefix = model.prefix(*model.encode(batch.images.to(device)))
+            prefix = model.prefix(*model.encode(captioner.model_input(batch.images)))
             mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
             sync(device)
             t = time.perf_counter()
-            gpt2.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+            if kind == "minimal":
+                if minimal is None:
+                    minimal = MinimalGPT2(gpt2, prefix.shape[0], prefix.shape[1] + new_tokens).compile()
+                minimal.greedy(prefix.to(gpt2.dtype), new_tokens)
+            else:
+                extra = {"cache_implementation": "static"} if kind == "static" else {}
+                gpt2.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
+                              **extra)
             sync(device)
         if i:  # the first batch warms up
             seconds += time.perf_counter() - t
@@ -222,7 +239,7 @@ def gpt2_baseline(captioner, paths, new_tokens, batch_size) -> dict | None:
         return None
     import transformers
 
-    return {"images": n, "batch_size": batch_size, "transformers": transformers.__version__,
+    return {"kind": kind, "images": n, "batch_size": batch_size, "transformers": transformers.__version__,
             "ms_per_image": 1000 * seconds / n, "tokens_per_s": n * new_tokens / seconds}
 
 
@@ -295,13 +312,22 @@ def main() -> None:
               f"images/s with syncs; ms/image: " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                           st["ms_per_image"].items()), flush=True)
     os.environ.pop("VISION_RWKV_CUDA_GRAPHS")
-    for bs in [b for b in args.batch_sizes if b > 1]:
-        g2 = gpt2_baseline(captioner, paths[: args.eager_images], args.new_tokens, bs)
-        if g2 is not None:
-            report.setdefault("gpt2", []).append(g2)
-            print(f"GPT-2 L12-D768 with KV cache (transformers {g2['transformers']}), batch {bs} "
-                  f"({g2['images']} images): decoding {g2['ms_per_image']:.3f} ms/image, prefill included; "
-                  f"{g2['tokens_per_s']:.0f} tokens/s", flush=True)
+    names = {"dynamic": "generate(), dynamic cache", "static": "generate(), static cache",
+             "minimal": "bench/gpt2_min.py, preallocated cache, compiled"
+                        + (", step in a CUDA graph" if device.type == "cuda" else "")}
+    for bs in args.batch_sizes:
+        for kind in ("dynamic", "static", "minimal"):
+            try:
+                g2 = gpt2_baseline(captioner, paths[: max(args.eager_images, 2 * bs)], args.new_tokens, bs, kind)
+            except Exception as e:  # a baseline that fails is reported, not fatal
+                print(f"GPT-2 ({names[kind]}), batch {bs}: failed: {type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}", flush=True)
+                continue
+            if g2 is not None:
+                report.setdefault("gpt2", []).append(g2)
+                print(f"GPT-2 L12-D768 V65536 ({names[kind]}; transformers {g2['transformers']}), batch {bs} "
+                      f"({g2['images']} images): decoding {g2['ms_per_image']:.3f} ms/image, prefill included; "
+                      f"{g2['tokens_per_s']:.0f} tokens/s", flush=True)
     base = baseline(captioner, paths[: args.baseline_images], args.new_tokens, 32)
     report["baseline"] = base
     print(f"baseline, batch 32 ({base['images']} images), decoding {args.new_tokens} tokens: RNN mode "
