@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_caption import compose, to_caption_config  # noqa: E402
+from vision_rwkv.cli.train import compose, to_caption_config  # noqa: E402
 from vision_rwkv.train.trainer import Trainer  # noqa: E402
 
 
