@@ -5,6 +5,7 @@ back) and open-loop rates (requests on a fixed schedule, whatever the answers).
     python bench/serve_load.py --model throughput --clients 1,32,128 --rates 0.5x,2x --max-new-tokens 20 \\
         --max-batch 128 --json serve.json                     # the GPU goals, on the benchmark's model
     python bench/serve_load.py --url http://127.0.0.1:8000      # a server already running (loopback only)
+    python bench/serve_load.py --model stub --clients 8,32 --client-procs 2   # the HTTP side's own capacity
 
 Without --url the server runs in this process (uvicorn on a free loopback port, in a thread) with the demo
 model, --checkpoint, or --model throughput (bench/caption_throughput.py's model: ViT-B-16, RWKV-7 L12-D768,
@@ -69,9 +70,10 @@ def parse_args(argv):
     p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take")
     p.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                    help="processes the clients run in (default: min(8, CPUs/2)); 1: threads of this process")
-    p.add_argument("--model", choices=["checkpoint", "throughput"], default="checkpoint",
-                   help="in-process server: --checkpoint (default: the demo model), or bench/caption_throughput.py's "
-                        "random-weight model")
+    p.add_argument("--model", choices=["checkpoint", "throughput", "stub"], default="checkpoint",
+                   help="in-process server: --checkpoint (default: the demo model), bench/caption_throughput.py's "
+                        "random-weight model, or stub: the HTTP side alone (every request answered at once, no "
+                        "model run), the capacity of the server's intake")
     p.add_argument("--checkpoint", default=None, help="in-process server: a caption checkpoint (default: demo)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -84,8 +86,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.client_procs < 1:
         p.error(f"--client-procs must be at least 1, got {args.client_procs}")
-    if args.model == "throughput" and args.checkpoint:
-        p.error("--model throughput builds its own model; leave out --checkpoint")
+    if args.model in ("throughput", "stub") and args.checkpoint:
+        p.error(f"--model {args.model} builds its own model; leave out --checkpoint")
     args.levels = [int(n) for n in args.clients.split(",") if n.strip()]
     args.rate_specs = [r.strip() for r in args.rates.split(",") if r.strip()]
     for r in args.rate_specs:
@@ -332,6 +334,8 @@ def load_captioner(args):
 
     if args.model == "checkpoint":
         return Captioner.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    if args.model == "stub":  # only its preprocess and description are used
+        return Captioner.load(device="cpu", dtype="fp32")
     from vision_rwkv.caption.captioner import resolve_device
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -359,6 +363,8 @@ class InProcessServer:
         cfg = ServeConfig(port=self.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           max_queue=args.max_queue, continuous=args.continuous)
         app = create_app(self.captioner, cfg)
+        if args.model == "stub":
+            app.state.scheduler.submit = _answer_at_once
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     limit_concurrency=4096, backlog=4096))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -377,11 +383,24 @@ class InProcessServer:
         self.thread.join(60)
 
 
-def describe(captioner) -> str:
+def _answer_at_once(images, sampling):
+    """--model stub: what BatchScheduler.submit returns, done at once, with no model run."""
+    from concurrent.futures import Future
+
+    from vision_rwkv.serve.scheduler import Captioned
+
+    done = Future()
+    done.set_result(Captioned([[("a stub caption", 0.0)]] * images.shape[0], 0.0, 0.0, images.shape[0]))
+    return done
+
+
+def describe(captioner, args=None) -> str:
     import torch
 
     if captioner is None:
         return "a server at --url"
+    if args is not None and args.model == "stub":
+        return "stub: the HTTP side alone, every request answered at once with no model run"
     dev = captioner.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     c = captioner.model.config.decoder
@@ -423,13 +442,13 @@ def main(argv=None) -> list[dict]:
         closed, opened = measure(target.hostname, target.port or 80, args, body, content_type)
         return report(None, None, closed, opened, args)
     with InProcessServer(args) as server:
-        baseline = offline_images_per_s(server.captioner, args)
+        baseline = None if args.model == "stub" else offline_images_per_s(server.captioner, args)
         closed, opened = measure("127.0.0.1", server.port, args, body, content_type)
     return report(server.captioner, baseline, closed, opened, args)
 
 
 def report(captioner, baseline, closed, opened, args) -> list[dict]:
-    device = describe(captioner)
+    device = describe(captioner, args)
     print(f"serve load: {device}; max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
           f"max_queue {args.max_queue}, continuous {args.continuous}, {args.max_new_tokens} new tokens max, "
           f"{args.seconds:g} s per level, {args.client_procs} client processes")

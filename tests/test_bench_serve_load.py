@@ -72,3 +72,10 @@ def test_the_parse_bench_runs_and_both_parsers_agree(capsys):
     best = serve_parse.main(["--repeats", "3", "--rounds", "1"])
     assert set(best) == {"email.parser", "ours"} and all(v > 0 for v in best.values())
     assert "1165-byte request" in capsys.readouterr().out
+
+
+def test_the_stub_model_measures_the_http_side_alone(capsys):
+    rows = serve_load.main(["--model", "stub", "--clients", "2", "--seconds", "0.5", "--warmup-seconds", "0",
+                            "--max-requests", "5", "--client-procs", "1"])
+    assert rows[0]["requests"] == 10 and rows[0]["errors"] == 0 and rows[0]["busy_503"] == 0
+    assert "stub: the HTTP side alone" in capsys.readouterr().out
