@@ -673,3 +673,15 @@ def test_multipart_filenames_in_utf8_and_rfc5987_and_malformed_bodies():
         with pytest.raises(RequestError, match="malformed multipart body"):
             _parse_multipart(content_type, data)
             pytest.fail(case)
+
+
+def test_an_uploaded_jpeg_is_decoded_as_caption_py_decodes_the_file(captioner, tmp_path):
+    """Both decode a JPEG at the encoder's size (PIL's draft mode): the same pixels, so the same captions."""
+    import torch
+
+    from vision_rwkv.serve.app import preprocess
+
+    path = tmp_path / "big.jpg"
+    Image.open(SHAPES_3).convert("RGB").resize((640, 480), Image.BICUBIC).save(path, quality=90)
+    served = preprocess(captioner, [(path.name, path.read_bytes())], 10**8)
+    assert torch.equal(served[0], captioner.image_files([str(path)])[0][1])

@@ -64,12 +64,13 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, draft_size
         raise VisionRWKVError(f"{path}: {_os_reason(e)}") from None
 
 
-def decode_image_bytes(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_image_bytes(data: bytes, name: str, max_pixels: int = MAX_PIXELS,
+                       draft_size: int | None = None) -> Image.Image:
     """Like load_image, for an image held in memory (an upload): nothing touches the disk. name stands in
-    for the path in the messages; an image over max_pixels raises TooManyPixels."""
+    for the path in the messages; an image over max_pixels raises TooManyPixels; draft_size as load_image's."""
     if not data:
         raise VisionRWKVError(f"{name}: empty file (0 bytes); expected an image")
-    return _decode(io.BytesIO(data), Path(name), max_pixels)
+    return _decode(io.BytesIO(data), Path(name), max_pixels, draft_size)
 
 
 def _check_regular_file(path: Path) -> None:

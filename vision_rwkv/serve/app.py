@@ -312,7 +312,8 @@ def preprocess(captioner, named: list[tuple[str, bytes]], max_pixels: int):
     tensors = []
     for name, data in named:
         try:
-            tensors.append(transform(decode_image_bytes(data, name, max_pixels)))
+            # JPEGs decoded at the encoder's size as Captioner decodes files: the same tensors as caption.py
+            tensors.append(transform(decode_image_bytes(data, name, max_pixels, captioner.draft_size)))
         except TooManyPixels as e:
             raise RequestError(one_line(e), 413) from None
         except VisionRWKVError as e:
