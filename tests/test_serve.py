@@ -3,6 +3,7 @@ same caption as caption.py, batch-invariant results, and 503s rather than lost r
 
 import base64
 import io
+import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -598,23 +599,6 @@ def test_while_rows_decode_new_images_join_in_groups_or_after_max_wait(captioner
 # ---- multipart parsing ----------------------------------------------------------------------------------
 
 
-def email_parts(content_type: str, body: bytes):
-    """The reference: the standard library's email parser, as the app parsed form data before."""
-    import email.parser
-    import email.policy
-
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    images, fields = [], {}
-    for part in message.iter_parts():
-        data = part.get_payload(decode=True) or b""
-        if part.get_filename() is not None:
-            images.append((part.get_filename(), data))
-        elif part.get_param("name", header="content-disposition"):
-            fields[str(part.get_param("name", header="content-disposition"))] = data.decode("utf-8", "replace")
-    return images, fields
-
-
 def form(parts, boundary="XyZ-123", preamble=b"", epilogue=b"", padding=b"") -> bytes:
     out = [preamble + (b"\r\n" if preamble else b"")]
     for headers, data in parts:
@@ -647,6 +631,11 @@ FORMS = {
 
 @pytest.mark.parametrize("name", FORMS)
 def test_multipart_bodies_parse_as_the_email_parser_parses_them(name):
+    """The reference: the standard library's email parser, as the app parsed form data before (kept in
+    bench/serve_parse.py, which times the two)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from serve_parse import email_parse
+
     from vision_rwkv.serve.app import _parse_multipart
 
     body = FORMS[name]
@@ -654,7 +643,7 @@ def test_multipart_bodies_parse_as_the_email_parser_parses_them(name):
     for content_type in (f"multipart/form-data; boundary={boundary}",
                          f'multipart/form-data; charset=utf-8; boundary="{boundary}"'):
         got = _parse_multipart(content_type, body)
-        assert got == email_parts(content_type, body)
+        assert got == email_parse(content_type, body)
         assert got[0] and all(isinstance(data, bytes) for _, data in got[0])
 
 
