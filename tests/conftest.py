@@ -1,9 +1,33 @@
 import math
+import os
 
 import pytest
 import torch
 
 from vision_rwkv import RWKV7, RWKV7Config
+
+
+def _import_triton_interpreted() -> None:
+    """Without a GPU the op tests run Triton kernels in its interpreter (tests/ops/test_rwkv7_step.py). Triton
+    decides when triton.language is first imported whether its own library functions (tl.sum, ...) are
+    interpreted, and open_clip, transformers or torch.compile may import it first, with the interpreter
+    off: so import it here, before any test module, with the interpreter on. Without a GPU no compiled
+    Triton kernel runs, so nothing else sees the difference."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+if not torch.cuda.is_available():
+    _import_triton_interpreted()
 
 
 def tiny_config(**kw) -> RWKV7Config:
