@@ -1,5 +1,6 @@
 import math
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -7,23 +8,32 @@ import torch
 from vision_rwkv import RWKV7, RWKV7Config
 
 
-def _import_triton_interpreted() -> None:
-    """Without a GPU the op tests run Triton kernels in its interpreter (tests/ops/test_rwkv7_step.py). Triton
-    decides when triton.language is first imported whether its own library functions (tl.sum, ...) are
-    interpreted, and open_clip, transformers or torch.compile may import it first, with the interpreter
-    off: so import it here, before any test module, with the interpreter on. Without a GPU no compiled
-    Triton kernel runs, so nothing else sees the difference."""
+@contextmanager
+def interpreter():
+    """TRITON_INTERPRET=1 without a GPU, for the duration: Triton reads it as it compiles kernels (and at
+    launch), so the op tests run their kernels in its interpreter on the CPU."""
     before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
     try:
-        import triton.language  # noqa: F401
-    except ImportError:
-        pass
+        yield
     finally:
         if before is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = before
+
+
+def _import_triton_interpreted() -> None:
+    """Triton decides when triton.language is first imported whether its own library functions (tl.sum, ...)
+    are interpreted, and open_clip, transformers or torch.compile may import it first, with the interpreter
+    off: so import it here, before any test module, with the interpreter on. Without a GPU no compiled
+    Triton kernel runs, so nothing else sees the difference."""
+    with interpreter():
+        try:
+            import triton.language  # noqa: F401
+        except ImportError:
+            pass
 
 
 if not torch.cuda.is_available():

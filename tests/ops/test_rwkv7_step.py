@@ -13,12 +13,10 @@ largest logit, against the same step computed with fp32 matrices.
 """
 
 import functools
-import os
-from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import interpreter, randomize_, tiny_config
 
 from vision_rwkv import RWKV7
 from vision_rwkv.errors import VisionRWKVError
@@ -30,21 +28,6 @@ from vision_rwkv.ops.rwkv7 import reference, step_ops, unavailable_reason
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_SLACK = 4.0
 BF16_BOUND = 3e-2
-
-
-@contextmanager
-def interpreter():
-    """TRITON_INTERPRET=1 on the CPU while the kernels are imported (Triton reads it as it compiles them)."""
-    before = os.environ.get("TRITON_INTERPRET")
-    if DEVICE == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = before
 
 
 with interpreter():
