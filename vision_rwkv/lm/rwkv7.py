@@ -70,12 +70,12 @@ class TimeMix(nn.Module):
     def forward_mixed(self, mixed, new_shift, wkv_state, v_first, rnn: bool = False, fused: bool = False):
         """forward from the six mixed inputs (xr, xw, xk, xv, xa, xg), each (B,T,C), and the new shift.
         fused (GPT mode, ops/rwkv7/train.py): the arithmetic around the WKV kernel as two fused ops."""
+        if fused:
+            return self._forward_fused(mixed, new_shift, wkv_state, v_first)
         xr, xw, xk, xv, xa, xg = mixed
         B, T, C = xr.shape
         H, N = self.cfg.n_head, self.cfg.head_size
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
-        if fused:
-            return self._forward_fused(mixed, new_shift, wkv_state, v_first)
 
         r = self.receptance(xr)
         w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # raw decay logit; the WKV op soft-clamps it
