@@ -33,6 +33,7 @@ the baseline and the settings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.client
 import json
 import math
@@ -82,6 +83,13 @@ def parse_args(argv):
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--no-continuous", dest="continuous", action="store_false",
                    help="batch every request whole (no rows joining the running decode)")
+    p.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
+                   help="in-process server: uvicorn's HTTP parser (auto: httptools when installed)")
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                   help="in-process server: uvicorn's event loop (auto: uvloop when installed)")
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="in-process server: sys.setswitchinterval, how long a thread may hold the GIL when "
+                        "another waits (Python's default: 5 ms)")
     p.add_argument("--json", default=None, help="write the rows, baseline and settings to this file")
     args = p.parse_args(argv)
     if args.client_procs < 1:
@@ -362,11 +370,12 @@ class InProcessServer:
             self.port = s.getsockname()[1]
         cfg = ServeConfig(port=self.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           max_queue=args.max_queue, continuous=args.continuous)
-        app = create_app(self.captioner, cfg)
+        app = self.app = create_app(self.captioner, cfg)
         if args.model == "stub":
             app.state.scheduler.submit = _answer_at_once
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    limit_concurrency=4096, backlog=4096))
+                                                    limit_concurrency=4096, backlog=4096,
+                                                    http=args.http, loop=args.loop))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -409,15 +418,24 @@ def describe(captioner, args=None) -> str:
            f"autocast {'bf16' if captioner.bf16 else 'off'}"
 
 
-def measure(host, port, args, body, content_type) -> tuple[list, list]:
-    """The warm-up, the closed-loop levels, then the open-loop rates -> (closed rows, open rows)."""
+def measure(host, port, args, body, content_type, scheduler=None) -> tuple[list, list]:
+    """The warm-up, the closed-loop levels, then the open-loop rates -> (closed rows, open rows). With the
+    in-process server's scheduler, each row also gets what its worker thread did meanwhile (worker_fields)."""
     runner = Clients(args.client_procs)
+
+    def watched(run, *a):
+        before = dataclasses.replace(scheduler.stats) if scheduler is not None else None
+        row = run(*a)
+        if before is not None:
+            row.update(worker_fields(scheduler.stats.since(before), row["seconds"]))
+        return row
+
     try:
         if args.warmup_seconds > 0:
             busiest = max(args.levels, default=args.max_batch)
             run_level(runner, host, port, min(busiest, args.max_batch), args, body, content_type,
                       seconds=args.warmup_seconds)
-        closed = [run_level(runner, host, port, n, args, body, content_type) for n in args.levels]
+        closed = [watched(run_level, runner, host, port, n, args, body, content_type) for n in args.levels]
         capacity = max((r["rps"] for r in closed), default=float("nan"))
         opened = []
         for spec in args.rate_specs:
@@ -425,10 +443,19 @@ def measure(host, port, args, body, content_type) -> tuple[list, list]:
             if not rate > 0:
                 opened.append({"rate": spec, "offered_rps": 0.0, "skipped": "the capacity measured was 0"})
                 continue
-            opened.append(run_rate(runner, host, port, spec, rate, args, body, content_type))
+            opened.append(watched(run_rate, runner, host, port, spec, rate, args, body, content_type))
     finally:
         runner.close()
     return closed, opened
+
+
+def worker_fields(stats, seconds: float) -> dict:
+    """The worker's share of the wall time busy (joining, stepping or captioning whole requests), and its
+    steps a second, mean rows a step and mean images a join, over one level."""
+    busy = stats.joining_s + stats.stepping_s + stats.captioning_s
+    return {"worker_busy": busy / seconds, "worker_join_share": stats.joining_s / seconds,
+            "steps_per_s": stats.steps / seconds, "rows_per_step": stats.row_steps / max(stats.steps, 1),
+            "images_per_join": stats.joined_images / max(stats.joins, 1)}
 
 
 def main(argv=None) -> list[dict]:
@@ -441,9 +468,12 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"--url must point at this machine (127.0.0.1, localhost or ::1), not {target.hostname}")
         closed, opened = measure(target.hostname, target.port or 80, args, body, content_type)
         return report(None, None, closed, opened, args)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     with InProcessServer(args) as server:
         baseline = None if args.model == "stub" else offline_images_per_s(server.captioner, args)
-        closed, opened = measure("127.0.0.1", server.port, args, body, content_type)
+        scheduler = None if args.model == "stub" else server.app.state.scheduler
+        closed, opened = measure("127.0.0.1", server.port, args, body, content_type, scheduler)
     return report(server.captioner, baseline, closed, opened, args)
 
 
@@ -451,7 +481,8 @@ def report(captioner, baseline, closed, opened, args) -> list[dict]:
     device = describe(captioner, args)
     print(f"serve load: {device}; max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
           f"max_queue {args.max_queue}, continuous {args.continuous}, {args.max_new_tokens} new tokens max, "
-          f"{args.seconds:g} s per level, {args.client_procs} client processes")
+          f"{args.seconds:g} s per level, {args.client_procs} client processes; uvicorn http {args.http}, "
+          f"loop {args.loop}, GIL switch interval {sys.getswitchinterval() * 1000:g} ms")
     if baseline is not None:
         print(f"baseline: offline caption_images at batch {args.max_batch}: {baseline:.1f} images/s")
     if closed:
@@ -476,6 +507,14 @@ def report(captioner, baseline, closed, opened, args) -> list[dict]:
         if r["healthz_failed"]:
             print(f"        /healthz failed {r['healthz_failed']} times during this rate "
                   f"(slowest answer {r['healthz_worst_ms']:.0f} ms)")
+    watched = [r for r in closed + opened if "worker_busy" in r]
+    if watched:
+        print("the worker thread meanwhile (busy: joining, stepping or captioning whole requests):")
+        print(f"{'level':>7} {'busy':>6} {'joining':>8} {'steps/s':>8} {'rows/step':>9} {'images/join':>11}")
+    for r in watched:
+        level = r["clients"] if "clients" in r else r["rate"]
+        print(f"{level!s:>7} {r['worker_busy']:>6.0%} {r['worker_join_share']:>8.0%} {r['steps_per_s']:>8.1f} "
+              f"{r['rows_per_step']:>9.1f} {r['images_per_join']:>11.1f}")
     if args.json:
         write_json(args.json, device, baseline, closed, opened, args)
     return closed + opened

@@ -342,6 +342,10 @@ def test_rows_join_the_running_decode_and_get_what_they_get_alone(captioner):
         joined_late += got.batch_images > len(paths)
     assert joined_late >= 1
     assert scheduler.batches_run == 0  # all of it went through the running decode
+    stats = scheduler.stats  # what the worker reports of itself (bench/serve_load.py prints it per level)
+    assert stats.joined_images == sum(len(paths) for paths, _ in futures) + 1 and 2 <= stats.joins <= 9
+    assert stats.steps >= 5 and stats.steps < stats.row_steps <= 32 * stats.steps
+    assert stats.joining_s > 0 and stats.stepping_s > 0 and stats.captioning_s == 0
     (text, _), = cut.result().captions[0]
     alone = captioner.caption_images(preprocessed(captioner, [SHAPES_3]), SamplingConfig(max_new_tokens=5))
     assert text == alone[0][0][0]
@@ -394,6 +398,7 @@ def test_a_beam_request_runs_between_steps_of_the_running_decode(captioner):
     scheduler.close()
     assert beam.result().captions == captioner.caption_images(preprocessed(captioner, [SHAPES_3]), beam_cfg)
     assert len(greedy.result().captions) == len(EXAMPLES)
+    assert scheduler.stats.captioning_s > 0 and scheduler.stats.joined_images == len(EXAMPLES)
 
 
 def test_a_bug_outside_the_guarded_calls_answers_its_requests_and_the_worker_goes_on(captioner, monkeypatch):

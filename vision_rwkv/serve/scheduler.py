@@ -56,6 +56,25 @@ class Captioned:
 
 
 @dataclass
+class WorkerStats:
+    """What the worker thread did since it started, for load tests and profiling: seconds spent waiting for
+    requests (nothing decoding), joining rows (encode + prefill), stepping the running decode, and captioning
+    whole requests (beam search); with counts. Only the worker writes it; readers take a snapshot (copy)."""
+
+    waiting_s: float = 0.0
+    joining_s: float = 0.0
+    stepping_s: float = 0.0
+    captioning_s: float = 0.0
+    joins: int = 0
+    joined_images: int = 0
+    steps: int = 0
+    row_steps: int = 0  # live rows summed over steps: row_steps / steps is the mean decoding batch
+
+    def since(self, earlier: WorkerStats) -> WorkerStats:
+        return WorkerStats(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(earlier))))
+
+
+@dataclass
 class _Job:
     images: torch.Tensor  # (n,3,H,W), preprocessed, or uint8 pixels (Captioner.model_input)
     sampling: SamplingConfig
@@ -92,6 +111,7 @@ class BatchScheduler:
         self.worker_errors = 0  # failures the worker caught outside its guarded calls, and survived
         self.continuous = continuous  # greedy and sampling rows join and leave the running decode step by step
         self._running = RunningBatch(captioner)
+        self.stats = WorkerStats()
 
     def start(self) -> BatchScheduler:
         self._thread.start()
@@ -130,18 +150,30 @@ class BatchScheduler:
     def _run(self) -> None:
         while True:
             jobs: list[_Job] = []
+            stats = self.stats
             try:
+                begin = time.perf_counter()
                 jobs = self._take_batch(block=not self._running)
+                took = time.perf_counter()
+                stats.waiting_s += took - begin
                 if jobs is None:
                     return
                 for group in _groups(jobs):
                     if self.continuous and joins_running_batch(group[0].sampling):
                         self._join(group)
+                        stats.joins += 1
+                        stats.joined_images += sum(job.size for job in group)
+                        stats.joining_s += (now := time.perf_counter()) - took
                     else:
                         self._running.detach()  # the whole job's decode reuses the stepper's graphs
                         self._caption(group)
+                        stats.captioning_s += (now := time.perf_counter()) - took
+                    took = now
                 if self._running:
+                    stats.steps += 1
+                    stats.row_steps += len(self._running)
                     self._step()
+                    stats.stepping_s += time.perf_counter() - took
             except Exception as e:  # a bug outside the guarded calls: these requests learn of it, the worker goes on
                 self.worker_errors += 1
                 rows = list({id(r.job): r.job for r in self._running.rows}.values())
