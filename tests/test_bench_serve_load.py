@@ -81,3 +81,16 @@ def test_the_stub_model_measures_the_http_side_alone(capsys):
                             "--max-requests", "5", "--client-procs", "1"])
     assert rows[0]["requests"] == 10 and rows[0]["errors"] == 0 and rows[0]["busy_503"] == 0
     assert "stub: the HTTP side alone" in capsys.readouterr().out
+
+
+def test_the_worker_bench_times_joins_and_steps_on_the_cpu(capsys):
+    import serve_worker
+
+    rows = serve_worker.main(["--device", "cpu", "--model", "demo", "--rows", "1,3", "--joins", "2",
+                              "--steps", "2", "--repeats", "1", "--profile"])
+    steps, joins = rows[:2], rows[2:]
+    assert [r["rows"] for r in steps] == [1, 3] and [r["capacity"] for r in steps] == [1, 4]
+    assert all(r["join_ms"] > 0 and r["step_ms"] > 0 and r["bare_ms"] > 0 for r in steps)
+    assert joins == [{"join_images": 2, "join_ms": joins[0]["join_ms"]}] and joins[0]["join_ms"] > 0
+    out = capsys.readouterr().out
+    assert "joins padded in chunks of none" in out and "Ordered by: internal time" in out

@@ -551,8 +551,9 @@ def test_the_running_batch_grows_reuses_freed_slots_and_shrinks_with_every_row_a
 
 def test_joins_padded_to_a_power_of_two_give_the_same_captions_and_warm_up_covers_every_padded_size(captioner,
                                                                                                   monkeypatch):
-    """With CUDA graphs a join is padded to a power of two (a graph per size, each captured by warm_up): the
-    padding rows are encoded, prefilled and dropped; the real rows decode as they do unpadded."""
+    """With CUDA graphs a join is padded to a power of two (a graph per size, each captured by warm_up), and
+    one larger than join_chunk() runs in chunks of it: the padding rows are encoded, prefilled and dropped;
+    the real rows decode as they do unpadded."""
     from vision_rwkv.serve import continuous
 
     model = captioner.model
@@ -579,6 +580,15 @@ def test_joins_padded_to_a_power_of_two_give_the_same_captions_and_warm_up_cover
     seen.clear()
     continuous.warm_up(captioner, 6)
     assert seen == [1, 2, 4, 8]
+    seen.clear()
+    monkeypatch.setattr(continuous, "join_chunk", lambda captioner: 2)  # graphs of at most 2 images
+    chunked = run()
+    assert seen == [2, 2] and [[c for c, _ in image] for image in chunked] == [[c for c, _ in image] for image in plain]
+    assert [s for image in chunked for _, s in image] == pytest.approx([s for image in plain for _, s in image],
+                                                                       abs=1e-4)
+    seen.clear()
+    continuous.warm_up(captioner, 6)
+    assert seen == [1, 2]
 
 
 def test_while_rows_decode_new_images_join_in_groups_or_after_max_wait(captioner, monkeypatch):
@@ -679,3 +689,17 @@ def test_an_uploaded_jpeg_is_decoded_as_caption_py_decodes_the_file(captioner, t
     Image.open(SHAPES_3).convert("RGB").resize((640, 480), Image.BICUBIC).save(path, quality=90)
     served = preprocess(captioner, [(path.name, path.read_bytes())], 10**8)
     assert torch.equal(served[0], captioner.image_files([str(path)])[0][1])
+
+
+@pytest.mark.parametrize("prefix, prompt, chunk", [(197, 0, 16), (197, 5, 16), (600, 0, 4), (4096, 1, 1), (9000, 0, 1)])
+def test_a_join_chunk_is_a_power_of_two_that_both_graphs_take(prefix, prompt, chunk):
+    from types import SimpleNamespace
+
+    from vision_rwkv.lm.graphs import MAX_ENCODER_GRAPH_BATCH, MAX_PREFILL_TOKENS
+    from vision_rwkv.serve import continuous
+
+    model = SimpleNamespace(prefix_len=prefix, prompt_ids=[0] * prompt)
+    got = continuous.join_chunk(SimpleNamespace(model=model))
+    assert got == chunk and got <= MAX_ENCODER_GRAPH_BATCH
+    assert got == 1 or got * (prefix + prompt) <= MAX_PREFILL_TOKENS
+    assert [continuous._padded(n, 16) for n in (1, 3, 16, 17, 40, 128)] == [1, 4, 16, 32, 48, 128]

@@ -2,13 +2,18 @@
 step and leave as soon as they end.
 
 With RNN states there is no cache to page: a row is its state, kept in a slot of a state buffer whose
-capacity is a power of two. New images are encoded and prefilled on their own (on CUDA padded to a power of
-two, so a few graphs serve every join), then their states and logits are written into free slots (the
-capacity doubling first when none is free); a finished row just frees its slot. The stepper runs on the
-whole capacity, so on CUDA one bucketed graph serves it with no padding and the state stays the graph's own
-buffer between steps: a steady batch copies no state. Free slots step on token 0
-and their results are ignored. Only when the live rows fit in a quarter of the capacity is the buffer
+capacity is a power of two. New images are encoded and prefilled on their own, then their states and logits
+are written into free slots (the capacity doubling first when none is free); a finished row just frees its
+slot. The stepper runs on the whole capacity, so on CUDA one bucketed graph serves it with no padding and
+the state stays the graph's own buffer between steps: a steady batch copies no state. Free slots step on
+token 0 and their results are ignored. Only when the live rows fit in a quarter of the capacity is the buffer
 compacted, with one gather, to twice their bucket; when no row is left, the buffers go.
+
+On CUDA a join runs as graph replays only: its images go through the encoder and the prefill in chunks of
+join_chunk() images, the size both graphs take, padded to a power of two up to it (a few graphs serve every
+join; warm_up captures them). An eager encode or prefill would launch hundreds of kernels, each a torch call
+that gives up the GIL and must win it back from the HTTP side's threads: under load that made a join of 64
+images take about 100 ms where its GPU work takes about 20 (bench/serve_load.py's worker figures, 2026-12-04).
 
 Every row chooses its next token from its own logits with its own settings: plain greedy rows together by one
 argmax over all slots on the device; any other row (sampling, bans, penalties, min_new_tokens) through a
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SamplingConfig, Strategy
-from ..lm.graphs import graphs_enabled, rnn_stepper
+from ..lm.graphs import MAX_ENCODER_GRAPH_BATCH, MAX_PREFILL_TOKENS, graphs_enabled, rnn_stepper
 from ..lm.sampling import TokenChooser
 from ..lm.state import DecoderState
 
@@ -60,23 +65,36 @@ def _bucket(n: int) -> int:
 
 
 def pads_joins(captioner) -> bool:
-    """Whether images joining together are padded to a power of two (with CUDA graphs: a graph per size)."""
+    """Whether a join runs in graph-sized chunks, padded (with CUDA graphs: a graph per size)."""
     return captioner.device.type == "cuda" and graphs_enabled()
+
+
+def join_chunk(captioner) -> int:
+    """Images a padded join encodes and prefills at once: the largest power of two that both the encoder's and
+    the prefill's graphs take (lm.graphs: MAX_ENCODER_GRAPH_BATCH images, MAX_PREFILL_TOKENS prefix tokens)."""
+    model = captioner.model
+    most = min(MAX_ENCODER_GRAPH_BATCH, MAX_PREFILL_TOKENS // (model.prefix_len + len(model.prompt_ids)))
+    return 1 << (max(most, 1).bit_length() - 1)
+
+
+def _padded(n: int, chunk: int) -> int:
+    """The images a padded join of n runs: a power of two up to the chunk, whole chunks beyond it."""
+    return _bucket(n) if n <= chunk else -(-n // chunk) * chunk
 
 
 @torch.no_grad()
 def warm_up(captioner, max_rows: int) -> None:
     """Run, untimed, every shape a RunningBatch of up to max_rows rows uses: the encoder and prefill at each
-    number of images joining at once (a power of two up to max_rows' bucket where joins are padded,
-    1..max_rows otherwise), and the step at each power-of-two capacity up to max_rows' bucket, under the
-    autocast it runs with. On CUDA this captures their graphs and grows the allocator's pools before the
-    first request rather than during it. Call it before serving: it uses the decoder's stepper, which only
-    the worker thread may touch once requests flow."""
+    number of images they take at once (where joins are padded, each power of two up to join_chunk() or
+    max_rows' bucket, the smaller; 1..max_rows otherwise), and the step at each power-of-two capacity up to
+    max_rows' bucket, under the autocast it runs with. On CUDA this captures their graphs and grows the
+    allocator's pools before the first request rather than during it. Call it before serving: it uses the
+    decoder's stepper, which only the worker thread may touch once requests flow."""
     model, device = captioner.model, captioner.device
     size = model.encoder.image_size
     context = torch.autocast(device.type, dtype=torch.bfloat16, enabled=captioner.bf16)
-    joins = [1 << k for k in range(_bucket(max_rows).bit_length())] if pads_joins(captioner) \
-        else range(1, max_rows + 1)
+    joins = [1 << k for k in range(_bucket(min(max_rows, join_chunk(captioner))).bit_length())] \
+        if pads_joins(captioner) else range(1, max_rows + 1)
     with context:
         for n in joins:
             model.prefill(*model.encode(torch.zeros(n, 3, *size, device=device)))
@@ -143,12 +161,14 @@ class RunningBatch:
         """Encode and prefill the jobs' images, and write their rows into free slots."""
         model = self.captioner.model
         images = self.captioner.model_input(torch.cat([job.images for job in jobs]))
-        n = images.shape[0]
-        if pads_joins(self.captioner):  # a few join sizes, so a few graphs (warm_up captures them all)
-            images = torch.cat([images, images[-1:].expand(_bucket(n) - n, *images.shape[1:])])
-        with self._context():
-            tokens, pooled = model.encode(images)
-            logits, state = model.prefill(tokens, pooled)  # (n or its bucket, V); rows never mix
+        n = chunk = images.shape[0]
+        if pads_joins(self.captioner):  # graph replays only, of a few sizes (warm_up captures them all)
+            chunk = join_chunk(self.captioner)
+            images = torch.cat([images, images[-1:].expand(_padded(n, chunk) - n, *images.shape[1:])])
+        with self._context():  # rows never mix: a padding row changes no other
+            parts = [model.prefill(*model.encode(part)) for part in images.split(chunk)]
+        logits = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+        state = parts[0][1] if len(parts) == 1 else DecoderState.cat([p[1] for p in parts])
         logits, state = logits[:n], state[:n]
         first, picks, rows = 0, [], []
         vocab, device = logits.shape[-1], logits.device

@@ -1,0 +1,148 @@
+"""The server's running decode on its own, with no HTTP and no other thread: what a join and a step cost the
+worker thread (issue 21).
+
+    python bench/serve_worker.py [--rows 1,32,128] [--joins 1,16,64] [--steps 20] [--profile]
+    python bench/serve_worker.py --device cpu --model demo --rows 1,4 --joins 1,4   # smoke run
+
+The model is bench/caption_throughput.py's (ViT-B-16, mlp projector, RWKV-7 L12-D768 V65536, random weights;
+bf16 weights under autocast on CUDA), or the shipped demo model with --model demo. It is warmed up as the
+server warms it up (serve.continuous.warm_up: every graph captured first). Then, per --rows R:
+
+  join       RunningBatch.admit of R images as one join: encode, prefill, rows placed (median of --repeats)
+  step       one RunningBatch.step with R rows decoding, plain greedy: the choice of every row's token, the
+             one host read, the rows' bookkeeping and the stepper's graph (median over --steps steps)
+  bare       the stepper alone at the same capacity, on the same state: the step's floor
+
+and, per --joins N, the join of N images with R = 0 rows decoding. Each figure is wall time on the host
+(torch.cuda.synchronize after each call on CUDA). The gap between `step` and `bare` is the worker's own
+host work a step; bench/serve_load.py shows what the HTTP side's threads add to it. --profile prints
+cProfile's top functions (by own time) over the steps at the largest R.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from vision_rwkv import Captioner, SamplingConfig  # noqa: E402
+from vision_rwkv.lm.graphs import rnn_stepper  # noqa: E402
+from vision_rwkv.serve.continuous import RunningBatch, join_chunk, pads_joins, warm_up  # noqa: E402
+from vision_rwkv.serve.scheduler import _Job  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--model", choices=["throughput", "demo"], default="throughput")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rows", default="1,32,128", help="comma-separated rows decoding")
+    p.add_argument("--joins", default="1,16,64", help="comma-separated images joining an empty batch")
+    p.add_argument("--steps", type=int, default=20, help="steps timed per --rows")
+    p.add_argument("--repeats", type=int, default=5, help="joins timed per size")
+    p.add_argument("--profile", action="store_true", help="cProfile the steps at the largest --rows")
+    args = p.parse_args(argv)
+    args.row_list = [int(x) for x in args.rows.split(",") if x.strip()]
+    args.join_list = [int(x) for x in args.joins.split(",") if x.strip()]
+    if not args.row_list or min(args.row_list + args.join_list) < 1 or args.steps < 1 or args.repeats < 1:
+        p.error("--rows and --joins take positive counts (at least one row count); --steps and --repeats >= 1")
+    return args
+
+
+def load(args) -> Captioner:
+    device = torch.device(args.device)
+    if args.model == "demo":
+        return Captioner.load(device=device)
+    from caption_throughput import build_model
+
+    model = build_model(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(torch.bfloat16)
+    return Captioner(model, device, autocast=cuda)
+
+
+def timed(fn, device) -> float:
+    """fn()'s wall time in ms, the GPU's work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1000
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    captioner = load(args)
+    device = captioner.device
+    size = captioner.model.encoder.image_size
+    pixels = torch.zeros(1, 3, *size)
+    # plain greedy, the server's default; the throughput model's random weights rarely emit the stop token,
+    # so its rows live through every timed step (the demo model's may end early: a smoke run only)
+    greedy = SamplingConfig(max_new_tokens=args.steps + 2)
+    biggest = max(args.row_list + args.join_list)
+    warm_up(captioner, biggest)
+    chunk = join_chunk(captioner) if pads_joins(captioner) else None
+    print(f"serve worker: {describe(captioner)}; joins padded in chunks of {chunk or 'none (not padded)'}")
+
+    def job(n, cfg):
+        return _Job(pixels.expand(n, -1, -1, -1).contiguous(), cfg)
+
+    rows_out = []
+    print(f"{'rows':>5} {'join ms':>8} {'step ms':>8} {'bare ms':>8} {'host ms/step':>12}")
+    for r in args.row_list:
+        batch = RunningBatch(captioner)
+        join_ms = timed(lambda: batch.admit([job(r, greedy)]), device)  # noqa: B023 (called at once)
+        steps = []
+        profiler = cProfile.Profile() if args.profile and r == max(args.row_list) else None
+        for _ in range(args.steps):
+            if profiler:
+                profiler.enable()
+            steps.append(timed(batch.step, device))
+            if profiler:
+                profiler.disable()
+        step_ms = statistics.median(steps)
+        stepper, tokens = rnn_stepper(captioner.model.decoder), torch.zeros(batch.capacity, dtype=torch.long,
+                                                                             device=device)
+        with batch._context():
+            bare_ms = statistics.median(timed(lambda: stepper(tokens, batch.state), device)  # noqa: B023
+                                        for _ in range(args.steps))
+        rows_out.append({"rows": r, "capacity": batch.capacity, "join_ms": join_ms, "step_ms": step_ms,
+                         "bare_ms": bare_ms})
+        print(f"{r:>5} {join_ms:>8.2f} {step_ms:>8.3f} {bare_ms:>8.3f} {step_ms - bare_ms:>12.3f}")
+        if profiler:
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
+            print(out.getvalue())
+    print(f"{'images':>6} {'join ms':>8} {'ms/image':>9}")
+    for n in args.join_list:
+        ms = statistics.median(timed(lambda: RunningBatch(captioner).admit([job(n, greedy)]), device)  # noqa: B023
+                               for _ in range(args.repeats))
+        rows_out.append({"join_images": n, "join_ms": ms})
+        print(f"{n:>6} {ms:>8.2f} {ms / n:>9.3f}")
+    return rows_out
+
+
+def describe(captioner) -> str:
+    dev = captioner.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    c = captioner.model.config.decoder
+    return f"{name}, decoder L{c.n_layer}-D{c.n_embd} V{c.vocab_size}, autocast {'bf16' if captioner.bf16 else 'off'}"
+
+
+if __name__ == "__main__":
+    main()
