@@ -116,9 +116,9 @@ def main(argv=None) -> list[dict]:
             if profiler:
                 profiler.disable()
         step_ms = statistics.median(steps)
-        stepper, tokens = rnn_stepper(captioner.model.decoder), torch.zeros(batch.capacity, dtype=torch.long,
-                                                                             device=device)
-        with batch._context():
+        tokens = torch.zeros(batch.capacity, dtype=torch.long, device=device)
+        with torch.no_grad(), batch._context():  # as RunningBatch steps: no autograd, so the graphed stepper
+            stepper = rnn_stepper(captioner.model.decoder)
             bare_ms = statistics.median(timed(lambda: stepper(tokens, batch.state), device)  # noqa: B023
                                         for _ in range(args.steps))
         rows_out.append({"rows": r, "capacity": batch.capacity, "join_ms": join_ms, "step_ms": step_ms,

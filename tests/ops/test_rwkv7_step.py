@@ -20,7 +20,7 @@ from conftest import interpreter, randomize_, tiny_config
 
 from vision_rwkv import RWKV7
 from vision_rwkv.errors import VisionRWKVError
-from vision_rwkv.lm.engine import StepEngine
+from vision_rwkv.lm.engine import StepEngine, weights_fingerprint
 from vision_rwkv.lm.state import RWKVState
 from vision_rwkv.ops import rwkv7 as step_ops_pkg
 from vision_rwkv.ops.rwkv7 import reference, step_ops, unavailable_reason
@@ -537,3 +537,38 @@ def test_a_compiled_cpu_step_that_disagrees_with_the_eager_one_is_replaced_with_
             got.append(logits)
     assert "off the eager step's" in stepper.fallback_reason
     assert rel(torch.stack(got, 1), want) <= 1e-5 and rel(state.wkv, want_state.wkv) <= 1e-5
+
+
+def test_the_weights_fingerprint_sees_values_moves_and_replacements():
+    """What the steppers check before each decode: the address and dtype of every parameter (moved or replaced:
+    graphs capture again) and its version counter (changed in place: the engine packs again)."""
+    lm = RWKV7(tiny_config(vocab_size=50)).eval()
+    where, versions = weights_fingerprint(lm)
+    params = list(lm.parameters())
+    assert len(versions) == len(params) and len(where) == 2 * len(params)
+    assert where[0::2] == tuple(p.data_ptr() for p in params) and where[1::2] == tuple(p.dtype for p in params)
+    assert weights_fingerprint(lm) == (where, versions)  # nothing changed
+    with torch.no_grad():
+        lm.blocks[0].att.receptance.weight.add_(1)
+    after = weights_fingerprint(lm)
+    assert after[0] == where and after[1] != versions
+    lm.head.weight = torch.nn.Parameter(lm.head.weight.detach().clone())
+    assert weights_fingerprint(lm)[0] != where
+    assert weights_fingerprint(lm.to(torch.bfloat16))[0][1::2] == (torch.bfloat16,) * len(params)
+
+
+def test_the_cpu_step_follows_in_place_weight_changes():
+    """The CPU stepper packs the weights once and checks the fingerprint at each step."""
+    from vision_rwkv.lm.graphs import rnn_stepper
+
+    torch.manual_seed(0)
+    lm = randomize_(RWKV7(tiny_config(vocab_size=50))).eval()
+    tokens = torch.tensor([3, 7])
+    with torch.no_grad():
+        step = rnn_stepper(lm)
+        before, _ = step(tokens, None)
+        lm.head.weight.mul_(2)
+        after, _ = step(tokens, None)
+        want, _ = lm.step(tokens, None)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)

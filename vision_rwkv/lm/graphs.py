@@ -44,7 +44,7 @@ import torch
 
 from ..ops.rwkv7 import unavailable_reason
 from .decoder import Decoder
-from .engine import EngineStepper, StepEngine, compute_dtype
+from .engine import EngineStepper, StepEngine, compute_dtype, weights_fingerprint
 from .rwkv7 import RWKV7
 from .state import DecoderState
 
@@ -135,13 +135,15 @@ class _Graphs:
         self.graphs: dict[tuple, _Graph] = {}
         self.weights: tuple = ()
 
-    def check_weights(self) -> None:
-        """Drop the graphs if any weight tensor was replaced: they read weights by address."""
-        now = tuple((p.data_ptr(), p.dtype) for p in self.lm.parameters())
-        if now != self.weights:
+    def check_weights(self, version: tuple | None = None) -> tuple:
+        """Drop the graphs if any weight tensor was moved or replaced: they read weights by address.
+        version: engine.weights_fingerprint(self.lm), if the caller has just taken it. -> that fingerprint."""
+        version = weights_fingerprint(self.lm) if version is None else version
+        if version[0] != self.weights:
             self.graphs.clear()
-            self.weights = now
+            self.weights = version[0]
             self.weights_moved()
+        return version
 
     def weights_moved(self) -> None:
         pass
@@ -201,10 +203,11 @@ class GraphedStep(_Graphs):
     def weights_moved(self) -> None:
         self.engines.clear()
 
-    def check_weights(self) -> None:
-        super().check_weights()
+    def check_weights(self, version: tuple | None = None) -> tuple:
+        version = super().check_weights(version)
         for engine in self.engines.values():
-            engine.sync()  # values changed in place: packed again into the buffers the graphs read
+            engine.sync(version)  # values changed in place: packed again into the buffers the graphs read
+        return version
 
     def _engine(self) -> StepEngine | None:
         """The fused step for the current compute dtype, or None (graphs then capture lm.step's operations)."""
@@ -299,13 +302,22 @@ class GraphedPrefill(_Graphs):
             logits, state = g.outputs
             return logits.clone(), state.clone()
 
-    def _engine(self) -> StepEngine | None:
-        """The fused operations' engine, shared with the decoder's RNN step (one packing of the weights)."""
+    def check_weights(self, version: tuple | None = None) -> tuple:
+        """Its own graphs' check, and the step's, whose engine (the packed weights) the prefill shares: one
+        walk of the weights for both."""
+        version = super().check_weights(version)
+        return self._step().check_weights(version)
+
+    def _step(self) -> GraphedStep:
         step = _steppers.get(self.lm)
         if step is None:
             step = _steppers[self.lm] = GraphedStep(self.lm)
-        step.check_weights()
-        return step._engine()
+        return step
+
+    def _engine(self) -> StepEngine | None:
+        """The fused operations' engine, shared with the decoder's RNN step (one packing of the weights;
+        prefill_runner checked the weights before handing this runner out)."""
+        return self._step()._engine()
 
 
 class GraphedEncoder(_Graphs):

@@ -134,6 +134,7 @@ class RunningBatch:
         self._chosen: list[int] = []  # the occupied slots whose row has a TokenChooser of its own
         self._free_mask: torch.Tensor | None = None  # (C,) bool on the device: which slots step on token 0
         self._order = itertools.count()
+        self._stepper = None  # the decoder's rnn_stepper, taken (its weights checked) at each join
 
     def __len__(self) -> int:
         return len(self._live)
@@ -190,6 +191,9 @@ class RunningBatch:
             index = torch.tensor(picks, device=device)
             state, logits = state[index], logits[index]
         self._place(rows, state, logits.float())
+        # as decode_loop takes it once a decode: checking the weights (a walk of every parameter) at each step
+        # would cost the worker more host time than the step's graph
+        self._stepper = rnn_stepper(model.decoder)
         now = time.perf_counter()
         for job in jobs:
             self.started[id(job)] = now
@@ -300,8 +304,9 @@ class RunningBatch:
 
     def _step(self, tokens: torch.Tensor):
         """Step every slot: the capacity is a power of two, so a bucketed stepper (graphs) runs it as it is,
-        and the state it returns, its own buffer, is passed back to it at the next step without a copy."""
-        logits, state = rnn_stepper(self.captioner.model.decoder)(tokens, self.state)
+        and the state it returns, its own buffer, is passed back to it at the next step without a copy.
+        The stepper is the one the last join took: weights changed since then reach the rows joining next."""
+        logits, state = self._stepper(tokens, self.state)
         return logits.float(), state
 
     def _finish(self, rows: list[_Row], size: int) -> list:
