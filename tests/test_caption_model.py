@@ -314,3 +314,19 @@ def test_the_state_projector_gets_the_kernels_gradient(arch):
     for name, g in grads["cuda"].items():
         gap = (g - ref[name]).abs().max() / ref[name].abs().max()
         assert ref[name].abs().max() > 0 and gap < 1e-3, (name, float(gap))
+
+
+def test_prefill_images_in_chunks_equals_encode_then_prefill(model):
+    """The server's joins: encode + prefill, a few images at a time, give what one call over all gives (with
+    each decoder, and with a state projector's initial state)."""
+    from vision_rwkv.lm.state import DecoderState
+
+    images = torch.randn(5, 3, *model.encoder.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want_logits, want_state = model.prefill(*model.encode(images))
+        for chunk in (None, 2, 5, 8):
+            logits, state = model.prefill_images(images, chunk)
+            assert isinstance(state, DecoderState) and state.batch_size == 5
+            torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+            for got, want in zip(state.tensors(), want_state.tensors()):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

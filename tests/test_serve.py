@@ -558,8 +558,8 @@ def test_joins_padded_to_a_power_of_two_give_the_same_captions_and_warm_up_cover
 
     model = captioner.model
     seen = []
-    encode = model.encode
-    monkeypatch.setattr(model, "encode", lambda images: seen.append(images.shape[0]) or encode(images))
+    forward = model.encoder.forward
+    monkeypatch.setattr(model.encoder, "forward", lambda images: seen.append(images.shape[0]) or forward(images))
     images = preprocessed(captioner, EXAMPLES[:3])
     sampling = SamplingConfig(max_new_tokens=12)
 

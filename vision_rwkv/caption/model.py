@@ -92,6 +92,19 @@ class CaptionModel(nn.Module):
         x, state = self.condition(tokens, pooled)
         return prefill_runner(self.decoder)(x, state)
 
+    def prefill_images(self, images: torch.Tensor, chunk: int | None = None):
+        """encode() then prefill() of (B,3,H,W) preprocessed images, `chunk` images at a time (all at once when
+        None): (B,V) logits and the state. The graph runners are taken, and the weights checked, once for
+        every chunk; a chunk of a size the graphs take runs as two replays and a few small operations (the
+        captioning server's joins, serve.continuous)."""
+        encode, prefill = encoder_runner(self.encoder), prefill_runner(self.decoder)
+        parts = []
+        for part in images.split(chunk or max(images.shape[0], 1)):
+            parts.append(prefill(*self.condition(*encode(part))))
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([logits for logits, _ in parts]), DecoderState.cat([state for _, state in parts])
+
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
 

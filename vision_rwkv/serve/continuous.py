@@ -97,7 +97,7 @@ def warm_up(captioner, max_rows: int) -> None:
         if pads_joins(captioner) else range(1, max_rows + 1)
     with context:
         for n in joins:
-            model.prefill(*model.encode(torch.zeros(n, 3, *size, device=device)))
+            model.prefill_images(torch.zeros(n, 3, *size, device=device))
         step, capacity = rnn_stepper(model.decoder), 1
         while capacity <= _bucket(max_rows):
             logits, _ = step(torch.zeros(capacity, dtype=torch.long, device=device),
@@ -167,9 +167,7 @@ class RunningBatch:
             chunk = join_chunk(self.captioner)
             images = torch.cat([images, images[-1:].expand(_padded(n, chunk) - n, *images.shape[1:])])
         with self._context():  # rows never mix: a padding row changes no other
-            parts = [model.prefill(*model.encode(part)) for part in images.split(chunk)]
-        logits = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
-        state = parts[0][1] if len(parts) == 1 else DecoderState.cat([p[1] for p in parts])
+            logits, state = model.prefill_images(images, chunk)
         logits, state = logits[:n], state[:n]
         first, picks, rows = 0, [], []
         vocab, device = logits.shape[-1], logits.device
