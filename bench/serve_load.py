@@ -81,6 +81,7 @@ def parse_args(argv):
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--intake-threads", type=int, default=4, help="in-process server: ServeConfig.intake_threads")
     p.add_argument("--no-continuous", dest="continuous", action="store_false",
                    help="batch every request whole (no rows joining the running decode)")
     p.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
@@ -369,7 +370,7 @@ class InProcessServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         cfg = ServeConfig(port=self.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                          max_queue=args.max_queue, continuous=args.continuous)
+                          max_queue=args.max_queue, continuous=args.continuous, intake_threads=args.intake_threads)
         app = self.app = create_app(self.captioner, cfg)
         if args.model == "stub":
             app.state.scheduler.submit = _answer_at_once
@@ -481,7 +482,8 @@ def report(captioner, baseline, closed, opened, args) -> list[dict]:
     device = describe(captioner, args)
     print(f"serve load: {device}; max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
           f"max_queue {args.max_queue}, continuous {args.continuous}, {args.max_new_tokens} new tokens max, "
-          f"{args.seconds:g} s per level, {args.client_procs} client processes; uvicorn http {args.http}, "
+          f"{args.seconds:g} s per level, {args.client_procs} client processes, {args.intake_threads} intake "
+          f"threads; uvicorn http {args.http}, "
           f"loop {args.loop}, GIL switch interval {sys.getswitchinterval() * 1000:g} ms")
     if baseline is not None:
         print(f"baseline: offline caption_images at batch {args.max_batch}: {baseline:.1f} images/s")

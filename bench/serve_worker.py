@@ -53,6 +53,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="steps timed per --rows")
     p.add_argument("--repeats", type=int, default=5, help="joins timed per size")
     p.add_argument("--profile", action="store_true", help="cProfile the steps at the largest --rows")
+    p.add_argument("--join-chunk", type=int, default=None,
+                   help="an experiment: raise the encoder's and the prefill's graph limits (lm.graphs) so that "
+                        "joins run in graphs of this many images (default: the library's limits)")
     args = p.parse_args(argv)
     args.row_list = [int(x) for x in args.rows.split(",") if x.strip()]
     args.join_list = [int(x) for x in args.joins.split(",") if x.strip()]
@@ -87,6 +90,12 @@ def timed(fn, device) -> float:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.join_chunk:
+        from vision_rwkv.lm import graphs
+        from vision_rwkv.serve import continuous
+
+        graphs.MAX_ENCODER_GRAPH_BATCH = continuous.MAX_ENCODER_GRAPH_BATCH = args.join_chunk
+        graphs.MAX_PREFILL_TOKENS = continuous.MAX_PREFILL_TOKENS = args.join_chunk * 256
     captioner = load(args)
     device = captioner.device
     size = captioner.model.encoder.image_size

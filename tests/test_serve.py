@@ -703,3 +703,39 @@ def test_a_join_chunk_is_a_power_of_two_that_both_graphs_take(prefix, prompt, ch
     assert got == chunk and got <= MAX_ENCODER_GRAPH_BATCH
     assert got == 1 or got * (prefix + prompt) <= MAX_PREFILL_TOKENS
     assert [continuous._padded(n, 16) for n in (1, 3, 16, 17, 40, 128)] == [1, 4, 16, 32, 48, 128]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_uploads_are_decoded_by_at_most_intake_threads_at_once(captioner, monkeypatch, threads):
+    """The intake (parsing, decoding, preprocessing) runs in a few threads, not the thread pool's 40: each one
+    holds the GIL that the model's worker thread needs. Eight requests at once never decode more at a time."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vision_rwkv.serve import app as app_module
+
+    running, most, lock = [0], [0], threading.Lock()
+    real = app_module.preprocess
+
+    def slow(*args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return real(*args)
+
+    monkeypatch.setattr(app_module, "preprocess", slow)
+    with TestClient(create_app(captioner, ServeConfig(max_wait_ms=1, intake_threads=threads))) as c:
+        assert c.get("/v1/model").json()["limits"]["intake_threads"] == threads
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: post_files(c, SHAPES_3, max_new_tokens=2).status_code, range(8)))
+    assert codes == [200] * 8 and most[0] == threads
+
+
+def test_intake_threads_below_one_is_refused():
+    from vision_rwkv.errors import VisionRWKVError
+
+    with pytest.raises(VisionRWKVError, match="intake_threads is 0; expected >= 1"):
+        ServeConfig(intake_threads=0).validate()

@@ -484,6 +484,7 @@ class ServeConfig:
     max_pixels: int = 4096 * 4096  # an image over it gets 413
     max_images: int = 16  # images in one request
     max_new_tokens: int = 128  # the most a request may ask for
+    intake_threads: int = 4  # threads decoding and preprocessing uploads (each takes the GIL from the worker)
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
 
     def validate(self) -> ServeConfig:
@@ -496,6 +497,7 @@ class ServeConfig:
             (self.max_pixels >= 1, f"max_pixels is {self.max_pixels}; expected >= 1"),
             (self.max_images >= 1, f"max_images is {self.max_images}; expected >= 1"),
             (self.max_new_tokens >= 1, f"max_new_tokens is {self.max_new_tokens}; expected >= 1"),
+            (self.intake_threads >= 1, f"intake_threads is {self.intake_threads}; expected >= 1"),
         ]
         for ok, message in checks:
             if not ok:

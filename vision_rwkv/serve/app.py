@@ -22,6 +22,7 @@ import urllib.parse
 from contextlib import asynccontextmanager
 from importlib import resources
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -57,6 +58,9 @@ def create_app(captioner, cfg: ServeConfig | None = None, *, name: str = "demo")
     queue and stops it."""
     cfg = (cfg or ServeConfig()).validate()
     scheduler = BatchScheduler(captioner, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, cfg.continuous)
+    # a few intake threads, not the thread pool's 40: each one parsing or preprocessing holds the GIL that
+    # the worker thread needs between its CUDA launches (made at first use: it belongs to the running loop)
+    intake_limiter = None
 
     @asynccontextmanager
     async def lifespan(app):
@@ -78,10 +82,14 @@ def create_app(captioner, cfg: ServeConfig | None = None, *, name: str = "demo")
         return JSONResponse(describe_model(captioner, cfg, name))
 
     async def caption(request: Request):
+        nonlocal intake_limiter
+        if intake_limiter is None:
+            intake_limiter = anyio.CapacityLimiter(cfg.intake_threads)
         started = time.perf_counter()
         try:
             body = await read_body(request, cfg.max_body_bytes)
-            named, sampling, images = await run_in_threadpool(intake, request.headers.get("content-type", ""), body)
+            named, sampling, images = await anyio.to_thread.run_sync(
+                intake, request.headers.get("content-type", ""), body, limiter=intake_limiter)
             decoded = time.perf_counter()
             captioned = await asyncio.wrap_future(scheduler.submit(images, sampling))
         except RequestError as e:
@@ -340,5 +348,6 @@ def describe_model(captioner, cfg: ServeConfig, name: str) -> dict:
         "limits": {"continuous": cfg.continuous,
                    "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms, "max_queue": cfg.max_queue,
                    "max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
-                   "max_images": cfg.max_images, "max_new_tokens": cfg.max_new_tokens},
+                   "max_images": cfg.max_images, "max_new_tokens": cfg.max_new_tokens,
+                   "intake_threads": cfg.intake_threads},
     }
