@@ -10,8 +10,8 @@ token 0 and their results are ignored. Only when the live rows fit in a quarter 
 compacted, with one gather, to twice their bucket; when no row is left, the buffers go.
 
 On CUDA a join runs as graph replays only: its images go through the encoder and the prefill in chunks of
-join_chunk() images, the size both graphs take, padded to a power of two up to it (a few graphs serve every
-join; warm_up captures them). An eager encode or prefill would launch hundreds of kernels, each a torch call
+join_chunk() images, the size both graphs take, and what is left is padded to a power of two (a few graphs
+serve every join; warm_up captures them). An eager encode or prefill would launch hundreds of kernels, each a torch call
 that gives up the GIL and must win it back from the HTTP side's threads: under load that made a join of 64
 images take about 100 ms where its GPU work takes about 20 (bench/serve_load.py's worker figures, 2026-12-04).
 
@@ -78,8 +78,10 @@ def join_chunk(captioner) -> int:
 
 
 def _padded(n: int, chunk: int) -> int:
-    """The images a padded join of n runs: a power of two up to the chunk, whole chunks beyond it."""
-    return _bucket(n) if n <= chunk else -(-n // chunk) * chunk
+    """The images a padded join of n runs: whole chunks, then what is left padded to a power of two (so every
+    piece prefill_images runs is a power of two up to the chunk: 22 images with chunks of 16 run 16 + 8)."""
+    whole = n // chunk * chunk
+    return whole + (_bucket(n - whole) if n > whole else 0)
 
 
 @torch.no_grad()
