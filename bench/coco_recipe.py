@@ -126,7 +126,8 @@ def cache_stage(cfg, device) -> dict:
     rows = get_split(load_source(cfg.data), cfg.data.train_split)
     sync(device)
     start = time.perf_counter()
-    feature_cache(encoder, rows, cfg.data.feature_cache, cfg.data.train_split, device=device)
+    feature_cache(encoder, rows, cfg.data.feature_cache, cfg.data.train_split, device=device,
+                  num_workers=cfg.data.num_workers)
     sync(device)
     seconds = time.perf_counter() - start
     folder = Path(cfg.data.feature_cache) / encoder.feature_key() / cfg.data.train_split

@@ -217,6 +217,12 @@ def test_cached_features_match_the_encoder_and_batches_match_items(shapes, tmp_p
     cached.set_format("torch", columns=["tokens", "pooled"])
     torch.testing.assert_close(cached[3]["tokens"].float(), tokens[0], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(cached[3]["pooled"].float(), pooled[0], rtol=2e-3, atol=2e-3)
+    # decoded by two DataLoader worker processes: the same cache, in the same order, bit for bit
+    workers = feature_cache(encoder, rows, tmp_path / "cache2", "train", batch_size=5, num_workers=2)
+    assert workers["image"] == rows["image"]
+    workers.set_format("torch", columns=["tokens", "pooled"])
+    for column in ("tokens", "pooled"):
+        assert torch.equal(workers[:][column], cached[:][column])
 
     tok = train_bpe([c for caps in rows["captions"] for c in caps], 80)
     ds = PairDataset(rows, caption_pairs(rows), tok, 4, features=cached)

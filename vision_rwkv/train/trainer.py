@@ -221,9 +221,11 @@ class Trainer:
     def _features(self, rows, split):
         root = self.cfg.data.feature_cache
         if self.dist.main:
-            feature_cache(self.model.encoder, rows, root, split, device=self.device)
+            feature_cache(self.model.encoder, rows, root, split, device=self.device,
+                          num_workers=self.cfg.data.num_workers)
         self.dist.wait_for_main()
-        return feature_cache(self.model.encoder, rows, root, split, device=self.device)
+        return feature_cache(self.model.encoder, rows, root, split, device=self.device,
+                             num_workers=self.cfg.data.num_workers)
 
     def _set_stage(self, stage: str) -> None:
         if stage == self.stage:

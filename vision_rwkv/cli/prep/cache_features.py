@@ -35,6 +35,8 @@ def main(argv=None) -> int:
                          "training reads)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     ap.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes decoding the images (default: the config's data.num_workers; 0: this one)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for train_caption.py")
     args = ap.parse_args(argv)
     try:
@@ -44,6 +46,9 @@ def main(argv=None) -> int:
                                   "data.feature_cache=data/features")
         if args.batch_size < 1:
             raise VisionRWKVError(f"--batch-size is {args.batch_size}; expected a positive integer")
+        workers = cfg.data.num_workers if args.workers is None else args.workers
+        if workers < 0:
+            raise VisionRWKVError(f"--workers is {workers}; expected 0 (decode in this process) or more")
         device = resolve_device(args.device)
         data = load_source(cfg.data)
         splits = args.splits.split(",") if args.splits else [cfg.data.train_split]
@@ -52,7 +57,7 @@ def main(argv=None) -> int:
         for split in splits:
             rows = get_split(data, split)
             cached = feature_cache(encoder, rows, cfg.data.feature_cache, split, batch_size=args.batch_size,
-                                   device=device)
+                                   device=device, num_workers=workers)
             folder = Path(cfg.data.feature_cache) / encoder.feature_key() / split
             print(f"{split}: {len(cached)} images -> {folder}")
     except (VisionRWKVError, HydraException, OmegaConfBaseException) as e:  # one line, as train_caption.py
