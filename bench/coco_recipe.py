@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

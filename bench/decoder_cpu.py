@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
 import torch
 
 BASELINE = r"""

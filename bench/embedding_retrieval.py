@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 
+import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
 import torch
 
 from vision_rwkv.caption.captioner import Captioner

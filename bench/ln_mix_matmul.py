@@ -14,6 +14,7 @@ graph (which leaves out the LayerNorm and mix the fused kernel also does). Last,
 
 from functools import partial
 
+import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
 import torch
 import torch.nn.functional as F
 

@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
 import torch
 
 

@@ -49,6 +49,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "examples" / "shapes_test_3.png"
 

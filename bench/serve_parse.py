@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import serve_load  # noqa: E402

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
 import torch
 
 HERE = Path(__file__).resolve().parent

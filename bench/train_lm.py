@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
 import torch
 
 PEAK_FLOPS = 989e12

@@ -28,6 +28,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
 import torch
 
 from vision_rwkv.ops.wkv4.cuda import build

@@ -23,6 +23,7 @@ import argparse
 import math
 import statistics
 
+import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
 import torch
 
 from vision_rwkv.ops.wkv7 import wkv7_chunked
