@@ -37,5 +37,16 @@ def test_help_and_cfg(capsys):
     assert "port: 1234" in capsys.readouterr().out
 
 
+def test_the_help_lists_every_option_of_the_config(capsys):
+    import dataclasses
+
+    from vision_rwkv.config import ServeConfig
+
+    assert serve_cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    missing = [f.name for f in dataclasses.fields(ServeConfig) if f"  {f.name}=" not in out]
+    assert missing == []
+
+
 def test_the_command_is_listed():
     assert COMMANDS["serve"][0] == "vision_rwkv.cli.serve"

@@ -49,6 +49,8 @@ options (Hydra overrides, key=value; defaults in conf/serve.yaml):
   max_pixels=N            image size limit, 413 beyond it (default 4096*4096)
   max_images=N            images in one request (default 16)
   max_new_tokens=N        the most a request may ask for (default 128)
+  intake_threads=N        threads decoding and preprocessing uploads (default 4; each holds the GIL the
+                          model's thread needs)
   cors_origins=[URL,...]  origins allowed to call the API from a browser (default: none, CORS off)
   --cfg                   print the composed configuration and exit
   -h, --help              print this text and exit
