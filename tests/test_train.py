@@ -197,6 +197,28 @@ def test_cache_features_command_builds_what_training_then_uses(shapes, tmp_path,
     assert "data.feature_cache is not set" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_image_stops_the_cache_in_one_line_naming_it(shapes, tmp_path, capsys, workers):
+    """Decoded in DataLoader workers or in this process, a broken image is one line with its path, and no
+    cache folder is left as if complete."""
+    import shutil
+
+    from data_prep import cache_features
+
+    data = tmp_path / "shapes"
+    shutil.copytree(shapes, data)
+    broken = sorted(data.rglob("*.png"))[5]
+    broken.write_bytes(b"not a png")
+    cache = tmp_path / "cache"
+    args = tiny(data, tmp_path / "run", f"data.feature_cache={cache}")
+    assert cache_features.main(["--device", "cpu", "--workers", str(workers), *args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line and "examples/s" not in line]
+    assert len(lines) == 1 and lines[0].startswith("cache_features.py: ") and f"{broken.parent.name}/{broken.name}: " \
+        in lines[0] and "not an image" in lines[0]
+    assert "Traceback" not in lines[0] and "worker" not in lines[0]  # the reason itself, not a worker's report
+    assert not list(cache.glob("*/*/dataset_info.json"))
+
+
 def test_cached_features_match_the_encoder_and_batches_match_items(shapes, tmp_path):
     import datasets
 

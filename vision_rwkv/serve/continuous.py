@@ -11,9 +11,10 @@ compacted, with one gather, to twice their bucket; when no row is left, the buff
 
 On CUDA a join runs as graph replays only: its images go through the encoder and the prefill in chunks of
 join_chunk() images, the size both graphs take, and what is left is padded to a power of two (a few graphs
-serve every join; warm_up captures them). An eager encode or prefill would launch hundreds of kernels, each a torch call
-that gives up the GIL and must win it back from the HTTP side's threads: under load that made a join of 64
-images take about 100 ms where its GPU work takes about 20 (bench/serve_load.py's worker figures, 2026-12-04).
+serve every join; warm_up captures them). An eager encode or prefill launches hundreds of kernels, each from a
+torch call that gives up the GIL and must win it back from the HTTP side's threads. On an H200 under load
+(bench/serve_load.py's worker figures, 2026-12-04) a join of 64 images took about 105 ms eagerly and 77 to 93
+ms in chunks of graphs, against 33 to 38 ms for the chunks alone (bench/serve_worker.py).
 
 Every row chooses its next token from its own logits with its own settings: plain greedy rows together by one
 argmax over all slots on the device; any other row (sampling, bans, penalties, min_new_tokens) through a

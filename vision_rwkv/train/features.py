@@ -169,7 +169,9 @@ def _cached(folder: Path, rows: datasets.Dataset) -> datasets.Dataset | None:
 
 
 class _CacheImages(torch.utils.data.Dataset):
-    """Item i: (i, image i through transform), for the DataLoader that feeds the cache's encoder."""
+    """Item i: (i, image i through transform, None), or (i, None, the one-line reason it could not be read),
+    for the DataLoader that feeds the cache's encoder: the reason reaches the main process whole, not inside
+    a worker's traceback."""
 
     def __init__(self, paths: list[str], transform):
         self.paths, self.transform = paths, transform
@@ -178,7 +180,17 @@ class _CacheImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        return i, self.transform(load_image(self.paths[i]))
+        try:
+            return i, self.transform(load_image(self.paths[i])), None
+        except VisionRWKVError as e:
+            return i, None, str(e)
+
+
+def _collate_images(items):
+    """-> (indices, images, None), or (indices, None, the first item's error)."""
+    index = torch.tensor([i for i, _, _ in items])
+    error = next((e for _, _, e in items if e is not None), None)
+    return index, None if error else torch.stack([x for _, x, _ in items]), error
 
 
 def _encode(encoder, rows: datasets.Dataset, split: str, batch_size: int, device,
@@ -190,12 +202,14 @@ def _encode(encoder, rows: datasets.Dataset, split: str, batch_size: int, device
     splits = hasattr(pre, "pixels") and hasattr(pre, "normalize")
     loader = torch.utils.data.DataLoader(_CacheImages(rows["image"], pre.pixels if splits else pre),
                                          batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=torch.device(device).type == "cuda")
+                                         collate_fn=_collate_images, pin_memory=torch.device(device).type == "cuda")
     batches = iter(loader)
     done = [0]
 
     def encode(batch):
-        index, images = next(batches)
+        index, images, error = next(batches)
+        if error is not None:
+            raise VisionRWKVError(error)  # "<path>: <reason>", from images.load_image
         n = len(batch["image"])
         if index.tolist() != list(range(done[0], done[0] + n)):  # map and the loader walked apart: a bug
             raise RuntimeError(f"feature cache: images {index.tolist()[:3]}... decoded for rows {done[0]}..")
