@@ -571,22 +571,23 @@ def test_joins_padded_to_a_power_of_two_give_the_same_captions_and_warm_up_cover
         finally:
             scheduler.close()
 
+    def same_as(got, want):
+        assert [[c for c, _ in image] for image in got] == [[c for c, _ in image] for image in want]
+        assert [s for image in got for _, s in image] == pytest.approx([s for image in want for _, s in image],
+                                                                       abs=1e-4)
+
     plain = run()
     assert seen == [3]
     monkeypatch.setattr(continuous, "pads_joins", lambda captioner: True)
-    padded = run()
-    assert seen == [3, 4] and [[c for c, _ in image] for image in padded] == [[c for c, _ in image] for image in plain]
-    assert [s for image in padded for _, s in image] == pytest.approx([s for image in plain for _, s in image],
-                                                                      abs=1e-4)
+    same_as(run(), plain)
+    assert seen == [3, 4]
     seen.clear()
     continuous.warm_up(captioner, 6)
     assert seen == [1, 2, 4, 8]
-    seen.clear()
     monkeypatch.setattr(continuous, "join_chunk", lambda captioner: 2)  # graphs of at most 2 images
-    chunked = run()
-    assert seen == [2, 1] and [[c for c, _ in image] for image in chunked] == [[c for c, _ in image] for image in plain]
-    assert [s for image in chunked for _, s in image] == pytest.approx([s for image in plain for _, s in image],
-                                                                       abs=1e-4)
+    seen.clear()
+    same_as(run(), plain)
+    assert seen == [2, 1]  # 3 images: a chunk of 2, then 1
     seen.clear()
     continuous.warm_up(captioner, 6)
     assert seen == [1, 2]
