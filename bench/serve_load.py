@@ -431,6 +431,10 @@ def measure(host, port, args, body, content_type, scheduler=None) -> tuple[list,
         row = run(*a)
         if before is not None:
             row.update(worker_fields(scheduler.stats.since(before), row["seconds"]))
+        # at once, on stderr: a run stopped by a time limit still leaves the levels it finished
+        level = f"{row['clients']} clients" if "clients" in row else f"rate {row['rate']}"
+        print(f"serve load: {level}: {row['rps']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, "
+              f"{row['busy_503']} 503s, {row['errors']} errors", file=sys.stderr, flush=True)
         return row
 
     try:

@@ -21,8 +21,10 @@ def test_the_load_bench_runs_and_every_request_is_answered(capsys):
         assert r["errors"] == 0 and r["ok"] >= 1 and r["ok"] + r["busy_503"] == r["requests"]
         assert r["p50_ms"] > 0 and r["vs_offline"] > 0
         assert 0 < r["worker_busy"] <= 1.05 and r["steps_per_s"] > 0 and 1 <= r["rows_per_step"] <= 4
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "the worker thread meanwhile" in out
+    assert "serve load: 1 clients: " in captured.err and "serve load: 4 clients: " in captured.err  # as they end
     assert "baseline: offline caption_images at batch 4" in out and "CPU, decoder L4-D256" in out
 
 
