@@ -31,15 +31,12 @@ import argparse
 import contextlib
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vision_rwkv import Captioner, SamplingConfig  # noqa: E402
 from vision_rwkv.caption.encoder import ClipEncoder  # noqa: E402

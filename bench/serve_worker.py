@@ -34,7 +34,6 @@ import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from vision_rwkv import Captioner, SamplingConfig  # noqa: E402

@@ -168,53 +168,33 @@ def _cached(folder: Path, rows: datasets.Dataset) -> datasets.Dataset | None:
     return None
 
 
-class _CacheImages(torch.utils.data.Dataset):
-    """Item i: (i, image i through transform, None), or (i, None, the one-line reason it could not be read),
-    for the DataLoader that feeds the cache's encoder: the reason reaches the main process whole, not inside
-    a worker's traceback."""
-
-    def __init__(self, paths: list[str], transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.transform(load_image(self.paths[i])), None
-        except VisionRWKVError as e:
-            return i, None, str(e)
-
-
-def _collate_images(items):
-    """-> (indices, images, None), or (indices, None, the first item's error)."""
-    index = torch.tensor([i for i, _, _ in items])
-    error = next((e for _, _, e in items if e is not None), None)
-    return index, None if error else torch.stack([x for _, x, _ in items]), error
-
-
 def _encode(encoder, rows: datasets.Dataset, split: str, batch_size: int, device,
             num_workers: int = 0) -> datasets.Dataset:
     """rows.map over the encoder's outputs. The images are decoded and resized by a DataLoader's num_workers
-    workers, in the order and batches map walks the rows (each batch checked), as uint8 pixels where the
-    preprocess splits (normalised on the device: the same floats, a quarter of the bytes to move)."""
+    workers (Captioner's image-file loading, full-size decode), in the order and batches map walks the rows
+    (each batch checked), as uint8 pixels where the preprocess splits (normalised on the device: the same
+    floats, a quarter of the bytes to move). An image that cannot be read stops it in one line."""
+    from ..caption.captioner import _collate, _ImageFiles
+
     pre = encoder.preprocess
     splits = hasattr(pre, "pixels") and hasattr(pre, "normalize")
-    loader = torch.utils.data.DataLoader(_CacheImages(rows["image"], pre.pixels if splits else pre),
-                                         batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=_collate_images, pin_memory=torch.device(device).type == "cuda")
+    paths = rows["image"]
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths, pre.pixels if splits else pre), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=_collate,
+                                         pin_memory=torch.device(device).type == "cuda")
     batches = iter(loader)
     done = [0]
 
     def encode(batch):
-        index, images, error = next(batches)
-        if error is not None:
-            raise VisionRWKVError(error)  # "<path>: <reason>", from images.load_image
+        files = next(batches)
+        if files.errors:  # the first unreadable image of the batch, as load_image names it
+            i = min(files.errors)
+            raise VisionRWKVError(f"{paths[i]}: {files.errors[i]}")
         n = len(batch["image"])
-        if index.tolist() != list(range(done[0], done[0] + n)):  # map and the loader walked apart: a bug
-            raise RuntimeError(f"feature cache: images {index.tolist()[:3]}... decoded for rows {done[0]}..")
+        if files.good != list(range(done[0], done[0] + n)):  # map and the loader walked apart: a bug
+            raise RuntimeError(f"feature cache: images {files.good[:3]}... decoded for rows {done[0]}..")
         done[0] += n
-        images = images.to(device, non_blocking=True)
+        images = files.images.to(device, non_blocking=True)
         if images.dtype == torch.uint8:
             images = pre.normalize(images)
         tokens, pooled = encoder(images)
