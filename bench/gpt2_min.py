@@ -31,13 +31,25 @@ class MinimalGPT2(torch.nn.Module):
         shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=p.dtype, device=p.device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=p.dtype, device=p.device), persistent=False)
+        for cache in (self.k_cache, self.v_cache):  # written in place by the step: its graph keeps their address
+            torch._dynamo.mark_static_address(cache)
         self.batch_size, self.max_len = batch_size, max_len
         self._prefill, self._step = self.prefill, self.step
 
     def compile(self) -> MinimalGPT2:
+        """The prefill compiled, the step compiled with mode="reduce-overhead" (a CUDA graph on CUDA); see
+        cudagraph_skips() for whether inductor really graphed it."""
         self._prefill = torch.compile(self.prefill, dynamic=False)
         self._step = torch.compile(self.step, mode="reduce-overhead", dynamic=False)
         return self
+
+    @staticmethod
+    def cudagraph_skips() -> int:
+        """How many times so far in this process inductor ran a reduce-overhead function without CUDA graphs
+        (0: every one was graphed; it logs each reason)."""
+        from torch._dynamo.utils import counters
+
+        return counters["inductor"]["cudagraph_skips"]
 
     def _attention_inputs(self, block, x):
         B, T, C = x.shape
