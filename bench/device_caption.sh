@@ -8,4 +8,4 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/cap
 python3 -c "from vision_rwkv.ops.wkv7.cuda import build; r = build(); print('kernel:', r or 'ok')" \
   2>&1 | tail -1 | tee -a "$OUT/caption_throughput.log"
 python3 bench/caption_throughput.py --folder /tmp/jpegs --out "$OUT/caption_throughput.json" "$@" 2>&1 \
-  | grep -v "UserWarning\|y, wkv_state = wkv7" | tee -a "$OUT/caption_throughput.log"
+  | grep --line-buffered -v "UserWarning\|y, wkv_state = wkv7" | tee -a "$OUT/caption_throughput.log"
