@@ -111,6 +111,45 @@ def test_capture_while_another_thread_pins_memory(lm):
     assert not errors, errors[0]
 
 
+_WORKSPACE_SCRIPT = """
+import torch
+from vision_rwkv import RWKV7, RWKV7Config
+from vision_rwkv.lm.graphs import rnn_stepper
+torch.manual_seed(0)
+lm = RWKV7(RWKV7Config(vocab_size=65536, n_layer=2, n_embd=768, head_size=64)).cuda().to(torch.bfloat16).eval()
+B = 32
+with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    tokens = torch.randint(0, 65536, (B,), device="cuda")
+    state = lm.init_state(B)
+    step = rnn_stepper(lm)
+    before = step(tokens, state.clone())[0].clone()
+    torch._C._cuda_clearCublasWorkspaces()  # what torch.compile's CUDA graphs do before each capture
+    torch.cuda.empty_cache()  # a freed workspace goes back to the driver...
+    filler = [torch.full((n << 20,), 7, dtype=torch.uint8, device="cuda") for n in (1, 2, 4, 8, 16, 32, 64)
+              for _ in range(4)]  # ...or to new tensors
+    for _ in range(3):
+        after = step(tokens, state.clone())[0]
+    torch.cuda.synchronize()
+    assert torch.equal(after, before), "the replay's logits changed"
+    assert all(bool((f == 7).all()) for f in filler), "the replay wrote into other tensors"
+print("ok")
+"""
+
+
+def test_a_graph_keeps_working_after_cublas_workspaces_are_freed():
+    """torch.compile's CUDA graphs free cuBLAS's workspaces before each capture. A graph whose products use
+    a workspace made outside it then writes into memory that is the driver's or other tensors' (on an H200:
+    an illegal address in the next decode, after a compiled GPT-2 ran in the same process). In a process of
+    its own, as an illegal address ends the CUDA context."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _WORKSPACE_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VISION_RWKV_CUDA_GRAPHS": "1"})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
 @torch.no_grad()
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_model_on_the_second_gpu_while_the_first_is_current(lm):

@@ -127,6 +127,11 @@ class _Graph:
         self.graph, self.inputs, self.outputs = graph, inputs, outputs
 
 
+def _free_cublas_workspaces() -> None:
+    """Drop cuBLAS's per-stream workspaces (the next product on a stream makes a new one)."""
+    torch._C._cuda_clearCublasWorkspaces()
+
+
 class _Graphs:
     """Captured graphs of one decoder, by key; the capture itself (warm-up, stream, autocast)."""
 
@@ -180,12 +185,21 @@ class _Graphs:
                 body()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        # cuBLAS keeps a workspace per stream, made at first use, and anyone may free them all
+        # (torch.compile's CUDA graphs do before each capture). One made by the warm-up lies in the shared
+        # pool: once freed, its memory goes to other tensors, or back to the driver, while this graph's
+        # products still write there (silent corruption, or an illegal address: seen on an H200 after a
+        # compiled GPT-2 ran in the same process). Freed now, the capture makes its own inside the graph's
+        # private pool, which nothing else allocates from; freed again after, so eager work on this stream
+        # never shares it with the graph.
+        _free_cublas_workspaces()
         # thread_local: other threads (a DataLoader's pin-memory thread) may keep calling CUDA while
         # this thread captures; the default "global" mode makes their calls fail mid-capture.
         # stream=side: the warmed-up stream of the model's GPU (torch's shared default capture stream
         # belongs to whichever GPU was current when it was first made)
         with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             outputs = body()
+        _free_cublas_workspaces()
         return _Graph(graph, inputs, outputs)
 
     @staticmethod
