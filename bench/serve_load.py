@@ -90,6 +90,10 @@ def parse_args(argv):
                    help="in-process server: uvicorn's HTTP parser (auto: httptools when installed)")
     p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
                    help="in-process server: uvicorn's event loop (auto: uvloop when installed)")
+    p.add_argument("--http-processes", type=int, default=0,
+                   help="0: the server in this process, as above; N: ServeConfig.http_processes, the model in a "
+                        "process of its own behind N HTTP processes (serve.processes; no worker figures then, "
+                        "uvicorn's http and loop on auto)")
     p.add_argument("--switch-interval-ms", type=float, default=None,
                    help="in-process server: sys.setswitchinterval, how long a thread may hold the GIL when "
                         "another waits (Python's default: 5 ms)")
@@ -395,6 +399,30 @@ class InProcessServer:
         self.thread.join(60)
 
 
+class ProcessesServer:
+    """--http-processes N: serve.processes.ProcessServer on a free loopback port, the model loaded in its own
+    process by load_captioner(args) (so --model throughput works there too)."""
+
+    def __init__(self, args):
+        from functools import partial
+
+        from vision_rwkv.config import ServeConfig
+        from vision_rwkv.serve.processes import ProcessServer
+
+        cfg = ServeConfig(port=0, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                          continuous=args.continuous, intake_threads=args.intake_threads,
+                          http_processes=args.http_processes)
+        self.server = ProcessServer(partial(load_captioner, args), cfg, name=args.model)
+
+    def __enter__(self):
+        self.server.start(timeout=600)
+        self.port = self.server.port
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stop()
+
+
 def _answer_at_once(images, sampling):
     """--model stub: what BatchScheduler.submit returns, done at once, with no model run."""
     from concurrent.futures import Future
@@ -477,6 +505,14 @@ def main(argv=None) -> list[dict]:
         return report(None, None, closed, opened, args)
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
+    if args.http_processes:
+        if args.model == "stub":
+            raise SystemExit("--model stub runs in this process only; leave --http-processes at 0")
+        captioner = load_captioner(args)  # for the baseline and the description; the server loads its own
+        baseline = offline_images_per_s(captioner, args)
+        with ProcessesServer(args) as server:
+            closed, opened = measure("127.0.0.1", server.port, args, body, content_type)
+        return report(captioner, baseline, closed, opened, args)
     with InProcessServer(args) as server:
         baseline = None if args.model == "stub" else offline_images_per_s(server.captioner, args)
         scheduler = None if args.model == "stub" else server.app.state.scheduler
@@ -489,7 +525,7 @@ def report(captioner, baseline, closed, opened, args) -> list[dict]:
     print(f"serve load: {device}; max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
           f"max_queue {args.max_queue}, continuous {args.continuous}, {args.max_new_tokens} new tokens max, "
           f"{args.seconds:g} s per level, {args.client_procs} client processes, {args.intake_threads} intake "
-          f"threads; uvicorn http {args.http}, "
+          f"threads, {args.http_processes or 'no'} separate HTTP processes; uvicorn http {args.http}, "
           f"loop {args.loop}, GIL switch interval {sys.getswitchinterval() * 1000:g} ms")
     if baseline is not None:
         print(f"baseline: offline caption_images at batch {args.max_batch}: {baseline:.1f} images/s")

@@ -51,6 +51,14 @@ def test_open_loop_rates_in_client_processes_and_the_json(tmp_path, capsys, proc
     assert "open loop (even arrivals" in capsys.readouterr().out
 
 
+def test_the_load_bench_runs_against_the_model_in_its_own_process(capsys):
+    rows = serve_load.main(TINY + ["--clients", "2", "--seconds", "1", "--client-procs", "1",
+                                   "--http-processes", "2"])
+    (row,) = rows
+    assert row["errors"] == 0 and row["ok"] >= 1 and row["vs_offline"] > 0 and "worker_busy" not in row
+    assert "2 separate HTTP processes" in capsys.readouterr().out
+
+
 def test_schedules_are_fixed():
     assert serve_load.schedule(4, 1, "even", 0) == [0, 0.25, 0.5, 0.75]
     poisson = serve_load.schedule(50, 2, "poisson", 7)

@@ -685,11 +685,11 @@ def test_an_uploaded_jpeg_is_decoded_as_caption_py_decodes_the_file(captioner, t
     """Both decode a JPEG at the encoder's size (PIL's draft mode): the same pixels, so the same captions."""
     import torch
 
-    from vision_rwkv.serve.app import preprocess
+    from vision_rwkv.serve.app import ModelCard, preprocess
 
     path = tmp_path / "big.jpg"
     Image.open(SHAPES_3).convert("RGB").resize((640, 480), Image.BICUBIC).save(path, quality=90)
-    served = preprocess(captioner, [(path.name, path.read_bytes())], 10**8)
+    served = preprocess(ModelCard.of(captioner, "demo"), [(path.name, path.read_bytes())], 10**8)
     assert torch.equal(served[0], captioner.image_files([str(path)])[0][1])
 
 

@@ -485,6 +485,7 @@ class ServeConfig:
     max_images: int = 16  # images in one request
     max_new_tokens: int = 128  # the most a request may ask for
     intake_threads: int = 4  # threads decoding and preprocessing uploads (each takes the GIL from the worker)
+    http_processes: int = 0  # 0: HTTP and the model in one process; N: the model in its own, behind N HTTP ones
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
 
     def validate(self) -> ServeConfig:
@@ -498,6 +499,7 @@ class ServeConfig:
             (self.max_images >= 1, f"max_images is {self.max_images}; expected >= 1"),
             (self.max_new_tokens >= 1, f"max_new_tokens is {self.max_new_tokens}; expected >= 1"),
             (self.intake_threads >= 1, f"intake_threads is {self.intake_threads}; expected >= 1"),
+            (self.http_processes >= 0, f"http_processes is {self.http_processes}; expected >= 0"),
         ]
         for ok, message in checks:
             if not ok:

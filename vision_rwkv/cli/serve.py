@@ -8,6 +8,7 @@ drains the queue, then exits.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -50,7 +51,10 @@ options (Hydra overrides, key=value; defaults in conf/serve.yaml):
   max_images=N            images in one request (default 16)
   max_new_tokens=N        the most a request may ask for (default 128)
   intake_threads=N        threads decoding and preprocessing uploads (default 4; each holds the GIL the
-                          model's thread needs)
+                          model's thread needs), per HTTP process
+  http_processes=N        0 (default): HTTP and the model in one process; N: the model in a process of its
+                          own, fed by N HTTP processes on the same port (more cores parse and decode uploads,
+                          and none of it contends with the model's thread)
   cors_origins=[URL,...]  origins allowed to call the API from a browser (default: none, CORS off)
   --cfg                   print the composed configuration and exit
   -h, --help              print this text and exit
@@ -106,12 +110,34 @@ def serve(cfg: ServeConfig, prog: str = PROG) -> int:
                               "pip install 'vision_rwkv[serve]'") from None
     from ..caption.captioner import Captioner
 
-    captioner = Captioner.load(cfg.checkpoint, device=cfg.device, dtype=cfg.dtype)
     name = Path(cfg.checkpoint).name if cfg.checkpoint else "demo"
+    if cfg.http_processes:
+        return serve_in_processes(partial(Captioner.load, cfg.checkpoint, device=cfg.device, dtype=cfg.dtype),
+                                  cfg, name, prog)
+    captioner = Captioner.load(cfg.checkpoint, device=cfg.device, dtype=cfg.dtype)
     app = create_app(captioner, cfg, name=name)
     print(f"{prog}: serving {name} on {captioner.device} at http://{cfg.host}:{cfg.port}/", file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=60)
     return 0
+
+
+def serve_in_processes(load, cfg: ServeConfig, name: str, prog: str = PROG) -> int:
+    """The model in a process of its own behind cfg.http_processes HTTP processes, until SIGTERM or Ctrl-C;
+    1 if a process died on its own."""
+    import signal
+
+    from ..serve.processes import ProcessServer
+
+    server = ProcessServer(load, cfg, name)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.request_stop)
+    server.start()
+    print(f"{prog}: serving {name} on {server.card.info['device']} at http://{cfg.host}:{server.port}/ "
+          f"({cfg.http_processes} HTTP processes, the model in its own)", file=sys.stderr)
+    code = server.wait()
+    if server.failure:
+        print(f"{prog}: {server.failure}; stopped the server", file=sys.stderr)
+    return code
 
 
 def cli(argv: list[str] | None = None, prog: str = PROG) -> int:

@@ -19,7 +19,9 @@ import logging
 import re
 import time
 import urllib.parse
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 
 import anyio
@@ -52,20 +54,46 @@ class RequestError(VisionRWKVError):
         self.status = status
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What the HTTP side needs of the model, and nothing that runs it (it travels to HTTP processes that
+    load no model): its description, and how an upload becomes the tensor the model takes."""
+
+    info: dict  # name, device, dtype, encoder, projector, decoder (GET /v1/model, with the server's limits)
+    pixels: Callable  # PIL image -> (3,H,W): uint8 pixels where the encoder's preprocess splits, else floats
+    draft_size: int | None  # the side JPEGs are decoded down to (Captioner.draft_size)
+
+    @classmethod
+    def of(cls, captioner, name: str) -> ModelCard:
+        preprocess = captioner.model.encoder.preprocess
+        return cls(describe_model(captioner, name), getattr(preprocess, "pixels", preprocess), captioner.draft_size)
+
+
 def create_app(captioner, cfg: ServeConfig | None = None, *, name: str = "demo") -> Starlette:
-    """The app for a loaded Captioner. Its lifespan warms the model up on CUDA (continuous.warm_up), starts
-    the batching worker and, at shutdown (after uvicorn has finished the requests in flight), drains the
-    queue and stops it."""
+    """The app for a loaded Captioner, with the batching worker in this process. Its lifespan warms the model
+    up on CUDA (continuous.warm_up), starts the worker and, at shutdown (after uvicorn has finished the
+    requests in flight), drains the queue and stops it."""
     cfg = (cfg or ServeConfig()).validate()
     scheduler = BatchScheduler(captioner, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, cfg.continuous)
+    # every graph a request can need, captured before the first one
+    warm = (lambda: warm_up(captioner, cfg.max_batch)) if captioner.device.type == "cuda" else None
+    return build_app(ModelCard.of(captioner, name), scheduler, cfg, warm)
+
+
+def build_app(card: ModelCard, scheduler, cfg: ServeConfig, warm: Callable[[], None] | None = None) -> Starlette:
+    """The app over any scheduler: BatchScheduler (the model in this process) or processes.EngineClient
+    (the model in a process of its own). Either has start(), close(), submit(images, sampling) -> Future of
+    a Captioned, queued_images and alive. The lifespan runs warm() if given, starts the scheduler and, at
+    shutdown, closes it."""
+    cfg = cfg.validate()
     # a few intake threads, not the thread pool's 40: each one parsing or preprocessing holds the GIL that
     # the worker thread needs between its CUDA launches (made at first use: it belongs to the running loop)
     intake_limiter = None
 
     @asynccontextmanager
     async def lifespan(app):
-        if captioner.device.type == "cuda":  # every graph a request can need, captured before the first one
-            await run_in_threadpool(warm_up, captioner, cfg.max_batch)
+        if warm is not None:
+            await run_in_threadpool(warm)
         scheduler.start()
         try:
             yield
@@ -76,10 +104,12 @@ def create_app(captioner, cfg: ServeConfig | None = None, *, name: str = "demo")
         return HTMLResponse(resources.files(__package__).joinpath("static/index.html").read_text("utf-8"))
 
     async def healthz(request: Request):
+        if not scheduler.alive:
+            return JSONResponse({"status": "the model's worker has stopped", "queued_images": 0}, status_code=503)
         return JSONResponse({"status": "ok", "queued_images": scheduler.queued_images})
 
     async def model_info(request: Request):
-        return JSONResponse(describe_model(captioner, cfg, name))
+        return JSONResponse({**card.info, "limits": limits(cfg)})
 
     async def caption(request: Request):
         nonlocal intake_limiter
@@ -88,10 +118,9 @@ def create_app(captioner, cfg: ServeConfig | None = None, *, name: str = "demo")
         started = time.perf_counter()
         try:
             body = await read_body(request, cfg.max_body_bytes)
-            named, sampling, images = await anyio.to_thread.run_sync(
+            named, sampling, future, decoded = await anyio.to_thread.run_sync(
                 intake, request.headers.get("content-type", ""), body, limiter=intake_limiter)
-            decoded = time.perf_counter()
-            captioned = await asyncio.wrap_future(scheduler.submit(images, sampling))
+            captioned = await asyncio.wrap_future(future)
         except RequestError as e:
             return error(e.status, str(e))
         except (QueueFull, SchedulerClosed) as e:
@@ -113,15 +142,18 @@ def create_app(captioner, cfg: ServeConfig | None = None, *, name: str = "demo")
         })
 
     def intake(content_type: str, body: bytes):
-        """The body -> (named images, sampling, preprocessed images), in one trip to the thread pool: each
-        trip costs the event loop and the GIL more than the parsing does."""
+        """The body -> (named images, sampling, the Future of its captions, when it was decoded), in one trip
+        to the thread pool: each trip costs the event loop and the GIL more than the parsing does. Submitting
+        here keeps the event loop clear of it too (to a model process, it writes the pixels to a pipe)."""
         named, fields = parse_request(content_type, body)
         sampling = sampling_from_fields(fields, cfg.max_new_tokens)
         if not named:
             raise RequestError("no images in the request; send multipart files or JSON {\"images\": [base64]}")
         if len(named) > cfg.max_images:
             raise RequestError(f"{len(named)} images in one request; at most {cfg.max_images}", 413)
-        return named, sampling, preprocess(captioner, named, cfg.max_pixels)
+        images = preprocess(card, named, cfg.max_pixels)
+        decoded = time.perf_counter()
+        return named, sampling, scheduler.submit(images, sampling), decoded
 
     app = Starlette(routes=[Route("/", page), Route("/healthz", healthz), Route("/v1/model", model_info),
                             Route("/v1/caption", caption, methods=["POST"])],
@@ -315,18 +347,17 @@ def sampling_summary(sampling: SamplingConfig) -> dict:
     return out
 
 
-def preprocess(captioner, named: list[tuple[str, bytes]], max_pixels: int):
+def preprocess(card: ModelCard, named: list[tuple[str, bytes]], max_pixels: int):
     """Decode and preprocess every image: (n,3,H,W), uint8 pixels where the encoder's preprocess splits (a
     quarter of the bytes while queued; Captioner.model_input normalises them on the device). 413 for one
     over the pixel limit, 400 for one that is not an image."""
     import torch
 
-    transform = getattr(captioner.model.encoder.preprocess, "pixels", captioner.model.encoder.preprocess)
     tensors = []
     for name, data in named:
         try:
             # JPEGs decoded at the encoder's size as Captioner decodes files: the same tensors as caption.py
-            tensors.append(transform(decode_image_bytes(data, name, max_pixels, captioner.draft_size)))
+            tensors.append(card.pixels(decode_image_bytes(data, name, max_pixels, card.draft_size)))
         except TooManyPixels as e:
             raise RequestError(one_line(e), 413) from None
         except VisionRWKVError as e:
@@ -334,7 +365,7 @@ def preprocess(captioner, named: list[tuple[str, bytes]], max_pixels: int):
     return torch.stack(tensors)
 
 
-def describe_model(captioner, cfg: ServeConfig, name: str) -> dict:
+def describe_model(captioner, name: str) -> dict:
     model = captioner.model
     dec = model.config.decoder
     return {
@@ -345,9 +376,11 @@ def describe_model(captioner, cfg: ServeConfig, name: str) -> dict:
         "projector": {"kind": str(model.config.projector.kind), "prefix_len": model.prefix_len},
         "decoder": {"arch": str(dec.arch), "n_layer": dec.n_layer, "n_embd": dec.n_embd,
                     **({"head_size": dec.head_size} if dec.arch == "rwkv7" else {}), "vocab_size": dec.vocab_size},
-        "limits": {"continuous": cfg.continuous,
-                   "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms, "max_queue": cfg.max_queue,
-                   "max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
-                   "max_images": cfg.max_images, "max_new_tokens": cfg.max_new_tokens,
-                   "intake_threads": cfg.intake_threads},
     }
+
+
+def limits(cfg: ServeConfig) -> dict:
+    return {"continuous": cfg.continuous, "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms,
+            "max_queue": cfg.max_queue, "max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
+            "max_images": cfg.max_images, "max_new_tokens": cfg.max_new_tokens,
+            "intake_threads": cfg.intake_threads, "http_processes": cfg.http_processes}

@@ -121,6 +121,11 @@ class BatchScheduler:
     def queued_images(self) -> int:
         return self._queued_images
 
+    @property
+    def alive(self) -> bool:
+        """False once the worker thread has ended (closed); True before start()."""
+        return self._thread.ident is None or self._thread.is_alive()
+
     def submit(self, images: torch.Tensor, sampling: SamplingConfig) -> Future:
         """Queue preprocessed images (n,3,H,W) with their (validated) sampling settings; the Future gives a
         Captioned. Raises QueueFull or SchedulerClosed at once instead of queueing."""
