@@ -92,8 +92,8 @@ def parse_args(argv):
                    help="in-process server: uvicorn's event loop (auto: uvloop when installed)")
     p.add_argument("--http-processes", type=int, default=0,
                    help="0: the server in this process, as above; N: ServeConfig.http_processes, the model in a "
-                        "process of its own behind N HTTP processes (serve.processes; no worker figures then, "
-                        "uvicorn's http and loop on auto)")
+                        "process of its own behind N HTTP processes (serve.processes; uvicorn's http and loop on "
+                        "auto there)")
     p.add_argument("--switch-interval-ms", type=float, default=None,
                    help="in-process server: sys.setswitchinterval, how long a thread may hold the GIL when "
                         "another waits (Python's default: 5 ms)")
@@ -510,8 +510,8 @@ def main(argv=None) -> list[dict]:
             raise SystemExit("--model stub runs in this process only; leave --http-processes at 0")
         captioner = load_captioner(args)  # for the baseline and the description; the server loads its own
         baseline = offline_images_per_s(captioner, args)
-        with ProcessesServer(args) as server:
-            closed, opened = measure("127.0.0.1", server.port, args, body, content_type)
+        with ProcessesServer(args) as server:  # its .stats come from the model process
+            closed, opened = measure("127.0.0.1", server.port, args, body, content_type, server.server)
         return report(captioner, baseline, closed, opened, args)
     with InProcessServer(args) as server:
         baseline = None if args.model == "stub" else offline_images_per_s(server.captioner, args)

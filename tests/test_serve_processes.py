@@ -72,6 +72,8 @@ def test_every_http_process_answers_and_reports_the_model(server):
     info = httpx.get(f"{base}/v1/model").json()
     assert info["name"] == "demo" and info["device"] == "cpu" and info["limits"]["http_processes"] == 2
     assert [p.is_alive() for p in [srv.model, *srv.http]] == [True, True, True]
+    stats = srv.stats  # the model process's worker counters, over the supervisor's own pipe
+    assert stats.steps > 0 and stats.joined_images >= 6 and stats.stepping_s > 0
 
 
 def test_errors_cross_the_pipe_as_one_process_gives_them(server):
@@ -137,9 +139,17 @@ def test_the_command_serves_and_sigterm_stops_every_process(tmp_path):
 
 
 def _children(pid: int) -> list[int]:
-    """The spawned processes of pid (the spawn start method's resource tracker aside)."""
-    out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "resource_tracker" not in line]
+    """The spawned processes of pid (the spawn start method's resource tracker aside), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def _running(pid: int) -> bool:
@@ -147,4 +157,7 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:  # reaped meanwhile
+        return False

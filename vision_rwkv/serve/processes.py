@@ -20,10 +20,13 @@ each child is stopped once, in order; a child whose supervisor has gone stops to
 Messages on a pipe (pickled tuples; pixels travel as raw bytes, not as shared tensors):
     HTTP -> model    ("caption", id, SamplingConfig, (shape, dtype name, bytes))  |  ("close",)
     model -> HTTP    ("done", id, Captioned, queued images)  |  ("error", id, kind, message, queued images)
+The supervisor has a pipe of its own to the model process, for the worker's counters (load tests):
+    supervisor -> model  ("stats", id)        model -> supervisor  ("stats", id, WorkerStats, queued images)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -42,7 +45,7 @@ from ..config import SamplingConfig, ServeConfig
 from ..errors import VisionRWKVError, one_line
 from .app import ModelCard, build_app
 from .continuous import warm_up
-from .scheduler import BatchScheduler, QueueFull, SchedulerClosed
+from .scheduler import BatchScheduler, QueueFull, SchedulerClosed, WorkerStats
 
 PARENT_CHECK_S = 0.5  # how often a child looks whether its supervisor is still there
 
@@ -90,6 +93,10 @@ def serve_links(scheduler, links: list[Connection]) -> None:
                 open_links.remove(conn)
                 with locks[id(conn)]:
                     conn.close()
+                continue
+            if message[0] == "stats":
+                with locks[id(conn)]:
+                    conn.send(("stats", message[1], dataclasses.replace(scheduler.stats), scheduler.queued_images))
                 continue
             _, request, sampling, (shape, dtype, payload) = message
             answer = partial(_answer, conn, locks[id(conn)], request, scheduler)
@@ -285,6 +292,8 @@ class ProcessServer:
         self.http: list[multiprocessing.Process] = []
         self.port: int | None = None
         self.card: ModelCard | None = None
+        self._control: Connection | None = None  # to the model process: the worker's counters
+        self._control_lock = threading.Lock()
         self._stop_requested = threading.Event()
         self._stopping = threading.Event()
         self.failure: str | None = None  # why it stopped on its own, if it did
@@ -295,11 +304,13 @@ class ProcessServer:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
         cfg, me = self.cfg, os.getpid()
         links = [ctx.Pipe() for _ in range(cfg.http_processes)]
+        self._control, control = ctx.Pipe()
         report_r, report_w = ctx.Pipe(duplex=False)
         self.model = ctx.Process(target=model_process, name="vision-rwkv-model",
-                                 args=(self.load, cfg, self.name, [b for _, b in links], report_w, me))
+                                 args=(self.load, cfg, self.name, [b for _, b in links] + [control], report_w, me))
         self.model.start()
         report_w.close()
+        control.close()
         for _, b in links:
             b.close()
         kind, value = self._receive(report_r, self.model, "loading the model", timeout)
@@ -369,6 +380,18 @@ class ProcessServer:
             p.join()
         return 1 if self.failure else 0
 
+    @property
+    def stats(self) -> WorkerStats:
+        """A snapshot of the model process's worker counters (BatchScheduler.stats), asked for over the
+        supervisor's own pipe; VisionRWKVError if the model process does not answer within 10 s."""
+        with self._control_lock:
+            if self._control is None or self._control.closed:
+                raise VisionRWKVError("the model process is not running")
+            self._control.send(("stats", 0))
+            if not self._control.poll(10):
+                raise VisionRWKVError("the model process did not report its counters within 10 s")
+            return self._control.recv()[2]
+
     def request_stop(self, *_) -> None:
         """Ask wait() to stop the server (safe in a signal handler: it only sets a flag)."""
         self._stop_requested.set()
@@ -377,6 +400,9 @@ class ProcessServer:
         """SIGTERM to each HTTP process (it finishes its requests in flight), then wait for the model process
         (it drains its queue once every pipe has closed). Whatever outlives timeout is killed."""
         self._stopping.set()
+        with self._control_lock:  # the model process ends once this pipe and the HTTP processes' have closed
+            if self._control is not None:
+                self._control.close()
         for p in self.http:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
