@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -126,10 +127,17 @@ def test_the_command_serves_and_sigterm_stops_every_process(tmp_path):
     try:
         line = proc.stderr.readline()  # printed once every process serves
         assert "serving demo" in line and "2 HTTP processes" in line, line + proc.stderr.read()
-        assert answers(post(f"http://127.0.0.1:{port}", SHAPES_3))
+        base = f"http://127.0.0.1:{port}"
+        assert answers(post(base, SHAPES_3))
         children = _children(proc.pid)
         assert len(children) == 3
-        proc.send_signal(signal.SIGTERM)
+        with ThreadPoolExecutor(1) as pool:  # a slow request (about 3 s on a 2-core CPU), in flight at SIGTERM
+            slow = pool.submit(post, base, *[SHAPES_3] * 16, strategy="sample", num_return=16, temperature=3,
+                               max_new_tokens=128, seed=1)
+            time.sleep(0.3)
+            assert not slow.done()
+            proc.send_signal(signal.SIGTERM)
+            assert len(answers(slow.result(120))) == 16  # answered, not dropped
         assert proc.wait(60) == 0
         time.sleep(0.2)
         assert not [pid for pid in children if _running(pid)]
