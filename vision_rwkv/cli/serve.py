@@ -61,7 +61,7 @@ options (Hydra overrides, key=value; defaults in conf/serve.yaml):
 
 examples:
   python serve.py
-  python serve.py checkpoint=runs/x/checkpoints/latest port=8080 device=cuda max_batch=64
+  python serve.py checkpoint=runs/x/checkpoints/latest port=8080 device=cuda max_batch=128 http_processes=4
   curl -F image=@examples/shapes_test_3.png http://127.0.0.1:8000/v1/caption
 """
 
