@@ -4,6 +4,8 @@
     from vision_rwkv.serve import create_app
     app = create_app(Captioner.load())          # uvicorn.run(app) serves it; `vision-rwkv serve` does both
 
+The model can also run in a process of its own behind several HTTP processes
+(vision_rwkv.serve.processes.ProcessServer; `vision-rwkv serve http_processes=N`).
 Needs the [serve] extra (starlette, uvicorn).
 """
 
