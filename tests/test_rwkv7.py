@@ -268,3 +268,32 @@ def test_a_compiled_training_step_equals_eager_in_loss_and_every_gradient():
     assert got.keys() == grads.keys() and len(got) > 50
     for name, g in grads.items():
         assert torch.allclose(got[name], g, rtol=1e-4, atol=1e-5), name
+
+
+class _Step(torch.nn.Module):
+    """lm.step with the state as plain tensors, as torch.export takes inputs."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, tokens, att_shift, wkv, ffn_shift):
+        logits, state = self.lm.step(tokens, RWKVState(att_shift, wkv, ffn_shift))
+        return logits, state.att_shift, state.wkv, state.ffn_shift
+
+
+@torch.no_grad()
+def test_the_plain_step_exports_to_aten_ops_and_equals_the_eager_step(tiny_model):
+    """The exportable path (lm.step, plain PyTorch; the fused step is switched off with
+    VISION_RWKV_FUSED_STEP=0): torch.export traces it to core ATen operations only, ready for an ONNX
+    exporter, and the exported program gives the eager step's logits and state, token-id check aside."""
+    state = tiny_model.init_state(2)
+    _, state = tiny_model(torch.tensor([[1, 2, 3], [4, 5, 6]]), state)
+    args = (torch.tensor([3, 5]), state.att_shift, state.wkv, state.ffn_shift)
+    program = torch.export.export(_Step(tiny_model), args)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert targets and all(t.startswith("aten.") for t in targets), sorted(targets)
+    for got, want in zip(program.module()(*args), _Step(tiny_model)(*args)):
+        assert torch.equal(got, want)
+    with pytest.raises(VisionRWKVError, match="outside this model's vocabulary"):  # still checked eagerly
+        _Step(tiny_model)(torch.tensor([3, 10_000]), *args[1:])

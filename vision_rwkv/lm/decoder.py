@@ -96,7 +96,8 @@ class Decoder(nn.Module):
     def _check_ids(self, tokens) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
             raise VisionRWKVError(f"tokens must be an integer (Long) tensor, got {describe(tokens)}")
-        if self.check_inputs and tokens.numel():
+        # a traced graph (torch.compile, torch.export) cannot stop on a value: the check runs eagerly only
+        if self.check_inputs and tokens.numel() and not torch.compiler.is_compiling():
             lo, hi = int(tokens.min()), int(tokens.max())
             V = self.config.vocab_size
             if lo < 0 or hi >= V:
