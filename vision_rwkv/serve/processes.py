@@ -319,7 +319,8 @@ class ProcessServer:
             raise VisionRWKVError(value)
         self.card = value
         try:
-            sock = socket.create_server((cfg.host, cfg.port), backlog=4096)
+            family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET  # "::" as uvicorn takes it
+            sock = socket.create_server((cfg.host, cfg.port), family=family, backlog=4096)
         except OSError as e:
             self.stop()
             raise VisionRWKVError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
