@@ -115,6 +115,25 @@ def test_when_the_model_process_dies_requests_get_503_and_the_server_stops():
         server.stop()
 
 
+def test_an_http_process_that_dies_is_replaced():
+    server = ProcessServer(LOAD_DEMO, ServeConfig(port=0, http_processes=1)).start(timeout=120)
+    base = f"http://127.0.0.1:{server.port}"
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(server.wait)  # wait() is what replaces the processes
+        try:
+            first = server.http[0]
+            os.kill(first.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while server.restarts == 0:
+                assert time.monotonic() < deadline and not waiting.done(), server.failure
+                time.sleep(0.05)
+            assert server.http[0] is not first and server.http[0].is_alive()
+            assert answers(post(base, SHAPES_3))  # the new process, over its new pipe to the model process
+        finally:
+            server.stop()
+        assert waiting.result(60) == 0 and server.failure is None
+
+
 def test_the_command_serves_and_sigterm_stops_every_process(tmp_path):
     import socket
 

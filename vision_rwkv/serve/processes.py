@@ -20,14 +20,17 @@ each child is stopped once, in order; a child whose supervisor has gone stops to
 Messages on a pipe (pickled tuples; pixels travel as raw bytes, not as shared tensors):
     HTTP -> model    ("caption", id, SamplingConfig, (shape, dtype name, bytes))  |  ("close",)
     model -> HTTP    ("done", id, Captioned, queued images)  |  ("error", id, kind, message, queued images)
-The supervisor has a pipe of its own to the model process, for the worker's counters (load tests):
+The supervisor has a pipe of its own to the model process, for the worker's counters (load tests) and for
+the pipe of an HTTP process it starts in place of one that died:
     supervisor -> model  ("stats", id)        model -> supervisor  ("stats", id, WorkerStats, queued images)
+    supervisor -> model  ("link", Connection)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import multiprocessing
 import os
 import signal
@@ -48,6 +51,10 @@ from .continuous import warm_up
 from .scheduler import BatchScheduler, QueueFull, SchedulerClosed, WorkerStats
 
 PARENT_CHECK_S = 0.5  # how often a child looks whether its supervisor is still there
+# An HTTP process that dies is replaced, but not more than MAX_RESTARTS times in RESTART_WINDOW_S (a crash
+# loop stops the server instead).
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
+log = logging.getLogger(__name__)
 
 
 class ModelProcessError(RuntimeError):
@@ -97,6 +104,10 @@ def serve_links(scheduler, links: list[Connection]) -> None:
             if message[0] == "stats":
                 with locks[id(conn)]:
                     conn.send(("stats", message[1], dataclasses.replace(scheduler.stats), scheduler.queued_images))
+                continue
+            if message[0] == "link":  # the pipe of an HTTP process started in place of one that died
+                locks[id(message[1])] = threading.Lock()
+                open_links.append(message[1])
                 continue
             _, request, sampling, (shape, dtype, payload) = message
             answer = partial(_answer, conn, locks[id(conn)], request, scheduler)
@@ -279,7 +290,8 @@ class ProcessServer:
 
         server = ProcessServer(partial(Captioner.load, checkpoint), cfg, name="demo").start()
         server.port            # the bound port (cfg.port, or the one the system chose for port=0)
-        server.wait()          # until stop() (or a child's death: then the others are stopped too)
+        server.wait()          # until stop(); replaces an HTTP process that dies, and stops everything if
+                               # the model process dies (or HTTP processes keep dying)
         server.stop()          # from a signal handler or another thread
 
     load is called in the model process, so it must be picklable (a module-level function or a partial)."""
@@ -292,8 +304,12 @@ class ProcessServer:
         self.http: list[multiprocessing.Process] = []
         self.port: int | None = None
         self.card: ModelCard | None = None
-        self._control: Connection | None = None  # to the model process: the worker's counters
+        self._control: Connection | None = None  # to the model process: the worker's counters, new links
         self._control_lock = threading.Lock()
+        self._ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
+        self._sock: socket.socket | None = None  # kept for the HTTP processes started later
+        self._restarts: list[float] = []
+        self.restarts = 0  # HTTP processes started in place of ones that died
         self._stop_requested = threading.Event()
         self._stopping = threading.Event()
         self.failure: str | None = None  # why it stopped on its own, if it did
@@ -301,8 +317,7 @@ class ProcessServer:
     def start(self, timeout: float | None = None) -> ProcessServer:
         """Returns once the model is loaded (and warmed up on CUDA) and every HTTP process accepts requests;
         VisionRWKVError in one line if the model cannot load or a process dies first."""
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
-        cfg, me = self.cfg, os.getpid()
+        ctx, cfg, me = self._ctx, self.cfg, os.getpid()
         links = [ctx.Pipe() for _ in range(cfg.http_processes)]
         self._control, control = ctx.Pipe()
         report_r, report_w = ctx.Pipe(duplex=False)
@@ -324,23 +339,54 @@ class ProcessServer:
         except OSError as e:
             self.stop()
             raise VisionRWKVError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
-        self.port = sock.getsockname()[1]
-        waits = []
-        for i, (a, _) in enumerate(links):
-            started_r, started_w = ctx.Pipe(duplex=False)
-            process = ctx.Process(target=http_process, name=f"vision-rwkv-http-{i}",
-                                  args=(self.card, cfg, a, sock, me, started_w))
-            process.start()
-            started_w.close()
-            a.close()
-            self.http.append(process)
-            waits.append((started_r, process))
-        sock.close()
-        for started_r, process in waits:
-            if self._receive(started_r, process, "starting HTTP", timeout) != "serving":
+        self._sock, self.port = sock, sock.getsockname()[1]
+        waits = [self._start_http(i, a) for i, (a, _) in enumerate(links)]
+        for started, process in waits:
+            if self._receive(started, process, "starting HTTP", timeout) != "serving":
                 self.stop()
                 raise VisionRWKVError(f"{process.name} did not start serving")
         return self
+
+    def _start_http(self, i: int, link: Connection) -> tuple[Connection, multiprocessing.Process]:
+        """Start HTTP process i on link (closed here) -> (the pipe it says "serving" on, the process)."""
+        started_r, started_w = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(target=http_process, name=f"vision-rwkv-http-{i}",
+                                    args=(self.card, self.cfg, link, self._sock, os.getpid(), started_w))
+        process.start()
+        started_w.close()
+        link.close()
+        if i < len(self.http):
+            self.http[i] = process
+        else:
+            self.http.append(process)
+        return started_r, process
+
+    def _replace_http(self, i: int) -> bool:
+        """Start another HTTP process in place of process i, which died; False if it cannot (too many
+        restarts lately, or the new one died too)."""
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S]
+        dead = self.http[i]
+        if len(self._restarts) >= MAX_RESTARTS:
+            self.failure = (f"{dead.name} stopped (exit code {dead.exitcode}), the {MAX_RESTARTS + 1}th HTTP process "
+                            f"to die within {RESTART_WINDOW_S:g} s")
+            return False
+        self._restarts.append(now)
+        log.warning("%s stopped (exit code %s); starting another", dead.name, dead.exitcode)
+        a, b = self._ctx.Pipe()
+        with self._control_lock:
+            self._control.send(("link", b))
+        b.close()
+        try:
+            if self._receive(*self._start_http(i, a), "starting HTTP", 120) == "serving":
+                self.restarts += 1
+                return True
+        except VisionRWKVError as e:
+            if not self._stop_requested.is_set():  # a stop asked for meanwhile is no failure
+                self.failure = str(e)
+            return False
+        self.failure = f"{self.http[i].name} did not start serving"
+        return False
 
     def _receive(self, conn: Connection, process, doing: str, timeout: float | None):
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -365,19 +411,24 @@ class ProcessServer:
 
     def wait(self) -> int:
         """Block until the server has stopped: after request_stop() (a signal handler's way) or stop() from
-        another thread, or when a child dies on its own (the others are then stopped). Returns 0 after a
-        clean stop, 1 when a child died (self.failure says which)."""
-        children = [p for p in [self.model, *self.http] if p is not None]
+        another thread, or when the model process dies or HTTP processes keep dying (then everything is
+        stopped). An HTTP process that dies is replaced. Returns 0 after a clean stop, 1 after a failure
+        (self.failure says what)."""
         while not self._stopping.is_set():
             if self._stop_requested.is_set():
                 self.stop()
                 break
-            wait([p.sentinel for p in children], timeout=0.2)
-            dead = [p for p in children if not p.is_alive()]
-            if dead and not self._stopping.is_set():
-                self.failure = f"{dead[0].name} stopped (exit code {dead[0].exitcode})"
+            wait([p.sentinel for p in [self.model, *self.http]], timeout=0.2)
+            if self._stopping.is_set():
+                break
+            if not self.model.is_alive():
+                self.failure = f"{self.model.name} stopped (exit code {self.model.exitcode})"
+            for i, process in enumerate(self.http):
+                if self.failure is None and not process.is_alive():
+                    self._replace_http(i)
+            if self.failure is not None:
                 self.stop()
-        for p in children:
+        for p in [self.model, *self.http]:
             p.join()
         return 1 if self.failure else 0
 
@@ -404,6 +455,8 @@ class ProcessServer:
         with self._control_lock:  # the model process ends once this pipe and the HTTP processes' have closed
             if self._control is not None:
                 self._control.close()
+        if self._sock is not None:
+            self._sock.close()
         for p in self.http:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
