@@ -134,6 +134,26 @@ def test_an_http_process_that_dies_is_replaced():
         assert waiting.result(60) == 0 and server.failure is None
 
 
+def test_http_processes_that_keep_dying_stop_the_server(monkeypatch):
+    from vision_rwkv.serve import processes
+
+    monkeypatch.setattr(processes, "MAX_RESTARTS", 1)
+    server = ProcessServer(LOAD_DEMO, ServeConfig(port=0, http_processes=1)).start(timeout=120)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(server.wait)
+        try:
+            os.kill(server.http[0].pid, signal.SIGKILL)  # replaced: the one restart allowed
+            deadline = time.monotonic() + 60
+            while server.restarts == 0:
+                assert time.monotonic() < deadline and not waiting.done(), server.failure
+                time.sleep(0.05)
+            os.kill(server.http[0].pid, signal.SIGKILL)  # a second death within the window: give up
+            assert waiting.result(60) == 1 and "within 60 s" in server.failure, server.failure
+            assert not server.model.is_alive() and not server.http[0].is_alive()
+        finally:
+            server.stop()
+
+
 def test_the_command_serves_and_sigterm_stops_every_process(tmp_path):
     import socket
 

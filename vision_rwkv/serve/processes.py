@@ -368,8 +368,8 @@ class ProcessServer:
         self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S]
         dead = self.http[i]
         if len(self._restarts) >= MAX_RESTARTS:
-            self.failure = (f"{dead.name} stopped (exit code {dead.exitcode}), the {MAX_RESTARTS + 1}th HTTP process "
-                            f"to die within {RESTART_WINDOW_S:g} s")
+            self.failure = (f"{dead.name} stopped (exit code {dead.exitcode}) after {len(self._restarts)} "
+                            f"replacement(s) within {RESTART_WINDOW_S:g} s, the most allowed: a crash loop")
             return False
         self._restarts.append(now)
         log.warning("%s stopped (exit code %s); starting another", dead.name, dead.exitcode)
