@@ -87,6 +87,46 @@ def test_errors_cross_the_pipe_as_one_process_gives_them(server):
     assert not_image.status_code == 400 and "x.png" in not_image.json()["error"]
 
 
+def test_the_pipe_carries_pixels_of_any_dtype_and_answers_and_errors_back():
+    """EngineClient and serve_links over a pipe in this process, with a scheduler that echoes what it got."""
+    import threading
+    from concurrent.futures import Future
+    from multiprocessing import Pipe
+
+    import torch
+
+    from vision_rwkv import SamplingConfig
+    from vision_rwkv.serve import Captioned, QueueFull
+    from vision_rwkv.serve.processes import EngineClient, serve_links
+    from vision_rwkv.serve.scheduler import WorkerStats
+
+    class Echo:
+        stats, queued_images, got = WorkerStats(), 3, None
+
+        def submit(self, images, sampling):
+            if sampling.max_new_tokens == 1:
+                raise QueueFull("the queue is full (test)")
+            self.got, done = images, Future()
+            done.set_result(Captioned([[(sampling.strategy, float(images.float().sum()))]], 1.0, 2.0, 1))
+            return done
+
+    echo, (ours, theirs) = Echo(), Pipe()
+    reader = threading.Thread(target=serve_links, args=(echo, [theirs]))
+    reader.start()
+    client = EngineClient(ours).start()
+    for dtype in (torch.uint8, torch.float32, torch.bfloat16):
+        images = (torch.rand(1, 3, 4, 5) * 200).to(dtype)
+        captioned = client.submit(images, SamplingConfig()).result(10)
+        assert echo.got.dtype == dtype and torch.equal(echo.got, images)
+        assert captioned.captions == [[("greedy", float(images.float().sum()))]] and captioned.queue_ms == 1.0
+    assert client.queued_images == 3
+    with pytest.raises(QueueFull, match="queue is full"):
+        client.submit(images, SamplingConfig(max_new_tokens=1)).result(10)
+    client.close(10)
+    reader.join(10)
+    assert not reader.is_alive() and not client.alive
+
+
 def test_a_model_that_cannot_load_is_one_line_and_leaves_no_process(tmp_path):
     server = ProcessServer(partial(Captioner.load, str(tmp_path / "missing"), device="cpu"),
                            ServeConfig(port=0, http_processes=1))

@@ -103,7 +103,11 @@ def serve_links(scheduler, links: list[Connection]) -> None:
                 continue
             if message[0] == "stats":
                 with locks[id(conn)]:
-                    conn.send(("stats", message[1], dataclasses.replace(scheduler.stats), scheduler.queued_images))
+                    try:
+                        conn.send(("stats", message[1], dataclasses.replace(scheduler.stats),
+                                   scheduler.queued_images))
+                    except (OSError, ValueError):  # the supervisor closed its end meanwhile; the EOF follows
+                        pass
                 continue
             if message[0] == "link":  # the pipe of an HTTP process started in place of one that died
                 locks[id(message[1])] = threading.Lock()
@@ -190,8 +194,8 @@ class EngineClient:
         if self._stopped is not None:
             raise SchedulerClosed(self._stopped)
         future, request = Future(), next(self._ids)
-        images = images.contiguous()
-        payload = (tuple(images.shape), str(images.dtype).removeprefix("torch."), images.numpy().tobytes())
+        raw = images.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype, bf16 too
+        payload = (tuple(images.shape), str(images.dtype).removeprefix("torch."), raw)
         self._pending[request] = future
         try:
             with self._send_lock:
@@ -237,8 +241,11 @@ class EngineClient:
     def _stop(self, why: str) -> None:
         if self._stopped is None:
             self._stopped = why
-        while self._pending:
-            _, future = self._pending.popitem()
+        while True:
+            try:
+                _, future = self._pending.popitem()
+            except KeyError:  # empty (the reader thread may pop too)
+                break
             if not future.done():
                 try:
                     future.set_exception(SchedulerClosed(self._stopped))
