@@ -64,11 +64,11 @@ class ModelProcessError(RuntimeError):
 # ---- the model process -----------------------------------------------------------------------------------
 
 
-def model_process(load, cfg: ServeConfig, name: str, links: list[Connection], report: Connection,
-                  supervisor: int) -> None:
+def model_process(load, cfg: ServeConfig, name: str, links: list[Connection], report: Connection) -> None:
     """Load the captioner (load() -> Captioner), warm it up on CUDA, report ("ready", ModelCard) or
-    ("failed", one line), then caption what the links send until every one has closed, and drain."""
-    _leave_terminal_group(supervisor, stop=None)
+    ("failed", one line), then caption what the links send until every one has closed, and drain. It needs
+    no watch on the supervisor: if that goes, the HTTP processes stop and their pipes close."""
+    os.setpgrp()  # a process group of its own: a terminal's Ctrl-C reaches the supervisor alone
     try:
         captioner = load()
         if captioner.device.type == "cuda":
@@ -259,7 +259,8 @@ def http_process(card: ModelCard, cfg: ServeConfig, conn: Connection, sock: sock
     accepts requests. SIGTERM: finish the requests in flight, close the client, exit."""
     import uvicorn
 
-    _leave_terminal_group(supervisor, stop=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    os.setpgrp()  # a process group of its own: a terminal's Ctrl-C reaches the supervisor alone
+    _when_gone(supervisor, lambda: os.kill(os.getpid(), signal.SIGTERM))
     app = build_app(card, EngineClient(conn), cfg)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60))
 
@@ -273,13 +274,8 @@ def http_process(card: ModelCard, cfg: ServeConfig, conn: Connection, sock: sock
     server.run(sockets=[sock])
 
 
-def _leave_terminal_group(supervisor: int, stop) -> None:
-    """Own process group (a terminal's Ctrl-C goes to the supervisor alone, which stops the children in
-    order), and, given stop, a watch on the supervisor that calls it if the supervisor goes. The model
-    process needs none: it ends once the HTTP processes' pipes have closed."""
-    os.setpgrp()
-    if stop is None:
-        return
+def _when_gone(supervisor: int, stop) -> None:
+    """Call stop() from a watch thread once the supervisor process has gone."""
 
     def watch():
         while os.getppid() == supervisor:
@@ -324,12 +320,12 @@ class ProcessServer:
     def start(self, timeout: float | None = None) -> ProcessServer:
         """Returns once the model is loaded (and warmed up on CUDA) and every HTTP process accepts requests;
         VisionRWKVError in one line if the model cannot load or a process dies first."""
-        ctx, cfg, me = self._ctx, self.cfg, os.getpid()
+        ctx, cfg = self._ctx, self.cfg
         links = [ctx.Pipe() for _ in range(cfg.http_processes)]
         self._control, control = ctx.Pipe()
         report_r, report_w = ctx.Pipe(duplex=False)
         self.model = ctx.Process(target=model_process, name="vision-rwkv-model",
-                                 args=(self.load, cfg, self.name, [b for _, b in links] + [control], report_w, me))
+                                 args=(self.load, cfg, self.name, [b for _, b in links] + [control], report_w))
         self.model.start()
         report_w.close()
         control.close()
