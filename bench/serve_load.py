@@ -86,6 +86,9 @@ def parse_args(argv):
     p.add_argument("--intake-threads", type=int, default=4, help="in-process server: ServeConfig.intake_threads")
     p.add_argument("--no-continuous", dest="continuous", action="store_false",
                    help="batch every request whole (no rows joining the running decode)")
+    p.add_argument("--no-overlap-joins", dest="overlap_joins", action="store_false",
+                   help="CUDA: the decode waits for each join (ServeConfig.overlap_joins=false) instead of "
+                        "joins running on a stream of their own")
     p.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
                    help="in-process server: uvicorn's HTTP parser (auto: httptools when installed)")
     p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
@@ -376,7 +379,8 @@ class InProcessServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         cfg = ServeConfig(port=self.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                          max_queue=args.max_queue, continuous=args.continuous, intake_threads=args.intake_threads)
+                          max_queue=args.max_queue, continuous=args.continuous, overlap_joins=args.overlap_joins,
+                          intake_threads=args.intake_threads)
         app = self.app = create_app(self.captioner, cfg)
         if args.model == "stub":
             app.state.scheduler.submit = _answer_at_once
@@ -410,8 +414,8 @@ class ProcessesServer:
         from vision_rwkv.serve.processes import ProcessServer
 
         cfg = ServeConfig(port=0, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                          continuous=args.continuous, intake_threads=args.intake_threads,
-                          http_processes=args.http_processes)
+                          continuous=args.continuous, overlap_joins=args.overlap_joins,
+                          intake_threads=args.intake_threads, http_processes=args.http_processes)
         self.server = ProcessServer(partial(load_captioner, args), cfg, name=args.model)
 
     def __enter__(self):
@@ -486,11 +490,13 @@ def measure(host, port, args, body, content_type, scheduler=None) -> tuple[list,
 
 def worker_fields(stats, seconds: float) -> dict:
     """The worker's share of the wall time busy (joining, stepping or captioning whole requests), and its
-    steps a second, mean rows a step and mean images a join, over one level."""
+    steps a second, mean rows a step, mean images a join and the share of steps taken while a join was in
+    flight on its own stream, over one level."""
     busy = stats.joining_s + stats.stepping_s + stats.captioning_s
     return {"worker_busy": busy / seconds, "worker_join_share": stats.joining_s / seconds,
             "steps_per_s": stats.steps / seconds, "rows_per_step": stats.row_steps / max(stats.steps, 1),
-            "images_per_join": stats.joined_images / max(stats.joins, 1)}
+            "images_per_join": stats.joined_images / max(stats.joins, 1),
+            "overlapped_share": stats.overlapped_steps / max(stats.steps, 1)}
 
 
 def main(argv=None) -> list[dict]:
@@ -523,7 +529,8 @@ def main(argv=None) -> list[dict]:
 def report(captioner, baseline, closed, opened, args) -> list[dict]:
     device = describe(captioner, args)
     print(f"serve load: {device}; max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
-          f"max_queue {args.max_queue}, continuous {args.continuous}, {args.max_new_tokens} new tokens max, "
+          f"max_queue {args.max_queue}, continuous {args.continuous}, overlap_joins {args.overlap_joins}, "
+          f"{args.max_new_tokens} new tokens max, "
           f"{args.seconds:g} s per level, {args.client_procs} client processes, {args.intake_threads} intake "
           f"threads, {args.http_processes or 'no'} separate HTTP processes; uvicorn http {args.http}, "
           f"loop {args.loop}, GIL switch interval {sys.getswitchinterval() * 1000:g} ms")
@@ -554,11 +561,12 @@ def report(captioner, baseline, closed, opened, args) -> list[dict]:
     watched = [r for r in closed + opened if "worker_busy" in r]
     if watched:
         print("the worker thread meanwhile (busy: joining, stepping or captioning whole requests):")
-        print(f"{'level':>7} {'busy':>6} {'joining':>8} {'steps/s':>8} {'rows/step':>9} {'images/join':>11}")
+        print(f"{'level':>7} {'busy':>6} {'joining':>8} {'steps/s':>8} {'rows/step':>9} {'images/join':>11} "
+              f"{'steps beside a join':>19}")
     for r in watched:
         level = r["clients"] if "clients" in r else r["rate"]
         print(f"{level!s:>7} {r['worker_busy']:>6.0%} {r['worker_join_share']:>8.0%} {r['steps_per_s']:>8.1f} "
-              f"{r['rows_per_step']:>9.1f} {r['images_per_join']:>11.1f}")
+              f"{r['rows_per_step']:>9.1f} {r['images_per_join']:>11.1f} {r['overlapped_share']:>19.0%}")
     if args.json:
         write_json(args.json, device, baseline, closed, opened, args)
     return closed + opened

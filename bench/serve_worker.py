@@ -17,6 +17,13 @@ and, per --joins N, the join of N images with R = 0 rows decoding. Each figure i
 (torch.cuda.synchronize after each call on CUDA). The gap between `step` and `bare` is the worker's own
 host work a step; bench/serve_load.py shows what the HTTP side's threads add to it. --profile prints
 cProfile's top functions (by own time) over the steps at the largest R.
+
+On CUDA, per --rows R and --overlap N, a join overlapped as the server runs it (ServeConfig.overlap_joins):
+R rows decode on the worker's stream while a join of N images runs on its own; the worker steps until the
+join is done, as the scheduler does. It prints the host time the launch took, the join's wall time from
+launch to done (seen after each step, so to a step's precision), the steps taken meanwhile and their mean
+time (each step's wall time, its stream synchronised, not the device): beside `join ms` and `step ms`
+above, how much each slows the other.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ sys.path.insert(0, str(HERE))
 
 from vision_rwkv import Captioner, SamplingConfig  # noqa: E402
 from vision_rwkv.lm.graphs import rnn_stepper  # noqa: E402
-from vision_rwkv.serve.continuous import RunningBatch, join_chunk, pads_joins, warm_up  # noqa: E402
+from vision_rwkv.serve.continuous import RunningBatch, join_chunk, pads_joins, warm_up, worker_stream  # noqa: E402
 from vision_rwkv.serve.scheduler import _Job  # noqa: E402
 
 
@@ -52,6 +59,8 @@ def parse_args(argv):
     p.add_argument("--joins", default="1,16,64", help="comma-separated images joining an empty batch")
     p.add_argument("--steps", type=int, default=20, help="steps timed per --rows")
     p.add_argument("--repeats", type=int, default=5, help="joins timed per size")
+    p.add_argument("--overlap", default="16,64",
+                   help="CUDA: comma-separated images in a join overlapped with each --rows' decode (empty: none)")
     p.add_argument("--profile", action="store_true", help="cProfile the steps at the largest --rows")
     p.add_argument("--join-chunk", type=int, default=None,
                    help="an experiment: raise the encoder's and the prefill's graph limits (lm.graphs) so that "
@@ -59,8 +68,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.row_list = [int(x) for x in args.rows.split(",") if x.strip()]
     args.join_list = [int(x) for x in args.joins.split(",") if x.strip()]
-    if not args.row_list or min(args.row_list + args.join_list) < 1 or args.steps < 1 or args.repeats < 1:
-        p.error("--rows and --joins take positive counts (at least one row count); --steps and --repeats >= 1")
+    args.overlap_list = [int(x) for x in args.overlap.split(",") if x.strip()]
+    if not args.row_list or min(args.row_list + args.join_list + args.overlap_list) < 1 or args.steps < 1 \
+            or args.repeats < 1:
+        p.error("--rows, --joins and --overlap take positive counts (at least one row count); --steps and "
+                "--repeats >= 1")
     return args
 
 
@@ -103,7 +115,7 @@ def main(argv=None) -> list[dict]:
     # plain greedy, the server's default; the throughput model's random weights rarely emit the stop token,
     # so its rows live through every timed step (the demo model's may end early: a smoke run only)
     greedy = SamplingConfig(max_new_tokens=args.steps + 2)
-    biggest = max(args.row_list + args.join_list)
+    biggest = max(max(args.row_list) + max(args.overlap_list, default=0), *args.join_list)  # rows at once
     warm_up(captioner, biggest)
     chunk = join_chunk(captioner) if pads_joins(captioner) else None
     print(f"serve worker: {describe(captioner)}; joins padded in chunks of {chunk or 'none (not padded)'}")
@@ -143,7 +155,44 @@ def main(argv=None) -> list[dict]:
                                for _ in range(args.repeats))
         rows_out.append({"join_images": n, "join_ms": ms})
         print(f"{n:>6} {ms:>8.2f} {ms / n:>9.3f}")
+    if device.type == "cuda" and args.overlap_list:
+        rows_out += overlapped(captioner, args, job)
     return rows_out
+
+
+def overlapped(captioner, args, job) -> list[dict]:
+    """Joins on their own stream beside a decode of R rows (see the module's docstring)."""
+    device, out = captioner.device, []
+    endless = SamplingConfig(max_new_tokens=10_000)  # the decoding rows outlive the measurement
+    print("a join on its own stream while R rows decode (the server's overlap_joins):")
+    print(f"{'rows':>5} {'images':>6} {'launch ms':>9} {'join ms':>8} {'steps beside':>12} {'step ms beside':>14}")
+    with worker_stream(device):
+        worker = torch.cuda.current_stream(device)
+        for r in args.row_list:
+            for n in args.overlap_list:
+                batch = RunningBatch(captioner, overlap=True)
+                batch.admit([job(r, endless)])
+                batch.step()
+                steps = []
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                batch.launch([job(n, SamplingConfig())])
+                launched = time.perf_counter()
+                while not batch.join_ready():
+                    begin = time.perf_counter()
+                    batch.step()
+                    worker.synchronize()
+                    steps.append((time.perf_counter() - begin) * 1000)
+                done = time.perf_counter()
+                batch.place_next()
+                torch.cuda.synchronize(device)
+                row = {"rows": r, "overlap_images": n, "launch_ms": (launched - start) * 1000,
+                       "join_ms": (done - start) * 1000, "steps_beside": len(steps),
+                       "step_ms_beside": statistics.mean(steps) if steps else float("nan")}
+                out.append(row)
+                print(f"{r:>5} {n:>6} {row['launch_ms']:>9.2f} {row['join_ms']:>8.2f} {len(steps):>12} "
+                      f"{row['step_ms_beside']:>14.3f}")
+    return out
 
 
 def describe(captioner) -> str:

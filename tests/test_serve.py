@@ -491,6 +491,111 @@ def test_the_running_batch_steps_the_steppers_own_buffer_and_survives_a_beam_job
     assert all(B & (B - 1) == 0 for who, B, _ in step.calls if who == "running")  # padded to powers of two
 
 
+def overlapped_schedule(captioner, scheduler, max_new_tokens=48):
+    """Requests a few steps apart, while others decode: -> per request its paths, its Captioned, and each
+    image's caption and score alone (Captioner's)."""
+    import time
+
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    reference = {p: captioner.caption_images(preprocessed(captioner, [p]), sampling)[0][0] for p in EXAMPLES}
+    futures = []
+    for i in range(8):
+        paths = EXAMPLES[i % len(EXAMPLES):] or EXAMPLES
+        futures.append((paths, scheduler.submit(preprocessed(captioner, paths), sampling)))
+        time.sleep(0.03)
+    scheduler.close()
+    return [(paths, future.result(timeout=60)) for paths, future in futures], reference
+
+
+def test_overlapped_joins_let_the_decode_step_on_and_place_rows_once_ready(captioner, monkeypatch):
+    """Overlapped joins (CUDA's default), their streams left out: a join placed only once it reports ready
+    (here at its third poll), the running rows stepping meanwhile, one join in flight at a time; every caption
+    and score is what the image gets alone."""
+    from vision_rwkv.serve import continuous
+
+    monkeypatch.setattr(continuous, "_can_overlap", lambda device: True)
+    monkeypatch.setattr(continuous, "join_stream", lambda device: None)  # the join computed at launch
+    polls, in_flight = {}, []
+
+    def ready(join):
+        polls[id(join)] = polls.get(id(join), 0) + 1
+        return polls[id(join)] >= 3
+
+    launch = continuous.RunningBatch.launch
+
+    def counted_launch(self, jobs):
+        in_flight.append(self.joining)
+        return launch(self, jobs)
+
+    monkeypatch.setattr(continuous._Join, "ready", ready)
+    monkeypatch.setattr(continuous.RunningBatch, "launch", counted_launch)
+    scheduler = BatchScheduler(captioner, max_batch=32, max_wait_ms=0)
+    assert scheduler._running.overlaps
+    got, reference = overlapped_schedule(captioner, scheduler.start())
+    for paths, captioned in got:
+        for path, captions in zip(paths, captioned.captions):
+            (text, score), = captions
+            assert text == reference[path][0]
+            assert score == pytest.approx(reference[path][1], abs=1e-4)
+    stats = scheduler.stats
+    assert stats.joins == len(in_flight) >= 2 and set(in_flight) == {0}  # never two joins in flight
+    assert stats.joined_images == sum(len(paths) for paths, _ in got)
+    assert stats.overlapped_steps >= 2  # rows stepped while a join was out
+    assert max(polls.values()) >= 3  # ... and were placed once it reported ready, not before
+    assert sum(captioned.batch_images > len(paths) for paths, captioned in got) >= 1  # some joined mid-decode
+
+
+def test_overlapped_joins_are_off_on_the_cpu_and_when_configured_off(captioner):
+    assert not BatchScheduler(captioner)._running.overlaps  # a CPU captioner
+    assert ServeConfig().overlap_joins is True
+    assert BatchScheduler.from_config(captioner, ServeConfig(overlap_joins=False, max_batch=7)).max_batch == 7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("overlap", [True, False])
+def test_joins_on_their_own_cuda_stream_give_every_image_its_caption_alone(overlap):
+    """On CUDA with graphs and fp32 weights: requests joining mid-decode, their encode and prefill on the join
+    stream (or not), get each image's caption alone; with overlap some steps ran while a join was out."""
+    from vision_rwkv.serve.continuous import warm_up
+
+    cuda = Captioner.load(device="cuda", dtype="fp32")
+    warm_up(cuda, 32)
+    scheduler = BatchScheduler(cuda, max_batch=32, max_wait_ms=0, overlap_joins=overlap)
+    assert scheduler._running.overlaps == overlap
+    got, reference = overlapped_schedule(cuda, scheduler.start())
+    for paths, captioned in got:
+        for path, captions in zip(paths, captioned.captions):
+            (text, score), = captions
+            assert text == reference[path][0]
+            assert score == pytest.approx(reference[path][1], abs=1e-3)
+    assert scheduler.worker_errors == 0
+    assert (scheduler.stats.overlapped_steps > 0) == overlap
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_launching_and_placing_an_overlapped_join_never_make_the_host_wait():
+    """A launch that waited for the device would stall the worker until the join's encoder had run (a
+    torch.tensor(..., device="cuda") does): launch() and place_next() make no host sync; a step makes one."""
+    from vision_rwkv.lm.readback import count_syncs
+    from vision_rwkv.serve.continuous import RunningBatch, warm_up, worker_stream
+    from vision_rwkv.serve.scheduler import _Job
+
+    cuda = Captioner.load(device="cuda")
+    warm_up(cuda, 8)
+    with worker_stream(cuda.device):
+        batch = RunningBatch(cuda, overlap=True)
+        batch.admit([_Job(preprocessed(cuda, EXAMPLES[:2]), SamplingConfig(max_new_tokens=99, min_new_tokens=99))])
+        batch.step()
+        assert count_syncs(lambda: batch.launch([_Job(preprocessed(cuda, EXAMPLES[:3]), SamplingConfig())])) == 0
+        assert batch.joining == 1
+        while not batch.join_ready():
+            assert count_syncs(batch.step) == 1
+        assert count_syncs(batch.place_next) == 0
+        assert len(batch) == 5 and batch.joining == 0
+
+
 def test_the_running_batch_grows_reuses_freed_slots_and_shrinks_with_every_row_as_alone(captioner):
     """Driven step by step: the slots' capacity doubles past its first size when rows join with none free,
     rows leaving mid-decode free their slots and a later row is written into one, and once few rows are left

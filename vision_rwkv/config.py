@@ -479,6 +479,7 @@ class ServeConfig:
     max_batch: int = 32  # images encoded and decoded together
     max_wait_ms: float = 5.0  # how long the worker waits for more images to batch or join together
     continuous: bool = True  # greedy and sampling rows join and leave the running decode step by step
+    overlap_joins: bool = True  # CUDA: new rows' encode and prefill run on a second stream while rows decode
     max_queue: int = 256  # images waiting; beyond it requests get 503 with Retry-After
     max_body_bytes: int = 20 * 1024 * 1024  # a request body over it gets 413
     max_pixels: int = 4096 * 4096  # an image over it gets 413

@@ -29,6 +29,7 @@ from ..lm.checkpoint import CONFIG, WEIGHTS, build_decoder
 from ..lm.decoder import Decoder, build_decoder_model
 from ..lm.formats import load_decoder
 from ..lm.graphs import encoder_runner, prefill_runner
+from ..lm.readback import to_device
 from ..lm.state import DecoderState
 from ..lm.tokenizer import check_fits, load_tokenizer
 from ..ops.linear_ce import linear_cross_entropy
@@ -77,7 +78,7 @@ class CaptionModel(nn.Module):
         out = self.projector(tokens.to(dtype), pooled.to(dtype))
         x, state = out if isinstance(out, tuple) else (out, None)  # (B,K,C), DecoderState or None
         if self.prompt_ids:
-            ids = torch.tensor(self.prompt_ids, device=x.device)
+            ids = to_device(self.prompt_ids, x.device)  # not torch.tensor(..., device=): that waits for the device
             prompt = self.decoder.emb(ids).to(x.dtype)  # (Lp,C)
             x = torch.cat([x, prompt.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
         return x, state

@@ -45,6 +45,8 @@ options (Hydra overrides, key=value; defaults in conf/serve.yaml):
   continuous=BOOL         true (default): greedy and sampling rows join the running decode at the next
                           step and leave when they end (beam search is batched whole); false: every
                           request is batched whole
+  overlap_joins=BOOL      true (default): on CUDA, new requests are encoded and prefilled on a second stream
+                          while the running rows decode; false: the decode waits for each join
   max_queue=N             images waiting before requests get 503 with Retry-After (default 256)
   max_body_bytes=N        request body limit, 413 beyond it (default 20 MiB)
   max_pixels=N            image size limit, 413 beyond it (default 4096*4096)

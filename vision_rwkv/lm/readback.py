@@ -25,9 +25,9 @@ CPU_LAG_STEPS = 0
 
 def to_device(values, device, dtype=torch.long) -> torch.Tensor:
     """A short list as a tensor on `device`, sent from pinned memory without waiting for the copy."""
+    if torch.device(device).type != "cuda" or torch.compiler.is_compiling():  # traced: a constant
+        return torch.tensor(values, dtype=dtype, device=device)
     host = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
 
 

@@ -74,7 +74,7 @@ def create_app(captioner, cfg: ServeConfig | None = None, *, name: str = "demo")
     up on CUDA (continuous.warm_up), starts the worker and, at shutdown (after uvicorn has finished the
     requests in flight), drains the queue and stops it."""
     cfg = (cfg or ServeConfig()).validate()
-    scheduler = BatchScheduler(captioner, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, cfg.continuous)
+    scheduler = BatchScheduler.from_config(captioner, cfg)
     # every graph a request can need, captured before the first one
     warm = (lambda: warm_up(captioner, cfg.max_batch)) if captioner.device.type == "cuda" else None
     return build_app(ModelCard.of(captioner, name), scheduler, cfg, warm)
@@ -380,7 +380,7 @@ def describe_model(captioner, name: str) -> dict:
 
 
 def limits(cfg: ServeConfig) -> dict:
-    return {"continuous": cfg.continuous, "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms,
-            "max_queue": cfg.max_queue, "max_body_bytes": cfg.max_body_bytes, "max_pixels": cfg.max_pixels,
-            "max_images": cfg.max_images, "max_new_tokens": cfg.max_new_tokens,
+    return {"continuous": cfg.continuous, "overlap_joins": cfg.overlap_joins, "max_batch": cfg.max_batch,
+            "max_wait_ms": cfg.max_wait_ms, "max_queue": cfg.max_queue, "max_body_bytes": cfg.max_body_bytes,
+            "max_pixels": cfg.max_pixels, "max_images": cfg.max_images, "max_new_tokens": cfg.max_new_tokens,
             "intake_threads": cfg.intake_threads, "http_processes": cfg.http_processes}

@@ -16,6 +16,13 @@ torch call that gives up the GIL and must win it back from the HTTP side's threa
 (bench/serve_load.py's worker figures, 2026-12-04) a join of 64 images took about 105 ms eagerly and 77 to 93
 ms in chunks of graphs, against 33 to 38 ms for the chunks alone (bench/serve_worker.py).
 
+On CUDA, joins also overlap the decode (overlap=True, the server's default): launch() queues a join's encode
+and prefill on a low-priority stream of its own and returns, the worker goes on stepping the running rows on
+its higher-priority stream, and settle() writes the new rows into their slots at the first step after the
+join has finished (the worker's stream waits for the join's event on the device; the host never blocks on
+it). Under load a join of about 30 images took 29 ms of the worker's time, 72% of it, while every decoding
+row waited (an H200, bench/serve_load.py, 2026-12-04); launched this way it costs the worker the launches.
+
 Every row chooses its next token from its own logits with its own settings: plain greedy rows together by one
 argmax over all slots on the device; any other row (sampling, bans, penalties, min_new_tokens) through a
 TokenChooser of its own, with its own generator. A seeded request's rows take their generators from its
@@ -30,12 +37,15 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from ..config import SamplingConfig, Strategy
 from ..lm.graphs import MAX_ENCODER_GRAPH_BATCH, MAX_PREFILL_TOKENS, graphs_enabled, rnn_stepper
+from ..lm.readback import to_device
 from ..lm.sampling import TokenChooser
 from ..lm.state import DecoderState
 
@@ -109,6 +119,45 @@ def warm_up(captioner, max_rows: int) -> None:
             capacity *= 2
 
 
+_join_streams: dict[torch.device, torch.cuda.Stream] = {}
+_worker_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _can_overlap(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def join_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream overlapped joins run on: the lowest priority, so the decode's kernels go first."""
+    if device not in _join_streams:
+        _join_streams[device] = torch.cuda.Stream(device, priority=0)
+    return _join_streams[device]
+
+
+def worker_stream(device: torch.device):
+    """A context running the batching worker's own work on a stream of higher priority than the joins'
+    (CUDA; elsewhere it does nothing). The worker enters it once, for its whole life."""
+    if device.type != "cuda":
+        return nullcontext()
+    if device not in _worker_streams:
+        _worker_streams[device] = torch.cuda.Stream(device, priority=-1)
+    return torch.cuda.stream(_worker_streams[device])
+
+
+@dataclass
+class _Join:
+    """A join launched and not yet placed: its jobs, and the logits (n,V) fp32 and states of their images
+    (one row per image), ready once `done` has fired (None: computed already)."""
+
+    jobs: list
+    logits: torch.Tensor
+    state: DecoderState
+    done: torch.cuda.Event | None
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
+
+
 @dataclass
 class _Row:
     job: object  # the scheduler's _Job
@@ -124,10 +173,16 @@ class _Row:
 
 class RunningBatch:
     """The rows decoding now, each in a slot of capacity-sized buffers: the state (C rows), the logits (C,V)
-    their next tokens come from, and which row each slot holds (None: free)."""
+    their next tokens come from, and which row each slot holds (None: free).
 
-    def __init__(self, captioner):
+    overlap: joins run on a stream of their own (CUDA only; elsewhere launch() computes the join at once,
+    and it is placed, like an overlapped one, by the next settle())."""
+
+    def __init__(self, captioner, overlap: bool = False):
         self.captioner = captioner
+        self.overlaps = overlap and _can_overlap(captioner.device)
+        self._joins: deque[_Join] = deque()  # launched, not placed yet; in launch order
+        self._fence = False  # the next join must wait for the worker's stream (see detach())
         self.slots: list[_Row | None] = []  # (C,)
         self.state: DecoderState | None = None  # C rows; between steps, the stepper's own buffer
         self.logits: torch.Tensor | None = None  # (C,V) fp32
@@ -151,6 +206,12 @@ class RunningBatch:
         """The free slots, ascending: new rows fill the lowest first."""
         return [s for s, row in enumerate(self.slots) if row is None]
 
+    def jobs(self) -> list:
+        """Every job with a row decoding or a join launched, once each."""
+        jobs = {id(row.job): row.job for row in self.rows}
+        jobs.update((id(job), job) for join in self._joins for job in join.jobs)
+        return list(jobs.values())
+
     @property
     def rows(self) -> list[_Row]:
         """The live rows, in slot order."""
@@ -160,21 +221,69 @@ class RunningBatch:
         c = self.captioner
         return torch.autocast(c.device.type, dtype=torch.bfloat16, enabled=c.bf16)
 
-    @torch.no_grad()
+    @property
+    def joining(self) -> int:
+        """Joins launched and not placed yet."""
+        return len(self._joins)
+
+    @property
+    def joining_images(self) -> int:
+        return sum(job.size for join in self._joins for job in join.jobs)
+
     def admit(self, jobs) -> None:
-        """Encode and prefill the jobs' images, and write their rows into free slots."""
+        """Encode and prefill the jobs' images, and write their rows into free slots, now."""
+        self.launch(jobs)
+        while self._joins:
+            self.place_next()
+
+    @torch.no_grad()
+    def launch(self, jobs) -> None:
+        """Start encoding and prefilling the jobs' images: on the join stream when overlapping (queued there,
+        behind any join launched before; this returns once it is launched), else now. place_next() writes
+        their rows into free slots once join_ready()."""
+        model, captioner = self.captioner.model, self.captioner
+        stream = join_stream(captioner.device) if self.overlaps else None
+        if stream is not None and self._fence:  # the graphs' buffers were in use on the worker's stream
+            stream.wait_stream(torch.cuda.current_stream(captioner.device))
+            self._fence = False
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            images = captioner.model_input(torch.cat([job.images for job in jobs]))
+            n = chunk = images.shape[0]
+            if pads_joins(captioner):  # graph replays only, of a few sizes (warm_up captures them all)
+                chunk = join_chunk(captioner)
+                images = torch.cat([images, images[-1:].expand(_padded(n, chunk) - n, *images.shape[1:])])
+            with self._context():  # rows never mix: a padding row changes no other
+                logits, state = model.prefill_images(images, chunk)
+            logits, state = logits[:n].float(), state[:n]
+            done = None
+            if stream is not None:
+                done = torch.cuda.Event()
+                done.record(stream)
+        self._joins.append(_Join(list(jobs), logits, state, done))
+
+    def join_ready(self) -> bool:
+        """Whether the oldest join launched has finished (and place_next() would not make the decode wait)."""
+        return bool(self._joins) and self._joins[0].ready()
+
+    def pending_jobs(self) -> list:
+        """The jobs of the join place_next() places next."""
+        return self._joins[0].jobs
+
+    @torch.no_grad()
+    def place_next(self) -> None:
+        """Write the oldest launched join's rows into free slots (the worker's stream waiting for the join on
+        the device, not the host). The join is taken off the list first: if this raises, it is gone."""
+        join = self._joins.popleft()
         model = self.captioner.model
-        images = self.captioner.model_input(torch.cat([job.images for job in jobs]))
-        n = chunk = images.shape[0]
-        if pads_joins(self.captioner):  # graph replays only, of a few sizes (warm_up captures them all)
-            chunk = join_chunk(self.captioner)
-            images = torch.cat([images, images[-1:].expand(_padded(n, chunk) - n, *images.shape[1:])])
-        with self._context():  # rows never mix: a padding row changes no other
-            logits, state = model.prefill_images(images, chunk)
-        logits, state = logits[:n], state[:n]
+        logits, state = join.logits, join.state
+        if join.done is not None:
+            worker = torch.cuda.current_stream(logits.device)
+            worker.wait_event(join.done)
+            for t in (logits, *state.tensors()):  # made on the join stream, read on this one
+                t.record_stream(worker)
         first, picks, rows = 0, [], []
         vocab, device = logits.shape[-1], logits.device
-        for job in jobs:
+        for job in join.jobs:
             cfg, n = job.sampling, sequences(job.sampling)
             stop = tuple(sorted({model.eos_id, *cfg.stop_tokens}))
             for i in range(job.size):
@@ -189,14 +298,14 @@ class RunningBatch:
                     picks.append(first + i)
             first += job.size
         if len(picks) != first:  # some image gets several draws: repeat its row once per sequence
-            index = torch.tensor(picks, device=device)
+            index = to_device(picks, device)
             state, logits = state[index], logits[index]
-        self._place(rows, state, logits.float())
+        self._place(rows, state, logits)
         # as decode_loop takes it once a decode: checking the weights (a walk of every parameter) at each step
         # would cost the worker more host time than the step's graph
         self._stepper = rnn_stepper(model.decoder)
         now = time.perf_counter()
-        for job in jobs:
+        for job in join.jobs:
             self.started[id(job)] = now
             self._results[id(job)] = [[] for _ in range(job.size)]
 
@@ -210,7 +319,7 @@ class RunningBatch:
                 capacity *= 2
             self._grow(capacity)
         slots = self._free[:len(rows)]
-        index = torch.tensor(slots, device=logits.device)
+        index = to_device(slots, logits.device)
         for mine, theirs in zip(self.state.tensors(), state.tensors()):
             mine.index_copy_(1, index, theirs)
         self.logits.index_copy_(0, index, logits)
@@ -284,7 +393,7 @@ class RunningBatch:
         new capacity repeats a live row, stepped and ignored like any free slot)."""
         keep = [s for s, row in enumerate(self.slots) if row is not None]
         capacity = 2 * _bucket(live)
-        index = torch.tensor(keep + [keep[0]] * (capacity - live), device=self.logits.device)
+        index = to_device(keep + [keep[0]] * (capacity - live), self.logits.device)
         self.state = self.state[index]
         self.logits = self.logits[:capacity]  # the step about to run overwrites them
         self.slots = [self.slots[s] for s in keep] + [None] * (capacity - live)
@@ -295,11 +404,15 @@ class RunningBatch:
         self._live = [s for s, row in enumerate(self.slots) if row is not None]
         self._chosen = [s for s in self._live if self.slots[s].chooser is not None]
         free = [row is None for row in self.slots]
-        self._free_mask = torch.tensor(free, dtype=torch.bool, device=self.logits.device)
+        self._free_mask = to_device(free, self.logits.device, torch.bool)
 
     def detach(self) -> None:
-        """Something else is about to use the decoder's stepper (a beam-search request run whole), whose graphs
-        would overwrite their own state buffer, which this batch may be holding: keep a copy of its own."""
+        """Something else is about to use the decoder's graphs on the worker's stream (a beam-search request run
+        whole). Their buffers must not be in use by a join on the other stream: place every launched join
+        first (the scheduler does); the next join will wait for the worker's stream. The step's graphs would
+        overwrite their own state buffer, which this batch may be holding: it keeps a copy of its own."""
+        assert not self._joins, "place the launched joins before detaching"
+        self._fence = self.overlaps
         if self.state is not None:
             self.state = self.state.clone()
 

@@ -73,7 +73,7 @@ def model_process(load, cfg: ServeConfig, name: str, links: list[Connection], re
         captioner = load()
         if captioner.device.type == "cuda":
             warm_up(captioner, cfg.max_batch)
-        scheduler = BatchScheduler(captioner, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, cfg.continuous)
+        scheduler = BatchScheduler.from_config(captioner, cfg)
         report.send(("ready", ModelCard.of(captioner, name)))
     except Exception as e:  # a bad checkpoint or device: the supervisor prints the line and exits
         report.send(("failed", one_line(e)))

@@ -2,13 +2,17 @@
 
 Requests wait in a bounded queue. Greedy and sampling requests (greedy is the page's and the API's
 default) are batched continuously, at the step level: their images are encoded and prefilled between two
-steps (in groups: once they are a quarter of the rows decoding, or the oldest has waited max_wait_ms),
-their rows join the running decode at the next step, each choosing its
-tokens with its own settings and generator, and each row leaves as soon as it ends
-(vision_rwkv.serve.continuous). Beam search (and every request, with continuous=False) is batched per
-request: when nothing is decoding, the worker waits up to max_wait_ms for more to arrive (until
-max_batch images are waiting), and requests with the same settings share one encode + prefill + decode
-that runs to its end; while rows are decoding, such a request runs between two steps.
+steps, their rows join the running decode at the next step, each choosing its tokens with its own settings
+and generator, and each row leaves as soon as it ends (vision_rwkv.serve.continuous). On CUDA a join's
+encode and prefill run on a stream of their own while the running rows step (overlap_joins, the default):
+the worker launches one join at a time, as soon as images are queued and no join is in flight, and the
+new rows take their slots at the first step after it ends; images arriving meanwhile wait for the next
+join, so joins grow with the load. Otherwise every row waits for a join, so joins come in groups: once the
+queued images are a quarter of the rows decoding, or the oldest has waited max_wait_ms. Beam search (and
+every request, with continuous=False) is batched per request: when nothing is decoding, the worker waits up
+to max_wait_ms for more to arrive (until max_batch images are waiting), and requests with the same settings
+share one encode + prefill + decode that runs to its end; while rows are decoding, such a request runs
+between two steps.
 
 Results are batch-invariant: rows never mix in the model, greedy and beam search depend on a row's own
 logits only, and a seeded sampling row draws from a generator of its own, seeded from its request's seed
@@ -32,7 +36,7 @@ import torch
 
 from ..config import SamplingConfig, Strategy
 from ..errors import VisionRWKVError
-from .continuous import RunningBatch, joins_running_batch
+from .continuous import RunningBatch, joins_running_batch, worker_stream
 
 JOIN_FRACTION = 4  # while rows decode, new images join once they are a quarter of them (or waited max_wait)
 
@@ -68,6 +72,7 @@ class WorkerStats:
     joins: int = 0
     joined_images: int = 0
     steps: int = 0
+    overlapped_steps: int = 0  # steps taken while a join was in flight on its own stream
     row_steps: int = 0  # live rows summed over steps: row_steps / steps is the mean decoding batch
 
     def since(self, earlier: WorkerStats) -> WorkerStats:
@@ -96,7 +101,7 @@ class BatchScheduler:
     """
 
     def __init__(self, captioner, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
-                 continuous: bool = True):
+                 continuous: bool = True, overlap_joins: bool = True):
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise VisionRWKVError(f"max_batch={max_batch}, max_queue={max_queue}, max_wait_ms={max_wait_ms}; "
                                   "expected max_batch >= 1, max_queue >= 1 and max_wait_ms >= 0")
@@ -110,8 +115,14 @@ class BatchScheduler:
         self.batches_run = 0  # request-level batches (not the continuous decode's steps)
         self.worker_errors = 0  # failures the worker caught outside its guarded calls, and survived
         self.continuous = continuous  # greedy and sampling rows join and leave the running decode step by step
-        self._running = RunningBatch(captioner)
+        self.overlap_joins = overlap_joins  # CUDA: joins run on a stream of their own while rows step
+        self._running = RunningBatch(captioner, overlap_joins)
         self.stats = WorkerStats()
+
+    @classmethod
+    def from_config(cls, captioner, cfg) -> BatchScheduler:
+        """The scheduler a ServeConfig describes (not started)."""
+        return cls(captioner, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, cfg.continuous, cfg.overlap_joins)
 
     def start(self) -> BatchScheduler:
         self._thread.start()
@@ -153,37 +164,46 @@ class BatchScheduler:
     # ---- the worker ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        with worker_stream(self.captioner.device):
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             jobs: list[_Job] = []
-            stats = self.stats
+            stats, running = self.stats, self._running
             try:
                 begin = time.perf_counter()
-                jobs = self._take_batch(block=not self._running)
+                jobs = self._take_batch(block=not running and not running.joining)
                 took = time.perf_counter()
                 stats.waiting_s += took - begin
                 if jobs is None:
                     return
                 for group in _groups(jobs):
                     if self.continuous and joins_running_batch(group[0].sampling):
-                        self._join(group)
+                        self._launch(group)
                         stats.joins += 1
                         stats.joined_images += sum(job.size for job in group)
                         stats.joining_s += (now := time.perf_counter()) - took
                     else:
-                        self._running.detach()  # the whole job's decode reuses the stepper's graphs
+                        self._settle(wait=True)
+                        running.detach()  # the whole job's decode reuses the stepper's graphs
                         self._caption(group)
                         stats.captioning_s += (now := time.perf_counter()) - took
                     took = now
-                if self._running:
+                if running.joining:  # rows join once their join is done; at once if nothing else decodes
+                    self._settle(wait=not running)
+                stats.joining_s += (now := time.perf_counter()) - took
+                took = now
+                if running:
                     stats.steps += 1
-                    stats.row_steps += len(self._running)
+                    stats.overlapped_steps += bool(running.joining)
+                    stats.row_steps += len(running)
                     self._step()
                     stats.stepping_s += time.perf_counter() - took
             except Exception as e:  # a bug outside the guarded calls: these requests learn of it, the worker goes on
                 self.worker_errors += 1
-                rows = list({id(r.job): r.job for r in self._running.rows}.values())
-                _fail((jobs or []) + rows, e)
-                self._running = RunningBatch(self.captioner)
+                _fail((jobs or []) + running.jobs(), e)
+                self._running = RunningBatch(self.captioner, self.overlap_joins)
 
     def _take_batch(self, block: bool) -> list[_Job] | None:
         """Blocking (nothing is decoding): wait for a job, then up to max_wait for max_batch images; None once
@@ -192,7 +212,8 @@ class BatchScheduler:
         at least 1/JOIN_FRACTION of the rows decoding, or the oldest has waited max_wait: a join's encode
         and prefill take about as long for 1 image as for 16 (launch-bound graphs), and every row waits for
         it, so joins come in groups."""
-        room = self.max_batch - len(self._running)
+        running = self._running
+        room = self.max_batch - len(running) - running.joining_images
         with self._cond:
             if block:
                 while not self._jobs:
@@ -205,9 +226,9 @@ class BatchScheduler:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            elif room <= 0 or not self._jobs:
+            elif room <= 0 or not self._jobs or running.joining:  # one join in flight at a time
                 return []
-            elif self._queued_images < len(self._running) // JOIN_FRACTION \
+            elif not running.overlaps and self._queued_images < len(running) // JOIN_FRACTION \
                     and time.perf_counter() - self._jobs[0].queued_at < self.max_wait_s:
                 return []  # not yet: too few to join a large batch, and the oldest can wait longer
             jobs, images = [], 0
@@ -220,17 +241,29 @@ class BatchScheduler:
             self._queued_images -= images
             return jobs
 
-    def _join(self, jobs: list[_Job]) -> None:
+    def _launch(self, jobs: list[_Job]) -> None:
+        """Start the jobs' join (vision_rwkv.serve.continuous.RunningBatch.launch)."""
         jobs = _claim(jobs)
         start = time.perf_counter()
         try:
             if jobs:
-                self._running.admit(jobs)
+                self._running.launch(jobs)
         except Exception as e:  # a bug or an out-of-memory: these requests learn of it
             _fail(jobs, e)
             return
         for job in jobs:
             job.joined_at = start
+
+    def _settle(self, wait: bool) -> None:
+        """Place the launched joins that have finished (every one if wait: the decode's stream then waits for
+        them on the device)."""
+        running = self._running
+        while running.joining and (wait or running.join_ready()):
+            jobs = running.pending_jobs()
+            try:
+                running.place_next()
+            except Exception as e:  # a bug or an out-of-memory: these requests learn of it
+                _fail(jobs, e)
 
     def _step(self) -> None:
         try:
