@@ -16,7 +16,7 @@ server warms it up (serve.continuous.warm_up: every graph captured first). Then,
 and, per --joins N, the join of N images with R = 0 rows decoding. Each figure is wall time on the host
 (torch.cuda.synchronize after each call on CUDA). The gap between `step` and `bare` is the worker's own
 host work a step; bench/serve_load.py shows what the HTTP side's threads add to it. --profile prints
-cProfile's top functions (by own time) over the steps at the largest R.
+cProfile's top functions (by own time) over the steps at the largest R, and over each overlapped launch.
 
 On CUDA, per --rows R and --overlap N, a join overlapped as the server runs it (ServeConfig.overlap_joins):
 R rows decode on the worker's stream while a join of N images runs on its own; the worker steps until the
@@ -111,7 +111,9 @@ def main(argv=None) -> list[dict]:
     captioner = load(args)
     device = captioner.device
     size = captioner.model.encoder.image_size
-    pixels = torch.zeros(1, 3, *size)
+    # uint8 pixels where the encoder's preprocess normalises on the device, as the server sends them
+    uint8 = getattr(captioner.model.encoder.preprocess, "normalize", None) is not None
+    pixels = torch.zeros(1, 3, *size, dtype=torch.uint8 if uint8 else torch.float32)
     # plain greedy, the server's default; the throughput model's random weights rarely emit the stop token,
     # so its rows live through every timed step (the demo model's may end early: a smoke run only)
     greedy = SamplingConfig(max_new_tokens=args.steps + 2)
@@ -175,8 +177,13 @@ def overlapped(captioner, args, job) -> list[dict]:
                 batch.step()
                 steps = []
                 torch.cuda.synchronize(device)
+                profiler = cProfile.Profile() if args.profile else None
                 start = time.perf_counter()
+                if profiler:
+                    profiler.enable()
                 batch.launch([job(n, SamplingConfig())])
+                if profiler:
+                    profiler.disable()
                 launched = time.perf_counter()
                 while not batch.join_ready():
                     begin = time.perf_counter()
@@ -192,6 +199,10 @@ def overlapped(captioner, args, job) -> list[dict]:
                 out.append(row)
                 print(f"{r:>5} {n:>6} {row['launch_ms']:>9.2f} {row['join_ms']:>8.2f} {len(steps):>12} "
                       f"{row['step_ms_beside']:>14.3f}")
+                if profiler:
+                    text = io.StringIO()
+                    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+                    print(text.getvalue())
     return out
 
 
