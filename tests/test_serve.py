@@ -491,10 +491,12 @@ def test_the_running_batch_steps_the_steppers_own_buffer_and_survives_a_beam_job
     assert all(B & (B - 1) == 0 for who, B, _ in step.calls if who == "running")  # padded to powers of two
 
 
-def overlapped_schedule(captioner, scheduler, sampling=SamplingConfig(max_new_tokens=48), gap_s=0.03):
-    """Requests a few steps apart, while others decode: -> per request its paths, its Captioned, and each
-    image's caption and score alone (Captioner's)."""
+def overlapped_schedule(captioner, scheduler, gap_s=0.03):
+    """Requests gap_s apart, while others decode: -> per request its paths, its Captioned, and each image's
+    caption and score alone (Captioner's)."""
     import time
+
+    sampling = SamplingConfig(max_new_tokens=48)
 
     reference = {p: captioner.caption_images(preprocessed(captioner, [p]), sampling)[0][0] for p in EXAMPLES}
     futures = []

@@ -109,6 +109,28 @@ def test_the_transform_splits_into_uint8_pixels_and_a_batched_normalisation():
             ours.normalize(bad)
 
 
+def test_normalize_copies_its_constants_to_a_device_once_and_pickles_without_them():
+    """A copy of mean and std at every call would make the host wait for the device (on CUDA, a blocking
+    host-to-device copy); they are copied once per device, and a pickled transform (for loader workers and the
+    server's HTTP processes) carries no device tensors."""
+    import pickle
+
+    ours = vit.Preprocess(32)
+    pixels = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    ours.normalize(pixels)
+    first = ours._constants(torch.device("cpu"))
+    ours.normalize(pixels)
+    assert ours._constants(torch.device("cpu"))[0] is first[0] and set(ours._on_device) == {torch.device("cpu")}
+    again = pickle.loads(pickle.dumps(ours))
+    assert again._on_device == {} and torch.equal(again.normalize(pixels), ours.normalize(pixels))
+    if torch.cuda.is_available():
+        from vision_rwkv.lm.readback import count_syncs
+
+        on_gpu = pixels.cuda()
+        ours.normalize(on_gpu)
+        assert count_syncs(lambda: ours.normalize(on_gpu)) == 0
+
+
 def test_a_half_precision_tower_runs_in_its_dtype_whatever_the_autocast():
     """Under autocast a bf16 tower would keep an fp32 residual stream and cast around every product; it runs
     in bf16 throughout instead: the same result with autocast on or off, near the fp32 tower's."""

@@ -199,7 +199,11 @@ class Preprocess:
         self.size, self.resize_mode = size, resize_mode
         self.mean = torch.tensor(_three(mean), dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(_three(std), dtype=torch.float32).view(3, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.filter = Image.BILINEAR if interpolation == "bilinear" else Image.BICUBIC
+
+    def __getstate__(self) -> dict:  # loader workers and the server's HTTP processes get no device copies
+        return {**self.__dict__, "_on_device": {}}
 
     def __call__(self, image) -> torch.Tensor:
         return self.normalize(self.pixels(image))
@@ -228,7 +232,17 @@ class Preprocess:
                                   f"(B, 3, {self.size}, {self.size}) from pixels(); got {pixels.dtype} "
                                   f"{tuple(pixels.shape)}")
         x = pixels.float().div_(255)
-        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+        mean, std = self._constants(x.device)
+        return x.sub_(mean).div_(std)
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std on device, copied there once: a copy at every call would make the host wait for the
+        device each time (a blocking host-to-device copy), stalling whoever launches the encoder."""
+        device = torch.device(device)
+        cached = self._on_device.get(device)
+        if cached is None:
+            cached = self._on_device[device] = (self.mean.to(device), self.std.to(device))
+        return cached
 
 
 def _center_crop(image, size: int):
