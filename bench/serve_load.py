@@ -491,12 +491,15 @@ def measure(host, port, args, body, content_type, scheduler=None) -> tuple[list,
 def worker_fields(stats, seconds: float) -> dict:
     """The worker's share of the wall time busy (joining, stepping or captioning whole requests), and its
     steps a second, mean rows a step, mean images a join and the share of steps taken while a join was in
-    flight on its own stream, over one level."""
+    flight on its own stream, over one level; and the shares of parts of that time: launching joins and
+    placing their rows (of joining), the step's read of its tokens and answering requests (of stepping)."""
     busy = stats.joining_s + stats.stepping_s + stats.captioning_s
     return {"worker_busy": busy / seconds, "worker_join_share": stats.joining_s / seconds,
             "steps_per_s": stats.steps / seconds, "rows_per_step": stats.row_steps / max(stats.steps, 1),
             "images_per_join": stats.joined_images / max(stats.joins, 1),
-            "overlapped_share": stats.overlapped_steps / max(stats.steps, 1)}
+            "overlapped_share": stats.overlapped_steps / max(stats.steps, 1),
+            **{f"worker_{part}_share": getattr(stats, f"{part}_s") / seconds
+               for part in ("launching", "placing", "reading", "answering")}}
 
 
 def main(argv=None) -> list[dict]:
@@ -567,6 +570,14 @@ def report(captioner, baseline, closed, opened, args) -> list[dict]:
         level = r["clients"] if "clients" in r else r["rate"]
         print(f"{level!s:>7} {r['worker_busy']:>6.0%} {r['worker_join_share']:>8.0%} {r['steps_per_s']:>8.1f} "
               f"{r['rows_per_step']:>9.1f} {r['images_per_join']:>11.1f} {r['overlapped_share']:>19.0%}")
+    if watched:
+        print("parts of it (launching joins and placing rows: of joining; reading tokens and answering: of "
+              "stepping):")
+        print(f"{'level':>7} {'launching':>9} {'placing':>8} {'reading':>8} {'answering':>9}")
+    for r in watched:
+        level = r["clients"] if "clients" in r else r["rate"]
+        print(f"{level!s:>7} {r['worker_launching_share']:>9.0%} {r['worker_placing_share']:>8.0%} "
+              f"{r['worker_reading_share']:>8.0%} {r['worker_answering_share']:>9.0%}")
     if args.json:
         write_json(args.json, device, baseline, closed, opened, args)
     return closed + opened

@@ -347,6 +347,8 @@ def test_rows_join_the_running_decode_and_get_what_they_get_alone(captioner):
     assert stats.joined_images == sum(len(paths) for paths, _ in futures) + 1 and 2 <= stats.joins <= 9
     assert stats.steps >= 5 and stats.steps < stats.row_steps <= 32 * stats.steps
     assert stats.joining_s > 0 and stats.stepping_s > 0 and stats.captioning_s == 0
+    assert 0 < stats.launching_s + stats.placing_s <= stats.joining_s  # parts of it
+    assert 0 < stats.reading_s + stats.answering_s <= stats.stepping_s and stats.answering_s > 0
     (text, _), = cut.result().captions[0]
     alone = captioner.caption_images(preprocessed(captioner, [SHAPES_3]), SamplingConfig(max_new_tokens=5))
     assert text == alone[0][0][0]
@@ -544,6 +546,40 @@ def test_overlapped_joins_let_the_decode_step_on_and_place_rows_once_ready(capti
     assert stats.overlapped_steps >= 2  # rows stepped while a join was out
     assert max(polls.values()) >= 3  # ... and were placed once it reported ready, not before
     assert sum(captioned.batch_images > len(paths) for paths, captioned in got) >= 1  # some joined mid-decode
+
+
+def test_a_step_that_fails_while_a_join_is_in_flight_answers_the_joining_requests_too(captioner, monkeypatch):
+    """The running batch is dropped when a step fails: its rows' requests and those of a join still in flight
+    get the error (none left waiting forever), and the worker goes on captioning."""
+    import time
+
+    from vision_rwkv.serve import continuous
+
+    monkeypatch.setattr(continuous, "_can_overlap", lambda device: True)
+    monkeypatch.setattr(continuous, "join_stream", lambda device: None)
+    monkeypatch.setattr(continuous._Join, "ready", lambda join: False)  # placed only when nothing decodes
+    step = continuous.RunningBatch.step
+    failed = []
+
+    def failing_step(self):
+        if self.joining and not failed:
+            failed.append(True)
+            raise RuntimeError("a bug in the step")
+        return step(self)
+
+    monkeypatch.setattr(continuous.RunningBatch, "step", failing_step)
+    scheduler = BatchScheduler(captioner, max_batch=32, max_wait_ms=0).start()
+    image = preprocessed(captioner, EXAMPLES[:1])
+    decoding = scheduler.submit(image, SamplingConfig(max_new_tokens=48, min_new_tokens=48))  # 48 steps
+    time.sleep(0.05)  # decoding by now: the next request's join is launched beside it
+    joining = scheduler.submit(image, SamplingConfig(max_new_tokens=48))
+    for future in (decoding, joining):
+        with pytest.raises(RuntimeError, match="a bug in the step"):
+            future.result(timeout=60)
+    sampling = SamplingConfig(max_new_tokens=48)
+    later = scheduler.submit(image, sampling).result(timeout=60)
+    scheduler.close()
+    assert failed and later.captions[0][0][0] == captioner.caption_images(image, sampling)[0][0][0]
 
 
 def test_overlapped_joins_are_off_on_the_cpu_and_when_configured_off(captioner):

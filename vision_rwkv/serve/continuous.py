@@ -183,6 +183,7 @@ class RunningBatch:
         self.overlaps = overlap and _can_overlap(captioner.device)
         self._joins: deque[_Join] = deque()  # launched, not placed yet; in launch order
         self._fence = False  # the next join must wait for the worker's stream (see detach())
+        self.read_s = 0.0  # seconds step() spent reading its tokens back (waiting for the device)
         self.slots: list[_Row | None] = []  # (C,)
         self.state: DecoderState | None = None  # C rows; between steps, the stepper's own buffer
         self.logits: torch.Tensor | None = None  # (C,V) fp32
@@ -355,7 +356,10 @@ class RunningBatch:
             tokens[slot] = token[0]
         tokens.masked_fill_(self._free_mask, 0)  # free slots step on a harmless token
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1).double()
-        read_tokens, read_logprobs = torch.stack([tokens.double(), logprobs]).tolist()  # one host read a step
+        both = torch.stack([tokens.double(), logprobs])
+        begin = time.perf_counter()
+        read_tokens, read_logprobs = both.tolist()  # one host read a step: it waits for the device
+        self.read_s += time.perf_counter() - begin
         size, finished = len(self._live), []
         for slot in self._live:
             row, token = self.slots[slot], int(read_tokens[slot])

@@ -73,6 +73,12 @@ class WorkerStats:
     joined_images: int = 0
     steps: int = 0
     overlapped_steps: int = 0  # steps taken while a join was in flight on its own stream
+    # parts of the above, where the host's time goes: launching joins and placing their rows (joining_s), the
+    # step's one read of its tokens (waiting for the device) and answering the finished requests (stepping_s)
+    launching_s: float = 0.0
+    placing_s: float = 0.0
+    reading_s: float = 0.0
+    answering_s: float = 0.0
     row_steps: int = 0  # live rows summed over steps: row_steps / steps is the mean decoding batch
 
     def since(self, earlier: WorkerStats) -> WorkerStats:
@@ -202,8 +208,7 @@ class BatchScheduler:
                     stats.stepping_s += time.perf_counter() - took
             except Exception as e:  # a bug outside the guarded calls: these requests learn of it, the worker goes on
                 self.worker_errors += 1
-                _fail((jobs or []) + running.jobs(), e)
-                self._running = RunningBatch(self.captioner, self.overlap_joins)
+                self._restart(e, jobs or [])
 
     def _take_batch(self, block: bool) -> list[_Job] | None:
         """Blocking (nothing is decoding): wait for a job, then up to max_wait for max_batch images; None once
@@ -251,30 +256,42 @@ class BatchScheduler:
         except Exception as e:  # a bug or an out-of-memory: these requests learn of it
             _fail(jobs, e)
             return
+        finally:
+            self.stats.launching_s += time.perf_counter() - start
         for job in jobs:
             job.joined_at = start
 
     def _settle(self, wait: bool) -> None:
         """Place the launched joins that have finished (every one if wait: the decode's stream then waits for
         them on the device)."""
-        running = self._running
+        running, begin = self._running, time.perf_counter()
         while running.joining and (wait or running.join_ready()):
             jobs = running.pending_jobs()
             try:
                 running.place_next()
             except Exception as e:  # a bug or an out-of-memory: these requests learn of it
                 _fail(jobs, e)
+        self.stats.placing_s += time.perf_counter() - begin
 
     def _step(self) -> None:
+        running, stats = self._running, self.stats
+        read_before = running.read_s
         try:
-            done = self._running.step()
-        except Exception as e:  # a bug or an out-of-memory: every row decoding now learns of it
-            _fail(list({id(r.job): r.job for r in self._running.rows}.values()), e)
-            self._running = RunningBatch(self.captioner)
+            done = running.step()
+        except Exception as e:  # a bug or an out-of-memory: every row decoding or joining now learns of it
+            self._restart(e)
             return
-        for job, captions, seconds, batch_rows in done:
+        stats.reading_s += running.read_s - read_before
+        begin = time.perf_counter()
+        for job, captions, seconds, batch_rows in done:  # its callbacks run here (the split server's answers)
             job.future.set_result(Captioned(captions, (job.joined_at - job.queued_at) * 1000, seconds * 1000,
                                             batch_rows))
+        stats.answering_s += time.perf_counter() - begin
+
+    def _restart(self, error: Exception, jobs: list[_Job] = ()) -> None:
+        """Fail these jobs and every one decoding or joining, and start again from an empty running batch."""
+        _fail(list(jobs) + self._running.jobs(), error)
+        self._running = RunningBatch(self.captioner, self.overlap_joins)
 
     def _caption(self, jobs: list[_Job]) -> None:
         jobs = _claim(jobs)
