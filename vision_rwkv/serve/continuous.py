@@ -18,10 +18,11 @@ ms in chunks of graphs, against 33 to 38 ms for the chunks alone (bench/serve_wo
 
 On CUDA, joins also overlap the decode (overlap=True, the server's default): launch() queues a join's encode
 and prefill on a low-priority stream of its own and returns, the worker goes on stepping the running rows on
-its higher-priority stream, and settle() writes the new rows into their slots at the first step after the
-join has finished (the worker's stream waits for the join's event on the device; the host never blocks on
-it). Under load a join of about 30 images took 29 ms of the worker's time, 72% of it, while every decoding
-row waited (an H200, bench/serve_load.py, 2026-12-04); launched this way it costs the worker the launches.
+its higher-priority stream, and place_next() writes the new rows into their slots at the first step after
+the join has finished (the worker's stream waits for the join's event on the device; the host never blocks
+on it). Under load a join of about 30 images took 29 ms of the worker's time, 72% of it, while every
+decoding row waited (an H200, bench/serve_load.py, 2026-12-04); overlapped, the decode goes on meanwhile,
+though each step beside a join runs 2 to 3 times slower (BENCHMARKS.md, joins overlapping the decode).
 
 Every row chooses its next token from its own logits with its own settings: plain greedy rows together by one
 argmax over all slots on the device; any other row (sampling, bans, penalties, min_new_tokens) through a
@@ -175,8 +176,8 @@ class RunningBatch:
     """The rows decoding now, each in a slot of capacity-sized buffers: the state (C rows), the logits (C,V)
     their next tokens come from, and which row each slot holds (None: free).
 
-    overlap: joins run on a stream of their own (CUDA only; elsewhere launch() computes the join at once,
-    and it is placed, like an overlapped one, by the next settle())."""
+    overlap: joins run on a stream of their own (CUDA only; elsewhere launch() computes the join at once).
+    Either way place_next() then writes its rows into free slots: admit() does both at once."""
 
     def __init__(self, captioner, overlap: bool = False):
         self.captioner = captioner

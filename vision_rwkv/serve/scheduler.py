@@ -211,12 +211,13 @@ class BatchScheduler:
                 self._restart(e, jobs or [])
 
     def _take_batch(self, block: bool) -> list[_Job] | None:
-        """Blocking (nothing is decoding): wait for a job, then up to max_wait for max_batch images; None once
-        closing with nothing left. Not blocking (rows are decoding): whatever is queued now, up to the
-        room left in the running batch, so it joins at the next step; but only once the queued images are
-        at least 1/JOIN_FRACTION of the rows decoding, or the oldest has waited max_wait: a join's encode
-        and prefill take about as long for 1 image as for 16 (launch-bound graphs), and every row waits for
-        it, so joins come in groups."""
+        """Blocking (nothing is decoding or joining): wait for a job, then up to max_wait for max_batch
+        images; None once closing with nothing left. Not blocking (rows are decoding): nothing while a join
+        is in flight; else whatever is queued now, up to the room left in the running batch, so it joins at
+        the next step. Joins that do not overlap the decode wait until the queued images are at least
+        1/JOIN_FRACTION of the rows decoding, or the oldest has waited max_wait: a join's encode and
+        prefill take about as long for 1 image as for 16 (launch-bound graphs), and every row waits for it,
+        so they come in groups."""
         running = self._running
         room = self.max_batch - len(running) - running.joining_images
         with self._cond:
