@@ -145,6 +145,19 @@ def worker_stream(device: torch.device):
     return torch.cuda.stream(_worker_streams[device])
 
 
+def _pixels(jobs, pinned: bool) -> torch.Tensor:
+    """The jobs' images in one tensor; pinned: in page-locked memory, so that the copy to the device is queued
+    and returns (from pageable memory the host copies through a staging buffer and waits). On one H200 host a
+    launch of 16 float32 images from pageable memory took 15 ms of a 21 ms join (bench/serve_worker.py,
+    2026-12-04); the copy is the likely cause, not measured apart."""
+    images = [job.images for job in jobs]
+    if not pinned:
+        return torch.cat(images)
+    out = torch.empty((sum(i.shape[0] for i in images), *images[0].shape[1:]), dtype=images[0].dtype,
+                      pin_memory=True)
+    return torch.cat(images, out=out)
+
+
 @dataclass
 class _Join:
     """A join launched and not yet placed: its jobs, and the logits (n,V) fp32 and states of their images
@@ -249,7 +262,7 @@ class RunningBatch:
             stream.wait_stream(torch.cuda.current_stream(captioner.device))
             self._fence = False
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            images = captioner.model_input(torch.cat([job.images for job in jobs]))
+            images = captioner.model_input(_pixels(jobs, pinned=stream is not None))
             n = chunk = images.shape[0]
             if pads_joins(captioner):  # graph replays only, of a few sizes (warm_up captures them all)
                 chunk = join_chunk(captioner)
