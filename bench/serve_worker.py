@@ -61,7 +61,8 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5, help="joins timed per size")
     p.add_argument("--overlap", default="16,64",
                    help="CUDA: comma-separated images in a join overlapped with each --rows' decode (empty: none)")
-    p.add_argument("--profile", action="store_true", help="cProfile the steps at the largest --rows")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile the steps at the largest --rows, and each overlapped join's launch")
     p.add_argument("--join-chunk", type=int, default=None,
                    help="an experiment: raise the encoder's and the prefill's graph limits (lm.graphs) so that "
                         "joins run in graphs of this many images (default: the library's limits)")
