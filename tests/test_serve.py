@@ -318,30 +318,44 @@ def test_overload_gives_503s_with_retry_after_and_loses_no_response(captioner):
 # ---- continuous batching: plain greedy rows join and leave the running decode step by step -------------------
 
 
-def test_rows_join_the_running_decode_and_get_what_they_get_alone(captioner):
-    """Requests arrive while others decode (different max_new_tokens, so rows leave at different steps):
-    every image's caption and score equal Captioner's, alone, and some requests really joined mid-decode."""
+def staggered_requests(captioner, scheduler, gap_s=0.03):
+    """Eight requests of one to four images, greedy to 48 tokens, gap_s apart, so that most arrive while
+    others decode: -> [(paths, future)] and each image's (caption, score) alone (Captioner's). The scheduler
+    stays open."""
     import time
 
-    reference = {p: captioner.caption_images(preprocessed(captioner, [p]), SamplingConfig(max_new_tokens=48))[0][0]
-                 for p in EXAMPLES}
-    scheduler = BatchScheduler(captioner, max_batch=32, max_wait_ms=0).start()
+    sampling = SamplingConfig(max_new_tokens=48)
+    reference = {p: captioner.caption_images(preprocessed(captioner, [p]), sampling)[0][0] for p in EXAMPLES}
     futures = []
     for i in range(8):
         paths = EXAMPLES[i % len(EXAMPLES):] or EXAMPLES
-        futures.append((paths, scheduler.submit(preprocessed(captioner, paths), SamplingConfig(max_new_tokens=48))))
-        time.sleep(0.03)  # a few steps apart
-    cut = scheduler.submit(preprocessed(captioner, [SHAPES_3]), SamplingConfig(max_new_tokens=5))
-    scheduler.close()
-    joined_late = 0
+        futures.append((paths, scheduler.submit(preprocessed(captioner, paths), sampling)))
+        time.sleep(gap_s)
+    return futures, reference
+
+
+def captioned_as_alone(futures, reference, abs_score=1e-4) -> list:
+    """Each request's Captioned, once every image's caption and score is checked against its own alone."""
+    results = []
     for paths, future in futures:
-        got = future.result()
+        got = future.result(timeout=60)
         for path, captions in zip(paths, got.captions):
             (text, score), = captions
             assert text == reference[path][0]
-            assert score == pytest.approx(reference[path][1], abs=1e-4)
-        joined_late += got.batch_images > len(paths)
-    assert joined_late >= 1
+            assert score == pytest.approx(reference[path][1], abs=abs_score)
+        results.append(got)
+    return results
+
+
+def test_rows_join_the_running_decode_and_get_what_they_get_alone(captioner):
+    """Requests arrive while others decode (different max_new_tokens, so rows leave at different steps):
+    every image's caption and score equal Captioner's, alone, and some requests really joined mid-decode."""
+    scheduler = BatchScheduler(captioner, max_batch=32, max_wait_ms=0).start()
+    futures, reference = staggered_requests(captioner, scheduler)
+    cut = scheduler.submit(preprocessed(captioner, [SHAPES_3]), SamplingConfig(max_new_tokens=5))
+    scheduler.close()
+    got = captioned_as_alone(futures, reference)
+    assert sum(r.batch_images > len(paths) for r, (paths, _) in zip(got, futures)) >= 1
     assert scheduler.batches_run == 0  # all of it went through the running decode
     stats = scheduler.stats  # what the worker reports of itself (bench/serve_load.py prints it per level)
     assert stats.joined_images == sum(len(paths) for paths, _ in futures) + 1 and 2 <= stats.joins <= 9
@@ -493,23 +507,6 @@ def test_the_running_batch_steps_the_steppers_own_buffer_and_survives_a_beam_job
     assert all(B & (B - 1) == 0 for who, B, _ in step.calls if who == "running")  # padded to powers of two
 
 
-def overlapped_schedule(captioner, scheduler, gap_s=0.03):
-    """Requests gap_s apart, while others decode: -> per request its paths, its Captioned, and each image's
-    caption and score alone (Captioner's)."""
-    import time
-
-    sampling = SamplingConfig(max_new_tokens=48)
-
-    reference = {p: captioner.caption_images(preprocessed(captioner, [p]), sampling)[0][0] for p in EXAMPLES}
-    futures = []
-    for i in range(8):
-        paths = EXAMPLES[i % len(EXAMPLES):] or EXAMPLES
-        futures.append((paths, scheduler.submit(preprocessed(captioner, paths), sampling)))
-        time.sleep(gap_s)
-    scheduler.close()
-    return [(paths, future.result(timeout=60)) for paths, future in futures], reference
-
-
 def test_overlapped_joins_let_the_decode_step_on_and_place_rows_once_ready(captioner, monkeypatch):
     """Overlapped joins (CUDA's default), their streams left out: a join placed only once it reports ready
     (here at its third poll), the running rows stepping meanwhile, one join in flight at a time; every caption
@@ -534,18 +531,15 @@ def test_overlapped_joins_let_the_decode_step_on_and_place_rows_once_ready(capti
     monkeypatch.setattr(continuous.RunningBatch, "launch", counted_launch)
     scheduler = BatchScheduler(captioner, max_batch=32, max_wait_ms=0)
     assert scheduler._running.overlaps
-    got, reference = overlapped_schedule(captioner, scheduler.start())
-    for paths, captioned in got:
-        for path, captions in zip(paths, captioned.captions):
-            (text, score), = captions
-            assert text == reference[path][0]
-            assert score == pytest.approx(reference[path][1], abs=1e-4)
+    futures, reference = staggered_requests(captioner, scheduler.start())
+    scheduler.close()
+    got = captioned_as_alone(futures, reference)
     stats = scheduler.stats
     assert stats.joins == len(in_flight) >= 2 and set(in_flight) == {0}  # never two joins in flight
-    assert stats.joined_images == sum(len(paths) for paths, _ in got)
+    assert stats.joined_images == sum(len(paths) for paths, _ in futures)
     assert stats.overlapped_steps >= 2  # rows stepped while a join was out
     assert max(polls.values()) >= 3  # ... and were placed once it reported ready, not before
-    assert sum(captioned.batch_images > len(paths) for paths, captioned in got) >= 1  # some joined mid-decode
+    assert sum(r.batch_images > len(paths) for r, (paths, _) in zip(got, futures)) >= 1  # some joined mid-decode
 
 
 def test_a_step_that_fails_while_a_join_is_in_flight_answers_the_joining_requests_too(captioner, monkeypatch):
@@ -603,12 +597,9 @@ def test_joins_on_their_own_cuda_stream_give_every_image_its_caption_alone(overl
     # on the GPU a caption decodes in a few milliseconds: requests 1 ms apart, so that joins come while rows
     # decode (rows held past their stop token would decode longer, but in their low-margin text a tie can
     # flip between batch sizes' products: seen on the H200 in fp32)
-    got, reference = overlapped_schedule(cuda, scheduler.start(), gap_s=0.001)
-    for paths, captioned in got:
-        for path, captions in zip(paths, captioned.captions):
-            (text, score), = captions
-            assert text == reference[path][0]
-            assert score == pytest.approx(reference[path][1], abs=1e-3)
+    futures, reference = staggered_requests(cuda, scheduler.start(), gap_s=0.001)
+    scheduler.close()
+    captioned_as_alone(futures, reference, abs_score=1e-3)
     assert scheduler.worker_errors == 0
     assert (scheduler.stats.overlapped_steps > 0) == overlap
 

@@ -22,7 +22,8 @@ its higher-priority stream, and place_next() writes the new rows into their slot
 the join has finished (the worker's stream waits for the join's event on the device; the host never blocks
 on it). Under load a join of about 30 images took 29 ms of the worker's time, 72% of it, while every
 decoding row waited (an H200, bench/serve_load.py, 2026-12-04); overlapped, the decode goes on meanwhile,
-though each step beside a join runs 2 to 3 times slower (BENCHMARKS.md, joins overlapping the decode).
+though each step beside a join takes 1.9 to 2.6 times as long (BENCHMARKS.md, joins overlapping the
+decode).
 
 Every row chooses its next token from its own logits with its own settings: plain greedy rows together by one
 argmax over all slots on the device; any other row (sampling, bans, penalties, min_new_tokens) through a
