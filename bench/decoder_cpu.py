@@ -3,13 +3,14 @@
     python bench/decoder_cpu.py [--layers 12 --embd 768 --vocab 65536 --threads N]
 
 RNN mode: tokens/s at batch 1 (and batch 8) through rnn_stepper (the fused step, lm/engine.py, with
-oneDNN's packed products), the same compiled (VISION_RWKV_COMPILE_STEP=1; its first call, the compile, is
-timed apart) and plain lm.step. GPT mode: prefill tokens/s through
-lm(..., last_only=True), the last position's logits, as a prefill needs and as the baseline computes.
-The baseline is RWKV-LM's own inference code (pip package `rwkv`, RWKV_V7_ON=1, strategy "cpu fp32"),
-batch 1 only (it has no batched mode), run in a subprocess because it sets global TorchScript flags.
-The floor is the time to read the step's fp32 weights once (every matrix but the embedding) with
-torch's sum over a buffer of that size, on the same threads: no step can read its weights faster.
+the C++ kernels of ops/rwkv7/cpu_step.py; their build on first use is timed apart), the same step with
+the PyTorch reference ops and oneDNN's packed products (the default before the kernels), the same
+compiled (VISION_RWKV_COMPILE_STEP=1; its first call, the compile, is timed apart) and plain lm.step.
+GPT mode: prefill tokens/s through lm(..., last_only=True), the last position's logits, as a prefill needs and
+as the baseline computes. The baseline is RWKV-LM's own inference code (pip package `rwkv`, RWKV_V7_ON=1,
+strategy "cpu fp32"), batch 1 only (it has no batched mode), run in a subprocess because it sets global
+TorchScript flags. The floor is the time to read the step's fp32 weights once (every matrix but the embedding)
+with torch's sum over a buffer of that size, on the same threads: no step can read its weights faster.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def main():
     torch.set_num_threads(args.threads)
 
     from vision_rwkv import RWKV7, RWKV7Config, save_official
+    from vision_rwkv.lm.engine import StepEngine
     from vision_rwkv.lm.graphs import rnn_stepper
+    from vision_rwkv.ops.rwkv7 import cpu_step, reference
 
     lm = RWKV7(RWKV7Config(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.embd)).eval()
     T, steps = args.prefill, args.steps
@@ -92,8 +95,21 @@ def main():
     buffer = torch.ones(weight_bytes // 4)
     floor = timed(buffer.sum, 5)
     del buffer
+    t0 = time.perf_counter()
+    build_failed = cpu_step.build()
+    build_s = time.perf_counter() - t0
     fused = rnn_stepper(lm)
-    ours = {"rnn_b1": rnn(1, fused), "rnn_b1_plain": rnn(1, lm.step), "rnn_b8": rnn(8, fused),
+    onednn = StepEngine(lm, ops=reference)
+
+    own = []
+
+    def onednn_step(tokens, state):
+        if not own or state is not own[0]:  # a buffer of its own, updated in place from here on
+            own[:] = [state.contiguous_float()]
+        return onednn.step(tokens, own[0]), own[0]
+
+    ours = {"rnn_b1": rnn(1, fused), "rnn_b1_onednn": rnn(1, onednn_step), "rnn_b1_plain": rnn(1, lm.step),
+            "rnn_b8": rnn(8, fused), "rnn_b8_onednn": rnn(8, onednn_step),
             "gpt_b1": gpt(1, T), "gpt_b8": gpt(8, T // 8)}
     os.environ["VISION_RWKV_COMPILE_STEP"] = "1"
     t0 = time.perf_counter()
@@ -117,19 +133,22 @@ def main():
           f"{args.threads} threads, torch {torch.__version__}")
     print(f"fp32 weight-read floor: {weight_bytes / 1e6:.0f} MB in {floor * 1e3:.1f} ms "
           f"({weight_bytes / floor / 1e9:.1f} GB/s) = {1 / floor:.1f} steps/s at batch 1")
-    print(f"{'mode':<34}{'vision_rwkv tok/s':>18}{'rwkv pkg tok/s':>16}{'ratio':>8}{'of floor':>11}")
-    print(f"compiled step: first call (the compile) {compile_s:.1f} s")
+    print(f"{'mode':<44}{'vision_rwkv tok/s':>18}{'rwkv pkg tok/s':>16}{'ratio':>8}{'of floor':>11}")
+    print(f"CPU kernels: {build_failed or f'built or loaded from the cache in {build_s:.1f} s'}; compiled step: "
+          f"first call (the compile) {compile_s:.1f} s")
     rows = [("RNN step (fused), batch 1", ours["rnn_b1"], base and base["rnn"]),
+            ("RNN step (reference ops, oneDNN), batch 1", ours["rnn_b1_onednn"], base and base["rnn"]),
             ("RNN step (fused, compiled), batch 1", ours["rnn_b1_compiled"], base and base["rnn"]),
             ("RNN step (lm.step), batch 1", ours["rnn_b1_plain"], base and base["rnn"]),
             ("RNN step (fused), batch 8", ours["rnn_b8"], None),
+            ("RNN step (reference ops, oneDNN), batch 8", ours["rnn_b8_onednn"], None),
             (f"GPT prefill, batch 1 x T{T}", ours["gpt_b1"], base and base["gpt"]),
             (f"GPT prefill, batch 8 x T{T // 8}", ours["gpt_b8"], None)]
     for name, a, b in rows:
         bs = f"{b:16.1f}" if b else f"{'-':>16}"
         ratio = f"{a / b:8.2f}" if b else f"{'-':>8}"
         at_floor = f"{a * floor:11.2f}" if name.endswith("batch 1") else f"{'-':>11}"
-        print(f"{name:<34}{a:18.1f}{bs}{ratio}{at_floor}")
+        print(f"{name:<44}{a:18.1f}{bs}{ratio}{at_floor}")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_cuda_on_cpu_tensors_says_why_in_one_line():
 
 
 def test_build_failure_reason_names_the_compiler_error():
-    from vision_rwkv.ops._cuda_build import first_error_line
+    from vision_rwkv.ops._build import first_error_line
 
     log = "Error building extension 'x'\nFAILED: wkv4.o\n/src/kernels/wkv4.cu(7): error: expected a \";\"\n"
     assert first_error_line(log) == '/src/kernels/wkv4.cu(7): error: expected a ";"'

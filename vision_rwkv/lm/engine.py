@@ -16,7 +16,9 @@ With the kernels there is a second, fused path for a few rows (six launches a la
 mixes and the products that read them in one kernel, ln_mix_matmul; the other products as one-pass
 matrix-vector kernels, linear_), packed as w_in (3C + 4R, C), of which w_rkv and lora1 are views, and
 lora2_in (4C, R), the four second low-rank matrices as four groups of one product; FUSED_MAX_BATCH says
-when it runs. On the CPU the products go through oneDNN's packed weights.
+when it runs. On the CPU the fused path runs the C++ kernels of ops/rwkv7/cpu_step.py (fp32, up to its
+FUSED_MAX_BATCH rows, the head through its one-pass linear_ too), and the split path's products go
+through oneDNN's packed weights.
 
 GPT mode for inference (`engine.prefill(x, state)`: an image prefix or a prompt, forward only) runs each
 layer through the same packed weights and the same family, about fourteen launches a layer: ln_mix_seq_
@@ -94,15 +96,20 @@ class StepEngine:
         cfg = lm.config
         self.lm = lm
         self.dtype = compute_dtype(lm) if dtype is None else dtype
-        self.ops = step_ops(lm.emb.weight.device, cfg.head_size, cfg.n_embd) if ops is None else ops
+        if ops is None:  # the compiled CPU step (reduce) traces the reference ops
+            ops = reference if reduce else step_ops(lm.emb.weight.device, cfg.head_size, cfg.n_embd, self.dtype)
+        self.ops = ops
         self.lora_rank = -(-max(cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora) // 16) * 16
-        self.fused_max_batch = FUSED_MAX_BATCH
+        self.fused_max_batch = getattr(ops, "FUSED_MAX_BATCH", FUSED_MAX_BATCH)
+        # the most rows the kernels' linear_ takes (the CPU's one-pass products); Triton's takes any number
+        self.one_pass_rows = getattr(ops, "MAX_ROWS", None)
         # output columns per program of the kernels' products: blocks must not straddle r|k|v|low-rank parts
         # (ops/rwkv7 serves only widths that are multiples of 16; the reference ops do not use it)
         self.block_n = next((n for n in (64, 32, 16) if math.gcd(cfg.n_embd, self.lora_rank) % n == 0), 16)
         # on the CPU, oneDNN's prepacked inner product reads fp32 weights about 1.5-2x faster than F.linear
         # at batch 1 (BENCHMARKS.md, the CPU decoder); the packed weights are opaque, so they are made again
-        # whenever a weight changes (there are no graphs on the CPU to keep addresses for)
+        # whenever a weight changes (there are no graphs on the CPU to keep addresses for), and only for the
+        # products that run: with the CPU kernels, only batches above their fused path use them
         cpu_fp32 = lm.emb.weight.device.type == "cpu" and self.dtype == torch.float32
         self.reduce = reduce
         self.onednn = not reduce and (cpu_fp32 and _onednn_works() if onednn is None else onednn and cpu_fp32)
@@ -130,8 +137,7 @@ class StepEngine:
             packed = self._pack()
             if self._buffers is None or moved or self.onednn:
                 self._buffers = packed
-                if self.onednn:
-                    self._onednn = _onednn_pack(packed)
+                self._onednn = {}  # packed again on first use (_onednn_weights)
             else:
                 for name, t in packed.items():
                     if self._buffers[name].data_ptr() != t.data_ptr():
@@ -246,11 +252,15 @@ class StepEngine:
                                p[f"{i}.mix_ffn"], p[f"{i}.w_key"], p["seg_key"], k, bn,
                                prev_xl=xl_att, prev_shift=state.att_shift[i])
             ops.linear_(k, p[f"{i}.w_value"], dx)
-        # the head is bandwidth-bound: cuBLAS's product reads it faster than the one-pass kernel
-        # (26 against 34 us at L12-D768, V 65,536; BENCHMARKS.md)
+        # the head is bandwidth-bound: on CUDA cuBLAS's product reads it faster than the one-pass kernel
+        # (26 against 34 us at L12-D768, V 65,536; BENCHMARKS.md); on the CPU the one-pass kernel is faster
         state.ffn_shift[L - 1].copy_(xl_ffn)
         xf = torch.empty(1, B, C, device=dev, dtype=dt)
         ops.ln_mix_(xa, dx, lm.ln_out.weight, lm.ln_out.bias, None, None, xf)
+        if getattr(ops, "ONE_PASS_HEAD", False):
+            logits = torch.empty(B, p["head"].shape[0], device=dev, dtype=dt)
+            ops.linear_(xf[0], p["head"], logits)
+            return logits
         return F.linear(xf[0], p["head"])
 
     def _step_split(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
@@ -339,36 +349,34 @@ class StepEngine:
         if self.reduce and x.shape[1] == 1:
             return (self._buffers[name].transpose(1, 2).unsqueeze(1) * x.unsqueeze(2)).sum(-1)
         if self.onednn:
-            return torch.stack([_onednn_linear(xg, w) for xg, w in zip(x, self._onednn[name])])
+            return torch.stack([_onednn_linear(xg, w) for xg, w in zip(x, self._onednn_weights(name))])
         return torch.bmm(x, self._buffers[name])
 
     def _linear(self, x: torch.Tensor, name: str, one_pass: bool = False) -> torch.Tensor:
         """x (B,K) times the weight `name` (N,K); one_pass: through the kernels' linear_, whose one-pass form
         (up to GEMV_MAX_ROWS rows) beat cuBLAS on the output and value products (BENCHMARKS.md)."""
-        if one_pass and self.uses_kernels:
+        if one_pass and self.uses_kernels and (self.one_pass_rows is None or x.shape[0] <= self.one_pass_rows):
             out = x.new_empty(x.shape[0], self._buffers[name].shape[0])
             self.ops.linear_(x, self._buffers[name], out)
             return out
         if self.reduce and x.shape[0] == 1:
             return (self._buffers[name] * x.unsqueeze(1)).sum(-1)
         if self.onednn:
-            return _onednn_linear(x, self._onednn[name][0])
+            return _onednn_linear(x, self._onednn_weights(name)[0])
         return F.linear(x, self._buffers[name])
 
+    def _onednn_weights(self, name: str) -> list[torch.Tensor]:
+        """oneDNN's packed copies of the weights `name`, made on first use after each packing: the stacked
+        (G,K,N) ones a group at a time, the (N,K) ones whole."""
+        packed = self._onednn.get(name)
+        if packed is None:
+            t = self._buffers[name]
+            stacked = name.rsplit(".", 1)[-1] in _STACKED
+            packed = self._onednn[name] = [_onednn_weight(w.t()) for w in t] if stacked else [_onednn_weight(t)]
+        return packed
 
-_STACKED = ("w_rkv", "lora1", "lora2")  # (G,K,N), read by _bmm
-_LINEAR = ("w_out", "w_key", "w_value", "head")  # (N,K), nn.Linear's layout, read by _linear
 
-
-def _onednn_pack(packed: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-    out = {}
-    for name, t in packed.items():
-        kind = name.rsplit(".", 1)[-1]
-        if kind in _STACKED:
-            out[name] = [_onednn_weight(w.t()) for w in t]
-        elif kind in _LINEAR:
-            out[name] = [_onednn_weight(t)]
-    return out
+_STACKED = ("w_rkv", "lora1", "lora2")  # (G,K,N), read by _bmm; the others are (N,K), nn.Linear's layout
 
 
 def _onednn_weight(w: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,16 @@
-"""The fused RWKV-7 layer operations, for RNN mode and GPT mode: Triton kernels, with the PyTorch references
-beside them (reference.py; train.py has GPT mode's op with a backward, for training).
+"""The fused RWKV-7 layer operations, for RNN mode and GPT mode: Triton kernels, C++ kernels for the CPU
+step, and the PyTorch references beside them (reference.py; train.py has GPT mode's op with a backward,
+for training).
 
-    ops = step_ops(device, head_size, n_embd)   # triton_step on CUDA when it can run, else reference
-    ops.ln_mix_(x, dx, w, b, shift, mix, out); ops.wkv_step_(...); ...
+    ops = step_ops(device, head_size, n_embd, dtype)   # triton_step on CUDA, cpu_step on the CPU, when
+    ops.ln_mix_(x, dx, w, b, shift, mix, out)           # they can run; else reference
+    ops.wkv_step_(...); ...
 
-Both modules have the same functions with the same in-place contract (see reference.py). `step_ops`
-returns the reference, with one warning per reason, when the kernels cannot serve a CUDA decoder; on
-the CPU the reference is simply the path (set TRITON_INTERPRET=1 to run the kernels there, as the tests do).
+The modules have the same functions with the same in-place contract (see reference.py). `step_ops`
+returns the reference, with one warning per reason, when the kernels cannot serve a decoder: on CUDA,
+Triton missing or an unsupported shape; on the CPU, a failed build (products in another dtype than fp32
+take the reference without a warning). Set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors,
+as the tests do.
 """
 
 from __future__ import annotations
@@ -53,14 +57,31 @@ def unavailable_reason(device: torch.device, head_size: int, n_embd: int) -> str
     return _import_error()
 
 
-def step_ops(device, head_size: int, n_embd: int) -> ModuleType:
-    """The module whose functions run the step: triton_step, or reference when the kernels cannot."""
+def step_ops(device, head_size: int, n_embd: int, dtype: torch.dtype | None = None) -> ModuleType:
+    """The module whose functions run the step: triton_step (CUDA), cpu_step (the CPU, products in fp32:
+    dtype None means fp32), or reference when the kernels cannot."""
+    device = torch.device(device)
+    if device.type == "cpu" and not interpreting():
+        from . import cpu_step
+
+        dtype = torch.float32 if dtype is None else dtype
+        reason = cpu_step.unavailable_reason(dtype)
+        if reason is None:
+            return cpu_step
+        if dtype == torch.float32:  # a failed build; other dtypes simply take the reference
+            _warn_once(f"the RNN step runs its PyTorch reference ops on the CPU: {reason}")
+        return reference
     reason = unavailable_reason(device, head_size, n_embd)
     if reason is None:
         from . import triton_step
 
         return triton_step
-    if torch.device(device).type == "cuda" and reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"vision_rwkv: the RNN step runs its PyTorch reference ops: {reason}", stacklevel=2)
+    if device.type == "cuda":
+        _warn_once(f"the RNN step runs its PyTorch reference ops: {reason}")
     return reference
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"vision_rwkv: {message}", stacklevel=3)

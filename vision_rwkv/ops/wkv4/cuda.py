@@ -1,6 +1,6 @@
 """The custom CUDA WKV-4 kernel: built on first use, then called through torch.ops.vision_rwkv.
 
-The sources (kernels/wkv4.cu, kernels/wkv4_op.cpp) are built by ../_cuda_build.py, like the WKV-7 kernel;
+The sources (kernels/wkv4.cu, kernels/wkv4_op.cpp) are built by ../_build.py, like the WKV-7 kernel;
 the two libraries load side by side (the WKV-4 ops are a fragment of the vision_rwkv namespace).
 """
 
@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from .. import _cuda_build
+from .. import _build
 
 __all__ = ["build", "unavailable_reason", "unsupported", "wkv4_cuda", "SOURCES", "CKPT"]
 
@@ -22,7 +22,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @functools.lru_cache(maxsize=1)
 def build() -> str | None:
     """Compile and load the ops. Returns None on success, or why it failed (one line)."""
-    reason = _cuda_build.build_extension("wkv4", SOURCES)
+    reason = _build.build_extension("wkv4", SOURCES)
     if reason is None:
         _register_fakes()
     return reason

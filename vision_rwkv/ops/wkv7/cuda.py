@@ -1,7 +1,7 @@
 """The custom CUDA WKV-7 kernel: built on first use, then called through torch.ops.vision_rwkv.
 
 The sources (kernels/wkv7.cu, kernels/wkv7_chunk.cu, kernels/wkv7_common.h, kernels/wkv7_op.cpp) are
-built by ../_cuda_build.py (found beside the package or in the checkout, cached by their hash).
+built by ../_build.py (found beside the package or in the checkout, cached by their hash).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .. import _cuda_build
-from .._cuda_build import cache_root, first_error_line
+from .. import _build
+from .._build import cache_root, first_error_line
 
 __all__ = ["build", "kernel_dir", "cache_root", "first_error_line", "unavailable_reason", "unsupported",
            "pick_layout", "tensor_cores_fit", "wkv7_cuda", "SOURCES", "HEADERS", "CHUNK", "TENSOR_CORES"]
@@ -33,13 +33,13 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def kernel_dir() -> Path | None:
-    return _cuda_build.kernel_dir(SOURCES + HEADERS)
+    return _build.kernel_dir(SOURCES + HEADERS)
 
 
 @functools.lru_cache(maxsize=1)
 def build() -> str | None:
     """Compile and load the ops. Returns None on success, or why it failed (one line)."""
-    reason = _cuda_build.build_extension("wkv7", SOURCES, HEADERS)
+    reason = _build.build_extension("wkv7", SOURCES, HEADERS)
     if reason is None:
         _register_fakes()
     return reason

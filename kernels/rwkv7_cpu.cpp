@@ -1,0 +1,277 @@
+// The RWKV-7 RNN step's fused operations on the CPU: ops vision_rwkv_cpu::ln_mix_matmul_, linear_ and
+// wkv_step_, with the contracts of their PyTorch references (vision_rwkv/ops/rwkv7/reference.py).
+//
+// A step at a few rows reads every weight once and does little arithmetic per byte, so its speed is the
+// speed at which the weights stream from memory. BLAS's and oneDNN's products at one row read fp32 weights
+// at a fraction of that on a 2-core machine (BENCHMARKS.md); these products read each weight row once,
+// for all rows of the input together, 16 floats at a time, with the output rows split over torch's
+// OpenMP threads. The small operations around them (LayerNorm with the token-shift mixes, the activations,
+// the WKV state update with ln_x, the bonus and the gate) run in the same loops or in one pass per head,
+// instead of as about eighty PyTorch operations a layer.
+//
+// Everything is fp32: the weights, the products' inputs and outputs, the residual stream and the state.
+// Built with -march=native for the machine that runs it (the build's cache key has the CPU's flags).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int ACT_NONE = 0, ACT_TANH = 1, ACT_SIGMOID = 2, ACT_RELU2 = 3;  // reference.ACT_*
+constexpr float LN_EPS = 1e-5f;                                           // reference.LN_EPS
+constexpr float LN_X_EPS = 64e-5f;                                        // reference.LN_X_EPS
+constexpr int MAX_ROWS = 16;  // input rows a product takes at once (the engine sends at most FUSED_MAX_BATCH)
+// output rows per thread task: at least this many bytes of weights, so a task outweighs its start
+constexpr int64_t TASK_BYTES = 32 * 1024;
+
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));  // an unaligned vector load
+  return v;
+}
+
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// y[b] = dot(x[b], w) for b < B: x rows of length K at stride sx, w one row of K floats, read once.
+inline void dots(const float* x, int64_t sx, int64_t B, const float* w, int64_t K, float* y) {
+  v16 acc[MAX_ROWS];
+  for (int64_t b = 0; b < B; ++b) acc[b] = v16{};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const v16 wv = load16(w + k);
+    for (int64_t b = 0; b < B; ++b) acc[b] += load16(x + b * sx + k) * wv;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    float s = hsum(acc[b]);
+    for (int64_t kk = k; kk < K; ++kk) s += x[b * sx + kk] * w[kk];
+    y[b] = s;
+  }
+}
+
+inline float activate(float y, int act) {
+  switch (act) {
+    case ACT_TANH: return std::tanh(y);
+    case ACT_SIGMOID: return 1.f / (1.f + std::exp(-y));
+    case ACT_RELU2: return y > 0.f ? y * y : 0.f;
+    default: return y;
+  }
+}
+
+inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+int64_t grain(int64_t row_bytes) { return std::max<int64_t>(1, TASK_BYTES / std::max<int64_t>(row_bytes, 1)); }
+
+void check_f32(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
+              "vision_rwkv_cpu: ", what, " must be an fp32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+}
+
+void check_contiguous(const at::Tensor& t, const char* what) {
+  check_f32(t, what);
+  TORCH_CHECK(t.is_contiguous(), "vision_rwkv_cpu: ", what, " must be contiguous");
+}
+
+// LayerNorm of one row of C floats, in double accumulators: out may alias nothing else.
+void layer_norm(const float* x, const float* w, const float* b, int64_t C, float* out) {
+  double mean = 0.0, var = 0.0;
+  for (int64_t c = 0; c < C; ++c) mean += x[c];
+  mean /= C;
+  for (int64_t c = 0; c < C; ++c) var += (x[c] - mean) * (x[c] - mean);
+  const double inv = 1.0 / std::sqrt(var / C + LN_EPS);
+  for (int64_t c = 0; c < C; ++c) out[c] = float((x[c] - mean) * inv) * w[c] + b[c];
+}
+
+// x (B,C) is read; x_out <- x + dx; xl_out <- xl = LayerNorm(x + dx); for each output row n of w (N,C),
+// out[:, n] = act(a_m . w[n]) where a_m = xl + (shift - xl) * mix[m] (xl when shift is None) and
+// (m, act) = segments[n / block_n] as m + 256 * act. prev_shift <- prev_xl first, when given.
+void ln_mix_matmul(const at::Tensor& x, const c10::optional<at::Tensor>& dx, const at::Tensor& x_out,
+                   const at::Tensor& xl_out, const at::Tensor& weight, const at::Tensor& bias,
+                   const c10::optional<at::Tensor>& shift, const at::Tensor& mix, const at::Tensor& w,
+                   const at::Tensor& segments, const at::Tensor& out, int64_t block_n,
+                   const c10::optional<at::Tensor>& prev_xl, const c10::optional<at::Tensor>& prev_shift) {
+  for (const auto* t : {&x, &x_out, &xl_out, &weight, &bias, &mix, &w, &out}) check_contiguous(*t, "ln_mix_matmul_'s tensors");
+  const int64_t B = x.size(0), C = x.size(1), N = w.size(0), G = mix.size(0);
+  TORCH_CHECK(B <= MAX_ROWS, "vision_rwkv_cpu: ln_mix_matmul_ takes at most ", MAX_ROWS, " rows, got ", B);
+  TORCH_CHECK(w.size(1) == C && out.size(0) == B && out.size(1) == N, "vision_rwkv_cpu: ln_mix_matmul_: shapes");
+  TORCH_CHECK(segments.scalar_type() == at::kInt && segments.is_contiguous() && segments.device().is_cpu() &&
+                  segments.numel() * block_n >= N,
+              "vision_rwkv_cpu: ln_mix_matmul_: segments must be contiguous int32, one per block of columns");
+  if (prev_xl.has_value()) {
+    check_contiguous(*prev_xl, "prev_xl");
+    check_contiguous(*prev_shift, "prev_shift");
+    prev_shift->copy_(*prev_xl);
+  }
+  const float* xp = x.data_ptr<float>();
+  float* xo = x_out.data_ptr<float>();
+  float* xl = xl_out.data_ptr<float>();
+  for (int64_t i = 0; i < B * C; ++i) xo[i] = xp[i];
+  if (dx.has_value()) {
+    check_contiguous(*dx, "dx");
+    const float* d = dx->data_ptr<float>();
+    for (int64_t i = 0; i < B * C; ++i) xo[i] += d[i];
+  }
+  for (int64_t b = 0; b < B; ++b)
+    layer_norm(xo + b * C, weight.data_ptr<float>(), bias.data_ptr<float>(), C, xl + b * C);
+  // the mixed inputs, (G, B, C): small, written once and read by every output row
+  std::vector<float> a(shift.has_value() ? G * B * C : 0);
+  const float* mixp = mix.data_ptr<float>();
+  if (shift.has_value()) {
+    check_contiguous(*shift, "shift");
+    const float* s = shift->data_ptr<float>();
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = 0; i < B * C; ++i) {
+        const float l = xl[i];
+        a[g * B * C + i] = l + (s[i] - l) * mixp[g * C + i % C];
+      }
+  }
+  const float* wp = w.data_ptr<float>();
+  const int32_t* seg = segments.data_ptr<int32_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, grain(C * 4), [&](int64_t n0, int64_t n1) {
+    float y[MAX_ROWS];
+    for (int64_t n = n0; n < n1; ++n) {
+      const int32_t s = seg[n / block_n];
+      const int64_t m = s % 256;
+      const int act = s / 256;
+      const float* in = shift.has_value() ? a.data() + m * B * C : xl;
+      dots(in, C, B, wp + n * C, C, y);
+      for (int64_t b = 0; b < B; ++b) op[b * N + n] = activate(y[b], act);
+    }
+  });
+}
+
+// out (B, G*N) <- x @ w.T in G groups: x (B, G*K), rows at any stride, columns contiguous; w (G*N, K).
+// Output columns [g*N, (g+1)*N) read input columns [g*K, (g+1)*K).
+void linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out, int64_t groups) {
+  check_f32(x, "linear_'s x");
+  check_contiguous(w, "linear_'s w");
+  check_contiguous(out, "linear_'s out");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "vision_rwkv_cpu: linear_'s x must be (B, K) with contiguous rows");
+  const int64_t B = x.size(0), K = w.size(1), N = w.size(0) / groups;
+  TORCH_CHECK(B <= MAX_ROWS, "vision_rwkv_cpu: linear_ takes at most ", MAX_ROWS, " rows, got ", B);
+  TORCH_CHECK(x.size(1) == groups * K && out.size(0) == B && out.size(1) == groups * N && w.size(0) % groups == 0,
+              "vision_rwkv_cpu: linear_: shapes");
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t sx = x.stride(0), GN = groups * N;
+  at::parallel_for(0, GN, grain(K * 4), [&](int64_t n0, int64_t n1) {
+    float y[MAX_ROWS];
+    for (int64_t n = n0; n < n1; ++n) {
+      dots(xp + (n / N) * K, sx, B, wp + n * K, K, y);
+      for (int64_t b = 0; b < B; ++b) op[b * GN + n] = y[b];
+    }
+  });
+}
+
+// One time-mix step after its products (reference.wkv_step_): state (B,H,N,N) [value, key], updated in
+// place; rkv (3,B,C) and lora (4,B,C) views with contiguous columns; vec (8,C) in VEC_ROWS order;
+// v_first (B,C), written by layer 0 and read by the others; out (B,C) <- (GroupNorm(S r) + bonus) * g.
+void wkv_step(const at::Tensor& state, const at::Tensor& rkv, const at::Tensor& lora, const at::Tensor& vec,
+              const at::Tensor& v_first, bool layer0, const at::Tensor& out, double log_decay_scale) {
+  check_contiguous(state, "the state");
+  check_contiguous(vec, "vec");
+  check_contiguous(v_first, "v_first");
+  check_contiguous(out, "wkv_step_'s out");
+  check_f32(rkv, "rkv");
+  check_f32(lora, "lora");
+  TORCH_CHECK(rkv.stride(2) == 1 && lora.stride(2) == 1, "vision_rwkv_cpu: rkv and lora need contiguous columns");
+  const int64_t B = state.size(0), H = state.size(1), N = state.size(2), C = H * N;
+  TORCH_CHECK(rkv.size(1) == B && rkv.size(2) == C && lora.size(1) == B && lora.size(2) == C && vec.size(1) == C,
+              "vision_rwkv_cpu: wkv_step_: shapes");
+  const float* rp = rkv.data_ptr<float>();
+  const float* lp = lora.data_ptr<float>();
+  const int64_t rg = rkv.stride(0), rb = rkv.stride(1), lg = lora.stride(0), lb = lora.stride(1);
+  const float* vp = vec.data_ptr<float>();
+  float* sp = state.data_ptr<float>();
+  float* vf = v_first.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = float(log_decay_scale);
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(7 * N);
+    float *kk = buf.data(), *ka = kk + N, *k = ka + N, *v = k + N, *decay = v + N, *y = decay + N, *r = y + N;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H, c0 = h * N;
+      const float* row = rp + b * rb + c0;
+      const float* lrow = lp + b * lb + c0;
+      const float* vec_h = vp + c0;
+      double norm = 0.0;
+      for (int64_t i = 0; i < N; ++i) {
+        const float w0 = vec_h[i], a0 = vec_h[C + i], v0 = vec_h[2 * C + i], k_k = vec_h[3 * C + i],
+                    k_a = vec_h[4 * C + i];
+        const float kv = row[rg + i], vv = row[2 * rg + i];
+        const float v_l = lrow[i], w_l = lrow[lg + i], a_l = lrow[2 * lg + i];
+        r[i] = row[i];
+        float vm = vv;
+        if (layer0) vf[b * C + c0 + i] = vv;
+        else vm = vv + (vf[b * C + c0 + i] - vv) * sigmoid(v0 + v_l);
+        v[i] = vm;
+        decay[i] = std::exp(-scale * sigmoid(w0 + w_l));
+        const float a = sigmoid(a0 + a_l);
+        kk[i] = kv * k_k;
+        norm += double(kk[i]) * kk[i];
+        k[i] = kv * (1.f + (a - 1.f) * k_a);
+        ka[i] = a;  // kk * a once kk is normalised
+      }
+      const float inv = 1.f / std::max(float(std::sqrt(norm)), 1e-12f);  // F.normalize's eps
+      for (int64_t i = 0; i < N; ++i) {
+        kk[i] *= inv;
+        ka[i] *= kk[i];
+      }
+      float* S = sp + t * N * N;
+      for (int64_t i = 0; i < N; ++i) {  // value row i: S[i,:] <- S[i,:] * decay + (S[i,:] . -kk) kk*a + v_i k
+        float* Si = S + i * N;
+        float sa = 0.f;
+        for (int64_t j = 0; j < N; ++j) sa -= Si[j] * kk[j];
+        float acc = 0.f;
+        for (int64_t j = 0; j < N; ++j) {
+          const float s = Si[j] * decay[j] + sa * ka[j] + v[i] * k[j];
+          Si[j] = s;
+          acc += s * r[j];
+        }
+        y[i] = acc;
+      }
+      double mean = 0.0, var = 0.0, bonus = 0.0;
+      for (int64_t i = 0; i < N; ++i) mean += y[i];
+      mean /= N;
+      for (int64_t i = 0; i < N; ++i) var += (y[i] - mean) * (y[i] - mean);
+      const double istd = 1.0 / std::sqrt(var / N + LN_X_EPS);
+      const float* r_k = vec_h + 5 * C;
+      for (int64_t i = 0; i < N; ++i) bonus += double(r[i]) * k[i] * r_k[i];
+      const float* ln_w = vec_h + 6 * C;
+      const float* ln_b = vec_h + 7 * C;
+      const float* g = lrow + 3 * lg;
+      for (int64_t i = 0; i < N; ++i)
+        op[b * C + c0 + i] = (float((y[i] - mean) * istd) * ln_w[i] + ln_b[i] + float(bonus) * v[i]) * g[i];
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vision_rwkv_cpu, m) {
+  m.def("ln_mix_matmul_(Tensor x, Tensor? dx, Tensor(a!) x_out, Tensor(b!) xl_out, Tensor weight, Tensor bias, "
+        "Tensor? shift, Tensor mix, Tensor w, Tensor segments, Tensor(c!) out, int block_n, Tensor? prev_xl, "
+        "Tensor(d!)? prev_shift) -> ()");
+  m.def("linear_(Tensor x, Tensor w, Tensor(a!) out, int groups) -> ()");
+  m.def("wkv_step_(Tensor(a!) state, Tensor rkv, Tensor lora, Tensor vec, Tensor(b!) v_first, bool layer0, "
+        "Tensor(c!) out, float log_decay_scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(vision_rwkv_cpu, CPU, m) {
+  m.impl("ln_mix_matmul_", &ln_mix_matmul);
+  m.impl("linear_", &linear);
+  m.impl("wkv_step_", &wkv_step);
+}

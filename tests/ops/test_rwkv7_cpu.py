@@ -1,0 +1,168 @@
+"""The RNN step's C++ kernels for the CPU (vision_rwkv.ops.rwkv7.cpu_step, kernels/rwkv7_cpu.cpp).
+
+Each op against its PyTorch reference on the same inputs, then the whole step against the model's own
+step in fp64, with the bound of test_rwkv7_step.py: at most FP32_SLACK times the error of the fp32
+reference step (lm.step) against the same truth. The kernels build on first use (a few seconds); where
+they cannot (no C++ compiler), these tests skip with the build's reason, and the engine falls back to
+the reference ops with one warning, which the last tests check by forcing a failed build.
+"""
+
+import pytest
+import torch
+from test_rwkv7_step import FP32_SLACK, _no_warning, fp64_state, lm_on, rel, run_lm, run_steps
+
+from vision_rwkv.lm.engine import StepEngine
+from vision_rwkv.ops import rwkv7 as step_ops_pkg
+from vision_rwkv.ops.rwkv7 import cpu_step, reference, step_ops
+from vision_rwkv.ops.rwkv7.reference import ACT_NONE, ACT_RELU2, ACT_SIGMOID, ACT_TANH
+
+BUILD_FAILED = cpu_step.build()
+built = pytest.mark.skipif(BUILD_FAILED is not None, reason=f"{BUILD_FAILED}")
+
+
+def rnd(g, *shape, scale=1.0):
+    return scale * torch.randn(*shape, generator=g)
+
+
+def layer_vectors(g, C):
+    """vec (8,C) in VEC_ROWS order, with ln_x's weight near 1."""
+    return torch.cat([rnd(g, 5, C), rnd(g, 1, C, scale=0.3), 1 + rnd(g, 1, C, scale=0.2), rnd(g, 1, C, scale=0.2)])
+
+
+@built
+@pytest.mark.parametrize("B", [1, 3, 16])
+def test_ln_mix_matmul_equals_reference(B):
+    """Every activation and mix row, a partial last block of columns (N = 88 in blocks of 16), with and
+    without the residual input, the shift and the deferred shift copy."""
+    g = torch.Generator().manual_seed(7)
+    C, N, bn = 64, 88, 16
+    x, dx, shift, prev_xl = rnd(g, B, C, scale=3.0), rnd(g, B, C), rnd(g, B, C), rnd(g, B, C)
+    weight, bias, mix = 1 + rnd(g, C, scale=0.2), rnd(g, C, scale=0.2), torch.rand(6, C, generator=g)
+    w = rnd(g, N, C) / 8
+    acts = [ACT_NONE, ACT_TANH, ACT_SIGMOID, ACT_RELU2, ACT_NONE, ACT_TANH]
+    segments = torch.tensor([m + 256 * a for m, a in zip([0, 1, 2, 3, 4, 5], acts)], dtype=torch.int32)
+    for has_dx, has_shift, has_prev in ((True, True, True), (False, True, False), (True, False, True)):
+        results = []
+        for ops in (cpu_step, reference):
+            x_out, xl_out, prev_shift = (torch.zeros(B, C) for _ in range(3))
+            out = torch.full((B, N), float("nan"))
+            ops.ln_mix_matmul_(x, dx if has_dx else None, x_out, xl_out, weight, bias,
+                               shift if has_shift else None, mix, w, segments, out, bn,
+                               **(dict(prev_xl=prev_xl, prev_shift=prev_shift) if has_prev else {}))
+            results.append((out, x_out, xl_out, prev_shift))
+        for got, want in zip(*results):
+            assert rel(got, want) <= 1e-6, (has_dx, has_shift, has_prev)
+        assert (results[0][0][:, 48:64] >= 0).all()  # the relu^2 block
+
+
+@built
+@pytest.mark.parametrize("B", [1, 3, 16])
+def test_grouped_linear_equals_reference(B):
+    """One group and four; rows that are views into wider rows (as the step's low-rank inputs are); an
+    output width that is not a multiple of 16, and an input width that is not either (the tail loop)."""
+    g = torch.Generator().manual_seed(8)
+    for groups, K, N in ((1, 64, 88), (4, 32, 64 * 4), (1, 100, 24), (1, 768, 40)):
+        x = rnd(g, B, 16 + groups * K)[:, 16:]  # strided rows
+        w = rnd(g, N, K) / 8
+        got, want = (torch.full((B, N), float("nan")) for _ in range(2))
+        cpu_step.linear_(x, w, got, groups=groups)
+        reference.linear_(x, w, want, groups=groups)
+        assert rel(got, want) <= 1e-6, (groups, K, N)
+        if groups == 4:  # each group read its own input columns: the others do not matter
+            x2 = x.clone()
+            x2[:, :K] = 0
+            again = torch.empty_like(got)
+            cpu_step.linear_(x2, w, again, groups=groups)
+            assert (again[:, :N // 4] == 0).all() and torch.equal(again[:, N // 4:], got[:, N // 4:])
+
+
+@built
+@pytest.mark.parametrize("layer0", [True, False])
+@pytest.mark.parametrize("B,H,N", [(1, 4, 16), (3, 2, 64)])
+def test_wkv_step_equals_reference_in_output_state_and_v_first(layer0, B, H, N):
+    """rkv and lora as the engine passes them: (G,B,C) views into one (B, G*C + ...) buffer."""
+    C = H * N
+    results = []
+    for ops in (cpu_step, reference):
+        g = torch.Generator().manual_seed(5)
+        state = rnd(g, B, H, N, N)
+        rkv = rnd(g, B, 3 * C + 8)[:, :3 * C].view(B, 3, C).transpose(0, 1)
+        lora = rnd(g, B, 4 * C).view(B, 4, C).transpose(0, 1)
+        vec, v_first, out = layer_vectors(g, C), rnd(g, B, C), torch.full((B, C), float("nan"))
+        ops.wkv_step_(state, rkv, lora, vec, v_first, layer0, out)
+        results.append((out, state, v_first))
+    (out, state, v_first), (out_r, state_r, v_first_r) = results
+    assert rel(state, state_r) <= 1e-6
+    assert rel(v_first, v_first_r) <= 1e-6
+    assert rel(out, out_r) <= 1e-5
+
+
+@built
+def test_bad_inputs_are_one_clear_line():
+    w, out = torch.randn(8, 16), torch.empty(1, 8)
+    with pytest.raises(RuntimeError, match="linear_'s w must be an fp32 CPU tensor, got BFloat16"):
+        cpu_step.linear_(torch.randn(1, 16), w.bfloat16(), out)
+    with pytest.raises(RuntimeError, match="linear_ takes at most 16 rows, got 17"):
+        cpu_step.linear_(torch.randn(17, 16), w, torch.empty(17, 8))
+    with pytest.raises(RuntimeError, match="linear_: shapes"):
+        cpu_step.linear_(torch.randn(1, 12), w, out)
+
+
+# ---- the whole step ---------------------------------------------------------------------------------
+
+@built
+@torch.no_grad()
+# the fused path at one, three and eight rows; the split path (oneDNN's products, and the one-pass linear_
+# for rows it takes), and past the one-pass products' MAX_ROWS (20)
+@pytest.mark.parametrize("B,fused_max", [(1, 8), (3, 8), (8, 8), (3, 0), (20, 8)])
+def test_the_step_equals_lm_step_within_the_fp32_noise_floor(B, fused_max):
+    lm = lm_on("cpu")
+    tokens = torch.randint(0, 97, (B, 5), generator=torch.Generator().manual_seed(1))
+    truth, truth_state = run_lm(lm.double(), tokens, fp64_state(lm.init_state(B)))
+    lm = lm.float()
+    ref, ref_state = run_lm(lm, tokens)
+    got, got_state = run_steps(lm, cpu_step, tokens, fused_max_batch=fused_max)
+    floor = rel(ref, truth)
+    assert 0 < floor < 1e-5
+    assert rel(got, truth) <= FP32_SLACK * floor, (rel(got, truth), floor)
+    for name in ("att_shift", "wkv", "ffn_shift"):
+        got_t, want, base = (getattr(s, name) for s in (got_state, truth_state, ref_state))
+        assert rel(got_t, want) <= FP32_SLACK * max(rel(base, want), 1e-7), name
+
+
+@built
+@torch.no_grad()
+def test_batched_equals_one_by_one():
+    lm = lm_on("cpu", seed=2)
+    tokens = torch.randint(0, 97, (4, 3), generator=torch.Generator().manual_seed(4))
+    batched, state = run_steps(lm, cpu_step, tokens)
+    for row in range(4):
+        alone, alone_state = run_steps(lm, cpu_step, tokens[row:row + 1])
+        assert rel(alone, batched[row:row + 1]) <= 1e-6
+        assert rel(alone_state.wkv, state.wkv[:, row:row + 1]) <= 1e-6
+
+
+@built
+@torch.no_grad()
+def test_the_cpu_engine_takes_the_kernels_for_fp32_products_and_the_reference_otherwise():
+    lm = lm_on("cpu")
+    engine = StepEngine(lm)
+    assert engine.ops is cpu_step and engine.uses_kernels and engine.fused_max_batch == cpu_step.FUSED_MAX_BATCH
+    assert engine._onednn == {}  # the fused path made no oneDNN copies
+    with _no_warning():
+        assert StepEngine(lm, torch.bfloat16).ops is reference
+    assert StepEngine(lm, reduce=True).ops is reference  # the compiled step traces the reference ops
+
+
+def test_a_failed_build_says_why_once_and_the_step_runs_the_reference(monkeypatch):
+    monkeypatch.setattr(step_ops_pkg, "_warned", set())
+    monkeypatch.setattr(cpu_step, "_built", ["the CPU kernel failed to build: g++: not found"])
+    why = "reference ops on the CPU: the CPU kernel failed to build: g\\+\\+: not found"
+    with pytest.warns(UserWarning, match=why):
+        assert step_ops("cpu", 16, 64) is reference
+    lm, tokens = lm_on("cpu"), torch.tensor([3, 9])
+    with _no_warning(), torch.no_grad():
+        assert step_ops("cpu", 16, 64) is reference
+        engine = StepEngine(lm)
+        got = engine.step(tokens, lm.init_state(2))
+    assert engine.ops is reference and rel(got, lm.step(tokens)[0]) <= 1e-5

@@ -1,0 +1,123 @@
+"""The one lazy build of our compiled kernels, shared by every op that has them: the CUDA kernels
+(wkv7/cuda.py, wkv4/cuda.py) and the CPU step's (rwkv7/cpu_step.py).
+
+Sources are found beside the installed package (a wheel ships them as vision_rwkv/kernels/) or in the
+source checkout's kernels/ folder. Each build goes to a cache folder keyed by its sources, torch, and
+CUDA with the target architectures (CUDA builds) or the CPU's instruction sets (CPU builds, which are
+compiled for the machine that runs them), so it happens once per machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def kernel_dir(files: tuple[str, ...]) -> Path | None:
+    """The folder that holds every one of these kernel files, or None."""
+    package = Path(__file__).resolve().parents[1]  # .../vision_rwkv
+    for candidate in (package / "kernels", package.parent / "kernels"):
+        if all((candidate / f).is_file() for f in files):
+            return candidate
+    return None
+
+
+def nvcc() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def cache_root() -> Path:
+    root = os.environ.get("VISION_RWKV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vision_rwkv")
+    return Path(root) / "torch_extensions"
+
+
+def first_error_line(log: str) -> str:
+    """The compiler's first 'error' line in a build log (torch's own summary line last)."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    compiler = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Error building extension")]
+    return (compiler or lines or [""])[0]
+
+
+def cpu_flags() -> str:
+    """The CPU's model and instruction-set flags (Linux), else the platform's processor name: what a build
+    with -march=native depends on."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.machine()}|{platform.processor()}"
+    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags")]
+    return "|".join(dict.fromkeys(keep))  # the first core's lines; the others repeat them
+
+
+def _cpp_extension_load():
+    """torch.utils.cpp_extension.load, imported without the warning the import logs on a machine with a CUDA
+    toolkit and no CUDA runtime (which would reach the standard error of every CPU command)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        logger.setLevel(level)
+    return load
+
+
+def build_extension(tag: str, sources: tuple[str, ...], headers: tuple[str, ...] = (), cuda: bool = True) -> str | None:
+    """Compile and load kernels/<sources> as the library vision_rwkv_<tag>_<hash>, registering its ops.
+    cuda: nvcc builds for the CUDA architectures; else a C++ build for this machine's CPU (-march=native,
+    OpenMP through torch's own runtime). Returns None on success, or why it failed (one line)."""
+    if cuda and torch.version.cuda is None:
+        return "this PyTorch build has no CUDA support"
+    src = kernel_dir(sources + headers)
+    if src is None:
+        return f"the kernel sources (kernels/{sources[-1]}) are not installed with the package"
+    if cuda and nvcc() is None:
+        return "no nvcc found (set CUDA_HOME or put nvcc on PATH)"
+    digest = hashlib.sha256()
+    for name in sources + headers:
+        digest.update((src / name).read_bytes())
+    if cuda:
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        if not arch and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            arch = f"{major}.{minor}"
+        digest.update(f"{torch.__version__}|{torch.version.cuda}|{arch}".encode())
+        cflags = ["-O3"]
+    else:
+        digest.update(f"{torch.__version__}|{cpu_flags()}".encode())
+        cflags = ["-O3", "-march=native", "-fopenmp"]
+    name = f"vision_rwkv_{tag}_{digest.hexdigest()[:12]}"
+    build_dir = cache_root() / name
+    library = build_dir / f"{name}.so"
+    if library.is_file():  # built before, by this process or another: the name is the hash of what went in
+        try:
+            torch.ops.load_library(str(library))
+            return None
+        except OSError:  # a damaged file: build it again
+            pass
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _cpp_extension_load()(
+            name=name,
+            sources=[str(src / s) for s in sources],
+            build_directory=str(build_dir),
+            extra_cflags=cflags,
+            extra_cuda_cflags=["-O3", "-Xptxas=-O3", "-lineinfo"],
+            extra_ldflags=[] if cuda else ["-fopenmp"],
+            is_python_module=False,
+            verbose=os.environ.get("VISION_RWKV_BUILD_VERBOSE") == "1",
+        )
+    except Exception as e:  # a compiler failure, or no compiler: keep its first error line for the warning
+        kind = "CUDA kernel" if cuda else "CPU kernel"
+        return f"the {kind} failed to build: {first_error_line(str(e)) or type(e).__name__}"
+    return None

@@ -1,0 +1,63 @@
+"""The RNN step's fused operations on the CPU: kernels/rwkv7_cpu.cpp, built on first use for this machine.
+
+The same functions and in-place contracts as reference.py and triton_step.py, for the engine's fused path
+(lm/engine.py, `_step_fused`): ln_mix_matmul_, linear_ and wkv_step_ are compiled; embed_ln_ and ln_mix_,
+which run once a step, and the split path's and the prefill's ops are the references themselves.
+
+The compiled products read each weight row once for all input rows together (up to MAX_ROWS), which is
+what a step at a few rows needs: it is bound by the speed at which its weights stream from memory, and
+BLAS's products at one row read fp32 weights at a fraction of that (BENCHMARKS.md). fp32 only: the engine
+takes these ops when its products are fp32 and the build works (`unavailable_reason`), the references
+otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .. import _build
+from ..wkv7.reference import LOG_DECAY_SCALE
+
+# the rest of the family's API: the references themselves
+from .reference import embed_ln_, ln_mix_, ln_mix_seq_, lora_act_, relu2_, wkv_post_, wkv_pre_  # noqa: F401
+
+SOURCES = ("rwkv7_cpu.cpp",)
+MAX_ROWS = 16  # input rows the compiled products take at once (MAX_ROWS in rwkv7_cpu.cpp)
+ONE_PASS_HEAD = True  # the engine's fused path multiplies by the head through linear_ too
+FUSED_MAX_BATCH = 8  # batches up to this size take the fused path (lm/engine.py); above it oneDNN's products
+# were faster (L12-D768, 2 threads: 145 against 144 tok/s at 8 rows, 158 against 187 at 16; BENCHMARKS.md)
+
+_lock = threading.Lock()
+_built: list[str | None] = []  # [why the build failed, or None], once tried
+
+
+def build() -> str | None:
+    """Compile and load the ops (once a process; the compiled library is cached once a machine). Returns
+    None on success, or why it failed (one line)."""
+    with _lock:
+        if not _built:
+            _built.append(_build.build_extension("rwkv7_cpu", SOURCES, cuda=False))
+        return _built[0]
+
+
+def unavailable_reason(dtype: torch.dtype) -> str | None:
+    """Why the compiled ops cannot run a CPU step whose products are in `dtype`, or None when they can."""
+    if dtype != torch.float32:
+        return f"the CPU kernels multiply in fp32, and this step's products are {dtype}"
+    return build()
+
+
+def ln_mix_matmul_(x, dx, x_out, xl_out, weight, bias, shift, mix, w, segments, out, block_n: int,
+                   prev_xl=None, prev_shift=None) -> None:
+    torch.ops.vision_rwkv_cpu.ln_mix_matmul_(x, dx, x_out, xl_out, weight.float(), bias.float(), shift,
+                                             mix, w, segments, out, block_n, prev_xl, prev_shift)
+
+
+def linear_(x, w, out, groups: int = 1) -> None:
+    torch.ops.vision_rwkv_cpu.linear_(x, w, out, groups)
+
+
+def wkv_step_(state, rkv, lora, vec, v_first, layer0: bool, out) -> None:
+    torch.ops.vision_rwkv_cpu.wkv_step_(state, rkv, lora, vec, v_first, layer0, out, LOG_DECAY_SCALE)
