@@ -14,11 +14,14 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -259,6 +262,69 @@ void wkv_step(const at::Tensor& state, const at::Tensor& rkv, const at::Tensor& 
   });
 }
 
+// The WKV-7 recurrence over T steps (kernels/README.md): r, d, k, v, a, b (B,T,H,N) contiguous fp32, where
+// d is the decay itself (exp(-exp(-0.5) sigmoid(w)), computed by the caller in one vectorised pass); s0
+// (B,H,N,N) fp32 [value, key] or None (zeros). Returns y (B,T,H,N) and the final state. One head per task,
+// on a transposed copy of its state [key, value], so that every product runs down columns of values
+// (contiguous, vectorised, no horizontal sums): sa = S a, then S <- S diag(d) + sa b^T + v k^T and y = S r.
+std::tuple<at::Tensor, at::Tensor> wkv7_forward(const at::Tensor& r, const at::Tensor& d, const at::Tensor& k,
+                                                const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
+                                                const c10::optional<at::Tensor>& s0) {
+  TORCH_CHECK(r.dim() == 4, "vision_rwkv_cpu: wkv7_forward takes (B, T, H, N) inputs");
+  for (const auto* t : {&r, &d, &k, &v, &a, &b}) {
+    check_contiguous(*t, "wkv7_forward's inputs");
+    TORCH_CHECK(t->sizes() == r.sizes(), "vision_rwkv_cpu: wkv7_forward's inputs must share one shape (B, T, H, N)");
+  }
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  at::Tensor state;
+  if (s0.has_value()) {
+    check_contiguous(*s0, "the initial state");
+    TORCH_CHECK(s0->dim() == 4 && s0->size(0) == B && s0->size(1) == H && s0->size(2) == N && s0->size(3) == N,
+                "vision_rwkv_cpu: wkv7_forward's state must be (B, H, N, N)");
+    state = s0->clone();
+  } else {
+    state = at::zeros({B, H, N, N}, r.options());
+  }
+  at::Tensor y = at::empty_like(r);
+  const float *rp = r.data_ptr<float>(), *dp = d.data_ptr<float>(), *kp = k.data_ptr<float>(),
+              *vp = v.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* sp = state.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(N * N + 2 * N);
+    float *ST = buf.data(), *sa = ST + N * N, *yt = sa + N;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t bi = task / H, h = task % H;
+      float* S = sp + task * N * N;
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < N; ++j) ST[j * N + i] = S[i * N + j];
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t at = ((bi * T + t) * H + h) * N;
+        const float *rt = rp + at, *dt = dp + at, *kt = kp + at, *vt = vp + at, *aa = ap + at, *bt = bp + at;
+        for (int64_t i = 0; i < N; ++i) sa[i] = 0.f, yt[i] = 0.f;
+        for (int64_t j = 0; j < N; ++j) {
+          const float* col = ST + j * N;
+          const float aj = aa[j];
+          for (int64_t i = 0; i < N; ++i) sa[i] += col[i] * aj;
+        }
+        for (int64_t j = 0; j < N; ++j) {
+          float* col = ST + j * N;
+          const float dj = dt[j], bj = bt[j], kj = kt[j], rj = rt[j];
+          for (int64_t i = 0; i < N; ++i) {
+            const float s = col[i] * dj + sa[i] * bj + vt[i] * kj;
+            col[i] = s;
+            yt[i] += s * rj;
+          }
+        }
+        for (int64_t i = 0; i < N; ++i) yp[at + i] = yt[i];
+      }
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < N; ++j) S[i * N + j] = ST[j * N + i];
+    }
+  });
+  return {y, state};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(vision_rwkv_cpu, m) {
@@ -268,10 +334,12 @@ TORCH_LIBRARY(vision_rwkv_cpu, m) {
   m.def("linear_(Tensor x, Tensor w, Tensor(a!) out, int groups) -> ()");
   m.def("wkv_step_(Tensor(a!) state, Tensor rkv, Tensor lora, Tensor vec, Tensor(b!) v_first, bool layer0, "
         "Tensor(c!) out, float log_decay_scale) -> ()");
+  m.def("wkv7_forward(Tensor r, Tensor d, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? s0) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vision_rwkv_cpu, CPU, m) {
   m.impl("ln_mix_matmul_", &ln_mix_matmul);
   m.impl("linear_", &linear);
   m.impl("wkv_step_", &wkv_step);
+  m.impl("wkv7_forward", &wkv7_forward);
 }

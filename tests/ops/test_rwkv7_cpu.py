@@ -12,6 +12,7 @@ import torch
 from test_rwkv7_step import FP32_SLACK, _no_warning, fp64_state, lm_on, rel, run_lm, run_steps
 
 from vision_rwkv.lm.engine import StepEngine
+from vision_rwkv.ops import _build
 from vision_rwkv.ops import rwkv7 as step_ops_pkg
 from vision_rwkv.ops.rwkv7 import cpu_step, reference, step_ops
 from vision_rwkv.ops.rwkv7.reference import ACT_NONE, ACT_RELU2, ACT_SIGMOID, ACT_TANH
@@ -156,7 +157,7 @@ def test_the_cpu_engine_takes_the_kernels_for_fp32_products_and_the_reference_ot
 
 def test_a_failed_build_says_why_once_and_the_step_runs_the_reference(monkeypatch):
     monkeypatch.setattr(step_ops_pkg, "_warned", set())
-    monkeypatch.setattr(cpu_step, "_built", ["the CPU kernel failed to build: g++: not found"])
+    monkeypatch.setattr(_build, "_cpu_built", ["the CPU kernel failed to build: g++: not found"])
     why = "reference ops on the CPU: the CPU kernel failed to build: g\\+\\+: not found"
     with pytest.warns(UserWarning, match=why):
         assert step_ops("cpu", 16, 64) is reference

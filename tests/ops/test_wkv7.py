@@ -177,3 +177,71 @@ def test_kernel_choice_follows_dtype_and_device(monkeypatch, major, minor, optin
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: props)
     assert cuda_impl.pick_layout(8, 12, 64, device=0, dtype=dtype) == expected
     assert cuda_impl.pick_layout(8, 12, 32, device=0, dtype=dtype) == 0  # other head sizes: one layout
+
+
+# ---- the CPU kernel (forward only, fp32): kernels/rwkv7_cpu.cpp through ops/wkv7/cpu.py ------------------
+
+def _cpu_kernel_failed():
+    from vision_rwkv.ops import _build
+
+    return _build.cpu_kernels()
+
+
+cpu_kernel = pytest.mark.skipif(_cpu_kernel_failed() is not None, reason=f"{_cpu_kernel_failed()}")
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@cpu_kernel
+@torch.no_grad()
+@pytest.mark.parametrize("T", [1, 5, 33, 100])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("N", [8, 64])
+def test_cpu_kernel_is_within_the_fp32_noise_floor_of_the_reference(T, with_state, N):
+    """Against the fp64 reference: at most 4x the error of the fp32 reference itself, in outputs and state."""
+    xs, s0 = make_inputs(2, T, 3, N, seed=20 + T, with_state=with_state)
+    truth_y, truth_s = wkv7_reference(*xs, s0)
+    xs32 = [x.float() for x in xs]
+    s32 = None if s0 is None else s0.float()
+    ref_y, ref_s = wkv7_reference(*xs32, s32)
+    y, s = wkv7(*xs32, state=s32, impl="cpu")
+    assert y.dtype == s.dtype == torch.float32 and y.shape == xs[0].shape and s.shape == (2, 3, N, N)
+    assert _rel(y, truth_y) <= 4 * max(_rel(ref_y, truth_y), 1e-7)
+    assert _rel(s, truth_s) <= 4 * max(_rel(ref_s, truth_s), 1e-7)
+    if s32 is not None:
+        assert torch.equal(s32, s0.float())  # the caller's state is not written
+
+
+@cpu_kernel
+def test_auto_takes_the_cpu_kernel_for_fp32_inference_and_the_chunked_form_for_gradients_and_fp64():
+    from vision_rwkv.ops.wkv7 import cpu_unavailable_reason
+
+    xs, s0 = make_inputs(1, 12, 2, 8, dtype=torch.float32, seed=5)
+    with torch.no_grad():
+        assert cpu_unavailable_reason(*xs, s0) is None
+        torch.testing.assert_close(wkv7(*xs, state=s0)[0], wkv7(*xs, state=s0, impl="cpu")[0], rtol=0, atol=0)
+        assert "fp32" in cpu_unavailable_reason(*(x.double() for x in xs))
+    xs[0].requires_grad_(True)
+    assert cpu_unavailable_reason(*xs, s0) == "gradients are needed, and the CPU kernel is forward only"
+    y, _ = wkv7(*xs, state=s0)  # the chunked form, differentiable
+    y.sum().backward()
+    assert xs[0].grad is not None
+    with pytest.raises(VisionRWKVError, match="impl 'cpu' was asked for but cannot run: gradients are needed"):
+        wkv7(*xs, state=s0, impl="cpu")
+
+
+def test_a_failed_cpu_build_leaves_auto_on_the_chunked_form_and_explicit_cpu_says_why(monkeypatch):
+    import warnings
+
+    from vision_rwkv.ops import _build
+
+    monkeypatch.setattr(_build, "_cpu_built", ["the CPU kernel failed to build: cc1plus: out of memory"])
+    xs, s0 = make_inputs(1, 7, 2, 8, dtype=torch.float32, seed=6)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # CPU inputs: no news
+        y, _ = wkv7(*xs, state=s0)
+    torch.testing.assert_close(y, wkv7_chunked(*xs, s0)[0])
+    with pytest.raises(VisionRWKVError, match="cannot run: the CPU kernel failed to build: cc1plus: out of memory"):
+        wkv7(*xs, state=s0, impl="cpu")

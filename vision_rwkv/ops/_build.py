@@ -1,5 +1,5 @@
 """The one lazy build of our compiled kernels, shared by every op that has them: the CUDA kernels
-(wkv7/cuda.py, wkv4/cuda.py) and the CPU step's (rwkv7/cpu_step.py).
+(wkv7/cuda.py, wkv4/cuda.py) and the CPU ones (kernels/rwkv7_cpu.cpp: rwkv7/cpu_step.py, wkv7/cpu.py).
 
 Sources are found beside the installed package (a wheel ships them as vision_rwkv/kernels/) or in the
 source checkout's kernels/ folder. Each build goes to a cache folder keyed by its sources, torch, and
@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -121,3 +122,17 @@ def build_extension(tag: str, sources: tuple[str, ...], headers: tuple[str, ...]
         kind = "CUDA kernel" if cuda else "CPU kernel"
         return f"the {kind} failed to build: {first_error_line(str(e)) or type(e).__name__}"
     return None
+
+
+CPU_SOURCES = ("rwkv7_cpu.cpp",)
+_cpu_lock = threading.Lock()
+_cpu_built: list[str | None] = []  # [why the CPU build failed, or None], once tried in this process
+
+
+def cpu_kernels() -> str | None:
+    """Build (once a machine) and load (once a process) the CPU kernels, ops torch.ops.vision_rwkv_cpu.*.
+    Returns None when they are loaded, or why they could not be (one line)."""
+    with _cpu_lock:
+        if not _cpu_built:
+            _cpu_built.append(build_extension("rwkv7_cpu", CPU_SOURCES, cuda=False))
+        return _cpu_built[0]

@@ -13,8 +13,6 @@ otherwise.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from .. import _build
@@ -23,23 +21,16 @@ from ..wkv7.reference import LOG_DECAY_SCALE
 # the rest of the family's API: the references themselves
 from .reference import embed_ln_, ln_mix_, ln_mix_seq_, lora_act_, relu2_, wkv_post_, wkv_pre_  # noqa: F401
 
-SOURCES = ("rwkv7_cpu.cpp",)
 MAX_ROWS = 16  # input rows the compiled products take at once (MAX_ROWS in rwkv7_cpu.cpp)
 ONE_PASS_HEAD = True  # the engine's fused path multiplies by the head through linear_ too
 FUSED_MAX_BATCH = 8  # batches up to this size take the fused path (lm/engine.py); above it oneDNN's products
 # were faster (L12-D768, 2 threads: 145 against 144 tok/s at 8 rows, 158 against 187 at 16; BENCHMARKS.md)
 
-_lock = threading.Lock()
-_built: list[str | None] = []  # [why the build failed, or None], once tried
-
 
 def build() -> str | None:
     """Compile and load the ops (once a process; the compiled library is cached once a machine). Returns
     None on success, or why it failed (one line)."""
-    with _lock:
-        if not _built:
-            _built.append(_build.build_extension("rwkv7_cpu", SOURCES, cuda=False))
-        return _built[0]
+    return _build.cpu_kernels()
 
 
 def unavailable_reason(dtype: torch.dtype) -> str | None:

@@ -4,8 +4,9 @@ Shapes: r, w, k, v, a, b are (B, T, H, N); state is (B, H, N, N) in fp32, indexe
 w is the raw decay logit (decay = exp(-exp(-0.5) * sigmoid(w))); a and b are the model's -kk and kk*a.
 y comes back in r's dtype and the final state in fp32 (fp64 for fp64 inputs).
 
-Implementations: "reference" (per step), "chunked" (fast PyTorch, the CPU default) and "cuda" (the
-custom kernel, the default for CUDA tensors once it is available). "auto" picks the fastest that runs.
+Implementations: "reference" (per step), "chunked" (fast PyTorch, differentiable), "cuda" (the custom
+kernel, the default for CUDA tensors once it is available) and "cpu" (a C++ kernel, forward only, the
+default for fp32 CPU inputs that need no gradients). "auto" picks the fastest that runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from ...errors import VisionRWKVError
 from .chunked import wkv7_chunked
 from .reference import log_decay, wkv7_reference, wkv7_step
 
-__all__ = ["wkv7", "wkv7_reference", "wkv7_chunked", "wkv7_step", "log_decay", "cuda_unavailable_reason"]
+__all__ = ["wkv7", "wkv7_reference", "wkv7_chunked", "wkv7_step", "log_decay", "cuda_unavailable_reason",
+           "cpu_unavailable_reason"]
 
 _warned: set[str] = set()
 
@@ -51,16 +53,33 @@ def _note_fallback(reason: str, device_type: str) -> None:
         warnings.warn(f"vision_rwkv: WKV-7 runs on the slower PyTorch path: {reason}", stacklevel=3)
 
 
+def cpu_unavailable_reason(r, w, k, v, a, b, state=None) -> str | None:
+    """Why the CPU kernel cannot serve these inputs, or None when it can."""
+    from . import cpu as cpu_impl
+
+    return cpu_impl.unavailable_reason(r, w, k, v, a, b, state)
+
+
 def wkv7(r, w, k, v, a, b, state=None, *, impl: str = "auto"):
     """Run the recurrence over T steps. See the module docstring for shapes and meaning."""
     _check(r, w, k, v, a, b, state)
     if impl == "auto":
-        reason = cuda_unavailable_reason(r)
-        if reason is None:
-            impl = "cuda"
+        if r.device.type == "cpu":
+            impl = "cpu" if cpu_unavailable_reason(r, w, k, v, a, b, state) is None else "chunked"
         else:
-            impl = "chunked"
-            _note_fallback(reason, r.device.type)
+            reason = cuda_unavailable_reason(r)
+            if reason is None:
+                impl = "cuda"
+            else:
+                impl = "chunked"
+                _note_fallback(reason, r.device.type)
+    if impl == "cpu":
+        reason = cpu_unavailable_reason(r, w, k, v, a, b, state)
+        if reason is not None:
+            raise VisionRWKVError(f"wkv7 impl 'cpu' was asked for but cannot run: {reason}")
+        from . import cpu as cpu_impl
+
+        return cpu_impl.wkv7_cpu(r, w, k, v, a, b, state)
     if impl == "chunked":
         return wkv7_chunked(r, w, k, v, a, b, state)
     if impl == "reference":
@@ -72,4 +91,4 @@ def wkv7(r, w, k, v, a, b, state=None, *, impl: str = "auto"):
         from . import cuda as cuda_impl
 
         return cuda_impl.wkv7_cuda(r, w, k, v, a, b, state)
-    raise VisionRWKVError(f"wkv7 impl is {impl!r}; expected auto, cuda, chunked or reference")
+    raise VisionRWKVError(f"wkv7 impl is {impl!r}; expected auto, cuda, cpu, chunked or reference")
