@@ -2,15 +2,17 @@
 
     python bench/decoder_cpu.py [--layers 12 --embd 768 --vocab 65536 --threads N]
 
-RNN mode: tokens/s at batch 1 (and batch 8) through rnn_stepper (the fused step, lm/engine.py, with
-the C++ kernels of ops/rwkv7/cpu_step.py; their build on first use is timed apart), the same step with
-the PyTorch reference ops and oneDNN's packed products (the default before the kernels), the same
-compiled (VISION_RWKV_COMPILE_STEP=1; its first call, the compile, is timed apart) and plain lm.step.
-GPT mode: prefill tokens/s through lm(..., last_only=True), the last position's logits, as a prefill needs and
-as the baseline computes. The baseline is RWKV-LM's own inference code (pip package `rwkv`, RWKV_V7_ON=1,
-strategy "cpu fp32"), batch 1 only (it has no batched mode), run in a subprocess because it sets global
-TorchScript flags. The floor is the time to read the step's fp32 weights once (every matrix but the embedding)
-with torch's sum over a buffer of that size, on the same threads: no step can read its weights faster.
+RNN mode: tokens/s at batch 1 (and batch 8) through rnn_stepper (the fused step, lm/engine.py, with the C++
+kernels of ops/rwkv7/cpu_step.py; their build on first use is timed apart), the same step with the PyTorch
+reference ops and oneDNN's packed products (the default before the kernels), the same compiled
+(VISION_RWKV_COMPILE_STEP=1; its first call, the compile, is timed apart) and plain lm.step. GPT mode: prefill
+tokens/s through lm(..., last_only=True), the last position's logits, as a prefill needs and as the baseline
+computes. The baseline is RWKV-LM's own inference code (pip package `rwkv`, RWKV_V7_ON=1, strategy "cpu
+fp32"), batch 1 only (it has no batched mode), run in a subprocess because it sets global TorchScript flags.
+The baseline's timings take one warm-up run and the best of two, as ours do. The floor is the time to read the
+step's fp32 weights once (every matrix but the embedding) with torch's sum over a buffer of that size, on the
+same threads: no step can read its weights faster. The prefill's matrix products alone (every block's matrices
+at T rows, through torch's fp32 products) bound any prefill made of them the same way.
 """
 
 from __future__ import annotations
@@ -35,11 +37,18 @@ from rwkv.model import RWKV
 m = RWKV(model=sys.argv[1], strategy="cpu fp32")
 T, steps = json.loads(sys.argv[2])
 toks = list(range(1, T + 1))
-out, s = m.forward(toks[:16], None); out, s = m.forward([1], s)
-t0 = time.perf_counter(); out, s = m.forward(toks, None); gpt = T / (time.perf_counter() - t0)
-t0 = time.perf_counter()
-for i in range(steps): out, s = m.forward([i + 1], s)
-rnn = steps / (time.perf_counter() - t0)
+def timed(fn, repeats=2):  # as ours: one warm-up run, then the best of two
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter(); fn(); best = min(best, time.perf_counter() - t0)
+    return best
+out, s0 = m.forward(toks[:8], None)
+def rnn_run():
+    s = [t.clone() for t in s0]
+    for i in range(steps): out, s = m.forward([i + 1], s)
+gpt = T / timed(lambda: m.forward(toks, None))
+rnn = steps / timed(rnn_run)
 print(json.dumps({"gpt": gpt, "rnn": rnn}))
 """
 
@@ -91,6 +100,18 @@ def main():
         x = torch.randint(1, args.vocab, (batch, length))
         return batch * length / timed(lambda: lm(x, last_only=True), 2)
 
+    def products(length):
+        """The prefill's matrix products alone (every block's 2-D weights at `length` rows, fp32 MKL), best of 3."""
+        mats = [(p, name.endswith(".weight")) for block in lm.blocks for name, p in block.named_parameters()
+                if p.dim() == 2 and not name.endswith("r_k")]
+        xs = {n: torch.randn(length, n) for n in {p.shape[1] if linear else p.shape[0] for p, linear in mats}}
+
+        def run():
+            for p, linear in mats:
+                torch.nn.functional.linear(xs[p.shape[1]], p) if linear else xs[p.shape[0]] @ p
+        return timed(run)
+
+    gemm = products(T)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if not n.startswith("emb"))
     buffer = torch.ones(weight_bytes // 4)
     floor = timed(buffer.sum, 5)
@@ -133,6 +154,8 @@ def main():
           f"{args.threads} threads, torch {torch.__version__}")
     print(f"fp32 weight-read floor: {weight_bytes / 1e6:.0f} MB in {floor * 1e3:.1f} ms "
           f"({weight_bytes / floor / 1e9:.1f} GB/s) = {1 / floor:.1f} steps/s at batch 1")
+    print(f"the prefill's matrix products alone at batch 1 x T{T}: {gemm * 1e3:.1f} ms = {T / gemm:.1f} tokens/s "
+          "at most for any fp32 prefill with these products")
     print(f"{'mode':<44}{'vision_rwkv tok/s':>18}{'rwkv pkg tok/s':>16}{'ratio':>8}{'of floor':>11}")
     print(f"CPU kernels: {build_failed or f'built or loaded from the cache in {build_s:.1f} s'}; compiled step: "
           f"first call (the compile) {compile_s:.1f} s")
