@@ -73,6 +73,9 @@ def main():
     ap.add_argument("--steps", type=int, default=64, help="RNN-mode steps timed")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--batches", default="", help="only time the C++ kernels' fused path against the split path "
+                    "(oneDNN's products) at these batch sizes, e.g. 1,2,4,8,16: what cpu_step.FUSED_MAX_BATCH "
+                    "is chosen from")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -83,7 +86,8 @@ def main():
 
     lm = RWKV7(RWKV7Config(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.embd)).eval()
     T, steps = args.prefill, args.steps
-    rows = []
+    if args.batches:
+        return sweep(lm, [int(b) for b in args.batches.split(",")], steps)
 
     def rnn(batch, step):
         tok = torch.ones(batch, dtype=torch.long)
@@ -172,6 +176,35 @@ def main():
         ratio = f"{a / b:8.2f}" if b else f"{'-':>8}"
         at_floor = f"{a * floor:11.2f}" if name.endswith("batch 1") else f"{'-':>11}"
         print(f"{name:<44}{a:18.1f}{bs}{ratio}{at_floor}")
+
+
+def sweep(lm, batches, steps):
+    """tokens/s of the engine's fused path (the C++ kernels) and its split path at each batch size."""
+    from vision_rwkv.lm.engine import StepEngine
+    from vision_rwkv.ops.rwkv7 import cpu_step
+
+    engine = StepEngine(lm)
+    if engine.ops is not cpu_step:
+        raise SystemExit(f"decoder_cpu.py: the CPU kernels cannot run: {cpu_step.build()}")
+    print(f"fused (C++ kernels) against split (oneDNN's products) path, {steps} steps, tokens/s; "
+          f"FUSED_MAX_BATCH is {cpu_step.FUSED_MAX_BATCH}")
+    print(f"{'batch':>6}{'fused':>10}{'split':>10}")
+    for B in batches:
+        tok = torch.ones(B, dtype=torch.long)
+        speed = {}
+        for name, fused_max in (("fused", cpu_step.MAX_ROWS), ("split", 0)):
+            if B > cpu_step.MAX_ROWS and fused_max:
+                continue  # the one-pass products take at most MAX_ROWS rows
+            engine.fused_max_batch = fused_max
+            state = lm.init_state(B).contiguous_float()
+
+            def run(tok=tok, state=state):
+                for _ in range(steps):
+                    engine.step(tok, state)
+
+            speed[name] = B * steps / timed(run, 2)
+        fused = f"{speed['fused']:10.1f}" if "fused" in speed else f"{'-':>10}"
+        print(f"{B:6d}{fused}{speed['split']:10.1f}")
 
 
 if __name__ == "__main__":
