@@ -6,13 +6,15 @@ RNN mode: tokens/s at batch 1 (and batch 8) through rnn_stepper (the fused step,
 kernels of ops/rwkv7/cpu_step.py; their build on first use is timed apart), the same step with the PyTorch
 reference ops and oneDNN's packed products (the default before the kernels), the same compiled
 (VISION_RWKV_COMPILE_STEP=1; its first call, the compile, is timed apart) and plain lm.step. GPT mode: prefill
-tokens/s through lm(..., last_only=True), the last position's logits, as a prefill needs and as the baseline
-computes. The baseline is RWKV-LM's own inference code (pip package `rwkv`, RWKV_V7_ON=1, strategy "cpu
-fp32"), batch 1 only (it has no batched mode), run in a subprocess because it sets global TorchScript flags.
-The baseline's timings take one warm-up run and the best of two, as ours do. The floor is the time to read the
-step's fp32 weights once (every matrix but the embedding) with torch's sum over a buffer of that size, on the
-same threads: no step can read its weights faster. The prefill's matrix products alone (every block's matrices
-at T rows, through torch's fp32 products) bound any prefill made of them the same way.
+tokens/s through prefill_runner (the engine's prefill, as captioning runs it on the CPU: oneDNN's packed
+products, the WKV-7 CPU kernel) and through lm(..., last_only=True), the last position's logits, as a prefill
+needs and as the baseline computes. The baseline is RWKV-LM's own inference code (pip package `rwkv`,
+RWKV_V7_ON=1, strategy "cpu fp32"), batch 1 only (it has no batched mode), run in a subprocess because it sets
+global TorchScript flags. The baseline's timings take one warm-up run and the best of two, as ours do. The floor
+is the time to read the step's fp32 weights once (every matrix but the embedding) with torch's sum over a buffer
+of that size, on the same threads: no step can read its weights faster. The prefill's matrix products alone
+(every block's matrices at T rows, fp32), through torch's products and through oneDNN's packed weights (the
+engine's), bound any prefill made of them the same way.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def main():
 
     from vision_rwkv import RWKV7, RWKV7Config, save_official
     from vision_rwkv.lm.engine import StepEngine
-    from vision_rwkv.lm.graphs import rnn_stepper
+    from vision_rwkv.lm.graphs import prefill_runner, rnn_stepper
     from vision_rwkv.ops.rwkv7 import cpu_step, reference
 
     lm = RWKV7(RWKV7Config(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.embd)).eval()
@@ -100,22 +102,33 @@ def main():
 
         return batch * steps / timed(run, 2)
 
-    def gpt(batch, length):
+    def gpt(batch, length, plain=False):
         x = torch.randint(1, args.vocab, (batch, length))
-        return batch * length / timed(lambda: lm(x, last_only=True), 2)
+        if plain:
+            return batch * length / timed(lambda: lm(x, last_only=True), 2)
+        runner = prefill_runner(lm)  # the engine's prefill on the CPU, as captioning runs it
+        return batch * length / timed(lambda: runner(lm.emb(x)), 2)
 
-    def products(length):
-        """The prefill's matrix products alone (every block's 2-D weights at `length` rows, fp32 MKL), best of 3."""
-        mats = [(p, name.endswith(".weight")) for block in lm.blocks for name, p in block.named_parameters()
-                if p.dim() == 2 and not name.endswith("r_k")]
-        xs = {n: torch.randn(length, n) for n in {p.shape[1] if linear else p.shape[0] for p, linear in mats}}
+    def products(length, packed):
+        """The prefill's matrix products alone: every block's 2-D weights at `length` rows, fp32, through torch's
+        products or (packed) oneDNN's packed weights as the engine runs them; best of 2."""
+        from vision_rwkv.lm.engine import _onednn_linear, _onednn_weight
+
+        mats = [p if name.endswith(".weight") else p.t() for block in lm.blocks  # (out, in) each
+                for name, p in block.named_parameters() if p.dim() == 2 and not name.endswith("r_k")]
+        if packed:
+            mats = [(_onednn_weight(w), w.shape[1]) for w in mats]
+        else:
+            mats = [(w.contiguous(), w.shape[1]) for w in mats]
+        xs = {n: torch.randn(length, n) for _, n in mats}
+        product = _onednn_linear if packed else torch.nn.functional.linear
 
         def run():
-            for p, linear in mats:
-                torch.nn.functional.linear(xs[p.shape[1]], p) if linear else xs[p.shape[0]] @ p
+            for w, n in mats:
+                product(xs[n], w)
         return timed(run)
 
-    gemm = products(T)
+    gemm = {packed: products(T, packed) for packed in (False, True)}
     weight_bytes = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if not n.startswith("emb"))
     buffer = torch.ones(weight_bytes // 4)
     floor = timed(buffer.sum, 5)
@@ -135,7 +148,7 @@ def main():
 
     ours = {"rnn_b1": rnn(1, fused), "rnn_b1_onednn": rnn(1, onednn_step), "rnn_b1_plain": rnn(1, lm.step),
             "rnn_b8": rnn(8, fused), "rnn_b8_onednn": rnn(8, onednn_step),
-            "gpt_b1": gpt(1, T), "gpt_b8": gpt(8, T // 8)}
+            "gpt_b1": gpt(1, T), "gpt_b1_plain": gpt(1, T, plain=True), "gpt_b8": gpt(8, T // 8)}
     os.environ["VISION_RWKV_COMPILE_STEP"] = "1"
     t0 = time.perf_counter()
     fused(torch.ones(1, dtype=torch.long), None)
@@ -158,8 +171,9 @@ def main():
           f"{args.threads} threads, torch {torch.__version__}")
     print(f"fp32 weight-read floor: {weight_bytes / 1e6:.0f} MB in {floor * 1e3:.1f} ms "
           f"({weight_bytes / floor / 1e9:.1f} GB/s) = {1 / floor:.1f} steps/s at batch 1")
-    print(f"the prefill's matrix products alone at batch 1 x T{T}: {gemm * 1e3:.1f} ms = {T / gemm:.1f} tokens/s "
-          "at most for any fp32 prefill with these products")
+    for packed, t in gemm.items():
+        print(f"the prefill's matrix products alone at batch 1 x T{T}, {'oneDNN packed' if packed else 'torch'}: "
+              f"{t * 1e3:.1f} ms = {T / t:.1f} tokens/s at most for any fp32 prefill with these products")
     print(f"{'mode':<44}{'vision_rwkv tok/s':>18}{'rwkv pkg tok/s':>16}{'ratio':>8}{'of floor':>11}")
     print(f"CPU kernels: {build_failed or f'built or loaded from the cache in {build_s:.1f} s'}; compiled step: "
           f"first call (the compile) {compile_s:.1f} s")
@@ -170,6 +184,7 @@ def main():
             ("RNN step (fused), batch 8", ours["rnn_b8"], None),
             ("RNN step (reference ops, oneDNN), batch 8", ours["rnn_b8_onednn"], None),
             (f"GPT prefill, batch 1 x T{T}", ours["gpt_b1"], base and base["gpt"]),
+            (f"GPT prefill (lm(...)), batch 1 x T{T}", ours["gpt_b1_plain"], base and base["gpt"]),
             (f"GPT prefill, batch 8 x T{T // 8}", ours["gpt_b8"], None)]
     for name, a, b in rows:
         bs = f"{b:16.1f}" if b else f"{'-':>16}"

@@ -1,15 +1,16 @@
 """The RNN step's C++ kernels for the CPU (vision_rwkv.ops.rwkv7.cpu_step, kernels/rwkv7_cpu.cpp).
 
-Each op against its PyTorch reference on the same inputs, then the whole step against the model's own
-step in fp64, with the bound of test_rwkv7_step.py: at most FP32_SLACK times the error of the fp32
-reference step (lm.step) against the same truth. The kernels build on first use (a few seconds); where
-they cannot (no C++ compiler), these tests skip with the build's reason, and the engine falls back to
-the reference ops with one warning, which the last tests check by forcing a failed build.
+Each op against its PyTorch reference on the same inputs here; the whole step and the prefill through them
+against the model's own fp64 run in test_rwkv7_step.py (its "cpu" parameters), with its bound: at most
+FP32_SLACK times the error of the fp32 reference (lm.step, lm(...)) against the same truth. The kernels
+build on first use (a few seconds); where they cannot (no C++ compiler), these tests skip with the build's
+reason, and the engine falls back to the reference ops with one warning, which the last tests check by
+forcing a failed build.
 """
 
 import pytest
 import torch
-from test_rwkv7_step import FP32_SLACK, _no_warning, fp64_state, lm_on, rel, run_lm, run_steps
+from test_rwkv7_step import _no_warning, lm_on, rel, run_steps
 
 from vision_rwkv.lm.engine import StepEngine
 from vision_rwkv.ops import _build
@@ -113,26 +114,6 @@ def test_bad_inputs_are_one_clear_line():
 
 @built
 @torch.no_grad()
-# the fused path at one, three and eight rows; the split path (oneDNN's products, and the one-pass linear_
-# for rows it takes), and past the one-pass products' MAX_ROWS (20)
-@pytest.mark.parametrize("B,fused_max", [(1, 8), (3, 8), (8, 8), (3, 0), (20, 8)])
-def test_the_step_equals_lm_step_within_the_fp32_noise_floor(B, fused_max):
-    lm = lm_on("cpu")
-    tokens = torch.randint(0, 97, (B, 5), generator=torch.Generator().manual_seed(1))
-    truth, truth_state = run_lm(lm.double(), tokens, fp64_state(lm.init_state(B)))
-    lm = lm.float()
-    ref, ref_state = run_lm(lm, tokens)
-    got, got_state = run_steps(lm, cpu_step, tokens, fused_max_batch=fused_max)
-    floor = rel(ref, truth)
-    assert 0 < floor < 1e-5
-    assert rel(got, truth) <= FP32_SLACK * floor, (rel(got, truth), floor)
-    for name in ("att_shift", "wkv", "ffn_shift"):
-        got_t, want, base = (getattr(s, name) for s in (got_state, truth_state, ref_state))
-        assert rel(got_t, want) <= FP32_SLACK * max(rel(base, want), 1e-7), name
-
-
-@built
-@torch.no_grad()
 def test_batched_equals_one_by_one():
     lm = lm_on("cpu", seed=2)
     tokens = torch.randint(0, 97, (4, 3), generator=torch.Generator().manual_seed(4))
@@ -167,3 +148,31 @@ def test_a_failed_build_says_why_once_and_the_step_runs_the_reference(monkeypatc
         engine = StepEngine(lm)
         got = engine.step(tokens, lm.init_state(2))
     assert engine.ops is reference and rel(got, lm.step(tokens)[0]) <= 1e-5
+
+
+@built
+def test_the_cpu_prefill_runner_is_the_engine_equals_gpt_mode_and_leaves_the_callers_state():
+    from vision_rwkv.errors import VisionRWKVError
+    from vision_rwkv.lm.engine import EngineStepper
+    from vision_rwkv.lm.graphs import prefill_runner
+
+    lm = lm_on("cpu", seed=4)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, lm.config.n_embd, generator=g)
+    s0 = lm.init_state(2)
+    for t in (s0.att_shift, s0.wkv, s0.ffn_shift):
+        t.copy_(torch.randn(t.shape, generator=g))
+    before = s0.clone()
+    with torch.no_grad():
+        run = prefill_runner(lm)
+        assert isinstance(run.__self__, EngineStepper)
+        got, state = run(x, s0)
+        want, want_state = lm(inputs_embeds=x, state=s0, last_only=True)
+        fresh, _ = run(x)  # from the zero state
+        with pytest.raises(VisionRWKVError, match=r"inputs_embeds must have shape \(B, T, 64\)"):
+            run(torch.randn(2, 5, 63))
+    assert rel(got, want) <= 1e-5 and rel(state.wkv, want_state.wkv) <= 1e-5
+    assert rel(fresh, lm(inputs_embeds=x, last_only=True)[0].detach()) <= 1e-5
+    for name in ("att_shift", "wkv", "ffn_shift"):
+        assert torch.equal(getattr(s0, name), getattr(before, name)), name
+    assert not isinstance(getattr(prefill_runner(lm), "__self__", None), EngineStepper)  # autograd on: plain

@@ -221,9 +221,15 @@ def test_wkv_step_kernel_equals_reference_in_output_state_and_v_first(layer0, dt
 
 # ---- the whole step ---------------------------------------------------------------------------------
 
-def _ops_under_test():
+def _ops_under_test(cpu: bool = True):
+    """The reference ops, the Triton kernels and (fp32 only, CPU tensors only) the CPU kernels."""
     ops = [pytest.param(reference, id="reference")]
     ops.append(pytest.param("triton", id="triton", marks=kernels_run))
+    if cpu:
+        from vision_rwkv.ops.rwkv7 import cpu_step
+
+        why = "the CPU kernels take CPU tensors" if DEVICE != "cpu" else cpu_step.build()
+        ops.append(pytest.param(cpu_step, id="cpu", marks=pytest.mark.skipif(why is not None, reason=f"{why}")))
     return ops
 
 
@@ -248,7 +254,7 @@ def test_fused_step_equals_lm_step_within_the_fp32_noise_floor(ops, B, fused_max
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("ops", _ops_under_test())
+@pytest.mark.parametrize("ops", _ops_under_test(cpu=False))  # the CPU kernels are fp32 only
 def test_fused_step_with_bf16_matrices_stays_within_its_bound(ops):
     ops = triton_ops() if ops == "triton" else ops
     lm = lm_on(DEVICE, seed=3)
@@ -428,7 +434,7 @@ def test_prefill_then_steps_equals_one_gpt_pass_and_batched_equals_one_by_one(op
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("ops", _ops_under_test())
+@pytest.mark.parametrize("ops", _ops_under_test(cpu=False))  # the CPU kernels are fp32 only
 def test_prefill_with_bf16_matrices_stays_within_its_bound(ops):
     ops = triton_ops() if ops == "triton" else ops
     lm = lm_on(DEVICE, seed=3)

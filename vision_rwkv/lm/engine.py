@@ -257,11 +257,7 @@ class StepEngine:
         state.ffn_shift[L - 1].copy_(xl_ffn)
         xf = torch.empty(1, B, C, device=dev, dtype=dt)
         ops.ln_mix_(xa, dx, lm.ln_out.weight, lm.ln_out.bias, None, None, xf)
-        if getattr(ops, "ONE_PASS_HEAD", False):
-            logits = torch.empty(B, p["head"].shape[0], device=dev, dtype=dt)
-            ops.linear_(xf[0], p["head"], logits)
-            return logits
-        return F.linear(xf[0], p["head"])
+        return self._head(xf[0])
 
     def _step_split(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
         """The same step as eleven operations a layer: the step ops (kernels, or the reference functions)
@@ -326,23 +322,32 @@ class StepEngine:
             if dx is not None:
                 xa, xb = xb, xa
             mixed = xs.view(6, M, C)
-            rkv = torch.bmm(mixed[:3], p[f"{i}.w_rkv"])  # (3,M,C): r, k, v
-            h = torch.bmm(mixed[2:], p[f"{i}.lora1"])  # (4,M,R): v, w, a, g
+            rkv = self._bmm(mixed[:3], f"{i}.w_rkv")  # (3,M,C): r, k, v
+            h = self._bmm(mixed[2:], f"{i}.lora1")  # (4,M,R): v, w, a, g
             ops.lora_act_(h)
-            lora = torch.bmm(h, p[f"{i}.lora2"])  # (4,M,C)
+            lora = self._bmm(h, f"{i}.lora2")  # (4,M,C)
             ops.wkv_pre_(rkv, lora, p[f"{i}.vec"], v_first, i == 0, pre, H)
             out, new = wkv7(heads(rkv[0]), *map(heads, pre), state=state.wkv[i], impl=cfg.wkv_impl)
             state.wkv[i].copy_(new)
             ops.wkv_post_(out.reshape(M, C), rkv[0], pre[1], pre[2], lora[3], p[f"{i}.vec"], y, H)
-            dx = F.linear(y, p[f"{i}.w_out"]).view(B, T, C)
+            dx = self._linear(y, f"{i}.w_out").view(B, T, C)
             ops.ln_mix_seq_(xa, dx, xb, block.ln2.weight, block.ln2.bias, state.ffn_shift[i], p[f"{i}.mix_ffn"], xf)
             xa, xb = xb, xa
-            k = F.linear(xf[0].view(M, C), p[f"{i}.w_key"])
+            k = self._linear(xf[0].view(M, C), f"{i}.w_key")
             ops.relu2_(k)
-            dx = F.linear(k, p[f"{i}.w_value"]).view(B, T, C)
+            dx = self._linear(k, f"{i}.w_value").view(B, T, C)
         last = xa[:, -1] + dx[:, -1].float()
         xl = F.layer_norm(last, (C,), lm.ln_out.weight.float(), lm.ln_out.bias.float(), reference.LN_EPS)
-        return F.linear(xl.to(dt), p["head"])
+        return self._head(xl.to(dt))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of x (B,C): through the ops' one-pass linear_ where they say it is faster (the CPU
+        kernels, up to their MAX_ROWS rows), else as the other products."""
+        if getattr(self.ops, "ONE_PASS_HEAD", False) and x.shape[0] <= self.one_pass_rows:
+            logits = x.new_empty(x.shape[0], self._buffers["head"].shape[0])
+            self.ops.linear_(x, self._buffers["head"], logits)
+            return logits
+        return self._linear(x, "head")
 
     def _bmm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x (G,B,K) times the stacked weights `name` (G,K,N) -> (G,B,N)."""
@@ -442,12 +447,7 @@ class EngineStepper:
         state = lm.state_for(state, B)
         dtype = compute_dtype(lm)
         compiled = compile_step_enabled()
-        if (dtype, compiled) not in self.engines:
-            engine = StepEngine(lm, dtype, reduce=compiled)
-            self.engines[(dtype, compiled)] = engine, torch.compile(engine.step, dynamic=False) if compiled \
-                else engine.step
-        engine, step = self.engines[(dtype, compiled)]
-        engine.sync()
+        engine, step = self._engine(dtype, compiled)
         own = self.states.get(B)
         if state is not own:
             own = self.states[B] = RWKVState(*(t.clone(memory_format=torch.contiguous_format).float()
@@ -456,6 +456,32 @@ class EngineStepper:
         if compiled and step != engine.step and (dtype, B) not in self.verified:  # compiled, not yet checked
             return self._verified_step(engine, step, dtype, tokens, own), own
         return step(tokens, own), own
+
+    def _engine(self, dtype: torch.dtype, compiled: bool) -> tuple[StepEngine, object]:
+        """The engine for this compute dtype (compiled: the one whose step torch.compile runs) and its step
+        function, with the weights packed as they are now."""
+        if (dtype, compiled) not in self.engines:
+            engine = StepEngine(self.lm, dtype, reduce=compiled)
+            self.engines[(dtype, compiled)] = engine, torch.compile(engine.step, dynamic=False) if compiled \
+                else engine.step
+        engine, step = self.engines[(dtype, compiled)]
+        engine.sync()
+        return engine, step
+
+    def prefill(self, x: torch.Tensor, state: RWKVState | None = None):
+        """GPT mode through the same engine: (inputs_embeds (B,T,C), initial state or None) -> (the last
+        position's logits (B,V), the new state), as lm(inputs_embeds=x, state=state, last_only=True). The
+        products go through oneDNN's packed weights, the WKV through the CPU kernel; the caller's state is
+        not changed."""
+        lm = self.lm
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.device != lm.emb.weight.device:
+            return lm(inputs_embeds=x, state=state, last_only=True)  # lm's own checks and one-line errors
+        lm.checked_inputs(None, x)
+        own = lm.init_state(x.shape[0])  # fp32 and contiguous, as the fused operations take it
+        if state is not None:
+            own.copy_(lm.state_for(state, x.shape[0]))
+        engine, _ = self._engine(compute_dtype(lm), False)
+        return engine.prefill(x, own), own
 
     def _verified_step(self, engine: StepEngine, step, dtype, tokens, own: RWKVState) -> torch.Tensor:
         """The compiled step's first call at a batch size, checked against the same step run eagerly from a

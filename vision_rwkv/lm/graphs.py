@@ -82,13 +82,8 @@ def rnn_stepper(lm: Decoder):
     """A callable (tokens (B,), state) -> (logits (B,V), state): graph replays on CUDA, the fused step
     without graphs on the CPU (engine.EngineStepper), lm.step when training or switched off."""
     if not _graphable(lm):
-        if isinstance(lm, RWKV7) and lm.emb.weight.device.type == "cpu" and fused_step_enabled() \
-                and not lm.training and not torch.is_grad_enabled():
-            stepper = _cpu_steppers.get(lm)
-            if stepper is None:
-                stepper = _cpu_steppers[lm] = EngineStepper(lm)
-            return stepper
-        return lm.step
+        stepper = _cpu_stepper(lm)
+        return lm.step if stepper is None else stepper
     stepper = _steppers.get(lm)
     if stepper is None:
         stepper = _steppers[lm] = GraphedStep(lm)
@@ -96,11 +91,27 @@ def rnn_stepper(lm: Decoder):
     return stepper
 
 
+def _cpu_stepper(lm: Decoder) -> EngineStepper | None:
+    """The engine that runs an RWKV-7 decoder's inference on the CPU (the fused step, and the prefill through
+    the same packed weights), or None when lm's plain operations should: training, autograd on, or
+    VISION_RWKV_FUSED_STEP=0."""
+    if not (isinstance(lm, RWKV7) and lm.emb.weight.device.type == "cpu" and fused_step_enabled()
+            and not lm.training and not torch.is_grad_enabled()):
+        return None
+    stepper = _cpu_steppers.get(lm)
+    if stepper is None:
+        stepper = _cpu_steppers[lm] = EngineStepper(lm)
+    return stepper
+
+
 def prefill_runner(lm: Decoder):
     """A callable (inputs_embeds (B,T,C), initial state or None) -> (last-position logits (B,V), state), as
     lm(inputs_embeds=x, state=state, last_only=True): graph replays on CUDA for up to MAX_PREFILL_TOKENS
-    tokens."""
+    tokens; the engine's prefill on the CPU (engine.EngineStepper.prefill)."""
     if not _graphable(lm):
+        stepper = _cpu_stepper(lm)
+        if stepper is not None:
+            return stepper.prefill
         return lambda x, state=None: lm(inputs_embeds=x, state=state, last_only=True)
     runner = _prefills.get(lm)
     if runner is None:
