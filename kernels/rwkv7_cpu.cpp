@@ -1,5 +1,9 @@
-// The RWKV-7 RNN step's fused operations on the CPU: ops vision_rwkv_cpu::ln_mix_matmul_, linear_ and
-// wkv_step_, with the contracts of their PyTorch references (vision_rwkv/ops/rwkv7/reference.py).
+// The RWKV-7 decoder's fused inference operations on the CPU (library vision_rwkv_cpu), with the contracts
+// of their PyTorch references (vision_rwkv/ops/rwkv7/reference.py; the recurrence: ops/wkv7/reference.py):
+//
+//   RNN mode (a step):   ln_mix_matmul_, linear_ (one-pass products) and wkv_step_
+//   GPT mode (a prefill): ln_mix_seq_, wkv_pre_, wkv_post_, relu2_ and lora_act_ around torch's products,
+//                        and wkv7_forward, the WKV-7 recurrence over a sequence (forward only)
 //
 // A step at a few rows reads every weight once and does little arithmetic per byte, so its speed is the
 // speed at which the weights stream from memory. BLAS's and oneDNN's products at one row read fp32 weights
@@ -7,7 +11,7 @@
 // for all rows of the input together, 16 floats at a time, with the output rows split over torch's
 // OpenMP threads. The small operations around them (LayerNorm with the token-shift mixes, the activations,
 // the WKV state update with ln_x, the bonus and the gate) run in the same loops or in one pass per head,
-// instead of as about eighty PyTorch operations a layer.
+// instead of as about eighty PyTorch operations a layer; a prefill's, in one pass over the rows each.
 //
 // Everything is fp32: the weights, the products' inputs and outputs, the residual stream and the state.
 // Built with -march=native for the machine that runs it (the build's cache key has the CPU's flags).
@@ -325,6 +329,171 @@ std::tuple<at::Tensor, at::Tensor> wkv7_forward(const at::Tensor& r, const at::T
   return {y, state};
 }
 
+// ---- GPT mode's (a prefill's) operations around its products: reference.ln_mix_seq_, wkv_pre_, wkv_post_,
+// relu2_ and lora_act_, row by row in one pass each, the rows split over torch's threads.
+
+// Row m's element c of a (G, M, C) view with contiguous columns.
+inline const float* row_of(const at::Tensor& t, int64_t g, int64_t m) {
+  return t.data_ptr<float>() + g * t.stride(0) + m * t.stride(1);
+}
+
+void check_rows(const at::Tensor& t, int64_t G, int64_t M, int64_t C, const char* what) {
+  check_f32(t, what);
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == G && t.size(1) == M && t.size(2) == C && t.stride(2) == 1,
+              "vision_rwkv_cpu: ", what, " must be (", G, ", ", M, ", ", C, ") with contiguous columns");
+}
+
+// x (B,T,C) read; x_out <- x + dx (when dx is given); xl = LayerNorm(x + dx); out (G,B,T,C) <- xl + (prev - xl)
+// * mix[g], prev being xl one position earlier and shift (B,C) at the first; shift <- xl[:, -1].
+void ln_mix_seq(const at::Tensor& x, const c10::optional<at::Tensor>& dx, const c10::optional<at::Tensor>& x_out,
+                const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& shift, const at::Tensor& mix,
+                const at::Tensor& out) {
+  for (const auto* t : {&x, &weight, &bias, &shift, &mix, &out}) check_contiguous(*t, "ln_mix_seq_'s tensors");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), G = mix.size(0), M = B * T;
+  TORCH_CHECK(out.numel() == G * M * C && shift.numel() == B * C, "vision_rwkv_cpu: ln_mix_seq_: shapes");
+  std::vector<float> xl(M * C);
+  const float* xp = x.data_ptr<float>();
+  const float* dp = nullptr;
+  float* xo = nullptr;
+  if (dx.has_value()) {
+    check_contiguous(*dx, "dx");
+    check_contiguous(*x_out, "x_out");
+    dp = dx->data_ptr<float>();
+    xo = x_out->data_ptr<float>();
+  }
+  const float *w = weight.data_ptr<float>(), *bb = bias.data_ptr<float>();
+  at::parallel_for(0, M, grain(C * 16), [&](int64_t m0, int64_t m1) {
+    std::vector<float> xs(C);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = xp + m * C;
+      if (dp != nullptr) {
+        for (int64_t c = 0; c < C; ++c) xs[c] = xr[c] + dp[m * C + c];
+        std::memcpy(xo + m * C, xs.data(), C * sizeof(float));
+        xr = xs.data();
+      }
+      layer_norm(xr, w, bb, C, xl.data() + m * C);
+    }
+  });
+  float* sp = shift.data_ptr<float>();
+  const float* mixp = mix.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, grain(C * 4 * G), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* cur = xl.data() + m * C;
+      const float* prev = m % T ? cur - C : sp + (m / T) * C;
+      for (int64_t g = 0; g < G; ++g) {
+        float* o = op + (g * M + m) * C;
+        const float* mg = mixp + g * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = cur[c] + (prev[c] - cur[c]) * mg[c];
+      }
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) std::memcpy(sp + b * C, xl.data() + (b * T + T - 1) * C, C * sizeof(float));
+}
+
+// rkv (3,M,C) = r, k, v and lora (4,M,C) in LORA_ROWS order; vec (8,C); v_first (M,C), written by layer 0 and
+// read by the others. out (5,M,C) <- w (the raw decay logit), k, v, -kk, kk*a: the WKV kernel's inputs.
+void wkv_pre(const at::Tensor& rkv, const at::Tensor& lora, const at::Tensor& vec, const at::Tensor& v_first,
+             bool layer0, const at::Tensor& out, int64_t n_head) {
+  const int64_t M = rkv.size(1), C = rkv.size(2), N = C / n_head;
+  check_rows(rkv, 3, M, C, "rkv");
+  check_rows(lora, 4, M, C, "lora");
+  check_contiguous(vec, "vec");
+  check_contiguous(v_first, "v_first");
+  check_contiguous(out, "wkv_pre_'s out");
+  TORCH_CHECK(out.numel() == 5 * M * C && v_first.numel() == M * C && C % n_head == 0,
+              "vision_rwkv_cpu: wkv_pre_: shapes");
+  const float* vp = vec.data_ptr<float>();
+  float* vf = v_first.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, grain(C * 32), [&](int64_t m0, int64_t m1) {
+    std::vector<float> kk(N), a(N);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float *k = row_of(rkv, 1, m), *v = row_of(rkv, 2, m);
+      const float *v_l = row_of(lora, 0, m), *w_l = row_of(lora, 1, m), *a_l = row_of(lora, 2, m);
+      float* o[5];
+      for (int i = 0; i < 5; ++i) o[i] = op + (i * M + m) * C;
+      for (int64_t c0 = 0; c0 < C; c0 += N) {
+        double norm = 0.0;
+        for (int64_t j = 0; j < N; ++j) {
+          const int64_t c = c0 + j;
+          float vm = v[c];
+          if (layer0) vf[m * C + c] = vm;
+          else vm = vm + (vf[m * C + c] - vm) * sigmoid(vp[2 * C + c] + v_l[c]);
+          a[j] = sigmoid(vp[C + c] + a_l[c]);
+          kk[j] = k[c] * vp[3 * C + c];
+          norm += double(kk[j]) * kk[j];
+          o[0][c] = vp[c] + w_l[c];
+          o[1][c] = k[c] * (1.f + (a[j] - 1.f) * vp[4 * C + c]);
+          o[2][c] = vm;
+        }
+        const float inv = 1.f / std::max(float(std::sqrt(norm)), 1e-12f);  // F.normalize's eps
+        for (int64_t j = 0; j < N; ++j) {
+          o[3][c0 + j] = -kk[j] * inv;
+          o[4][c0 + j] = kk[j] * inv * a[j];
+        }
+      }
+    }
+  });
+}
+
+// y (M,C) the WKV kernel's output; r, k, v (M,C) as it took them; g (M,C) the gate; vec (8,C).
+// out (M,C) <- (GroupNorm(y) + bonus) * g, bonus = sum(r * k * r_k) * v a head.
+void wkv_post(const at::Tensor& y, const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& g, const at::Tensor& vec, const at::Tensor& out, int64_t n_head) {
+  const int64_t M = y.size(0), C = y.size(1), N = C / n_head;
+  for (const auto* t : {&y, &r, &k, &v, &g, &out}) {
+    check_f32(*t, "wkv_post_'s tensors");
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == M && t->size(1) == C && t->stride(1) == 1,
+                "vision_rwkv_cpu: wkv_post_'s tensors must be (M, C) with contiguous columns");
+  }
+  check_contiguous(vec, "vec");
+  const float* vp = vec.data_ptr<float>();
+  const float *r_k = vp + 5 * C, *ln_w = vp + 6 * C, *ln_b = vp + 7 * C;
+  at::parallel_for(0, M, grain(C * 24), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float *yr = y.data_ptr<float>() + m * y.stride(0), *rr = r.data_ptr<float>() + m * r.stride(0),
+                  *kr = k.data_ptr<float>() + m * k.stride(0), *vr = v.data_ptr<float>() + m * v.stride(0),
+                  *gr = g.data_ptr<float>() + m * g.stride(0);
+      float* o = out.data_ptr<float>() + m * out.stride(0);
+      for (int64_t c0 = 0; c0 < C; c0 += N) {
+        double mean = 0.0, var = 0.0, bonus = 0.0;
+        for (int64_t j = c0; j < c0 + N; ++j) mean += yr[j];
+        mean /= N;
+        for (int64_t j = c0; j < c0 + N; ++j) var += (yr[j] - mean) * (yr[j] - mean);
+        const double istd = 1.0 / std::sqrt(var / N + LN_X_EPS);
+        for (int64_t j = c0; j < c0 + N; ++j) bonus += double(rr[j]) * kr[j] * r_k[j];
+        for (int64_t j = c0; j < c0 + N; ++j)
+          o[j] = (float((yr[j] - mean) * istd) * ln_w[j] + ln_b[j] + float(bonus) * vr[j]) * gr[j];
+      }
+    }
+  });
+}
+
+// h <- relu(h)^2, in place (contiguous, fp32).
+void relu2(const at::Tensor& h) {
+  check_contiguous(h, "relu2_'s h");
+  float* p = h.data_ptr<float>();
+  at::parallel_for(0, h.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) p[i] = p[i] > 0.f ? p[i] * p[i] : 0.f;
+  });
+}
+
+// h (4,B,R) in LORA_ROWS order: tanh on w (row 1), sigmoid on g (row 3), in place.
+void lora_act(const at::Tensor& h) {
+  check_contiguous(h, "lora_act_'s h");
+  TORCH_CHECK(h.dim() == 3 && h.size(0) == 4, "vision_rwkv_cpu: lora_act_ takes (4, B, R)");
+  const int64_t n = h.size(1) * h.size(2);
+  float* w = h.data_ptr<float>() + n;
+  float* g = h.data_ptr<float>() + 3 * n;
+  at::parallel_for(0, n, 1 << 13, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      w[i] = std::tanh(w[i]);
+      g[i] = sigmoid(g[i]);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(vision_rwkv_cpu, m) {
@@ -334,6 +503,13 @@ TORCH_LIBRARY(vision_rwkv_cpu, m) {
   m.def("linear_(Tensor x, Tensor w, Tensor(a!) out, int groups) -> ()");
   m.def("wkv_step_(Tensor(a!) state, Tensor rkv, Tensor lora, Tensor vec, Tensor(b!) v_first, bool layer0, "
         "Tensor(c!) out, float log_decay_scale) -> ()");
+  m.def("ln_mix_seq_(Tensor x, Tensor? dx, Tensor(a!)? x_out, Tensor weight, Tensor bias, Tensor(b!) shift, "
+        "Tensor mix, Tensor(c!) out) -> ()");
+  m.def("wkv_pre_(Tensor rkv, Tensor lora, Tensor vec, Tensor(a!) v_first, bool layer0, Tensor(b!) out, "
+        "int n_head) -> ()");
+  m.def("wkv_post_(Tensor y, Tensor r, Tensor k, Tensor v, Tensor g, Tensor vec, Tensor(a!) out, int n_head) -> ()");
+  m.def("relu2_(Tensor(a!) h) -> ()");
+  m.def("lora_act_(Tensor(a!) h) -> ()");
   m.def("wkv7_forward(Tensor r, Tensor d, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? s0) -> (Tensor, Tensor)");
 }
 
@@ -342,4 +518,9 @@ TORCH_LIBRARY_IMPL(vision_rwkv_cpu, CPU, m) {
   m.impl("linear_", &linear);
   m.impl("wkv_step_", &wkv_step);
   m.impl("wkv7_forward", &wkv7_forward);
+  m.impl("ln_mix_seq_", &ln_mix_seq);
+  m.impl("wkv_pre_", &wkv_pre);
+  m.impl("wkv_post_", &wkv_post);
+  m.impl("relu2_", &relu2);
+  m.impl("lora_act_", &lora_act);
 }

@@ -176,3 +176,58 @@ def test_the_cpu_prefill_runner_is_the_engine_equals_gpt_mode_and_leaves_the_cal
     for name in ("att_shift", "wkv", "ffn_shift"):
         assert torch.equal(getattr(s0, name), getattr(before, name)), name
     assert not isinstance(getattr(prefill_runner(lm), "__self__", None), EngineStepper)  # autograd on: plain
+
+
+# ---- GPT mode's ops --------------------------------------------------------------------------------------
+
+@built
+@pytest.mark.parametrize("T", [1, 5])
+def test_ln_mix_seq_equals_reference(T):
+    """Every position's shift is the LayerNorm of the one before (the state's at t = 0); the state's shift
+    becomes the last position's; x_out = x + dx, and x itself is left alone."""
+    B, C = 3, 64
+    for has_dx, groups in ((True, 6), (False, 1)):
+        results = []
+        for ops in (cpu_step, reference):
+            g = torch.Generator().manual_seed(11)
+            x, dx, shift = rnd(g, B, T, C, scale=3.0), rnd(g, B, T, C), rnd(g, B, C)
+            weight, bias, mix = 1 + rnd(g, C, scale=0.2), rnd(g, C, scale=0.2), torch.rand(groups, C, generator=g)
+            x_before = x.clone()
+            x_out = torch.full_like(x, float("nan")) if has_dx else None
+            out = torch.full((groups, B, T, C), float("nan"))
+            ops.ln_mix_seq_(x, dx if has_dx else None, x_out, weight, bias, shift, mix, out)
+            assert torch.equal(x, x_before)
+            results.append((out, shift) + ((x_out,) if has_dx else ()))
+        for got, want in zip(*results):
+            assert rel(got, want) <= 1e-6, (has_dx, groups)
+
+
+@built
+@pytest.mark.parametrize("layer0", [True, False])
+def test_wkv_pre_and_post_equal_reference(layer0):
+    """rkv and lora as the engine passes them (stacked products); wkv_post_ reads rows of them as views."""
+    M, H, N = 10, 4, 16
+    C = H * N
+    results = []
+    for ops in (cpu_step, reference):
+        g = torch.Generator().manual_seed(12)
+        rkv, lora, vec = rnd(g, 3, M, C), rnd(g, 4, M, C), layer_vectors(g, C)
+        v_first, y = rnd(g, M, C), rnd(g, M, C)
+        pre, out = torch.full((5, M, C), float("nan")), torch.full((M, C), float("nan"))
+        ops.wkv_pre_(rkv, lora, vec, v_first, layer0, pre, H)
+        ops.wkv_post_(y, rkv[0], pre[1], pre[2], lora[3], vec, out, H)
+        results.append((pre, v_first, out))
+    for got, want in zip(*results):
+        assert rel(got, want) <= 1e-6
+
+
+@built
+def test_relu2_and_lora_act_equal_reference():
+    g = torch.Generator().manual_seed(13)
+    h, f = rnd(g, 4, 3, 32, scale=3.0), rnd(g, 3, 200, scale=3.0)
+    got_h, got_f = h.clone(), f.clone()
+    cpu_step.lora_act_(got_h)
+    cpu_step.relu2_(got_f)
+    reference.lora_act_(h)
+    reference.relu2_(f)
+    assert rel(got_h, h) <= 1e-6 and rel(got_f, f) <= 1e-6

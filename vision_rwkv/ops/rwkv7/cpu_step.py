@@ -1,8 +1,9 @@
 """The RNN step's fused operations on the CPU: kernels/rwkv7_cpu.cpp, built on first use for this machine.
 
-The same functions and in-place contracts as reference.py and triton_step.py, for the engine's fused path
-(lm/engine.py, `_step_fused`): ln_mix_matmul_, linear_ and wkv_step_ are compiled; embed_ln_ and ln_mix_,
-which run once a step, and the split path's and the prefill's ops are the references themselves.
+The same functions and in-place contracts as reference.py and triton_step.py, for the engine (lm/engine.py):
+the fused step's ln_mix_matmul_, linear_ and wkv_step_, and the prefill's ln_mix_seq_, wkv_pre_, wkv_post_,
+relu2_ and lora_act_ (also the split step's) are compiled; embed_ln_ and ln_mix_, which run once a step,
+are the references themselves.
 
 The compiled products read each weight row once for all input rows together (up to MAX_ROWS), which is
 what a step at a few rows needs: it is bound by the speed at which its weights stream from memory, and
@@ -18,8 +19,8 @@ import torch
 from .. import _build
 from ..wkv7.reference import LOG_DECAY_SCALE
 
-# the rest of the family's API: the references themselves
-from .reference import embed_ln_, ln_mix_, ln_mix_seq_, lora_act_, relu2_, wkv_post_, wkv_pre_  # noqa: F401
+# the rest of the family's API, which runs once a step: the references themselves
+from .reference import embed_ln_, ln_mix_  # noqa: F401
 
 MAX_ROWS = 16  # input rows the compiled products take at once (MAX_ROWS in rwkv7_cpu.cpp)
 ONE_PASS_HEAD = True  # the engine's fused path multiplies by the head through linear_ too
@@ -52,3 +53,25 @@ def linear_(x, w, out, groups: int = 1) -> None:
 
 def wkv_step_(state, rkv, lora, vec, v_first, layer0: bool, out) -> None:
     torch.ops.vision_rwkv_cpu.wkv_step_(state, rkv, lora, vec, v_first, layer0, out, LOG_DECAY_SCALE)
+
+
+# ---- GPT mode (a prefill), around torch's products ----------------------------------------------------
+
+def ln_mix_seq_(x, dx, x_out, weight, bias, shift, mix, out) -> None:
+    torch.ops.vision_rwkv_cpu.ln_mix_seq_(x, dx, x_out, weight.float(), bias.float(), shift, mix, out)
+
+
+def wkv_pre_(rkv, lora, vec, v_first, layer0: bool, out, n_head: int) -> None:
+    torch.ops.vision_rwkv_cpu.wkv_pre_(rkv, lora, vec, v_first, layer0, out, n_head)
+
+
+def wkv_post_(y, r, k, v, g, vec, out, n_head: int) -> None:
+    torch.ops.vision_rwkv_cpu.wkv_post_(y, r, k, v, g, vec, out, n_head)
+
+
+def relu2_(h) -> None:
+    torch.ops.vision_rwkv_cpu.relu2_(h)
+
+
+def lora_act_(h) -> None:
+    torch.ops.vision_rwkv_cpu.lora_act_(h)
