@@ -10,11 +10,11 @@ tokens/s through prefill_runner (the engine's prefill, as captioning runs it on 
 products, the WKV-7 CPU kernel) and through lm(..., last_only=True), the last position's logits, as a prefill
 needs and as the baseline computes. The baseline is RWKV-LM's own inference code (pip package `rwkv`,
 RWKV_V7_ON=1, strategy "cpu fp32"), batch 1 only (it has no batched mode), run in a subprocess because it sets
-global TorchScript flags. The baseline's timings take one warm-up run and the best of two, as ours do. The floor
-is the time to read the step's fp32 weights once (every matrix but the embedding) with torch's sum over a buffer
-of that size, on the same threads: no step can read its weights faster. The prefill's matrix products alone
-(every block's matrices at T rows, fp32), through torch's products and through oneDNN's packed weights (the
-engine's), bound any prefill made of them the same way.
+global TorchScript flags. Every timing, ours and the baseline's, takes two warm-up runs and then the best of
+three. The floor is the time to read the step's fp32 weights once (every matrix but the embedding) with torch's
+sum over a buffer of that size, on the same threads: no step can read its weights faster. The prefill's matrix
+products alone (every block's matrices at T rows, fp32), through torch's products and through oneDNN's packed
+weights (the engine's), bound any prefill made of them the same way.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from rwkv.model import RWKV
 m = RWKV(model=sys.argv[1], strategy="cpu fp32")
 T, steps = json.loads(sys.argv[2])
 toks = list(range(1, T + 1))
-def timed(fn, repeats=2):  # as ours: one warm-up run, then the best of two
-    fn()
+def timed(fn, repeats=3):  # as ours: two warm-up runs, then the best of three
+    fn(); fn()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter(); fn(); best = min(best, time.perf_counter() - t0)
@@ -56,6 +56,8 @@ print(json.dumps({"gpt": gpt, "rnn": rnn}))
 
 
 def timed(fn, repeats=3):
+    """Two warm-up runs, then the best of `repeats` (the baseline's timings are made the same way)."""
+    fn()
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -100,14 +102,14 @@ def main():
             for _ in range(steps):
                 _, state = step(tok, state)
 
-        return batch * steps / timed(run, 2)
+        return batch * steps / timed(run)
 
     def gpt(batch, length, plain=False):
         x = torch.randint(1, args.vocab, (batch, length))
         if plain:
-            return batch * length / timed(lambda: lm(x, last_only=True), 2)
+            return batch * length / timed(lambda: lm(x, last_only=True))
         runner = prefill_runner(lm)  # the engine's prefill on the CPU, as captioning runs it
-        return batch * length / timed(lambda: runner(lm.emb(x)), 2)
+        return batch * length / timed(lambda: runner(lm.emb(x)))
 
     def products(length, packed):
         """The prefill's matrix products alone: every block's 2-D weights at `length` rows, fp32, through torch's
@@ -217,7 +219,7 @@ def sweep(lm, batches, steps):
                 for _ in range(steps):
                     engine.step(tok, state)
 
-            speed[name] = B * steps / timed(run, 2)
+            speed[name] = B * steps / timed(run)
         fused = f"{speed['fused']:10.1f}" if "fused" in speed else f"{'-':>10}"
         print(f"{B:6d}{fused}{speed['split']:10.1f}")
 

@@ -24,8 +24,10 @@ from .reference import embed_ln_, ln_mix_  # noqa: F401
 
 MAX_ROWS = 16  # input rows the compiled products take at once (MAX_ROWS in rwkv7_cpu.cpp)
 ONE_PASS_HEAD = True  # the engine's fused path multiplies by the head through linear_ too
-FUSED_MAX_BATCH = 8  # batches up to this size take the fused path (lm/engine.py); above it oneDNN's products
-# were faster (L12-D768, 2 threads: 145 against 144 tok/s at 8 rows, 158 against 187 at 16; BENCHMARKS.md)
+# Batches up to this size take the fused path (lm/engine.py), larger ones the split path with oneDNN's products:
+# at L12-D768 on 2 threads the fused path is 1.3-1.4x as fast up to 4 rows, the two are within noise of each
+# other from 6 to 8, and the split path is 1.2x as fast at 16 (`bench/decoder_cpu.py --batches`, BENCHMARKS.md)
+FUSED_MAX_BATCH = 8
 
 
 def build() -> str | None:
