@@ -231,3 +231,15 @@ def test_relu2_and_lora_act_equal_reference():
     reference.lora_act_(h)
     reference.relu2_(f)
     assert rel(got_h, h) <= 1e-6 and rel(got_f, f) <= 1e-6
+
+
+def test_the_cpu_kernels_switched_off_leave_the_reference_ops_and_the_chunked_wkv_without_a_warning(monkeypatch):
+    from vision_rwkv.ops.wkv7 import cpu_unavailable_reason
+
+    monkeypatch.setenv("VISION_RWKV_CPU_KERNELS", "0")
+    monkeypatch.setattr(step_ops_pkg, "_warned", set())
+    lm = lm_on("cpu")
+    x = torch.randn(1, 3, 2, 16)
+    with _no_warning(), torch.no_grad():
+        assert step_ops("cpu", 16, 64) is reference and StepEngine(lm).ops is reference
+        assert cpu_unavailable_reason(x, x, x, x, x, x) == "switched off (VISION_RWKV_CPU_KERNELS=0)"

@@ -129,9 +129,15 @@ _cpu_lock = threading.Lock()
 _cpu_built: list[str | None] = []  # [why the CPU build failed, or None], once tried in this process
 
 
+CPU_KERNELS_OFF = "switched off (VISION_RWKV_CPU_KERNELS=0)"
+
+
 def cpu_kernels() -> str | None:
     """Build (once a machine) and load (once a process) the CPU kernels, ops torch.ops.vision_rwkv_cpu.*.
-    Returns None when they are loaded, or why they could not be (one line)."""
+    Returns None when they are loaded, or why they could not be (one line): CPU_KERNELS_OFF when the
+    environment switches them off, which their users take without a warning."""
+    if os.environ.get("VISION_RWKV_CPU_KERNELS", "1") == "0":
+        return CPU_KERNELS_OFF
     with _cpu_lock:
         if not _cpu_built:
             _cpu_built.append(build_extension("rwkv7_cpu", CPU_SOURCES, cuda=False))

@@ -22,6 +22,7 @@ from types import ModuleType
 
 import torch
 
+from .. import _build
 from . import reference
 
 __all__ = ["step_ops", "unavailable_reason", "reference"]
@@ -68,7 +69,8 @@ def step_ops(device, head_size: int, n_embd: int, dtype: torch.dtype | None = No
         reason = cpu_step.unavailable_reason(dtype)
         if reason is None:
             return cpu_step
-        if dtype == torch.float32:  # a failed build; other dtypes simply take the reference
+        # a failed build says so once; other dtypes, and the kernels switched off, take the reference quietly
+        if dtype == torch.float32 and reason != _build.CPU_KERNELS_OFF:
             _warn_once(f"the RNN step runs its PyTorch reference ops on the CPU: {reason}")
         return reference
     reason = unavailable_reason(device, head_size, n_embd)
