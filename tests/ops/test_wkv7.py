@@ -245,3 +245,25 @@ def test_a_failed_cpu_build_leaves_auto_on_the_chunked_form_and_explicit_cpu_say
     torch.testing.assert_close(y, wkv7_chunked(*xs, s0)[0])
     with pytest.raises(VisionRWKVError, match="cannot run: the CPU kernel failed to build: cc1plus: out of memory"):
         wkv7(*xs, state=s0, impl="cpu")
+
+
+@cpu_kernel
+def test_torch_compile_traces_a_model_through_the_cpu_kernel_in_one_graph():
+    """The CPU ops have fake (shape-only) registrations: dynamo traces GPT mode with the kernel inside one
+    graph, and the compiled model gives the eager one's logits."""
+    from vision_rwkv import RWKV7, RWKV7Config
+
+    lm = RWKV7(RWKV7Config(vocab_size=97, n_layer=2, n_embd=64, head_size=16)).eval()
+    x = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want, _ = lm(x)
+        got, _ = torch.compile(lm, backend=backend, fullgraph=True)(x)
+    assert sum("vision_rwkv_cpu.wkv7_forward" in t for t in seen) == 2  # one call a layer
+    assert _rel(got, want) <= 1e-6

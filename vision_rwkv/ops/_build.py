@@ -140,5 +140,25 @@ def cpu_kernels() -> str | None:
         return CPU_KERNELS_OFF
     with _cpu_lock:
         if not _cpu_built:
-            _cpu_built.append(build_extension("rwkv7_cpu", CPU_SOURCES, cuda=False))
+            reason = build_extension("rwkv7_cpu", CPU_SOURCES, cuda=False)
+            if reason is None:
+                _register_cpu_fakes()
+            _cpu_built.append(reason)
         return _cpu_built[0]
+
+
+def _register_cpu_fakes() -> None:
+    """Shapes-only versions of the CPU ops, so torch.compile can trace a model through them: the in-place
+    ops return nothing, wkv7_forward what it allocates."""
+    if getattr(_register_cpu_fakes, "done", False):
+        return
+    for name in ("ln_mix_matmul_", "linear_", "wkv_step_", "ln_mix_seq_", "wkv_pre_", "wkv_post_", "relu2_",
+                 "lora_act_"):
+        torch.library.register_fake(f"vision_rwkv_cpu::{name}", lambda *args, **kw: None)
+
+    @torch.library.register_fake("vision_rwkv_cpu::wkv7_forward")
+    def _wkv7_forward(r, d, k, v, a, b, s0):
+        B, _, H, N = r.shape
+        return torch.empty_like(r), r.new_empty((B, H, N, N), dtype=torch.float32)
+
+    _register_cpu_fakes.done = True

@@ -22,6 +22,11 @@ def unavailable_reason(r: torch.Tensor, *inputs: torch.Tensor) -> str | None:
         return f"inputs are {r.dtype}; the CPU kernel takes fp32"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (r, *inputs)):
         return "gradients are needed, and the CPU kernel is forward only"
+    return _built()
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the answer at trace time, not the build's file I/O
+def _built() -> str | None:
     return _build.cpu_kernels()
 
 
