@@ -24,6 +24,7 @@
 
 #include <cmath>
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -51,21 +52,43 @@ inline float hsum(v16 v) {
   return s;
 }
 
-// y[b] = dot(x[b], w) for b < B: x rows of length K at stride sx, w one row of K floats, read once.
-inline void dots(const float* x, int64_t sx, int64_t B, const float* w, int64_t K, float* y) {
-  v16 acc[MAX_ROWS];
-  for (int64_t b = 0; b < B; ++b) acc[b] = v16{};
+// y[r * B + b] = dot(x[b], w[r]) for R consecutive weight rows w[r] (K floats apart) and B input rows x[b]
+// (sx apart), each weight read once. B and R are compile-time, so the B x R accumulators stay in registers;
+// two weight rows at a time (up to 8 input rows) let each load of an input feed two products.
+template <int B, int R>
+void dots_t(const float* x, int64_t sx, const float* w, int64_t K, float* y) {
+  v16 acc[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b] = v16{};
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    const v16 wv = load16(w + k);
-    for (int64_t b = 0; b < B; ++b) acc[b] += load16(x + b * sx + k) * wv;
+    v16 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load16(w + r * K + k);
+    for (int b = 0; b < B; ++b) {
+      const v16 xv = load16(x + b * sx + k);
+      for (int r = 0; r < R; ++r) acc[r][b] += xv * wv[r];
+    }
   }
-  for (int64_t b = 0; b < B; ++b) {
-    float s = hsum(acc[b]);
-    for (int64_t kk = k; kk < K; ++kk) s += x[b * sx + kk] * w[kk];
-    y[b] = s;
-  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) {
+      float s = hsum(acc[r][b]);
+      for (int64_t kk = k; kk < K; ++kk) s += x[b * sx + kk] * w[r * K + kk];
+      y[r * B + b] = s;
+    }
 }
+
+using DotsFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
+
+template <int... Bs>
+constexpr std::array<DotsFn, sizeof...(Bs)> dots_table(int rows_at_once) {
+  return rows_at_once == 2 ? std::array<DotsFn, sizeof...(Bs)>{(Bs <= 8 ? &dots_t<Bs, 2> : &dots_t<Bs, 1>)...}
+                           : std::array<DotsFn, sizeof...(Bs)>{&dots_t<Bs, 1>...};
+}
+constexpr auto DOTS1 = dots_table<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>(1);
+constexpr auto DOTS2 = dots_table<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>(2);
+
+// Weight rows whose products take two rows at once (up to 8 input rows; one at a time above).
+inline bool pairs(int64_t B) { return B >= 6 && B <= 8; }
 
 inline float activate(float y, int act) {
   switch (act) {
@@ -143,18 +166,22 @@ void ln_mix_matmul(const at::Tensor& x, const c10::optional<at::Tensor>& dx, con
         a[g * B * C + i] = l + (s[i] - l) * mixp[g * C + i % C];
       }
   }
+  if (B == 0) return;
   const float* wp = w.data_ptr<float>();
   const int32_t* seg = segments.data_ptr<int32_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, grain(C * 4), [&](int64_t n0, int64_t n1) {
-    float y[MAX_ROWS];
-    for (int64_t n = n0; n < n1; ++n) {
+    float y[2 * MAX_ROWS];
+    for (int64_t n = n0; n < n1;) {
       const int32_t s = seg[n / block_n];
       const int64_t m = s % 256;
       const int act = s / 256;
       const float* in = shift.has_value() ? a.data() + m * B * C : xl;
-      dots(in, C, B, wp + n * C, C, y);
-      for (int64_t b = 0; b < B; ++b) op[b * N + n] = activate(y[b], act);
+      const int R = pairs(B) && n + 1 < n1 && seg[(n + 1) / block_n] == s ? 2 : 1;  // one segment
+      (R == 2 ? DOTS2 : DOTS1)[B - 1](in, C, wp + n * C, C, y);
+      for (int r = 0; r < R; ++r)
+        for (int64_t b = 0; b < B; ++b) op[b * N + n + r] = activate(y[r * B + b], act);
+      n += R;
     }
   });
 }
@@ -170,15 +197,19 @@ void linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out, int
   TORCH_CHECK(B <= MAX_ROWS, "vision_rwkv_cpu: linear_ takes at most ", MAX_ROWS, " rows, got ", B);
   TORCH_CHECK(x.size(1) == groups * K && out.size(0) == B && out.size(1) == groups * N && w.size(0) % groups == 0,
               "vision_rwkv_cpu: linear_: shapes");
+  if (B == 0) return;
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t sx = x.stride(0), GN = groups * N;
   at::parallel_for(0, GN, grain(K * 4), [&](int64_t n0, int64_t n1) {
-    float y[MAX_ROWS];
-    for (int64_t n = n0; n < n1; ++n) {
-      dots(xp + (n / N) * K, sx, B, wp + n * K, K, y);
-      for (int64_t b = 0; b < B; ++b) op[b * GN + n] = y[b];
+    float y[2 * MAX_ROWS];
+    for (int64_t n = n0; n < n1;) {
+      const int R = pairs(B) && n + 1 < n1 && (n + 1) / N == n / N ? 2 : 1;  // one group
+      (R == 2 ? DOTS2 : DOTS1)[B - 1](xp + (n / N) * K, sx, wp + n * K, K, y);
+      for (int r = 0; r < R; ++r)
+        for (int64_t b = 0; b < B; ++b) op[b * GN + n + r] = y[r * B + b];
+      n += R;
     }
   });
 }
