@@ -125,11 +125,9 @@ def build_extension(tag: str, sources: tuple[str, ...], headers: tuple[str, ...]
 
 
 CPU_SOURCES = ("rwkv7_cpu.cpp",)
+CPU_KERNELS_OFF = "switched off (VISION_RWKV_CPU_KERNELS=0)"
 _cpu_lock = threading.Lock()
 _cpu_built: list[str | None] = []  # [why the CPU build failed, or None], once tried in this process
-
-
-CPU_KERNELS_OFF = "switched off (VISION_RWKV_CPU_KERNELS=0)"
 
 
 def cpu_kernels() -> str | None:

@@ -6,11 +6,11 @@ for training).
     ops.ln_mix_(x, dx, w, b, shift, mix, out)           # they can run; else reference
     ops.wkv_step_(...); ...
 
-The modules have the same functions with the same in-place contract (see reference.py). `step_ops`
-returns the reference, with one warning per reason, when the kernels cannot serve a decoder: on CUDA,
-Triton missing or an unsupported shape; on the CPU, a failed build (products in another dtype than fp32
-take the reference without a warning). Set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors,
-as the tests do.
+The modules have the same functions with the same in-place contract (see reference.py). `step_ops` returns
+the reference, with one warning per reason, when the kernels cannot serve a decoder: on CUDA, Triton missing
+or an unsupported shape; on the CPU, a failed build (products in another dtype than fp32, and
+VISION_RWKV_CPU_KERNELS=0, take the reference without a warning). Set TRITON_INTERPRET=1 to run the Triton
+kernels on CPU tensors, as the tests do.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The RNN step's fused operations on the CPU: kernels/rwkv7_cpu.cpp, built on first use for this machine.
+"""The fused RWKV-7 inference operations on the CPU: kernels/rwkv7_cpu.cpp, built on first use for this
+machine.
 
 The same functions and in-place contracts as reference.py and triton_step.py, for the engine (lm/engine.py):
 the fused step's ln_mix_matmul_, linear_ and wkv_step_, and the prefill's ln_mix_seq_, wkv_pre_, wkv_post_,
