@@ -2,7 +2,7 @@
 
     python bench/wkv7_cpu.py [--shapes 1,256,12 8,32,12 1,1024,12] [--threads N]
 
-Columns (ms per call, the best of --repeats after a warm-up): the C++ kernel (impl "cpu",
+Columns (ms per call, the best of --repeats after two warm-ups): the C++ kernel (impl "cpu",
 kernels/rwkv7_cpu.cpp, the default for fp32 CPU inputs without gradients), the chunked PyTorch form
 (impl "chunked", the default before it, and still the path when gradients are needed) and the per-step
 reference. Shapes are B,T,H with head size 64; inputs are random, with a random initial state. The last
@@ -12,23 +12,17 @@ column is the kernel's largest error against the fp64 reference, relative to the
 from __future__ import annotations
 
 import argparse
-import time
 
 import _checkout  # noqa: F401 (this checkout's vision_rwkv before any installed one)
 import torch
+from decoder_cpu import timed
 
 from vision_rwkv.ops import _build
 from vision_rwkv.ops.wkv7 import wkv7
 
 
 def best_ms(fn, repeats):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    return timed(fn, repeats) * 1e3  # two warm-up runs, then the best of `repeats`
 
 
 @torch.no_grad()
