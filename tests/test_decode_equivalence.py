@@ -315,6 +315,23 @@ def test_demo_captions_equal_the_reference(cpu_demo, monkeypatch, name):
     assert_demo_equals_the_reference(monkeypatch, *cpu_demo, DEMO_CONFIGS[name])
 
 
+@pytest.fixture(scope="module")
+def cpu_demo_fp32():
+    return demo_inputs("cpu", "fp32")
+
+
+@pytest.mark.parametrize("name", sorted(DEMO_CONFIGS))
+def test_demo_captions_through_the_cpu_engine_equal_lm_steps(cpu_demo_fp32, monkeypatch, name):
+    """The engine's prefill and step on the CPU (its C++ kernels, where they build) against the model's
+    plain operations (VISION_RWKV_FUSED_STEP=0), in fp32: the same captions, scores within 1e-5. (With bf16
+    weights the two round the products' inputs at different places, and ties flip: BENCHMARKS.md.)"""
+    captioner, tokens, pooled = cpu_demo_fp32
+    engine = caption_generate.caption_features(captioner.model, tokens, pooled, DEMO_CONFIGS[name])
+    monkeypatch.setenv("VISION_RWKV_FUSED_STEP", "0")
+    plain = caption_generate.caption_features(captioner.model, tokens, pooled, DEMO_CONFIGS[name])
+    assert_same_hypotheses(engine, plain)
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype, names", [("fp32", sorted(DEMO_CONFIGS)), ("bf16", ["beam3", "beam3-nbest3"])])

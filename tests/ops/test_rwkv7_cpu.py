@@ -243,3 +243,31 @@ def test_the_cpu_kernels_switched_off_leave_the_reference_ops_and_the_chunked_wk
     with _no_warning(), torch.no_grad():
         assert step_ops("cpu", 16, 64) is reference and StepEngine(lm).ops is reference
         assert cpu_unavailable_reason(x, x, x, x, x, x) == "switched off (VISION_RWKV_CPU_KERNELS=0)"
+
+
+@built
+@pytest.mark.slow
+@torch.no_grad()
+def test_greedy_decoding_of_a_random_l12_model_through_the_cpu_engine_gives_lm_steps_tokens(monkeypatch):
+    """Issue 18's check at full size: a randomised L12-D768 V65536 decoder, 8 prompts and then 1, 32 greedy
+    tokens each, prefill and steps through the engine (the kernels' fused path) against lm's plain
+    operations (VISION_RWKV_FUSED_STEP=0)."""
+    from conftest import randomize_
+
+    from vision_rwkv import RWKV7, RWKV7Config
+    from vision_rwkv.lm.graphs import prefill_runner, rnn_stepper
+
+    lm = randomize_(RWKV7(RWKV7Config(vocab_size=65536, n_layer=12, n_embd=768), init=False).eval(), seed=1)
+    prompts = torch.randint(0, 65536, (8, 6), generator=torch.Generator().manual_seed(0))
+
+    def greedy(rows, fused):
+        monkeypatch.setenv("VISION_RWKV_FUSED_STEP", "1" if fused else "0")
+        logits, state = prefill_runner(lm)(lm.emb(rows))
+        step, tokens = rnn_stepper(lm), []
+        for _ in range(32):
+            tokens.append(logits.argmax(-1))
+            logits, state = step(tokens[-1], state)
+        return torch.stack(tokens, 1)
+
+    for rows in (prompts, prompts[:1]):
+        assert torch.equal(greedy(rows, True), greedy(rows, False))
