@@ -34,7 +34,7 @@ namespace {
 constexpr int ACT_NONE = 0, ACT_TANH = 1, ACT_SIGMOID = 2, ACT_RELU2 = 3;  // reference.ACT_*
 constexpr float LN_EPS = 1e-5f;                                           // reference.LN_EPS
 constexpr float LN_X_EPS = 64e-5f;                                        // reference.LN_X_EPS
-constexpr int MAX_ROWS = 16;  // input rows a product takes at once (the engine sends at most FUSED_MAX_BATCH)
+constexpr int MAX_ROWS = 16;  // input rows a product takes at once (cpu_step.MAX_ROWS; the engine sends no more)
 // output rows per thread task: at least this many bytes of weights, so a task outweighs its start
 constexpr int64_t TASK_BYTES = 32 * 1024;
 
@@ -54,7 +54,7 @@ inline float hsum(v16 v) {
 
 // y[r * B + b] = dot(x[b], w[r]) for R consecutive weight rows w[r] (K floats apart) and B input rows x[b]
 // (sx apart), each weight read once. B and R are compile-time, so the B x R accumulators stay in registers;
-// two weight rows at a time (up to 8 input rows) let each load of an input feed two products.
+// two weight rows at a time (at 6 to 8 input rows: `pairs`) let each load of an input feed two products.
 template <int B, int R>
 void dots_t(const float* x, int64_t sx, const float* w, int64_t K, float* y) {
   v16 acc[R][B];
@@ -87,7 +87,7 @@ constexpr std::array<DotsFn, sizeof...(Bs)> dots_table(int rows_at_once) {
 constexpr auto DOTS1 = dots_table<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>(1);
 constexpr auto DOTS2 = dots_table<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>(2);
 
-// Weight rows whose products take two rows at once (up to 8 input rows; one at a time above).
+// Whether B input rows take two weight rows at a time: faster at 8 rows, slower at 1 and 4 (BENCHMARKS.md)
 inline bool pairs(int64_t B) { return B >= 6 && B <= 8; }
 
 inline float activate(float y, int act) {
@@ -166,9 +166,12 @@ void ln_mix_matmul(const at::Tensor& x, const c10::optional<at::Tensor>& dx, con
         a[g * B * C + i] = l + (s[i] - l) * mixp[g * C + i % C];
       }
   }
+  const int32_t* seg = segments.data_ptr<int32_t>();
+  for (int64_t j = 0; j < segments.numel(); ++j)
+    TORCH_CHECK(seg[j] >= 0 && seg[j] % 256 < G && seg[j] / 256 <= ACT_RELU2, "vision_rwkv_cpu: ln_mix_matmul_: "
+                "segment ", j, " is ", seg[j], ", expected a mix row below ", G, " plus 256 times an activation 0-3");
   if (B == 0) return;
   const float* wp = w.data_ptr<float>();
-  const int32_t* seg = segments.data_ptr<int32_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, grain(C * 4), [&](int64_t n0, int64_t n1) {
     float y[2 * MAX_ROWS];

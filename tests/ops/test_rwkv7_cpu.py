@@ -271,3 +271,14 @@ def test_greedy_decoding_of_a_random_l12_model_through_the_cpu_engine_gives_lm_s
 
     for rows in (prompts, prompts[:1]):
         assert torch.equal(greedy(rows, True), greedy(rows, False))
+
+
+@built
+def test_a_segment_table_that_names_a_missing_mix_row_is_one_clear_line():
+    C = 32
+    x, w = torch.randn(1, C), torch.randn(16, C)
+    ones, zeros = torch.ones(C), torch.zeros(C)
+    bad = torch.tensor([2], dtype=torch.int32)  # mix row 2 of a one-row mix table
+    with pytest.raises(RuntimeError, match="segment 0 is 2, expected a mix row below 1"):
+        cpu_step.ln_mix_matmul_(x, None, torch.empty(1, C), torch.empty(1, C), ones, zeros, torch.zeros(1, C),
+                                torch.rand(1, C), w, bad, torch.empty(1, 16), 16)
