@@ -63,20 +63,17 @@ def cpu_unavailable_reason(r, w, k, v, a, b, state=None) -> str | None:
 def wkv7(r, w, k, v, a, b, state=None, *, impl: str = "auto"):
     """Run the recurrence over T steps. See the module docstring for shapes and meaning."""
     _check(r, w, k, v, a, b, state)
-    if impl == "auto":
-        if r.device.type == "cpu":
-            impl = "cpu" if cpu_unavailable_reason(r, w, k, v, a, b, state) is None else "chunked"
-        else:
-            reason = cuda_unavailable_reason(r)
-            if reason is None:
-                impl = "cuda"
-            else:
-                impl = "chunked"
+    reason = None  # why the kernel asked for (or the device's own, for "auto") cannot run
+    if impl in ("auto", "cpu", "cuda"):
+        kernel = impl if impl != "auto" else "cpu" if r.device.type == "cpu" else "cuda"
+        reason = cpu_unavailable_reason(r, w, k, v, a, b, state) if kernel == "cpu" else cuda_unavailable_reason(r)
+        if impl == "auto":
+            impl = kernel if reason is None else "chunked"
+            if reason is not None:
                 _note_fallback(reason, r.device.type)
+        elif reason is not None:
+            raise VisionRWKVError(f"wkv7 impl {impl!r} was asked for but cannot run: {reason}")
     if impl == "cpu":
-        reason = cpu_unavailable_reason(r, w, k, v, a, b, state)
-        if reason is not None:
-            raise VisionRWKVError(f"wkv7 impl 'cpu' was asked for but cannot run: {reason}")
         from . import cpu as cpu_impl
 
         return cpu_impl.wkv7_cpu(r, w, k, v, a, b, state)
@@ -85,9 +82,6 @@ def wkv7(r, w, k, v, a, b, state=None, *, impl: str = "auto"):
     if impl == "reference":
         return wkv7_reference(r, w, k, v, a, b, state)
     if impl == "cuda":
-        reason = cuda_unavailable_reason(r)
-        if reason is not None:
-            raise VisionRWKVError(f"wkv7 impl 'cuda' was asked for but cannot run: {reason}")
         from . import cuda as cuda_impl
 
         return cuda_impl.wkv7_cuda(r, w, k, v, a, b, state)
