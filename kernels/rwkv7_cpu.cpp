@@ -25,6 +25,7 @@
 #include <cmath>
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -51,6 +52,60 @@ inline float hsum(v16 v) {
   for (int i = 0; i < 16; ++i) s += v[i];
   return s;
 }
+
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// exp(x) for 16 floats: x = n ln2 + f with |f| <= ln2/2, e^f by its Taylor series to f^7 (relative error
+// under 1e-8 there), times 2^n built in the exponent bits. x is clamped to [-87, 88], where 2^n stays normal.
+inline v16 exp16(v16 x) {
+  const v16 shifter = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
+  x = x < 88.f ? x : v16{} + 88.f;
+  x = x > -87.f ? x : v16{} - 87.f;
+  const v16 t = x * 1.44269504088896341f + shifter;
+  const v16 n = t - shifter;
+  const v16 f = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;  // ln2 in two parts
+  v16 p = v16{} + 1.f / 5040.f;
+  p = p * f + 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const vi16 e = ((vi16)t - (vi16)shifter + 127) << 23;
+  return p * (v16)e;
+}
+
+// Element-wise helpers on one float or on 16 (V = float or v16), so that one loop body serves a row's
+// vectorised part and its tail.
+inline float load_as(float, const float* p) { return *p; }
+inline v16 load_as(v16, const float* p) { return load16(p); }
+inline void store_as(float* p, float v) { *p = v; }
+inline void store_as(float* p, v16 v) { store16(p, v); }
+inline float exp_of(float x) { return std::exp(x); }
+inline v16 exp_of(v16 x) { return exp16(x); }
+template <class V> inline V sigmoid_of(V x) { return 1.f / (1.f + exp_of(-x)); }
+inline float sum_of(float x) { return x; }
+inline float sum_of(v16 x) { return hsum(x); }
+
+// f(V, j) for j = 0, 16, 32, ... with V a v16 while 16 elements remain, then one at a time with V a float.
+template <class F>
+inline void each16(int64_t n, F&& f) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) f(v16{}, j);
+  for (; j < n; ++j) f(0.f, j);
+}
+
+// A float sum fed 16 or 1 values at a time (each16's two forms).
+struct Sum {
+  v16 lanes{};
+  float rest = 0.f;
+  void operator+=(v16 x) { lanes += x; }
+  void operator+=(float x) { rest += x; }
+  float value() const { return hsum(lanes) + rest; }
+};
 
 // y[r * B + b] = dot(x[b], w[r]) for R consecutive weight rows w[r] (K floats apart) and B input rows x[b]
 // (sx apart), each weight read once. B and R are compile-time, so the B x R accumulators stay in registers;
@@ -113,14 +168,20 @@ void check_contiguous(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.is_contiguous(), "vision_rwkv_cpu: ", what, " must be contiguous");
 }
 
-// LayerNorm of one row of C floats, in double accumulators: out may alias nothing else.
+// LayerNorm of one row of C floats, 16 at a time: out may alias nothing else.
 void layer_norm(const float* x, const float* w, const float* b, int64_t C, float* out) {
-  double mean = 0.0, var = 0.0;
-  for (int64_t c = 0; c < C; ++c) mean += x[c];
-  mean /= C;
-  for (int64_t c = 0; c < C; ++c) var += (x[c] - mean) * (x[c] - mean);
-  const double inv = 1.0 / std::sqrt(var / C + LN_EPS);
-  for (int64_t c = 0; c < C; ++c) out[c] = float((x[c] - mean) * inv) * w[c] + b[c];
+  Sum sum;
+  each16(C, [&](auto V, int64_t c) { sum += load_as(V, x + c); });
+  const float mean = sum.value() / C;
+  Sum var;
+  each16(C, [&](auto V, int64_t c) {
+    const auto d = load_as(V, x + c) - mean;
+    var += d * d;
+  });
+  const float inv = 1.f / std::sqrt(var.value() / C + LN_EPS);
+  each16(C, [&](auto V, int64_t c) {
+    store_as(out + c, (load_as(V, x + c) - mean) * inv * load_as(V, w + c) + load_as(V, b + c));
+  });
 }
 
 // x (B,C) is read; x_out <- x + dx; xl_out <- xl = LayerNorm(x + dx); for each output row n of w (N,C),
@@ -300,11 +361,74 @@ void wkv_step(const at::Tensor& state, const at::Tensor& rkv, const at::Tensor& 
   });
 }
 
+// One head's T steps on its transposed state ST [key j][value i] (N x N): sa = S a, then
+// S <- S diag(d) + sa b^T + v k^T and y = S r, each a sum over columns of values (contiguous, no horizontal
+// sums). x points at the head's inputs at t = 0; consecutive steps are `stride` floats apart.
+void wkv_head(float* ST, int64_t N, const float* r, const float* d, const float* k, const float* v,
+              const float* a, const float* b, float* y, int64_t T, int64_t stride) {
+  std::vector<float> buf(2 * N);
+  float *sa = buf.data(), *yt = sa + N;
+  for (int64_t t = 0; t < T; ++t, r += stride, d += stride, k += stride, v += stride, a += stride, b += stride,
+               y += stride) {
+    for (int64_t i = 0; i < N; ++i) sa[i] = 0.f, yt[i] = 0.f;
+    for (int64_t j = 0; j < N; ++j) {
+      const float* col = ST + j * N;
+      for (int64_t i = 0; i < N; ++i) sa[i] += col[i] * a[j];
+    }
+    for (int64_t j = 0; j < N; ++j) {
+      float* col = ST + j * N;
+      for (int64_t i = 0; i < N; ++i) {
+        const float s = col[i] * d[j] + sa[i] * b[j] + v[i] * k[j];
+        col[i] = s;
+        yt[i] += s * r[j];
+      }
+    }
+    std::memcpy(y, yt, N * sizeof(float));
+  }
+}
+
+// The same with N fixed at compile time (a multiple of 16): sa, v and y live in registers as N/16 vectors,
+// and each sum over columns runs as two chains (even and odd columns), so that no sum waits on the last.
+template <int N>
+void wkv_head_t(float* ST, const float* r, const float* d, const float* k, const float* v, const float* a,
+                const float* b, float* y, int64_t T, int64_t stride) {
+  constexpr int V = N / 16;
+  for (int64_t t = 0; t < T; ++t, r += stride, d += stride, k += stride, v += stride, a += stride, b += stride,
+               y += stride) {
+    v16 s0[V], s1[V], sa[V], vv[V];
+    for (int u = 0; u < V; ++u) s0[u] = v16{}, s1[u] = v16{}, vv[u] = load16(v + 16 * u);
+    for (int j = 0; j < N; j += 2) {
+      const float* c0 = ST + j * N;
+      for (int u = 0; u < V; ++u) {
+        s0[u] += load16(c0 + 16 * u) * a[j];
+        s1[u] += load16(c0 + N + 16 * u) * a[j + 1];
+      }
+    }
+    for (int u = 0; u < V; ++u) sa[u] = s0[u] + s1[u], s0[u] = v16{}, s1[u] = v16{};
+    for (int j = 0; j < N; j += 2) {
+      float* c0 = ST + j * N;
+      float* c1 = c0 + N;
+      for (int u = 0; u < V; ++u) {
+        const v16 n0 = load16(c0 + 16 * u) * d[j] + sa[u] * b[j] + vv[u] * k[j];
+        const v16 n1 = load16(c1 + 16 * u) * d[j + 1] + sa[u] * b[j + 1] + vv[u] * k[j + 1];
+        std::memcpy(c0 + 16 * u, &n0, sizeof(n0));
+        std::memcpy(c1 + 16 * u, &n1, sizeof(n1));
+        s0[u] += n0 * r[j];
+        s1[u] += n1 * r[j + 1];
+      }
+    }
+    for (int u = 0; u < V; ++u) {
+      const v16 o = s0[u] + s1[u];
+      std::memcpy(y + 16 * u, &o, sizeof(o));
+    }
+  }
+}
+
 // The WKV-7 recurrence over T steps (kernels/README.md): r, d, k, v, a, b (B,T,H,N) contiguous fp32, where
 // d is the decay itself (exp(-exp(-0.5) sigmoid(w)), computed by the caller in one vectorised pass); s0
 // (B,H,N,N) fp32 [value, key] or None (zeros). Returns y (B,T,H,N) and the final state. One head per task,
-// on a transposed copy of its state [key, value], so that every product runs down columns of values
-// (contiguous, vectorised, no horizontal sums): sa = S a, then S <- S diag(d) + sa b^T + v k^T and y = S r.
+// on a transposed copy of its state [key, value] (wkv_head); head sizes 16, 32, 64 and 128 take the
+// register form (wkv_head_t).
 std::tuple<at::Tensor, at::Tensor> wkv7_forward(const at::Tensor& r, const at::Tensor& d, const at::Tensor& k,
                                                 const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
                                                 const c10::optional<at::Tensor>& s0) {
@@ -329,32 +453,20 @@ std::tuple<at::Tensor, at::Tensor> wkv7_forward(const at::Tensor& r, const at::T
   float* yp = y.data_ptr<float>();
   float* sp = state.data_ptr<float>();
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(N * N + 2 * N);
-    float *ST = buf.data(), *sa = ST + N * N, *yt = sa + N;
+    std::vector<float> buf(N * N);
+    float* ST = buf.data();
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t bi = task / H, h = task % H;
+      const int64_t bi = task / H, h = task % H, at = (bi * T * H + h) * N, stride = H * N;
       float* S = sp + task * N * N;
       for (int64_t i = 0; i < N; ++i)
         for (int64_t j = 0; j < N; ++j) ST[j * N + i] = S[i * N + j];
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t at = ((bi * T + t) * H + h) * N;
-        const float *rt = rp + at, *dt = dp + at, *kt = kp + at, *vt = vp + at, *aa = ap + at, *bt = bp + at;
-        for (int64_t i = 0; i < N; ++i) sa[i] = 0.f, yt[i] = 0.f;
-        for (int64_t j = 0; j < N; ++j) {
-          const float* col = ST + j * N;
-          const float aj = aa[j];
-          for (int64_t i = 0; i < N; ++i) sa[i] += col[i] * aj;
-        }
-        for (int64_t j = 0; j < N; ++j) {
-          float* col = ST + j * N;
-          const float dj = dt[j], bj = bt[j], kj = kt[j], rj = rt[j];
-          for (int64_t i = 0; i < N; ++i) {
-            const float s = col[i] * dj + sa[i] * bj + vt[i] * kj;
-            col[i] = s;
-            yt[i] += s * rj;
-          }
-        }
-        for (int64_t i = 0; i < N; ++i) yp[at + i] = yt[i];
+      const float *rt = rp + at, *dt = dp + at, *kt = kp + at, *vt = vp + at, *aa = ap + at, *bt = bp + at;
+      switch (N) {
+        case 16: wkv_head_t<16>(ST, rt, dt, kt, vt, aa, bt, yp + at, T, stride); break;
+        case 32: wkv_head_t<32>(ST, rt, dt, kt, vt, aa, bt, yp + at, T, stride); break;
+        case 64: wkv_head_t<64>(ST, rt, dt, kt, vt, aa, bt, yp + at, T, stride); break;
+        case 128: wkv_head_t<128>(ST, rt, dt, kt, vt, aa, bt, yp + at, T, stride); break;
+        default: wkv_head(ST, N, rt, dt, kt, vt, aa, bt, yp + at, T, stride);
       }
       for (int64_t i = 0; i < N; ++i)
         for (int64_t j = 0; j < N; ++j) S[i * N + j] = ST[j * N + i];
@@ -418,7 +530,10 @@ void ln_mix_seq(const at::Tensor& x, const c10::optional<at::Tensor>& dx, const 
       for (int64_t g = 0; g < G; ++g) {
         float* o = op + (g * M + m) * C;
         const float* mg = mixp + g * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = cur[c] + (prev[c] - cur[c]) * mg[c];
+        each16(C, [&](auto V, int64_t c) {
+          const auto x = load_as(V, cur + c);
+          store_as(o + c, x + (load_as(V, prev + c) - x) * load_as(V, mg + c));
+        });
       }
     }
   });
@@ -447,22 +562,31 @@ void wkv_pre(const at::Tensor& rkv, const at::Tensor& lora, const at::Tensor& ve
       const float *v_l = row_of(lora, 0, m), *w_l = row_of(lora, 1, m), *a_l = row_of(lora, 2, m);
       float* o[5];
       for (int i = 0; i < 5; ++i) o[i] = op + (i * M + m) * C;
+      float* vfm = vf + m * C;
       for (int64_t c0 = 0; c0 < C; c0 += N) {
-        double norm = 0.0;
-        for (int64_t j = 0; j < N; ++j) {
+        // columns c0 + j .. c0 + j + width(V) - 1: everything but the normalisation; returns sum(kk^2) there
+        auto part = [&](auto V, int64_t j) {
+          using T = decltype(V);
           const int64_t c = c0 + j;
-          float vm = v[c];
-          if (layer0) vf[m * C + c] = vm;
-          else vm = vm + (vf[m * C + c] - vm) * sigmoid(vp[2 * C + c] + v_l[c]);
-          a[j] = sigmoid(vp[C + c] + a_l[c]);
-          kk[j] = k[c] * vp[3 * C + c];
-          norm += double(kk[j]) * kk[j];
-          o[0][c] = vp[c] + w_l[c];
-          o[1][c] = k[c] * (1.f + (a[j] - 1.f) * vp[4 * C + c]);
-          o[2][c] = vm;
-        }
-        const float inv = 1.f / std::max(float(std::sqrt(norm)), 1e-12f);  // F.normalize's eps
-        for (int64_t j = 0; j < N; ++j) {
+          const T kc = load_as(V, k + c), vc = load_as(V, v + c);
+          T vm = vc;
+          if (layer0) store_as(vfm + c, vc);
+          else vm = vc + (load_as(V, vfm + c) - vc) * sigmoid_of(load_as(V, vp + 2 * C + c) + load_as(V, v_l + c));
+          const T ac = sigmoid_of(load_as(V, vp + C + c) + load_as(V, a_l + c));
+          const T kkc = kc * load_as(V, vp + 3 * C + c);
+          store_as(a.data() + j, ac);
+          store_as(kk.data() + j, kkc);
+          store_as(o[0] + c, load_as(V, vp + c) + load_as(V, w_l + c));
+          store_as(o[1] + c, kc * (1.f + (ac - 1.f) * load_as(V, vp + 4 * C + c)));
+          store_as(o[2] + c, vm);
+          return sum_of(kkc * kkc);
+        };
+        float norm = 0.f;
+        int64_t j = 0;
+        for (; j + 16 <= N; j += 16) norm += part(v16{}, j);
+        for (; j < N; ++j) norm += part(0.f, j);
+        const float inv = 1.f / std::max(std::sqrt(norm), 1e-12f);  // F.normalize's eps
+        for (j = 0; j < N; ++j) {
           o[3][c0 + j] = -kk[j] * inv;
           o[4][c0 + j] = kk[j] * inv * a[j];
         }
@@ -491,14 +615,24 @@ void wkv_post(const at::Tensor& y, const at::Tensor& r, const at::Tensor& k, con
                   *gr = g.data_ptr<float>() + m * g.stride(0);
       float* o = out.data_ptr<float>() + m * out.stride(0);
       for (int64_t c0 = 0; c0 < C; c0 += N) {
-        double mean = 0.0, var = 0.0, bonus = 0.0;
-        for (int64_t j = c0; j < c0 + N; ++j) mean += yr[j];
-        mean /= N;
-        for (int64_t j = c0; j < c0 + N; ++j) var += (yr[j] - mean) * (yr[j] - mean);
-        const double istd = 1.0 / std::sqrt(var / N + LN_X_EPS);
-        for (int64_t j = c0; j < c0 + N; ++j) bonus += double(rr[j]) * kr[j] * r_k[j];
-        for (int64_t j = c0; j < c0 + N; ++j)
-          o[j] = (float((yr[j] - mean) * istd) * ln_w[j] + ln_b[j] + float(bonus) * vr[j]) * gr[j];
+        Sum sum, bonus;
+        each16(N, [&](auto V, int64_t j) {
+          const int64_t c = c0 + j;
+          sum += load_as(V, yr + c);
+          bonus += load_as(V, rr + c) * load_as(V, kr + c) * load_as(V, r_k + c);
+        });
+        const float mean = sum.value() / N, bon = bonus.value();
+        Sum var;
+        each16(N, [&](auto V, int64_t j) {
+          const auto d = load_as(V, yr + c0 + j) - mean;
+          var += d * d;
+        });
+        const float istd = 1.f / std::sqrt(var.value() / N + LN_X_EPS);
+        each16(N, [&](auto V, int64_t j) {
+          const int64_t c = c0 + j;
+          store_as(o + c, ((load_as(V, yr + c) - mean) * istd * load_as(V, ln_w + c) + load_as(V, ln_b + c) +
+                           bon * load_as(V, vr + c)) * load_as(V, gr + c));
+        });
       }
     }
   });

@@ -182,10 +182,11 @@ def test_the_cpu_prefill_runner_is_the_engine_equals_gpt_mode_and_leaves_the_cal
 
 @built
 @pytest.mark.parametrize("T", [1, 5])
-def test_ln_mix_seq_equals_reference(T):
+@pytest.mark.parametrize("C", [64, 72])
+def test_ln_mix_seq_equals_reference(T, C):
     """Every position's shift is the LayerNorm of the one before (the state's at t = 0); the state's shift
-    becomes the last position's; x_out = x + dx, and x itself is left alone."""
-    B, C = 3, 64
+    becomes the last position's; x_out = x + dx, and x itself is left alone. C 72 ends in a partial vector."""
+    B = 3
     for has_dx, groups in ((True, 6), (False, 1)):
         results = []
         for ops in (cpu_step, reference):
@@ -204,14 +205,18 @@ def test_ln_mix_seq_equals_reference(T):
 
 @built
 @pytest.mark.parametrize("layer0", [True, False])
-def test_wkv_pre_and_post_equal_reference(layer0):
-    """rkv and lora as the engine passes them (stacked products); wkv_post_ reads rows of them as views."""
-    M, H, N = 10, 4, 16
+@pytest.mark.parametrize("N", [16, 24])
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_wkv_pre_and_post_equal_reference(layer0, N, scale):
+    """rkv and lora as the engine passes them (stacked products); wkv_post_ reads rows of them as views. N 24
+    takes wkv_pre_'s 16-wide form and its one-at-a-time tail; scale 40 sends the sigmoids' arguments past
+    +-88, where the vectorised exp clamps."""
+    M, H = 10, 4
     C = H * N
     results = []
     for ops in (cpu_step, reference):
         g = torch.Generator().manual_seed(12)
-        rkv, lora, vec = rnd(g, 3, M, C), rnd(g, 4, M, C), layer_vectors(g, C)
+        rkv, lora, vec = rnd(g, 3, M, C), rnd(g, 4, M, C, scale=scale), layer_vectors(g, C)
         v_first, y = rnd(g, M, C), rnd(g, M, C)
         pre, out = torch.full((5, M, C), float("nan")), torch.full((M, C), float("nan"))
         ops.wkv_pre_(rkv, lora, vec, v_first, layer0, pre, H)

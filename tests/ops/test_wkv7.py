@@ -198,9 +198,10 @@ def _rel(a, b):
 @torch.no_grad()
 @pytest.mark.parametrize("T", [1, 5, 33, 100])
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("N", [8, 64])
+@pytest.mark.parametrize("N", [8, 16, 32, 64, 128])
 def test_cpu_kernel_is_within_the_fp32_noise_floor_of_the_reference(T, with_state, N):
-    """Against the fp64 reference: at most 4x the error of the fp32 reference itself, in outputs and state."""
+    """Against the fp64 reference: at most 4x the error of the fp32 reference itself, in outputs and state.
+    N 8 takes the kernel's general loop; 16 to 128 its forms with the head size fixed at compile time."""
     xs, s0 = make_inputs(2, T, 3, N, seed=20 + T, with_state=with_state)
     truth_y, truth_s = wkv7_reference(*xs, s0)
     xs32 = [x.float() for x in xs]
