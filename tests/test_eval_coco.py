@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import types
@@ -122,16 +123,23 @@ class FakeCaptioner:
         cls.calls.append(("load", checkpoint, device))
         return cls()
 
-    def caption_paths(self, paths, sampling, batch_size=32, num_workers=0, progress=True):
-        self.calls.append(("caption_paths", list(paths), sampling, batch_size, num_workers))
+    interrupt_after: Optional[int] = None  # batches; then KeyboardInterrupt, as a Ctrl-C would
+
+    def caption_batches(self, paths, sampling, batch_size=32, num_workers=0, progress=True):
+        self.calls.append(("caption_batches", list(paths), sampling, batch_size, num_workers))
         by_name = {im["filename"]: im["cocoid"] for im in fixture_images("test")}
         candidates = {r["image_id"]: r["caption"] for r in json.loads(RESULTS.read_text())}
-        for path in paths:
-            name = Path(path).name
-            if name in self.fail:
-                yield FakeResult(path, None, None, "cannot identify image file")
-            else:
-                yield FakeResult(path, candidates[by_name[name]], -1.5, None)
+        for start in range(0, len(paths), batch_size):
+            if self.interrupt_after is not None and start // batch_size == self.interrupt_after:
+                raise KeyboardInterrupt
+            batch = []
+            for path in paths[start:start + batch_size]:
+                name = Path(path).name
+                if name in self.fail:
+                    batch.append(FakeResult(path, None, None, "cannot identify image file"))
+                else:
+                    batch.append(FakeResult(path, candidates[by_name[name]], -1.5, None))
+            yield batch
 
 
 @pytest.fixture
@@ -147,6 +155,7 @@ def fake_captioner(monkeypatch, tmp_path):
     monkeypatch.setattr(captioner_module, "Captioner", FakeCaptioner, raising=False)
     monkeypatch.setattr(FakeCaptioner, "calls", [])
     monkeypatch.setattr(FakeCaptioner, "fail", set())
+    monkeypatch.setattr(FakeCaptioner, "interrupt_after", None)
     # These tests are about the captioning plumbing: without Java, METEOR is skipped at once (saves ~6 s).
     monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
     root = tmp_path / "coco"
@@ -230,3 +239,118 @@ def test_the_metrics_record_the_tokenizer_actually_used(eval_coco, tmp_path, cap
     assert record["tokenize"] == "simple" and record["tokenize_requested"] == "ptb"
     assert "fell back to simple tokenization" in record["skipped"]["PTBTokenizer"]
     assert "(tokenize simple)" in captured.out
+
+
+# ---- the journal: a killed or interrupted run resumes ---------------------------------------------------------
+
+
+def _caption_args(root, out, *extra):
+    return ["--karpathy", str(KARPATHY), "--image-root", str(root), "--split", "test", "--checkpoint", "runs/x/ckpt",
+            "--out", str(out), "--batch-size", "2", "--num-workers", "0", "--device", "cpu", "--tokenize", "simple",
+            "--spice", "off", *map(str, extra)]
+
+
+def _journal(out: Path) -> Path:
+    return out.with_name(out.name + ".journal.jsonl")
+
+
+def test_an_interrupted_run_resumes_from_its_journal_and_tries_failed_images_again(eval_coco, fake_captioner,
+                                                                                  tmp_path, capsys):
+    images = fixture_images("test")
+    clean = tmp_path / "clean.json"
+    assert eval_coco.main(_caption_args(fake_captioner, clean)) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "res.json"
+    FakeCaptioner.fail = {images[1]["filename"]}  # fails in the first run's first batch ...
+    FakeCaptioner.interrupt_after = 1  # ... which is durable before the Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        eval_coco.main(_caption_args(fake_captioner, out))
+    assert not out.exists()
+    entries = [json.loads(line) for line in _journal(out).read_text().splitlines()]
+    assert [Path(e["path"]).name for e in entries] == [im["filename"] for im in images[:2]]
+    assert entries[1]["error"] == "cannot identify image file"
+
+    FakeCaptioner.fail, FakeCaptioner.interrupt_after = set(), None
+    FakeCaptioner.calls.clear()
+    assert eval_coco.main(_caption_args(fake_captioner, out)) == 0
+    err = capsys.readouterr().err
+    assert "1 of 4 images are captioned, 3 left" in err
+    (_, paths, *_), = [c for c in FakeCaptioner.calls if c[0] == "caption_batches"]
+    assert [Path(p).name for p in paths] == [im["filename"] for im in images[1:]]  # the failed one again
+    assert json.loads(out.read_text()) == json.loads(clean.read_text())
+    assert not _journal(out).exists()
+
+
+def test_a_journal_of_other_settings_is_one_line_and_left_alone_until_restart(eval_coco, fake_captioner, tmp_path,
+                                                                             capsys):
+    out = tmp_path / "res.json"
+    FakeCaptioner.interrupt_after = 1
+    with pytest.raises(KeyboardInterrupt):
+        eval_coco.main(_caption_args(fake_captioner, out, "--beam", "3"))
+    FakeCaptioner.interrupt_after = None
+    before = _journal(out).read_bytes()
+    capsys.readouterr()
+
+    assert eval_coco.main(_caption_args(fake_captioner, out)) == 2  # greedy now
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "holds captions of another run (" in err[0] and "beam 3" in err[0]
+    assert "beam 1" in err[0] and "--restart" in err[0]
+    assert _journal(out).read_bytes() == before and not out.exists()
+
+    FakeCaptioner.calls.clear()
+    assert eval_coco.main(_caption_args(fake_captioner, out, "--restart")) == 0
+    (_, paths, *_), = [c for c in FakeCaptioner.calls if c[0] == "caption_batches"]
+    assert len(paths) == 4 and len(json.loads(out.read_text())) == 4 and not _journal(out).exists()
+
+
+def test_a_second_run_on_the_same_out_is_one_line(eval_coco, fake_captioner, tmp_path, capsys):
+    from vision_rwkv._fs import AppendLog
+
+    out = tmp_path / "res.json"
+    held = AppendLog(_journal(out))
+    try:
+        assert eval_coco.main(_caption_args(fake_captioner, out)) == 2
+    finally:
+        held.close()
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {_journal(out)} is being written by another eval_coco.py run on the same --out (it is "
+                   "locked); expected one run per output: wait for it, or choose another output"]
+    assert FakeCaptioner.calls == [] and not out.exists()
+
+
+def test_kill_9_between_batches_then_the_same_command_gives_the_uninterrupted_results(tmp_path):
+    """A real (tiny) checkpoint and real images, in a subprocess killed right after its first batch is durable."""
+    import subprocess
+
+    from test_captioner import make_checkpoint, write_images
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    names = [f"COCO_val2014_{i:012d}.png" for i in range(5)]
+    write_images(tmp_path / "coco" / "val2014", 5, names=names)
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"filepath": "val2014", "filename": name, "cocoid": i, "split": "test",
+         "sentences": [{"raw": "a small red square", "tokens": ["a", "small", "red", "square"]}]}
+        for i, name in enumerate(names)]}))
+
+    def run(out, fault=None):
+        cmd = [sys.executable, str(ROOT / "eval_coco.py"), "--karpathy", str(karpathy), "--image-root",
+               str(tmp_path / "coco"), "--checkpoint", str(checkpoint), "--out", str(out), "--batch-size", "2",
+               "--num-workers", "0", "--device", "cpu", "--max-new-tokens", "6", "--tokenize", "simple",
+               "--spice", "off"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+               **({"VISION_RWKV_FAULT": fault} if fault else {})}
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    clean = run(tmp_path / "clean.json")
+    assert clean.returncode == 0, clean.stderr
+    out = tmp_path / "res.json"
+    killed = run(out, fault="eval.batch_written:1")
+    assert killed.returncode == -9 and not out.exists()
+    assert len(_journal(out).read_text().splitlines()) == 2
+    resumed = run(out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 of 5 images are captioned, 3 left" in resumed.stderr
+    assert json.loads(out.read_text()) == json.loads((tmp_path / "clean.json").read_text())
+    assert not _journal(out).exists()

@@ -6,7 +6,8 @@
     VISION_RWKV_FAULT=NAME:N=hang     sleep there for good instead (a process to signal from outside)
 
 Without the variable a fault point costs one environment lookup. Points in the code:
-caption.batch_written (a batch's rows are durable), train.step_done (an optimizer step has run),
+caption.batch_written (a batch's rows are durable), eval.batch_written (the same in eval_coco.py's
+journal), train.step_done (an optimizer step has run),
 checkpoint.files_written (a checkpoint's files are in its temporary folder, not yet renamed).
 """
 

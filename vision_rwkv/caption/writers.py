@@ -43,9 +43,9 @@ class RowStore:
     process's part under torchrun. Batches are appended whole and fsynced, so a killed run loses at most the
     batch in flight; a torn last line is cut off when the file is opened again."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, holder: str = "another caption.py run"):
         self.path = path
-        self.log = AppendLog(path, holder="another caption.py run")
+        self.log = AppendLog(path, holder=holder)
         try:
             lines, self.torn = self.log.lines()
             rows = self._parse(lines)

@@ -5,6 +5,11 @@
 
 The first form captions every image of the split, writes a COCO results file (a JSON list of
 {"image_id": int, "caption": str}) and scores it; the second scores an existing results file.
+Captions go to a journal beside the results file (<results>.journal.jsonl) one batch at a time, so a killed
+run loses at most the batch in flight: the same command resumes after the images already captioned (and
+tries again those that failed), then writes the results file whole and removes the journal. A journal made
+with another checkpoint or other decoding settings is never mixed in: that is an error, and --restart
+discards it.
 Metrics: BLEU-1..4, METEOR, ROUGE-L, CIDEr (CIDEr-D, as in pycocoevalcap) and SPICE when its jars are
 installed. With --tokenize ptb (the default, the published protocol) captions go through the Stanford
 PTB tokenizer, which needs Java like METEOR does; a scorer that cannot run is reported and skipped.
@@ -14,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from .._faults import fault_point
 from .._fs import atomic_write, check_writable
 from ..config import SamplingConfig
-from ..errors import VisionRWKVError
+from ..errors import OutputError, VisionRWKVError
 from ..train.metrics import coco_scores
 
 METRIC_LABELS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
@@ -59,6 +66,9 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
                     help="ptb: Stanford PTB tokenizer (Java, the published protocol); simple: pure Python")
     ap.add_argument("--spice", choices=["auto", "on", "off"], default="auto",
                     help="auto: SPICE when its jars are installed; on: fail without it; off: never")
+    ap.add_argument("--restart", action="store_true",
+                    help="discard the journal an interrupted run left beside the results file and caption every "
+                         "image again (without it, the same command resumes from the journal)")
     return ap
 
 
@@ -81,8 +91,7 @@ def _run(args) -> int:
     if captioning:
         if args.limit is not None:
             rows = rows[: args.limit]
-        results, failed = _caption(rows, args)
-        _write_json(results_path, results)
+        results, failed = _caption(rows, args, results_path)
         print(f"wrote {results_path}: {len(results)} captions")
     else:
         results = read_results(results_path)
@@ -135,41 +144,105 @@ def _split_rows(karpathy: Path, image_root, split: str, check_images: bool) -> l
     return rows
 
 
-def _caption(rows: list[dict], args) -> tuple[list[dict], int]:
-    """COCO results for rows, in their order, and the number of images that failed (reported on stderr)."""
-    from ..caption.captioner import Captioner
+def _caption(rows: list[dict], args, results_path: Path) -> tuple[list[dict], int]:
+    """Caption rows through the journal beside results_path, resuming what it holds; write the COCO results
+    (in the rows' order) whole, then remove the journal. Returns the results and the number of images that
+    failed (reported on stderr)."""
+    from ..caption.writers import RowStore, _key, journal_path
 
+    store = RowStore(journal_path(results_path), holder="another eval_coco.py run on the same --out")
+    try:
+        captions = _journal_captions(store, rows, args)
+        results, failures = [], []
+        for row in rows:
+            entry = captions[_key(row["image"])]
+            if _captioned(entry):
+                results.append({"image_id": row["image_id"], "caption": entry["caption"]})
+            else:
+                failures.append((row["image"], entry.get("error") or "no caption was produced"))
+        for path, error in failures[:MAX_FAILURES_SHOWN]:
+            print(f"warning: could not caption {path}: {error}", file=sys.stderr)
+        if failures:
+            more = f" ({len(failures) - MAX_FAILURES_SHOWN} not shown)" if len(failures) > MAX_FAILURES_SHOWN else ""
+            print(f"warning: {len(failures)} of {len(rows)} images failed to caption and are not scored{more}",
+                  file=sys.stderr)
+        if not results:
+            raise VisionRWKVError(f"none of the {len(rows)} images could be captioned (first error: "
+                                  f"{failures[0][1]}); expected readable images and a working checkpoint")
+        try:
+            _write_json(results_path, results)
+        except OutputError as e:
+            raise OutputError(f"{e}; the captions are kept in {store.path}, and the same command writes "
+                              f"{results_path} from them") from None
+        store.remove()
+        return results, len(failures)
+    finally:
+        store.close()
+
+
+def _run_identity(args) -> dict:
+    """What the captions depend on: a journal made with anything else is not this run's."""
+    checkpoint = "the shipped demo model" if args.checkpoint is None else os.path.realpath(args.checkpoint)
+    return {"checkpoint": checkpoint, "beam": args.beam, "max_new_tokens": args.max_new_tokens,
+            "dtype": args.dtype, "device": args.device}
+
+
+def _journal_captions(store, rows: list[dict], args) -> dict[str, dict]:
+    """Every row's journal entry (path key -> the latest row for it), captioning what the journal lacks: images
+    not in it, and those whose entry is an error (tried again)."""
+    from ..caption.writers import _key, _row
+
+    run = _run_identity(args)
+    if args.restart:
+        store.clear()
+    elif store.torn:
+        print(f"dropped a partial last line of {store.path} (an interrupted write)", file=sys.stderr)
+    captions: dict[str, dict] = {}
+    for entry in store.rows():
+        if entry.get("run") != run:
+            theirs = entry.get("run") if isinstance(entry.get("run"), dict) else "unknown settings"
+            raise VisionRWKVError(f"{store.path} holds captions of another run ({_settings(theirs)}); expected "
+                                  f"this run's ({_settings(run)}): pass --restart to discard them, or choose "
+                                  "another --out")
+        captions[_key(entry["path"])] = entry
+    todo = [row["image"] for row in rows if not _captioned(captions.get(_key(row["image"])))]
+    if len(todo) < len(rows):
+        print(f"resuming from {store.path}: {len(rows) - len(todo)} of {len(rows)} images are captioned, "
+              f"{len(todo)} left", file=sys.stderr)
+    if not todo:
+        return captions
     if args.beam > 1:
         sampling = SamplingConfig(strategy="beam", num_beams=args.beam, max_new_tokens=args.max_new_tokens)
     else:
         sampling = SamplingConfig(strategy="greedy", max_new_tokens=args.max_new_tokens)
     sampling.validate()
+    from ..caption.captioner import Captioner
+
     if args.checkpoint is None:
         print("no --checkpoint given: captioning with the shipped demo model", file=sys.stderr)
     captioner = Captioner.load(args.checkpoint, device=args.device, dtype=args.dtype)
-    paths = [row["image"] for row in rows]
-    outputs = captioner.caption_paths(paths, sampling, batch_size=args.batch_size, num_workers=args.num_workers,
-                                      progress=sys.stderr.isatty())
-    results, failures = [], []
-    done = 0
-    for row, out in zip(rows, outputs):
-        done += 1
-        if out.error is not None or out.caption is None:
-            failures.append((row["image"], out.error or "no caption was produced"))
-        else:
-            results.append({"image_id": row["image_id"], "caption": out.caption})
-    if done != len(rows):
-        raise RuntimeError(f"the captioner answered for {done} of {len(rows)} images")
-    for path, error in failures[:MAX_FAILURES_SHOWN]:
-        print(f"warning: could not caption {path}: {error}", file=sys.stderr)
-    if failures:
-        more = f" ({len(failures) - MAX_FAILURES_SHOWN} not shown)" if len(failures) > MAX_FAILURES_SHOWN else ""
-        print(f"warning: {len(failures)} of {len(rows)} images failed to caption and are not scored{more}",
-              file=sys.stderr)
-    if not results:
-        raise VisionRWKVError(f"none of the {len(rows)} images could be captioned (first error: {failures[0][1]}); "
-                              "expected readable images and a working checkpoint")
-    return results, len(failures)
+    answered = 0
+    for batch in captioner.caption_batches(todo, sampling, batch_size=args.batch_size, num_workers=args.num_workers,
+                                           progress=sys.stderr.isatty()):
+        entries = [{**_row(result), "run": run} for result in batch]
+        store.append(entries)
+        fault_point("eval.batch_written")
+        for entry in entries:
+            captions[_key(entry["path"])] = entry
+        answered += len(batch)
+    if answered != len(todo):
+        raise RuntimeError(f"the captioner answered for {answered} of {len(todo)} images")
+    return captions
+
+
+def _settings(run: dict | str) -> str:
+    if not isinstance(run, dict):
+        return run
+    return ", ".join(f"{k} {v}" for k, v in run.items())
+
+
+def _captioned(entry: dict | None) -> bool:
+    return entry is not None and entry.get("error") is None and isinstance(entry.get("caption"), str)
 
 
 def read_results(path: Path) -> list[dict]:
