@@ -58,11 +58,12 @@ typedef int32_t vi16 __attribute__((vector_size(64)));
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // exp(x) for 16 floats: x = n ln2 + f with |f| <= ln2/2, e^f by its Taylor series to f^7 (relative error
-// under 1e-8 there), times 2^n built in the exponent bits. x is clamped to [-87, 88], where 2^n stays normal.
+// under 1e-8 there), times 2^n built in the exponent bits. x is clamped to [-87, 88], where 2^n stays normal;
+// a NaN stays NaN (the comparisons are false for it, so it passes the clamps).
 inline v16 exp16(v16 x) {
   const v16 shifter = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
-  x = x < 88.f ? x : v16{} + 88.f;
-  x = x > -87.f ? x : v16{} - 87.f;
+  x = x > 88.f ? v16{} + 88.f : x;
+  x = x < -87.f ? v16{} - 87.f : x;
   const v16 t = x * 1.44269504088896341f + shifter;
   const v16 n = t - shifter;
   const v16 f = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;  // ln2 in two parts

@@ -227,6 +227,24 @@ def test_wkv_pre_and_post_equal_reference(layer0, N, scale):
 
 
 @built
+def test_wkv_pre_keeps_nans_where_the_reference_has_them():
+    """A NaN in an input reaches the same outputs as in the reference (the vectorised sigmoid keeps it)."""
+    M, H, N = 3, 2, 32
+    C = H * N
+    g = torch.Generator().manual_seed(14)
+    rkv, lora, vec = rnd(g, 3, M, C), rnd(g, 4, M, C), layer_vectors(g, C)
+    lora[2, 1, 5] = float("nan")  # the in-context rate's low-rank input, row 1, channel 5 (head 0)
+    lora[0, 2, 40] = float("nan")  # the value residual's, row 2, channel 40 (head 1)
+    got = []
+    for ops in (cpu_step, reference):
+        v_first, pre = rnd(torch.Generator().manual_seed(15), M, C), torch.zeros(5, M, C)
+        ops.wkv_pre_(rkv, lora, vec, v_first, False, pre, H)
+        got.append(pre)
+    assert torch.isnan(got[1]).any()
+    assert torch.equal(torch.isnan(got[0]), torch.isnan(got[1]))
+
+
+@built
 def test_relu2_and_lora_act_equal_reference():
     g = torch.Generator().manual_seed(13)
     h, f = rnd(g, 4, 3, 32, scale=3.0), rnd(g, 3, 200, scale=3.0)
