@@ -18,6 +18,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -663,6 +664,63 @@ void lora_act(const at::Tensor& h) {
   });
 }
 
+// ---- The whole fused step in one call: the engine's _step_fused (lm/engine.py) without a Python round trip
+// between its operations, which at a small model's size cost about as much as the operations themselves.
+
+constexpr int64_t LAYER_TENSORS = 12;  // the order of engine.StepEngine._step_layers
+
+// tokens (B,) int64 -> xf (B,C) <- LayerNorm_out of the last residual stream; the state (att_shift, wkv,
+// ffn_shift: (L,B,C), (L,B,H,N,N), (L,B,C) fp32) is updated in place. layers holds LAYER_TENSORS a layer:
+// ln1 weight and bias, mix_att, w_in, lora2_in, vec, w_out, ln2 weight and bias, mix_ffn, w_key, w_value.
+void step_fused(const at::Tensor& tokens, const at::Tensor& emb, const at::Tensor& ln0_w, const at::Tensor& ln0_b,
+                at::TensorList layers, const at::Tensor& seg_in, const at::Tensor& seg_key,
+                const at::Tensor& att_shift, const at::Tensor& wkv, const at::Tensor& ffn_shift,
+                const at::Tensor& ln_out_w, const at::Tensor& ln_out_b, const at::Tensor& xf, int64_t block_n,
+                int64_t lora_rank, double log_decay_scale) {
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.dim() == 1 && tokens.is_contiguous(),
+              "vision_rwkv_cpu: step_fused_ takes contiguous int64 tokens (B,)");
+  for (const auto* t : {&emb, &ln0_w, &ln0_b, &ln_out_w, &ln_out_b, &xf}) check_contiguous(*t, "step_fused_'s tensors");
+  const int64_t B = tokens.size(0), C = emb.size(1), V = emb.size(0), R = lora_rank;
+  const int64_t L = static_cast<int64_t>(layers.size()) / LAYER_TENSORS;
+  TORCH_CHECK(static_cast<int64_t>(layers.size()) == L * LAYER_TENSORS && att_shift.size(0) == L &&
+                  wkv.size(0) == L && ffn_shift.size(0) == L && xf.size(0) == B && xf.size(1) == C,
+              "vision_rwkv_cpu: step_fused_: ", LAYER_TENSORS, " tensors a layer and a state of as many layers");
+  const auto f32 = emb.options();
+  at::Tensor xa = at::empty({B, C}, f32), xb = at::empty({B, C}, f32), xl_att = at::empty({B, C}, f32),
+             xl_ffn = at::empty({B, C}, f32), v_first = at::empty({B, C}, f32), y = at::empty({B, C}, f32),
+             dx = at::empty({B, C}, f32), out_in = at::empty({B, 3 * C + 4 * R}, f32),
+             lora_out = at::empty({B, 4 * C}, f32);
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(tok[b] >= 0 && tok[b] < V, "vision_rwkv_cpu: step_fused_: token ", tok[b], " is outside 0..", V - 1);
+    layer_norm(emb.data_ptr<float>() + tok[b] * C, ln0_w.data_ptr<float>(), ln0_b.data_ptr<float>(), C,
+               xa.data_ptr<float>() + b * C);
+  }
+  const at::Tensor rkv = out_in.narrow(1, 0, 3 * C).view({B, 3, C}).transpose(0, 1);
+  const at::Tensor lora = lora_out.view({B, 4, C}).transpose(0, 1);
+  const at::Tensor lora_in = out_in.narrow(1, 3 * C, 4 * R);
+  at::Tensor k;
+  for (int64_t i = 0; i < L; ++i) {
+    const at::Tensor* w = layers.data() + i * LAYER_TENSORS;
+    if (i == 0) k = at::empty({B, w[10].size(0)}, f32);
+    const at::Tensor att_i = att_shift.select(0, i), ffn_i = ffn_shift.select(0, i);
+    ln_mix_matmul(xa, i ? c10::optional<at::Tensor>(dx) : c10::nullopt, xb, xl_att, w[0], w[1], att_i, w[2],
+                  w[3], seg_in, out_in, block_n, i ? c10::optional<at::Tensor>(xl_ffn) : c10::nullopt,
+                  i ? c10::optional<at::Tensor>(ffn_shift.select(0, i - 1)) : c10::nullopt);
+    linear(lora_in, w[4], lora_out, 4);
+    wkv_step(wkv.select(0, i), rkv, lora, w[5], v_first, i == 0, y, log_decay_scale);
+    linear(y, w[6], dx, 1);
+    ln_mix_matmul(xb, dx, xa, xl_ffn, w[7], w[8], ffn_i, w[9], w[10], seg_key, k, block_n, xl_att, att_i);
+    linear(k, w[11], dx, 1);
+  }
+  ffn_shift.select(0, L - 1).copy_(xl_ffn);
+  float* xp = xa.data_ptr<float>();
+  const float* dp = dx.data_ptr<float>();
+  for (int64_t i = 0; i < B * C; ++i) xp[i] += dp[i];
+  for (int64_t b = 0; b < B; ++b)
+    layer_norm(xp + b * C, ln_out_w.data_ptr<float>(), ln_out_b.data_ptr<float>(), C, xf.data_ptr<float>() + b * C);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(vision_rwkv_cpu, m) {
@@ -680,6 +738,9 @@ TORCH_LIBRARY(vision_rwkv_cpu, m) {
   m.def("relu2_(Tensor(a!) h) -> ()");
   m.def("lora_act_(Tensor(a!) h) -> ()");
   m.def("wkv7_forward(Tensor r, Tensor d, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? s0) -> (Tensor, Tensor)");
+  m.def("step_fused_(Tensor tokens, Tensor emb, Tensor ln0_w, Tensor ln0_b, Tensor[] layers, Tensor seg_in, "
+        "Tensor seg_key, Tensor(a!) att_shift, Tensor(b!) wkv, Tensor(c!) ffn_shift, Tensor ln_out_w, "
+        "Tensor ln_out_b, Tensor(d!) xf, int block_n, int lora_rank, float log_decay_scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vision_rwkv_cpu, CPU, m) {
@@ -692,4 +753,5 @@ TORCH_LIBRARY_IMPL(vision_rwkv_cpu, CPU, m) {
   m.impl("wkv_post_", &wkv_post);
   m.impl("relu2_", &relu2);
   m.impl("lora_act_", &lora_act);
+  m.impl("step_fused_", &step_fused);
 }

@@ -126,6 +126,44 @@ def test_batched_equals_one_by_one():
 
 @built
 @torch.no_grad()
+@pytest.mark.parametrize("B", [1, 3, 8])
+def test_the_whole_step_in_one_call_equals_the_step_op_by_op(B):
+    """step_fused_ (every layer in one C++ call, the engine's default with these kernels) against the same
+    operations called one by one from Python, as every other family runs them: logits and the whole state
+    over four steps. Its first and last LayerNorms are the kernels' rather than torch's, hence not bitwise."""
+    import types
+
+    one_by_one = types.SimpleNamespace(**{n: getattr(cpu_step, n) for n in dir(cpu_step)
+                                          if not n.startswith("__") and n != "step_fused_"})
+    lm = lm_on("cpu", seed=6)
+    tokens = torch.randint(0, 97, (B, 4), generator=torch.Generator().manual_seed(7))
+    whole, whole_state = run_steps(lm, cpu_step, tokens, fused_max_batch=8)
+    split, split_state = run_steps(lm, one_by_one, tokens, fused_max_batch=8)
+    assert rel(whole, split) <= 1e-6
+    for name in ("att_shift", "wkv", "ffn_shift"):
+        assert rel(getattr(whole_state, name), getattr(split_state, name)) <= 1e-6, name
+    assert not torch.equal(whole_state.wkv, lm.init_state(B).wkv)  # the state did move
+
+
+@built
+@torch.no_grad()
+def test_the_whole_step_checks_its_tokens_and_its_layer_list():
+    from vision_rwkv.lm.engine import StepEngine as Engine
+
+    lm = lm_on("cpu", seed=6)
+    engine = Engine(lm)
+    state = lm.init_state(1)
+    with pytest.raises(RuntimeError, match="token 97 is outside 0..96"):
+        engine.step(torch.tensor([97]), state)
+    p, ln0 = engine._buffers, lm.blocks[0].ln0
+    with pytest.raises(RuntimeError, match="12 tensors a layer"):
+        cpu_step.step_fused_(torch.tensor([1]), p["emb"], ln0.weight, ln0.bias, engine._step_layers()[:-1],
+                             p["seg_in"], p["seg_key"], state, lm.ln_out.weight, lm.ln_out.bias,
+                             torch.empty(1, lm.config.n_embd), engine.block_n, engine.lora_rank)
+
+
+@built
+@torch.no_grad()
 def test_the_cpu_engine_takes_the_kernels_for_fp32_products_and_the_reference_otherwise():
     lm = lm_on("cpu")
     engine = StepEngine(lm)

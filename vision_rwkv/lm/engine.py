@@ -115,6 +115,7 @@ class StepEngine:
         self.onednn = not reduce and (cpu_fp32 and _onednn_works() if onednn is None else onednn and cpu_fp32)
         self._buffers: dict[str, torch.Tensor] | None = None
         self._onednn: dict[str, list[torch.Tensor]] = {}
+        self._layers: list[torch.Tensor] | None = None  # _step_layers, made again at each packing
         self._version: tuple = ()
         self.sync()
 
@@ -133,6 +134,7 @@ class StepEngine:
         if version == self._version:
             return
         moved = not self._version or version[0] != self._version[0]
+        self._layers = None
         with torch.no_grad():
             packed = self._pack()
             if self._buffers is None or moved or self.onednn:
@@ -231,6 +233,13 @@ class StepEngine:
         B, C, R, L = tokens.shape[0], cfg.n_embd, self.lora_rank, cfg.n_layer
         dev = tokens.device
         f32 = dict(device=dev, dtype=torch.float32)
+        ln0 = lm.blocks[0].ln0
+        if hasattr(ops, "step_fused_") and p["emb"].dtype == torch.float32:  # every layer in one call
+            xf = torch.empty(B, C, **f32)
+            ops.step_fused_(tokens, p["emb"], ln0.weight.detach().float(), ln0.bias.detach().float(),
+                            self._step_layers(), p["seg_in"], p["seg_key"], state,
+                            lm.ln_out.weight.detach().float(), lm.ln_out.bias.detach().float(), xf, bn, R)
+            return self._head(xf)
         xa, xb, xl_att, xl_ffn, v_first = (torch.empty(B, C, **f32) for _ in range(5))
         out_in = torch.empty(B, 3 * C + 4 * R, device=dev, dtype=dt)
         lora_out = torch.empty(B, 4 * C, device=dev, dtype=dt)
@@ -238,7 +247,6 @@ class StepEngine:
         y, dx = (torch.empty(B, C, device=dev, dtype=dt) for _ in range(2))
         rkv = out_in[:, :3 * C].view(B, 3, C).transpose(0, 1)  # (3,B,C) views
         lora = lora_out.view(B, 4, C).transpose(0, 1)  # (4,B,C)
-        ln0 = lm.blocks[0].ln0
         ops.embed_ln_(tokens, p["emb"], ln0.weight, ln0.bias, xa)
         for i, block in enumerate(lm.blocks):
             prev = dict(prev_xl=xl_ffn, prev_shift=state.ffn_shift[i - 1]) if i else {}
@@ -258,6 +266,18 @@ class StepEngine:
         xf = torch.empty(1, B, C, device=dev, dtype=dt)
         ops.ln_mix_(xa, dx, lm.ln_out.weight, lm.ln_out.bias, None, None, xf)
         return self._head(xf[0])
+
+    def _step_layers(self) -> list[torch.Tensor]:
+        """The tensors step_fused_ reads, twelve a layer in the order of _step_fused's operations: ln1's weight
+        and bias, mix_att, w_in, lora2_in, vec, w_out, ln2's weight and bias, mix_ffn, w_key, w_value. Made
+        once a packing (the LayerNorms are lm's own parameters, so values changed in place are seen)."""
+        if self._layers is None:
+            p = self._buffers
+            self._layers = [t for i, block in enumerate(self.lm.blocks) for t in (
+                block.ln1.weight.detach().float(), block.ln1.bias.detach().float(), p[f"{i}.mix_att"],
+                p[f"{i}.w_in"], p[f"{i}.lora2_in"], p[f"{i}.vec"], p[f"{i}.w_out"], block.ln2.weight.detach().float(),
+                block.ln2.bias.detach().float(), p[f"{i}.mix_ffn"], p[f"{i}.w_key"], p[f"{i}.w_value"])]
+        return self._layers
 
     def _step_split(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
         """The same step as eleven operations a layer: the step ops (kernels, or the reference functions)

@@ -151,7 +151,7 @@ def _register_cpu_fakes() -> None:
     if getattr(_register_cpu_fakes, "done", False):
         return
     for name in ("ln_mix_matmul_", "linear_", "wkv_step_", "ln_mix_seq_", "wkv_pre_", "wkv_post_", "relu2_",
-                 "lora_act_"):
+                 "lora_act_", "step_fused_"):
         torch.library.register_fake(f"vision_rwkv_cpu::{name}", lambda *args, **kw: None)
 
     @torch.library.register_fake("vision_rwkv_cpu::wkv7_forward")

@@ -4,7 +4,8 @@ machine.
 The same functions and in-place contracts as reference.py and triton_step.py, for the engine (lm/engine.py):
 the fused step's ln_mix_matmul_, linear_ and wkv_step_, and the prefill's ln_mix_seq_, wkv_pre_, wkv_post_,
 relu2_ and lora_act_ (also the split step's) are compiled; embed_ln_ and ln_mix_, which run once a step,
-are the references themselves.
+are the references themselves. step_fused_, which only this family has, runs the fused step's operations for
+every layer in one call (the engine takes it when it is there).
 
 The compiled products read each weight row once for all input rows together (up to MAX_ROWS), which is
 what a step at a few rows needs: it is bound by the speed at which its weights stream from memory, and
@@ -56,6 +57,16 @@ def linear_(x, w, out, groups: int = 1) -> None:
 
 def wkv_step_(state, rkv, lora, vec, v_first, layer0: bool, out) -> None:
     torch.ops.vision_rwkv_cpu.wkv_step_(state, rkv, lora, vec, v_first, layer0, out, LOG_DECAY_SCALE)
+
+
+def step_fused_(tokens, emb, ln0_w, ln0_b, layers: list, seg_in, seg_key, state, ln_out_w, ln_out_b, xf,
+                block_n: int, lora_rank: int) -> None:
+    """The engine's whole fused step in one call (StepEngine._step_fused's operations, in its order): xf (B,C)
+    <- the final LayerNorm of the residual stream; state (fp32, contiguous) updated in place. layers: twelve
+    tensors a layer, in StepEngine._step_layers' order."""
+    torch.ops.vision_rwkv_cpu.step_fused_(tokens, emb, ln0_w, ln0_b, layers, seg_in, seg_key, state.att_shift,
+                                          state.wkv, state.ffn_shift, ln_out_w, ln_out_b, xf, block_n, lora_rank,
+                                          LOG_DECAY_SCALE)
 
 
 # ---- GPT mode (a prefill), around torch's products ----------------------------------------------------
