@@ -227,7 +227,8 @@ class StepEngine:
         """Six launches a layer: [LayerNorm + mixes + r, k, v and the first low-rank products], the second
         low-rank products, [the WKV step and everything around it], the output projection, [LayerNorm +
         mix + the channel mix's key + relu^2], its value. The residual stream ping-pongs between two fp32
-        buffers, and each shift is written back by a later kernel, once every reader of the old one is done."""
+        buffers, and each shift is written back by a later kernel, once every reader of the old one is done.
+        Ops that have step_fused_ (the CPU kernels) run all of it, every layer, in that one call."""
         lm, ops, p, dt, bn = self.lm, self.ops, self._buffers, self.dtype, self.block_n
         cfg = lm.config
         B, C, R, L = tokens.shape[0], cfg.n_embd, self.lora_rank, cfg.n_layer
