@@ -79,7 +79,7 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--batches", default="", help="only time the C++ kernels' fused path against the split path "
-                    "(oneDNN's products) at these batch sizes, e.g. 1,2,4,8,16: what cpu_step.FUSED_MAX_BATCH "
+                    "(oneDNN's products) at these batch sizes, e.g. 1,2,4,8,16: what cpu_step.fused_max_batch "
                     "is chosen from")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -206,7 +206,7 @@ def sweep(lm, batches, steps):
     if engine.ops is not cpu_step:
         raise SystemExit(f"decoder_cpu.py: the CPU kernels cannot run: {cpu_step.build()}")
     print(f"fused (C++ kernels) against split (oneDNN's products) path, {steps} steps, tokens/s; "
-          f"FUSED_MAX_BATCH is {cpu_step.FUSED_MAX_BATCH}")
+          f"the engine's fused path takes up to {cpu_step.fused_max_batch(lm.config.n_embd)} rows at this width")
     print(f"{'batch':>6}{'fused':>10}{'split':>10}")
     for B in batches:
         tok = torch.ones(B, dtype=torch.long)

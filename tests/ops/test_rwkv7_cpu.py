@@ -167,7 +167,9 @@ def test_the_whole_step_checks_its_tokens_and_its_layer_list():
 def test_the_cpu_engine_takes_the_kernels_for_fp32_products_and_the_reference_otherwise():
     lm = lm_on("cpu")
     engine = StepEngine(lm)
-    assert engine.ops is cpu_step and engine.uses_kernels and engine.fused_max_batch == cpu_step.FUSED_MAX_BATCH
+    assert engine.ops is cpu_step and engine.uses_kernels
+    assert engine.fused_max_batch == cpu_step.MAX_ROWS  # a narrow model: the fused path up to 16 rows
+    assert StepEngine(lm_on("cpu", n_embd=512, head_size=64)).fused_max_batch == cpu_step.FUSED_MAX_BATCH
     assert engine._onednn == {}  # the fused path made no oneDNN copies
     with _no_warning():
         assert StepEngine(lm, torch.bfloat16).ops is reference

@@ -100,7 +100,8 @@ class StepEngine:
             ops = reference if reduce else step_ops(lm.emb.weight.device, cfg.head_size, cfg.n_embd, self.dtype)
         self.ops = ops
         self.lora_rank = -(-max(cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora) // 16) * 16
-        self.fused_max_batch = getattr(ops, "FUSED_MAX_BATCH", FUSED_MAX_BATCH)
+        self.fused_max_batch = ops.fused_max_batch(cfg.n_embd) if hasattr(ops, "fused_max_batch") \
+            else getattr(ops, "FUSED_MAX_BATCH", FUSED_MAX_BATCH)
         # the most rows the kernels' linear_ takes (the CPU's one-pass products); Triton's takes any number
         self.one_pass_rows = getattr(ops, "MAX_ROWS", None)
         # output columns per program of the kernels' products: blocks must not straddle r|k|v|low-rank parts

@@ -28,8 +28,18 @@ MAX_ROWS = 16  # input rows the compiled products take at once (MAX_ROWS in rwkv
 ONE_PASS_HEAD = True  # the engine's fused path multiplies by the head through linear_ too
 # Batches up to this size take the fused path (lm/engine.py), larger ones the split path with oneDNN's products:
 # at L12-D768 on 2 threads the fused path is 1.3-1.4x as fast up to 4 rows, the two are within noise of each
-# other from 6 to 8, and the split path is 1.2x as fast at 16 (`bench/decoder_cpu.py --batches`, BENCHMARKS.md)
+# other from 6 to 8, and the split path is 1.2x as fast at 16; at L6-D512 the two cross between 8 and 12
+# rows (`bench/decoder_cpu.py --batches`, BENCHMARKS.md)
 FUSED_MAX_BATCH = 8
+# Narrow models (n_embd up to SMALL_WIDTH, the demo's 256) take the fused path up to MAX_ROWS: there oneDNN's
+# products cost more in calls than in arithmetic, and the fused step was 1.25x to 2x the split one's speed
+# at 12 and 16 rows (L4-D256, 2026-12-05, BENCHMARKS.md)
+SMALL_WIDTH = 256
+
+
+def fused_max_batch(n_embd: int) -> int:
+    """The most rows the engine's fused path takes for a model of this width; more go the split path."""
+    return MAX_ROWS if n_embd <= SMALL_WIDTH else FUSED_MAX_BATCH
 
 
 def build() -> str | None:
