@@ -24,6 +24,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -48,10 +51,17 @@ inline v16 load16(const float* p) {
   return v;
 }
 
+// The sum of a vector's 16 lanes: AVX-512's shuffle tree where the build has it, one lane at a time otherwise.
 inline float hsum(v16 v) {
+#if defined(__AVX512F__)
+  __m512 x;
+  std::memcpy(&x, &v, sizeof(x));
+  return _mm512_reduce_add_ps(x);
+#else
   float s = 0.f;
   for (int i = 0; i < 16; ++i) s += v[i];
   return s;
+#endif
 }
 
 typedef int32_t vi16 __attribute__((vector_size(64)));
