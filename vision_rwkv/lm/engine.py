@@ -16,9 +16,9 @@ With the kernels there is a second, fused path for a few rows (six launches a la
 mixes and the products that read them in one kernel, ln_mix_matmul; the other products as one-pass
 matrix-vector kernels, linear_), packed as w_in (3C + 4R, C), of which w_rkv and lora1 are views, and
 lora2_in (4C, R), the four second low-rank matrices as four groups of one product; FUSED_MAX_BATCH says
-when it runs. On the CPU the fused path runs the C++ kernels of ops/rwkv7/cpu_step.py (fp32, up to its
-FUSED_MAX_BATCH rows, the head through its one-pass linear_ too), and the split path's products go
-through oneDNN's packed weights.
+when it runs. On the CPU the fused path runs the C++ kernels of ops/rwkv7/cpu_step.py (fp32, up to
+cpu_step.fused_max_batch(n_embd) rows, every layer in one call, step_fused_, and the head through the one-pass
+linear_), and the split path's products go through oneDNN's packed weights.
 
 GPT mode for inference (`engine.prefill(x, state)`: an image prefix or a prompt, forward only) runs each
 layer through the same packed weights and the same family, about fourteen launches a layer: ln_mix_seq_
