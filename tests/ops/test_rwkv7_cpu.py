@@ -155,6 +155,8 @@ def test_the_whole_step_checks_its_tokens_and_its_layer_list():
     state = lm.init_state(1)
     with pytest.raises(RuntimeError, match="token 97 is outside 0..96"):
         engine.step(torch.tensor([97]), state)
+    as_int32 = engine.step(torch.tensor([5, 9], dtype=torch.int32), lm.init_state(2))
+    assert torch.equal(as_int32, engine.step(torch.tensor([5, 9]), lm.init_state(2)))
     p, ln0 = engine._buffers, lm.blocks[0].ln0
     with pytest.raises(RuntimeError, match="12 tensors a layer"):
         cpu_step.step_fused_(torch.tensor([1]), p["emb"], ln0.weight, ln0.bias, engine._step_layers()[:-1],

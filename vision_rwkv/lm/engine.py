@@ -238,7 +238,7 @@ class StepEngine:
         ln0 = lm.blocks[0].ln0
         if hasattr(ops, "step_fused_") and p["emb"].dtype == torch.float32:  # every layer in one call
             xf = torch.empty(B, C, **f32)
-            ops.step_fused_(tokens, p["emb"], ln0.weight.detach().float(), ln0.bias.detach().float(),
+            ops.step_fused_(tokens.long(), p["emb"], ln0.weight.detach().float(), ln0.bias.detach().float(),
                             self._step_layers(), p["seg_in"], p["seg_key"], state,
                             lm.ln_out.weight.detach().float(), lm.ln_out.bias.detach().float(), xf, bn, R)
             return self._head(xf)

@@ -32,8 +32,8 @@ ONE_PASS_HEAD = True  # the engine's fused path multiplies by the head through l
 # rows (`bench/decoder_cpu.py --batches`, BENCHMARKS.md)
 FUSED_MAX_BATCH = 8
 # Narrow models (n_embd up to SMALL_WIDTH, the demo's 256) take the fused path up to MAX_ROWS: there oneDNN's
-# products cost more in calls than in arithmetic, and the fused step was 1.25x to 2x the split one's speed
-# at 12 and 16 rows (L4-D256, 2026-12-05, BENCHMARKS.md)
+# products cost more in calls than in arithmetic, and the fused step was 1.65x and 1.25x the split one's
+# speed at 12 and 16 rows (L4-D256, 2026-12-05, BENCHMARKS.md)
 SMALL_WIDTH = 256
 
 
