@@ -564,8 +564,11 @@ def test_the_weights_fingerprint_sees_values_moves_and_replacements():
     assert weights_fingerprint(lm.to(torch.bfloat16))[0][1::2] == (torch.bfloat16,) * len(params)
 
 
-def test_the_cpu_step_follows_in_place_weight_changes():
-    """The CPU stepper packs the weights once and checks the fingerprint at each step."""
+@pytest.mark.parametrize("weight", ["head.weight", "blocks.1.ffn.key.weight", "blocks.1.ln1.weight",
+                                    "blocks.0.att.receptance.weight"])
+def test_the_cpu_step_follows_in_place_weight_changes(weight):
+    """The CPU stepper packs the weights once and checks the fingerprint at each step: a packed matrix, a
+    LayerNorm the kernels read from lm itself, and the head all follow a change made in place."""
     from vision_rwkv.lm.graphs import rnn_stepper
 
     torch.manual_seed(0)
@@ -574,7 +577,7 @@ def test_the_cpu_step_follows_in_place_weight_changes():
     with torch.no_grad():
         step = rnn_stepper(lm)
         before, _ = step(tokens, None)
-        lm.head.weight.mul_(2)
+        lm.get_parameter(weight).mul_(2)
         after, _ = step(tokens, None)
         want, _ = lm.step(tokens, None)
     assert not torch.allclose(before, after)
