@@ -692,9 +692,12 @@ void step_fused(const at::Tensor& tokens, const at::Tensor& emb, const at::Tenso
   for (const auto* t : {&emb, &ln0_w, &ln0_b, &ln_out_w, &ln_out_b, &xf}) check_contiguous(*t, "step_fused_'s tensors");
   const int64_t B = tokens.size(0), C = emb.size(1), V = emb.size(0), R = lora_rank;
   const int64_t L = static_cast<int64_t>(layers.size()) / LAYER_TENSORS;
-  TORCH_CHECK(static_cast<int64_t>(layers.size()) == L * LAYER_TENSORS && att_shift.size(0) == L &&
-                  wkv.size(0) == L && ffn_shift.size(0) == L && xf.size(0) == B && xf.size(1) == C,
-              "vision_rwkv_cpu: step_fused_: ", LAYER_TENSORS, " tensors a layer and a state of as many layers");
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(layers.size()) == L * LAYER_TENSORS && xf.size(0) == B &&
+                  xf.size(1) == C,
+              "vision_rwkv_cpu: step_fused_: ", LAYER_TENSORS, " tensors a layer, and xf (B, C)");
+  TORCH_CHECK(att_shift.dim() == 3 && att_shift.size(0) == L && att_shift.size(1) == B && att_shift.size(2) == C &&
+                  ffn_shift.sizes() == att_shift.sizes() && wkv.dim() == 5 && wkv.size(0) == L && wkv.size(1) == B,
+              "vision_rwkv_cpu: step_fused_: the state must hold ", L, " layers of ", B, " rows of width ", C);
   const auto f32 = emb.options();
   at::Tensor xa = at::empty({B, C}, f32), xb = at::empty({B, C}, f32), xl_att = at::empty({B, C}, f32),
              xl_ffn = at::empty({B, C}, f32), v_first = at::empty({B, C}, f32), y = at::empty({B, C}, f32),
