@@ -99,8 +99,6 @@ inline void store_as(float* p, v16 v) { store16(p, v); }
 inline float exp_of(float x) { return std::exp(x); }
 inline v16 exp_of(v16 x) { return exp16(x); }
 template <class V> inline V sigmoid_of(V x) { return 1.f / (1.f + exp_of(-x)); }
-inline float sum_of(float x) { return x; }
-inline float sum_of(v16 x) { return hsum(x); }
 
 // f(V, j) for j = 0, 16, 32, ... with V a v16 while 16 elements remain, then one at a time with V a float.
 template <class F>
@@ -576,8 +574,9 @@ void wkv_pre(const at::Tensor& rkv, const at::Tensor& lora, const at::Tensor& ve
       for (int i = 0; i < 5; ++i) o[i] = op + (i * M + m) * C;
       float* vfm = vf + m * C;
       for (int64_t c0 = 0; c0 < C; c0 += N) {
-        // columns c0 + j .. c0 + j + width(V) - 1: everything but the normalisation; returns sum(kk^2) there
-        auto part = [&](auto V, int64_t j) {
+        // everything but the normalisation, and sum(kk^2) for it
+        Sum norm;
+        each16(N, [&](auto V, int64_t j) {
           using T = decltype(V);
           const int64_t c = c0 + j;
           const T kc = load_as(V, k + c), vc = load_as(V, v + c);
@@ -591,14 +590,10 @@ void wkv_pre(const at::Tensor& rkv, const at::Tensor& lora, const at::Tensor& ve
           store_as(o[0] + c, load_as(V, vp + c) + load_as(V, w_l + c));
           store_as(o[1] + c, kc * (1.f + (ac - 1.f) * load_as(V, vp + 4 * C + c)));
           store_as(o[2] + c, vm);
-          return sum_of(kkc * kkc);
-        };
-        float norm = 0.f;
-        int64_t j = 0;
-        for (; j + 16 <= N; j += 16) norm += part(v16{}, j);
-        for (; j < N; ++j) norm += part(0.f, j);
-        const float inv = 1.f / std::max(std::sqrt(norm), 1e-12f);  // F.normalize's eps
-        for (j = 0; j < N; ++j) {
+          norm += kkc * kkc;
+        });
+        const float inv = 1.f / std::max(std::sqrt(norm.value()), 1e-12f);  // F.normalize's eps
+        for (int64_t j = 0; j < N; ++j) {
           o[3][c0 + j] = -kk[j] * inv;
           o[4][c0 + j] = kk[j] * inv * a[j];
         }

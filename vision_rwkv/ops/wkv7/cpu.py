@@ -2,9 +2,9 @@
 for this machine (../_build.py, with the CPU step's kernels).
 
 GPT mode's inference on the CPU (a prefill, a prompt, an image prefix) runs it: one head per thread task,
-on a transposed copy of its state so that every product runs down contiguous columns; 2.4 to 3.1x the
-chunked PyTorch form's speed at H=12, N=64 on 2 cores (bench/wkv7_cpu.py, BENCHMARKS.md). fp32 inputs and
-no gradients; the chunked form serves the rest.
+on a transposed copy of its state so that every product runs down contiguous columns; 5.4 to 10.3x the
+chunked PyTorch form's speed at H=8 and 12, N=64 on 2 cores (bench/wkv7_cpu.py, BENCHMARKS.md, 2026-12-05).
+fp32 inputs and no gradients; the chunked form serves the rest.
 """
 
 from __future__ import annotations
