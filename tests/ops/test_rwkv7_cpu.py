@@ -159,11 +159,11 @@ def test_the_whole_step_checks_its_tokens_and_its_layer_list():
     assert torch.equal(as_int32, engine.step(torch.tensor([5, 9]), lm.init_state(2)))
     p, ln0 = engine._buffers, lm.blocks[0].ln0
     with pytest.raises(RuntimeError, match="the state must hold 3 layers of 1 rows of width 64"):
-        cpu_step.step_fused_(torch.tensor([1]), p["emb"], ln0.weight, ln0.bias, engine._step_layers(),
+        cpu_step.step_fused_(torch.tensor([1]), p["emb"], ln0.weight, ln0.bias, engine._step_layers()[2:-2],
                              p["seg_in"], p["seg_key"], lm.init_state(2), lm.ln_out.weight, lm.ln_out.bias,
                              torch.empty(1, lm.config.n_embd), engine.block_n, engine.lora_rank)
     with pytest.raises(RuntimeError, match="12 tensors a layer"):
-        cpu_step.step_fused_(torch.tensor([1]), p["emb"], ln0.weight, ln0.bias, engine._step_layers()[:-1],
+        cpu_step.step_fused_(torch.tensor([1]), p["emb"], ln0.weight, ln0.bias, engine._step_layers()[2:-3],
                              p["seg_in"], p["seg_key"], state, lm.ln_out.weight, lm.ln_out.bias,
                              torch.empty(1, lm.config.n_embd), engine.block_n, engine.lora_rank)
 

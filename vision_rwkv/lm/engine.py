@@ -238,9 +238,9 @@ class StepEngine:
         ln0 = lm.blocks[0].ln0
         if hasattr(ops, "step_fused_") and p["emb"].dtype == torch.float32:  # every layer in one call
             xf = torch.empty(B, C, **f32)
-            ops.step_fused_(tokens.long(), p["emb"], ln0.weight.detach().float(), ln0.bias.detach().float(),
-                            self._step_layers(), p["seg_in"], p["seg_key"], state,
-                            lm.ln_out.weight.detach().float(), lm.ln_out.bias.detach().float(), xf, bn, R)
+            ln0_w, ln0_b, *layers, out_w, out_b = self._step_layers()
+            ops.step_fused_(tokens.long(), p["emb"], ln0_w, ln0_b, layers, p["seg_in"], p["seg_key"], state,
+                            out_w, out_b, xf, bn, R)
             return self._head(xf)
         xa, xb, xl_att, xl_ffn, v_first = (torch.empty(B, C, **f32) for _ in range(5))
         out_in = torch.empty(B, 3 * C + 4 * R, device=dev, dtype=dt)
@@ -270,15 +270,18 @@ class StepEngine:
         return self._head(xf[0])
 
     def _step_layers(self) -> list[torch.Tensor]:
-        """The tensors step_fused_ reads, twelve a layer in the order of _step_fused's operations: ln1's weight
-        and bias, mix_att, w_in, lora2_in, vec, w_out, ln2's weight and bias, mix_ffn, w_key, w_value. Made
-        once a packing (the LayerNorms are lm's own parameters, so values changed in place are seen)."""
+        """The tensors step_fused_ reads: ln0's weight and bias; twelve a layer in the order of _step_fused's
+        operations (ln1's weight and bias, mix_att, w_in, lora2_in, vec, w_out, ln2's weight and bias, mix_ffn,
+        w_key, w_value); ln_out's weight and bias. Made once a packing (the LayerNorms are lm's own fp32
+        parameters, so values changed in place are seen)."""
         if self._layers is None:
-            p = self._buffers
-            self._layers = [t for i, block in enumerate(self.lm.blocks) for t in (
-                block.ln1.weight.detach().float(), block.ln1.bias.detach().float(), p[f"{i}.mix_att"],
-                p[f"{i}.w_in"], p[f"{i}.lora2_in"], p[f"{i}.vec"], p[f"{i}.w_out"], block.ln2.weight.detach().float(),
-                block.ln2.bias.detach().float(), p[f"{i}.mix_ffn"], p[f"{i}.w_key"], p[f"{i}.w_value"])]
+            p, lm = self._buffers, self.lm
+            f32 = lambda t: t.detach().float()  # noqa: E731
+            ln0 = lm.blocks[0].ln0
+            self._layers = [f32(ln0.weight), f32(ln0.bias)] + [t for i, block in enumerate(lm.blocks) for t in (
+                f32(block.ln1.weight), f32(block.ln1.bias), p[f"{i}.mix_att"], p[f"{i}.w_in"], p[f"{i}.lora2_in"],
+                p[f"{i}.vec"], p[f"{i}.w_out"], f32(block.ln2.weight), f32(block.ln2.bias), p[f"{i}.mix_ffn"],
+                p[f"{i}.w_key"], p[f"{i}.w_value"])] + [f32(lm.ln_out.weight), f32(lm.ln_out.bias)]
         return self._layers
 
     def _step_split(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
@@ -319,6 +322,14 @@ class StepEngine:
         self._check_state(state)
         with torch.autocast(x.device.type, enabled=False):
             return self._prefill(x, state)
+
+    def prefill_from(self, x: torch.Tensor, state: RWKVState | None) -> tuple[torch.Tensor, RWKVState]:
+        """prefill(x, ...) from a copy of `state` (already lm.state_for's; None: the initial state) in a new
+        fp32, contiguous state: (the last position's logits, that state). The caller's state is not changed."""
+        own = self.lm.init_state(x.shape[0])
+        if state is not None:
+            own.copy_(state)
+        return self.prefill(x, own), own
 
     def _prefill(self, x_in: torch.Tensor, state: RWKVState) -> torch.Tensor:
         from ..ops.wkv7 import wkv7
@@ -499,11 +510,8 @@ class EngineStepper:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.device != lm.emb.weight.device:
             return lm(inputs_embeds=x, state=state, last_only=True)  # lm's own checks and one-line errors
         lm.checked_inputs(None, x)
-        own = lm.init_state(x.shape[0])  # fp32 and contiguous, as the fused operations take it
-        if state is not None:
-            own.copy_(lm.state_for(state, x.shape[0]))
         engine, _ = self._engine(compute_dtype(lm), False)
-        return engine.prefill(x, own), own
+        return engine.prefill_from(x, None if state is None else lm.state_for(state, x.shape[0]))
 
     def _verified_step(self, engine: StepEngine, step, dtype, tokens, own: RWKVState) -> torch.Tensor:
         """The compiled step's first call at a batch size, checked against the same step run eagerly from a

@@ -307,11 +307,9 @@ class GraphedPrefill(_Graphs):
                 return engine.prefill(xs, own), own
 
             if x.shape[0] * x.shape[1] > MAX_PREFILL_TOKENS:  # too big to keep a graph for: eagerly
-                if state is None:
-                    return run(x)
-                own = lm.init_state(x.shape[0])  # fp32 and contiguous, as the fused operations take it
-                own.copy_(state)
-                return run(x, own)
+                if engine is None:
+                    return lm(inputs_embeds=x, state=state, last_only=True)
+                return engine.prefill_from(x, state)
 
             def make_inputs():
                 return (torch.zeros_like(x),) + (() if state is None else (lm.init_state(x.shape[0]),))
