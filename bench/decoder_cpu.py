@@ -9,18 +9,22 @@ reference ops and oneDNN's packed products (the default before the kernels), the
 tokens/s through prefill_runner (the engine's prefill, as captioning runs it on the CPU: oneDNN's packed
 products, the WKV-7 CPU kernel) and through lm(..., last_only=True), the last position's logits, as a prefill
 needs and as the baseline computes. The baseline is RWKV-LM's own inference code (pip package `rwkv`,
-RWKV_V7_ON=1, strategy "cpu fp32"), batch 1 only (it has no batched mode), run in a subprocess because it sets
-global TorchScript flags. Every timing, ours and the baseline's, takes two warm-up runs and then the best of
-three. The floor is the time to read the step's fp32 weights once (every matrix but the embedding) with torch's
-sum over a buffer of that size, on the same threads: no step can read its weights faster. The prefill's matrix
-products alone (every block's matrices at T rows, fp32), through torch's products and through oneDNN's packed
-weights (the engine's), bound any prefill made of them the same way; the table's last row sets that bound beside
-the baseline's prefill.
+RWKV_V7_ON=1, strategy "cpu fp32", and "cpu bf16" beside our bf16 rows), batch 1 only (it has no batched
+mode), run in a subprocess because it sets global TorchScript flags. The bf16 rows run a bf16 copy of the same
+model: our fused step reads its bf16 weights and keeps everything else in fp32 (ops/rwkv7/cpu_step.py); the
+prefill with bf16 weights runs the reference ops around torch's bf16 products. Every timing, ours and the
+baseline's, takes two warm-up runs and then the best of three. The floor is the time to read the step's fp32
+weights once (every matrix but the embedding) with torch's sum over a buffer of that size, on the same
+threads: no step can read its weights faster (the bf16 floor: a buffer of half the bytes). The prefill's
+matrix products alone (every block's matrices at T rows, fp32), through torch's products and through oneDNN's
+packed weights (the engine's), bound any prefill made of them the same way; the table's last row sets that
+bound beside the baseline's prefill.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -37,7 +41,7 @@ BASELINE = r"""
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[3]))
 from rwkv.model import RWKV
-m = RWKV(model=sys.argv[1], strategy="cpu fp32")
+m = RWKV(model=sys.argv[1], strategy=sys.argv[4])
 T, steps = json.loads(sys.argv[2])
 toks = list(range(1, T + 1))
 def timed(fn, repeats=3):  # as ours: two warm-up runs, then the best of three
@@ -135,6 +139,7 @@ def main():
     weight_bytes = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if not n.startswith("emb"))
     buffer = torch.ones(weight_bytes // 4)
     floor = timed(buffer.sum, 5)
+    floor16 = timed(buffer[: buffer.numel() // 2].sum, 5)
     del buffer
     t0 = time.perf_counter()
     build_failed = cpu_step.build()
@@ -158,22 +163,31 @@ def main():
     compile_s = time.perf_counter() - t0
     ours["rnn_b1_compiled"] = rnn(1, fused)
     del os.environ["VISION_RWKV_COMPILE_STEP"]
-    base = None
+    lm32, lm = lm, copy.deepcopy(lm).to(torch.bfloat16)  # rnn() and gpt() run `lm`: the bf16 copy, here
+    fused16 = rnn_stepper(lm)
+    ours |= {"rnn_b1_bf16": rnn(1, fused16), "rnn_b8_bf16": rnn(8, fused16), "gpt_b1_bf16": gpt(1, T)}
+    lm = lm32
+    base = base16 = None
     if not args.no_baseline:
         with tempfile.TemporaryDirectory() as d:
             save_official(lm, Path(d) / "m.pth")
             env = {**os.environ, "RWKV_V7_ON": "1", "RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0"}
-            proc = subprocess.run([sys.executable, "-c", BASELINE, str(Path(d) / "m"), json.dumps([T, steps]),
-                                   str(args.threads)], env=env, capture_output=True, text=True)
-            if proc.returncode == 0:
-                base = json.loads(proc.stdout.strip().splitlines()[-1])
-            else:
-                print("baseline failed:", proc.stderr.strip().splitlines()[-1:], file=sys.stderr)
+            for strategy in ("cpu fp32", "cpu bf16"):
+                proc = subprocess.run([sys.executable, "-c", BASELINE, str(Path(d) / "m"), json.dumps([T, steps]),
+                                       str(args.threads), strategy], env=env, capture_output=True, text=True)
+                if proc.returncode == 0:
+                    result = json.loads(proc.stdout.strip().splitlines()[-1])
+                    base, base16 = (result, base16) if strategy == "cpu fp32" else (base, result)
+                else:
+                    print(f"baseline ({strategy}) failed:", proc.stderr.strip().splitlines()[-1:], file=sys.stderr)
 
-    print(f"RWKV-7 L{args.layers}-D{args.embd} V{args.vocab}, fp32, CPU: {platform.processor() or platform.machine()}, "
+    print(f"RWKV-7 L{args.layers}-D{args.embd} V{args.vocab}, fp32 (and a bf16 copy), "
+          f"CPU: {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, torch {torch.__version__}")
     print(f"fp32 weight-read floor: {weight_bytes / 1e6:.0f} MB in {floor * 1e3:.1f} ms "
           f"({weight_bytes / floor / 1e9:.1f} GB/s) = {1 / floor:.1f} steps/s at batch 1")
+    print(f"bf16 weight-read floor: {weight_bytes / 2e6:.0f} MB in {floor16 * 1e3:.1f} ms "
+          f"({weight_bytes / 2 / floor16 / 1e9:.1f} GB/s) = {1 / floor16:.1f} steps/s at batch 1")
     for packed, t in gemm.items():
         print(f"the prefill's matrix products alone at batch 1 x T{T}, {'oneDNN packed' if packed else 'torch'}: "
               f"{t * 1e3:.1f} ms = {T / t:.1f} tokens/s at most for any fp32 prefill with these products")
@@ -189,11 +203,15 @@ def main():
             (f"GPT prefill, batch 1 x T{T}", ours["gpt_b1"], base and base["gpt"]),
             (f"GPT prefill (lm(...)), batch 1 x T{T}", ours["gpt_b1_plain"], base and base["gpt"]),
             (f"GPT prefill, batch 8 x T{T // 8}", ours["gpt_b8"], None),
-            ("  bound: the products alone, oneDNN packed", T / gemm[True], base and base["gpt"])]
+            ("  bound: the products alone, oneDNN packed", T / gemm[True], base and base["gpt"]),
+            ("bf16 weights: RNN step (fused), batch 1", ours["rnn_b1_bf16"], base16 and base16["rnn"]),
+            ("bf16 weights: RNN step (fused), batch 8", ours["rnn_b8_bf16"], None),
+            (f"bf16 weights: GPT prefill, batch 1 x T{T}", ours["gpt_b1_bf16"], base16 and base16["gpt"])]
     for name, a, b in rows:
         bs = f"{b:16.1f}" if b else f"{'-':>16}"
         ratio = f"{a / b:8.2f}" if b else f"{'-':>8}"
-        at_floor = f"{a * floor:11.2f}" if name.endswith("batch 1") else f"{'-':>11}"
+        at_floor = f"{a * (floor16 if name.startswith('bf16') else floor):11.2f}" if name.endswith("batch 1") \
+            else f"{'-':>11}"
         print(f"{name:<44}{a:18.1f}{bs}{ratio}{at_floor}")
 
 

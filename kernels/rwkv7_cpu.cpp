@@ -13,7 +13,9 @@
 // the WKV state update with ln_x, the bonus and the gate) run in the same loops or in one pass per head,
 // instead of as about eighty PyTorch operations a layer; a prefill's, in one pass over the rows each.
 //
-// Everything is fp32: the weights, the products' inputs and outputs, the residual stream and the state.
+// Everything is fp32 (the products' inputs and outputs, the residual stream and the state) but the weights
+// of the step's products and its embedding, which may be bf16: widened to fp32 as they are read, they halve
+// the bytes a step streams.
 // Built with -march=native for the machine that runs it (the build's cache key has the CPU's flags).
 
 #include <ATen/Parallel.h>
@@ -32,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -65,6 +68,27 @@ inline float hsum(v16 v) {
 }
 
 typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint32_t vu32x16 __attribute__((vector_size(64)));
+typedef uint16_t vu16x16 __attribute__((vector_size(32)));
+
+// 16 bf16 values (their bits) as floats: a bf16 is the top half of the float with the same bits, so each is
+// widened to 32 bits and shifted up, exactly.
+inline v16 load16(const uint16_t* p) {
+  vu16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const vu32x16 bits = __builtin_convertvector(h, vu32x16) << 16;
+  v16 v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 
@@ -117,11 +141,12 @@ struct Sum {
   float value() const { return hsum(lanes) + rest; }
 };
 
-// y[r * B + b] = dot(x[b], w[r]) for R consecutive weight rows w[r] (K floats apart) and B input rows x[b]
+// y[r * B + b] = dot(x[b], w[r]) for R consecutive weight rows w[r] (K values apart) and B input rows x[b]
 // (sx apart), each weight read once. B and R are compile-time, so the B x R accumulators stay in registers;
 // two weight rows at a time (at 6 to 8 input rows: `pairs`) let each load of an input feed two products.
-template <int B, int R>
-void dots_t(const float* x, int64_t sx, const float* w, int64_t K, float* y) {
+// W: float, or uint16_t for bf16 weights (widened to fp32 as they are read; the sums are fp32 either way).
+template <int B, int R, class W>
+void dots_t(const float* x, int64_t sx, const W* w, int64_t K, float* y) {
   v16 acc[R][B];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < B; ++b) acc[r][b] = v16{};
@@ -137,20 +162,27 @@ void dots_t(const float* x, int64_t sx, const float* w, int64_t K, float* y) {
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < B; ++b) {
       float s = hsum(acc[r][b]);
-      for (int64_t kk = k; kk < K; ++kk) s += x[b * sx + kk] * w[r * K + kk];
+      for (int64_t kk = k; kk < K; ++kk) s = std::fma(x[b * sx + kk], to_float(w[r * K + kk]), s);
       y[r * B + b] = s;
     }
 }
 
-using DotsFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
+template <class W>
+using DotsFn = void (*)(const float*, int64_t, const W*, int64_t, float*);
 
-template <int... Bs>
-constexpr std::array<DotsFn, sizeof...(Bs)> dots_table(int rows_at_once) {
-  return rows_at_once == 2 ? std::array<DotsFn, sizeof...(Bs)>{(Bs <= 8 ? &dots_t<Bs, 2> : &dots_t<Bs, 1>)...}
-                           : std::array<DotsFn, sizeof...(Bs)>{&dots_t<Bs, 1>...};
+template <class W, int... Bs>
+constexpr std::array<DotsFn<W>, sizeof...(Bs)> dots_table(int rows_at_once) {
+  return rows_at_once == 2
+             ? std::array<DotsFn<W>, sizeof...(Bs)>{(Bs <= 8 ? &dots_t<Bs, 2, W> : &dots_t<Bs, 1, W>)...}
+             : std::array<DotsFn<W>, sizeof...(Bs)>{&dots_t<Bs, 1, W>...};
 }
-constexpr auto DOTS1 = dots_table<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>(1);
-constexpr auto DOTS2 = dots_table<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>(2);
+
+// dots_t for 1 to MAX_ROWS input rows, one (DOTS<W>::one) or two (::two) weight rows at a time
+template <class W>
+struct DOTS {
+  static constexpr auto one = dots_table<W, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>(1);
+  static constexpr auto two = dots_table<W, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>(2);
+};
 
 // Whether B input rows take two weight rows at a time: faster at 8 rows, slower at 1 and 4 (BENCHMARKS.md)
 inline bool pairs(int64_t B) { return B >= 6 && B <= 8; }
@@ -178,6 +210,26 @@ void check_contiguous(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.is_contiguous(), "vision_rwkv_cpu: ", what, " must be contiguous");
 }
 
+// A product's weights: fp32, or bf16 (read as their bits and widened to fp32 in the products).
+void check_weights(const at::Tensor& w, const char* what) {
+  TORCH_CHECK(w.device().is_cpu() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "vision_rwkv_cpu: ", what, " must be an fp32 or bf16 CPU tensor, got ", w.scalar_type(), " on ",
+              w.device());
+  TORCH_CHECK(w.is_contiguous(), "vision_rwkv_cpu: ", what, " must be contiguous");
+}
+
+// f(pointer to w's first element): const float* for fp32 weights, const uint16_t* (the bits) for bf16.
+template <class F>
+void with_weights(const at::Tensor& w, F&& f) {
+  if (w.scalar_type() == at::kBFloat16)
+    f(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()));
+  else
+    f(w.data_ptr<float>());
+}
+
+template <class P>
+using pointee = std::remove_const_t<std::remove_pointer_t<P>>;
+
 // LayerNorm of one row of C floats, 16 at a time: out may alias nothing else.
 void layer_norm(const float* x, const float* w, const float* b, int64_t C, float* out) {
   Sum sum;
@@ -202,7 +254,8 @@ void ln_mix_matmul(const at::Tensor& x, const c10::optional<at::Tensor>& dx, con
                    const c10::optional<at::Tensor>& shift, const at::Tensor& mix, const at::Tensor& w,
                    const at::Tensor& segments, const at::Tensor& out, int64_t block_n,
                    const c10::optional<at::Tensor>& prev_xl, const c10::optional<at::Tensor>& prev_shift) {
-  for (const auto* t : {&x, &x_out, &xl_out, &weight, &bias, &mix, &w, &out}) check_contiguous(*t, "ln_mix_matmul_'s tensors");
+  for (const auto* t : {&x, &x_out, &xl_out, &weight, &bias, &mix, &out}) check_contiguous(*t, "ln_mix_matmul_'s tensors");
+  check_weights(w, "ln_mix_matmul_'s w");
   const int64_t B = x.size(0), C = x.size(1), N = w.size(0), G = mix.size(0);
   TORCH_CHECK(B <= MAX_ROWS, "vision_rwkv_cpu: ln_mix_matmul_ takes at most ", MAX_ROWS, " rows, got ", B);
   TORCH_CHECK(w.size(1) == C && out.size(0) == B && out.size(1) == N, "vision_rwkv_cpu: ln_mix_matmul_: shapes");
@@ -242,21 +295,23 @@ void ln_mix_matmul(const at::Tensor& x, const c10::optional<at::Tensor>& dx, con
     TORCH_CHECK(seg[j] >= 0 && seg[j] % 256 < G && seg[j] / 256 <= ACT_RELU2, "vision_rwkv_cpu: ln_mix_matmul_: "
                 "segment ", j, " is ", seg[j], ", expected a mix row below ", G, " plus 256 times an activation 0-3");
   if (B == 0) return;
-  const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, grain(C * 4), [&](int64_t n0, int64_t n1) {
-    float y[2 * MAX_ROWS];
-    for (int64_t n = n0; n < n1;) {
-      const int32_t s = seg[n / block_n];
-      const int64_t m = s % 256;
-      const int act = s / 256;
-      const float* in = shift.has_value() ? a.data() + m * B * C : xl;
-      const int R = pairs(B) && n + 1 < n1 && seg[(n + 1) / block_n] == s ? 2 : 1;  // one segment
-      (R == 2 ? DOTS2 : DOTS1)[B - 1](in, C, wp + n * C, C, y);
-      for (int r = 0; r < R; ++r)
-        for (int64_t b = 0; b < B; ++b) op[b * N + n + r] = activate(y[r * B + b], act);
-      n += R;
-    }
+  with_weights(w, [&](auto wp) {
+    using W = pointee<decltype(wp)>;
+    at::parallel_for(0, N, grain(C * w.element_size()), [&](int64_t n0, int64_t n1) {
+      float y[2 * MAX_ROWS];
+      for (int64_t n = n0; n < n1;) {
+        const int32_t s = seg[n / block_n];
+        const int64_t m = s % 256;
+        const int act = s / 256;
+        const float* in = shift.has_value() ? a.data() + m * B * C : xl;
+        const int R = pairs(B) && n + 1 < n1 && seg[(n + 1) / block_n] == s ? 2 : 1;  // one segment
+        (R == 2 ? DOTS<W>::two : DOTS<W>::one)[B - 1](in, C, wp + n * C, C, y);
+        for (int r = 0; r < R; ++r)
+          for (int64_t b = 0; b < B; ++b) op[b * N + n + r] = activate(y[r * B + b], act);
+        n += R;
+      }
+    });
   });
 }
 
@@ -264,7 +319,7 @@ void ln_mix_matmul(const at::Tensor& x, const c10::optional<at::Tensor>& dx, con
 // Output columns [g*N, (g+1)*N) read input columns [g*K, (g+1)*K).
 void linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out, int64_t groups) {
   check_f32(x, "linear_'s x");
-  check_contiguous(w, "linear_'s w");
+  check_weights(w, "linear_'s w");
   check_contiguous(out, "linear_'s out");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "vision_rwkv_cpu: linear_'s x must be (B, K) with contiguous rows");
   const int64_t B = x.size(0), K = w.size(1), N = w.size(0) / groups;
@@ -273,18 +328,20 @@ void linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out, int
               "vision_rwkv_cpu: linear_: shapes");
   if (B == 0) return;
   const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t sx = x.stride(0), GN = groups * N;
-  at::parallel_for(0, GN, grain(K * 4), [&](int64_t n0, int64_t n1) {
-    float y[2 * MAX_ROWS];
-    for (int64_t n = n0; n < n1;) {
-      const int R = pairs(B) && n + 1 < n1 && (n + 1) / N == n / N ? 2 : 1;  // one group
-      (R == 2 ? DOTS2 : DOTS1)[B - 1](xp + (n / N) * K, sx, wp + n * K, K, y);
-      for (int r = 0; r < R; ++r)
-        for (int64_t b = 0; b < B; ++b) op[b * GN + n + r] = y[r * B + b];
-      n += R;
-    }
+  with_weights(w, [&](auto wp) {
+    using W = pointee<decltype(wp)>;
+    at::parallel_for(0, GN, grain(K * w.element_size()), [&](int64_t n0, int64_t n1) {
+      float y[2 * MAX_ROWS];
+      for (int64_t n = n0; n < n1;) {
+        const int R = pairs(B) && n + 1 < n1 && (n + 1) / N == n / N ? 2 : 1;  // one group
+        (R == 2 ? DOTS<W>::two : DOTS<W>::one)[B - 1](xp + (n / N) * K, sx, wp + n * K, K, y);
+        for (int r = 0; r < R; ++r)
+          for (int64_t b = 0; b < B; ++b) op[b * GN + n + r] = y[r * B + b];
+        n += R;
+      }
+    });
   });
 }
 
@@ -684,7 +741,8 @@ void step_fused(const at::Tensor& tokens, const at::Tensor& emb, const at::Tenso
                 int64_t lora_rank, double log_decay_scale) {
   TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.dim() == 1 && tokens.is_contiguous(),
               "vision_rwkv_cpu: step_fused_ takes contiguous int64 tokens (B,)");
-  for (const auto* t : {&emb, &ln0_w, &ln0_b, &ln_out_w, &ln_out_b, &xf}) check_contiguous(*t, "step_fused_'s tensors");
+  for (const auto* t : {&ln0_w, &ln0_b, &ln_out_w, &ln_out_b, &xf}) check_contiguous(*t, "step_fused_'s tensors");
+  check_weights(emb, "step_fused_'s emb");
   const int64_t B = tokens.size(0), C = emb.size(1), V = emb.size(0), R = lora_rank;
   const int64_t L = static_cast<int64_t>(layers.size()) / LAYER_TENSORS;
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(layers.size()) == L * LAYER_TENSORS && xf.size(0) == B &&
@@ -693,16 +751,19 @@ void step_fused(const at::Tensor& tokens, const at::Tensor& emb, const at::Tenso
   TORCH_CHECK(att_shift.dim() == 3 && att_shift.size(0) == L && att_shift.size(1) == B && att_shift.size(2) == C &&
                   ffn_shift.sizes() == att_shift.sizes() && wkv.dim() == 5 && wkv.size(0) == L && wkv.size(1) == B,
               "vision_rwkv_cpu: step_fused_: the state must hold ", L, " layers of ", B, " rows of width ", C);
-  const auto f32 = emb.options();
+  const auto f32 = xf.options();
   at::Tensor xa = at::empty({B, C}, f32), xb = at::empty({B, C}, f32), xl_att = at::empty({B, C}, f32),
              xl_ffn = at::empty({B, C}, f32), v_first = at::empty({B, C}, f32), y = at::empty({B, C}, f32),
              dx = at::empty({B, C}, f32), out_in = at::empty({B, 3 * C + 4 * R}, f32),
              lora_out = at::empty({B, 4 * C}, f32);
   const int64_t* tok = tokens.data_ptr<int64_t>();
+  std::vector<float> row(C);
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(tok[b] >= 0 && tok[b] < V, "vision_rwkv_cpu: step_fused_: token ", tok[b], " is outside 0..", V - 1);
-    layer_norm(emb.data_ptr<float>() + tok[b] * C, ln0_w.data_ptr<float>(), ln0_b.data_ptr<float>(), C,
-               xa.data_ptr<float>() + b * C);
+    with_weights(emb, [&](auto ep) {
+      for (int64_t c = 0; c < C; ++c) row[c] = to_float(ep[tok[b] * C + c]);
+    });
+    layer_norm(row.data(), ln0_w.data_ptr<float>(), ln0_b.data_ptr<float>(), C, xa.data_ptr<float>() + b * C);
   }
   const at::Tensor rkv = out_in.narrow(1, 0, 3 * C).view({B, 3, C}).transpose(0, 1);
   const at::Tensor lora = lora_out.view({B, 4, C}).transpose(0, 1);

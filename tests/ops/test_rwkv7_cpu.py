@@ -10,7 +10,7 @@ forcing a failed build.
 
 import pytest
 import torch
-from test_rwkv7_step import _no_warning, lm_on, rel, run_steps
+from test_rwkv7_step import BF16_BOUND, _no_warning, lm_on, rel, run_steps
 
 from vision_rwkv.lm.engine import StepEngine
 from vision_rwkv.ops import _build
@@ -102,15 +102,103 @@ def test_wkv_step_equals_reference_in_output_state_and_v_first(layer0, B, H, N):
 @built
 def test_bad_inputs_are_one_clear_line():
     w, out = torch.randn(8, 16), torch.empty(1, 8)
-    with pytest.raises(RuntimeError, match="linear_'s w must be an fp32 CPU tensor, got BFloat16"):
-        cpu_step.linear_(torch.randn(1, 16), w.bfloat16(), out)
+    with pytest.raises(RuntimeError, match="linear_'s w must be an fp32 or bf16 CPU tensor, got Half"):
+        cpu_step.linear_(torch.randn(1, 16), w.half(), out)
+    with pytest.raises(RuntimeError, match="linear_'s x must be an fp32 CPU tensor, got BFloat16"):
+        cpu_step.linear_(torch.randn(1, 16).bfloat16(), w, out)
     with pytest.raises(RuntimeError, match="linear_ takes at most 16 rows, got 17"):
         cpu_step.linear_(torch.randn(17, 16), w, torch.empty(17, 8))
     with pytest.raises(RuntimeError, match="linear_: shapes"):
         cpu_step.linear_(torch.randn(1, 12), w, out)
 
 
+@built
+@pytest.mark.parametrize("B", [1, 7, 16])
+def test_bf16_weights_give_the_products_of_their_fp32_values(B):
+    """bf16 weights are widened to fp32 exactly as they are read, and summed in the same order: the products
+    equal those of the same values stored as fp32, bit for bit (K = 100: the tail loop reads them too)."""
+    g = torch.Generator().manual_seed(9)
+    for groups, K, N in ((1, 64, 88), (4, 32, 64 * 4), (1, 100, 24)):
+        x = rnd(g, B, groups * K)
+        w = (rnd(g, N, K) / 8).bfloat16()
+        got, want = (torch.full((B, N), float("nan")) for _ in range(2))
+        cpu_step.linear_(x, w, got, groups=groups)
+        cpu_step.linear_(x, w.float(), want, groups=groups)
+        assert torch.equal(got, want), (groups, K, N)
+    C, N = 64, 88
+    x, shift = rnd(g, B, C), rnd(g, B, C)
+    weight, bias, mix = 1 + rnd(g, C, scale=0.2), rnd(g, C, scale=0.2), torch.rand(6, C, generator=g)
+    w = (rnd(g, N, C) / 8).bfloat16()
+    segments = torch.tensor([m + 256 * a for m, a in zip(range(6), [0, 1, 2, 3, 0, 1])], dtype=torch.int32)
+    results = []
+    for weights in (w, w.float()):
+        x_out, xl_out, out = torch.empty(B, C), torch.empty(B, C), torch.empty(B, N)
+        cpu_step.ln_mix_matmul_(x, None, x_out, xl_out, weight, bias, shift, mix, weights, segments, out, 16)
+        results.append(out)
+    assert torch.equal(*results) and not results[0].isnan().any()
+
+
 # ---- the whole step ---------------------------------------------------------------------------------
+
+@built
+@torch.no_grad()
+@pytest.mark.parametrize("B", [1, 3])
+def test_the_whole_step_with_bf16_weights_equals_the_fp32_step_of_their_values(B):
+    """A bf16 model's fused CPU step (bf16 weights and embedding read as they are, fp32 activations) against
+    the fp32 step of the same model widened to fp32: the same logits and state, bit for bit, over four steps;
+    and the bf16 model's packed matrices take half the bytes."""
+    lm16 = lm_on("cpu", seed=5).to(torch.bfloat16)
+    lm32 = lm_on("cpu", seed=5).to(torch.bfloat16).float()
+    tokens = torch.randint(0, 97, (B, 4), generator=torch.Generator().manual_seed(1))
+    got, got_state = run_steps(lm16, cpu_step, tokens)
+    want, want_state = run_steps(lm32, cpu_step, tokens)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    for name in ("att_shift", "wkv", "ffn_shift"):
+        assert torch.equal(getattr(got_state, name), getattr(want_state, name)), name
+    packed16, packed32 = StepEngine(lm16)._buffers, StepEngine(lm32)._buffers
+    for name in ("0.w_in", "0.lora2_in", "0.w_out", "0.w_key", "0.w_value", "head", "emb"):
+        assert packed16[name].dtype == torch.bfloat16 and torch.equal(packed16[name].float(), packed32[name]), name
+
+
+@built
+@torch.no_grad()
+def test_a_bf16_step_above_the_fused_rows_and_a_bf16_prefill_run_the_reference_ops_within_the_bf16_bound():
+    """Past the fused path's rows the split path's activations are bf16, which the kernels do not take: the
+    reference ops run them (and the prefill), within test_rwkv7_step's bf16 bound of the fp32 step."""
+    lm = lm_on("cpu", seed=3)
+    B = 20
+    tokens = torch.randint(0, 97, (B, 3), generator=torch.Generator().manual_seed(2))
+    want, _ = run_steps(lm, reference, tokens)
+    got, _ = run_steps(lm, cpu_step, tokens, dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and rel(got, want) <= BF16_BOUND
+    x = torch.randn(2, 5, lm.config.n_embd, generator=torch.Generator().manual_seed(4))
+    engine = StepEngine(lm, torch.bfloat16)
+    got = engine.prefill(x, lm.init_state(2))
+    assert engine.seq_ops is reference and rel(got, lm(inputs_embeds=x, last_only=True)[0]) <= BF16_BOUND
+
+
+@built
+@torch.no_grad()
+def test_the_cpu_step_under_bf16_autocast_reads_bf16_copies_of_the_matrices():
+    """fp32 weights under bf16 autocast: the fused step reads bf16 copies of the products' weights (the
+    embedding, LayerNorms and vectors stay fp32), which is the fp32 step of a model whose matrices alone are
+    rounded to bf16, bit for bit."""
+    lm = lm_on("cpu", seed=8)
+    rounded = lm_on("cpu", seed=8)
+    matrices = [m.weight for m in rounded.modules() if isinstance(m, torch.nn.Linear)]
+    matrices += [getattr(b.att, f"{n}{i}") for b in rounded.blocks for n in reference.LORA_ROWS for i in (1, 2)]
+    for p in matrices:
+        p.data.copy_(p.data.bfloat16().float())
+    tokens = torch.randint(0, 97, (2, 3), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        engine = StepEngine(lm)
+        state = lm.init_state(2)
+        got = torch.stack([engine.step(tokens[:, t], state) for t in range(3)], 1)
+    assert engine.ops is cpu_step and engine.dtype == torch.bfloat16
+    want, want_state = run_steps(rounded, cpu_step, tokens)
+    assert torch.equal(got, want) and torch.equal(state.wkv, want_state.wkv)
+    assert not torch.equal(want, run_steps(lm, cpu_step, tokens)[0])  # the rounding did change something
+
 
 @built
 @torch.no_grad()
@@ -170,15 +258,18 @@ def test_the_whole_step_checks_its_tokens_and_its_layer_list():
 
 @built
 @torch.no_grad()
-def test_the_cpu_engine_takes_the_kernels_for_fp32_products_and_the_reference_otherwise():
+def test_the_cpu_engine_takes_the_kernels_for_fp32_and_bf16_products_and_the_reference_otherwise():
     lm = lm_on("cpu")
     engine = StepEngine(lm)
     assert engine.ops is cpu_step and engine.uses_kernels
     assert engine.fused_max_batch == cpu_step.MAX_ROWS  # a narrow model: the fused path up to 16 rows
     assert StepEngine(lm_on("cpu", n_embd=512, head_size=64)).fused_max_batch == cpu_step.FUSED_MAX_BATCH
     assert engine._onednn == {}  # the fused path made no oneDNN copies
+    bf16 = StepEngine(lm, torch.bfloat16)  # bf16 weights in the fused step; bf16 activations take the reference
+    assert bf16.ops is cpu_step and bf16.seq_ops is reference and bf16._buffers["0.w_in"].dtype == torch.bfloat16
+    assert engine.seq_ops is cpu_step
     with _no_warning():
-        assert StepEngine(lm, torch.bfloat16).ops is reference
+        assert StepEngine(lm, torch.float16).ops is reference
     assert StepEngine(lm, reduce=True).ops is reference  # the compiled step traces the reference ops
 
 

@@ -221,16 +221,13 @@ def test_wkv_step_kernel_equals_reference_in_output_state_and_v_first(layer0, dt
 
 # ---- the whole step ---------------------------------------------------------------------------------
 
-def _ops_under_test(cpu: bool = True):
-    """The reference ops, the Triton kernels and (fp32 only, CPU tensors only) the CPU kernels."""
-    ops = [pytest.param(reference, id="reference")]
-    ops.append(pytest.param("triton", id="triton", marks=kernels_run))
-    if cpu:
-        from vision_rwkv.ops.rwkv7 import cpu_step
+def _ops_under_test():
+    """The reference ops, the Triton kernels and (CPU tensors only) the CPU kernels."""
+    from vision_rwkv.ops.rwkv7 import cpu_step
 
-        why = "the CPU kernels take CPU tensors" if DEVICE != "cpu" else cpu_step.build()
-        ops.append(pytest.param(cpu_step, id="cpu", marks=pytest.mark.skipif(why is not None, reason=f"{why}")))
-    return ops
+    why = "the CPU kernels take CPU tensors" if DEVICE != "cpu" else cpu_step.build()
+    return [pytest.param(reference, id="reference"), pytest.param("triton", id="triton", marks=kernels_run),
+            pytest.param(cpu_step, id="cpu", marks=pytest.mark.skipif(why is not None, reason=f"{why}"))]
 
 
 @torch.no_grad()
@@ -254,14 +251,17 @@ def test_fused_step_equals_lm_step_within_the_fp32_noise_floor(ops, B, fused_max
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("ops", _ops_under_test(cpu=False))  # the CPU kernels are fp32 only
+@pytest.mark.parametrize("ops", _ops_under_test())
 def test_fused_step_with_bf16_matrices_stays_within_its_bound(ops):
+    """The CPU kernels' fused path keeps its activations and logits in fp32 (only the weights are bf16);
+    the others round the products' inputs and give bf16 logits."""
     ops = triton_ops() if ops == "triton" else ops
     lm = lm_on(DEVICE, seed=3)
     tokens = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     want, _ = run_steps(lm, reference, tokens)
     got, state = run_steps(lm, ops, tokens, dtype=torch.bfloat16)
-    assert got.dtype == torch.bfloat16 and state.wkv.dtype == torch.float32
+    fp32_logits = getattr(ops, "ACTIVATION_DTYPES", None) == (torch.float32,)
+    assert got.dtype == (torch.float32 if fp32_logits else torch.bfloat16) and state.wkv.dtype == torch.float32
     assert rel(got, want) <= BF16_BOUND
 
 
@@ -434,7 +434,7 @@ def test_prefill_then_steps_equals_one_gpt_pass_and_batched_equals_one_by_one(op
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("ops", _ops_under_test(cpu=False))  # the CPU kernels are fp32 only
+@pytest.mark.parametrize("ops", _ops_under_test())  # the CPU's: its reference ops for bf16 activations
 def test_prefill_with_bf16_matrices_stays_within_its_bound(ops):
     ops = triton_ops() if ops == "triton" else ops
     lm = lm_on(DEVICE, seed=3)
@@ -457,8 +457,8 @@ def test_unavailable_kernels_say_why_once_and_fall_back_to_the_reference(monkeyp
         assert step_ops("cuda", 12, 48) is reference
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert unavailable_reason(torch.device("cpu"), 16, 64) == "the decoder is on cpu, not CUDA"
-    with _no_warning():  # the CPU's own kernels (tests/ops/test_rwkv7_cpu.py), or the reference for bf16
-        assert step_ops("cpu", 16, 64, torch.bfloat16) is reference
+    with _no_warning():  # the CPU's own kernels (tests/ops/test_rwkv7_cpu.py), or the reference for fp16
+        assert step_ops("cpu", 16, 64, torch.float16) is reference
 
 
 class _no_warning:

@@ -16,9 +16,10 @@ With the kernels there is a second, fused path for a few rows (six launches a la
 mixes and the products that read them in one kernel, ln_mix_matmul; the other products as one-pass
 matrix-vector kernels, linear_), packed as w_in (3C + 4R, C), of which w_rkv and lora1 are views, and
 lora2_in (4C, R), the four second low-rank matrices as four groups of one product; FUSED_MAX_BATCH says
-when it runs. On the CPU the fused path runs the C++ kernels of ops/rwkv7/cpu_step.py (fp32, up to
-cpu_step.fused_max_batch(n_embd) rows, every layer in one call, step_fused_, and the head through the one-pass
-linear_), and the split path's products go through oneDNN's packed weights.
+when it runs. On the CPU the fused path runs the C++ kernels of ops/rwkv7/cpu_step.py (fp32 activations and
+fp32 or bf16 weights, up to cpu_step.fused_max_batch(n_embd) rows, every layer in one call, step_fused_, and
+the head through the one-pass linear_); the split path's products go through oneDNN's packed weights (fp32),
+and with bf16 products the split path and the prefill run the reference ops.
 
 GPT mode for inference (`engine.prefill(x, state)`: an image prefix or a prompt, forward only) runs each
 layer through the same packed weights and the same family, about fourteen launches a layer: ln_mix_seq_
@@ -99,6 +100,10 @@ class StepEngine:
         if ops is None:  # the compiled CPU step (reduce) traces the reference ops
             ops = reference if reduce else step_ops(lm.emb.weight.device, cfg.head_size, cfg.n_embd, self.dtype)
         self.ops = ops
+        # the ops for the split path and the prefill, whose activations are in the compute dtype: the CPU
+        # kernels take fp32 activations only (ACTIVATION_DTYPES), so with bf16 products the references serve
+        # there, while the fused path's whole step keeps its activations in fp32 and reads the bf16 weights
+        self.seq_ops = ops if self.dtype in getattr(ops, "ACTIVATION_DTYPES", (self.dtype,)) else reference
         self.lora_rank = -(-max(cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora) // 16) * 16
         self.fused_max_batch = ops.fused_max_batch(cfg.n_embd) if hasattr(ops, "fused_max_batch") \
             else getattr(ops, "FUSED_MAX_BATCH", FUSED_MAX_BATCH)
@@ -236,7 +241,7 @@ class StepEngine:
         dev = tokens.device
         f32 = dict(device=dev, dtype=torch.float32)
         ln0 = lm.blocks[0].ln0
-        if hasattr(ops, "step_fused_") and p["emb"].dtype == torch.float32:  # every layer in one call
+        if hasattr(ops, "step_fused_"):  # every layer in one call (fp32 activations; fp32 or bf16 weights)
             xf = torch.empty(B, C, **f32)
             ln0_w, ln0_b, *layers, out_w, out_b = self._step_layers()
             ops.step_fused_(tokens.long(), p["emb"], ln0_w, ln0_b, layers, p["seg_in"], p["seg_key"], state,
@@ -287,7 +292,7 @@ class StepEngine:
     def _step_split(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
         """The same step as eleven operations a layer: the step ops (kernels, or the reference functions)
         and the matrix products apart, batched where they share a shape."""
-        lm, ops, p, dt = self.lm, self.ops, self._buffers, self.dtype
+        lm, ops, p, dt = self.lm, self.seq_ops, self._buffers, self.dtype
         B, C = tokens.shape[0], lm.config.n_embd
         dev = tokens.device
         x = torch.empty(B, C, device=dev)  # the residual stream, fp32
@@ -334,7 +339,7 @@ class StepEngine:
     def _prefill(self, x_in: torch.Tensor, state: RWKVState) -> torch.Tensor:
         from ..ops.wkv7 import wkv7
 
-        lm, ops, p, dt = self.lm, self.ops, self._buffers, self.dtype
+        lm, ops, p, dt = self.lm, self.seq_ops, self._buffers, self.dtype
         cfg = lm.config
         B, T, C = x_in.shape
         H, N, M = cfg.n_head, cfg.head_size, B * T
@@ -375,8 +380,9 @@ class StepEngine:
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """The logits of x (B,C): through the ops' one-pass linear_ where they say it is faster (the CPU
-        kernels, up to their MAX_ROWS rows), else as the other products."""
-        if getattr(self.ops, "ONE_PASS_HEAD", False) and x.shape[0] <= self.one_pass_rows:
+        kernels, up to their MAX_ROWS rows of fp32 inputs), else as the other products."""
+        if getattr(self.ops, "ONE_PASS_HEAD", False) and x.shape[0] <= self.one_pass_rows and \
+                x.dtype == torch.float32:
             logits = x.new_empty(x.shape[0], self._buffers["head"].shape[0])
             self.ops.linear_(x, self._buffers["head"], logits)
             return logits
@@ -393,9 +399,10 @@ class StepEngine:
     def _linear(self, x: torch.Tensor, name: str, one_pass: bool = False) -> torch.Tensor:
         """x (B,K) times the weight `name` (N,K); one_pass: through the kernels' linear_, whose one-pass form
         (up to GEMV_MAX_ROWS rows) beat cuBLAS on the output and value products (BENCHMARKS.md)."""
-        if one_pass and self.uses_kernels and (self.one_pass_rows is None or x.shape[0] <= self.one_pass_rows):
+        if one_pass and self.seq_ops is not reference and (self.one_pass_rows is None or
+                                                           x.shape[0] <= self.one_pass_rows):
             out = x.new_empty(x.shape[0], self._buffers[name].shape[0])
-            self.ops.linear_(x, self._buffers[name], out)
+            self.seq_ops.linear_(x, self._buffers[name], out)
             return out
         if self.reduce and x.shape[0] == 1:
             return (self._buffers[name] * x.unsqueeze(1)).sum(-1)

@@ -8,7 +8,7 @@ for training).
 
 The modules have the same functions with the same in-place contract (see reference.py). `step_ops` returns
 the reference, with one warning per reason, when the kernels cannot serve a decoder: on CUDA, Triton missing
-or an unsupported shape; on the CPU, a failed build (products in another dtype than fp32, and
+or an unsupported shape; on the CPU, a failed build (products in another dtype than fp32 or bf16, and
 VISION_RWKV_CPU_KERNELS=0, take the reference without a warning). Set TRITON_INTERPRET=1 to run the Triton
 kernels on CPU tensors, as the tests do.
 """
@@ -59,8 +59,8 @@ def unavailable_reason(device: torch.device, head_size: int, n_embd: int) -> str
 
 
 def step_ops(device, head_size: int, n_embd: int, dtype: torch.dtype | None = None) -> ModuleType:
-    """The module whose functions run the step: triton_step (CUDA), cpu_step (the CPU, products in fp32:
-    dtype None means fp32), or reference when the kernels cannot."""
+    """The module whose functions run the step: triton_step (CUDA), cpu_step (the CPU, products in fp32 or
+    bf16: dtype None means fp32), or reference when the kernels cannot."""
     device = torch.device(device)
     if device.type == "cpu" and not interpreting():
         from . import cpu_step
@@ -70,7 +70,7 @@ def step_ops(device, head_size: int, n_embd: int, dtype: torch.dtype | None = No
         if reason is None:
             return cpu_step
         # a failed build says so once; other dtypes, and the kernels switched off, take the reference quietly
-        if dtype == torch.float32 and reason != _build.CPU_KERNELS_OFF:
+        if dtype in cpu_step.WEIGHT_DTYPES and reason != _build.CPU_KERNELS_OFF:
             _warn_once(f"the RNN step runs its PyTorch reference ops on the CPU: {reason}")
         return reference
     reason = unavailable_reason(device, head_size, n_embd)

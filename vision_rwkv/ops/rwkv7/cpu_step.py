@@ -9,9 +9,11 @@ every layer in one call (the engine takes it when it is there).
 
 The compiled products read each weight row once for all input rows together (up to MAX_ROWS), which is
 what a step at a few rows needs: it is bound by the speed at which its weights stream from memory, and
-BLAS's products at one row read fp32 weights at a fraction of that (BENCHMARKS.md). fp32 only: the engine
-takes these ops when its products are fp32 and the build works (`unavailable_reason`), the references
-otherwise.
+BLAS's products at one row read fp32 weights at a fraction of that (BENCHMARKS.md). The products' weights
+(and step_fused_'s embedding) may be fp32 or bf16, widened to fp32 as they are read: bf16 halves the bytes
+a step streams. Everything else is fp32 (ACTIVATION_DTYPES): the engine takes these ops when its products
+are fp32 or bf16 and the build works (`unavailable_reason`), the references otherwise, and with bf16
+products its split path and prefill, whose activations are bf16, run the references.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from ..wkv7.reference import LOG_DECAY_SCALE
 # the rest of the family's API, which runs once a step: the references themselves
 from .reference import embed_ln_, ln_mix_  # noqa: F401
 
+ACTIVATION_DTYPES = (torch.float32,)  # of every tensor the ops take but the products' weights
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 MAX_ROWS = 16  # input rows the compiled products take at once (MAX_ROWS in rwkv7_cpu.cpp)
 ONE_PASS_HEAD = True  # the engine's fused path multiplies by the head through linear_ too
 # Batches up to this size take the fused path (lm/engine.py), larger ones the split path with oneDNN's products:
@@ -50,8 +54,8 @@ def build() -> str | None:
 
 def unavailable_reason(dtype: torch.dtype) -> str | None:
     """Why the compiled ops cannot run a CPU step whose products are in `dtype`, or None when they can."""
-    if dtype != torch.float32:
-        return f"the CPU kernels multiply in fp32, and this step's products are {dtype}"
+    if dtype not in WEIGHT_DTYPES:
+        return f"the CPU kernels read fp32 or bf16 weights, and this step's products are {dtype}"
     return build()
 
 
