@@ -16,14 +16,15 @@ server warms it up (serve.continuous.warm_up: every graph captured first). Then,
 and, per --joins N, the join of N images with R = 0 rows decoding. Each figure is wall time on the host
 (torch.cuda.synchronize after each call on CUDA). The gap between `step` and `bare` is the worker's own
 host work a step; bench/serve_load.py shows what the HTTP side's threads add to it. --profile prints
-cProfile's top functions (by own time) over the steps at the largest R, and over each overlapped launch.
+cProfile's top functions (by own time) over the steps at the largest R, and over the overlapped launches.
 
 On CUDA, per --rows R and --overlap N, a join overlapped as the server runs it (ServeConfig.overlap_joins):
 R rows decode on the worker's stream while a join of N images runs on its own; the worker steps until the
-join is done, as the scheduler does. It prints the host time the launch took, the join's wall time from
+join is done, as the scheduler does. It prints the host time the first launch took (it pays one-time
+costs), then, as medians over --repeats more joins: the host time a launch took, the join's wall time from
 launch to done (seen after each step, so to a step's precision), the steps taken meanwhile and their mean
 time (each step's wall time, its stream synchronised, not the device): beside `join ms` and `step ms`
-above, how much each slows the other.
+above, how much each slows the other. --profile covers the launches after the first.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def parse_args(argv):
     p.add_argument("--rows", default="1,32,128", help="comma-separated rows decoding")
     p.add_argument("--joins", default="1,16,64", help="comma-separated images joining an empty batch")
     p.add_argument("--steps", type=int, default=20, help="steps timed per --rows")
-    p.add_argument("--repeats", type=int, default=5, help="joins timed per size")
+    p.add_argument("--repeats", type=int, default=5, help="joins timed per size (overlapped: after a first one)")
     p.add_argument("--overlap", default="16,64",
                    help="CUDA: comma-separated images in a join overlapped with each --rows' decode (empty: none)")
     p.add_argument("--profile", action="store_true",
@@ -168,7 +169,8 @@ def overlapped(captioner, args, job) -> list[dict]:
     device, out = captioner.device, []
     endless = SamplingConfig(max_new_tokens=10_000)  # the decoding rows outlive the measurement
     print("a join on its own stream while R rows decode (the server's overlap_joins):")
-    print(f"{'rows':>5} {'images':>6} {'launch ms':>9} {'join ms':>8} {'steps beside':>12} {'step ms beside':>14}")
+    print(f"{'rows':>5} {'images':>6} {'first launch':>12} {'launch ms':>9} {'join ms':>8} {'steps beside':>12} "
+          f"{'step ms beside':>14}")
     with worker_stream(device):
         worker = torch.cuda.current_stream(device)
         for r in args.row_list:
@@ -176,34 +178,44 @@ def overlapped(captioner, args, job) -> list[dict]:
                 batch = RunningBatch(captioner, overlap=True)
                 batch.admit([job(r, endless)])
                 batch.step()
-                steps = []
-                torch.cuda.synchronize(device)
+                # the first launch at a size pays one-time costs (pinned and device memory for its buffers);
+                # the others show what each join costs the server once it runs: medians over --repeats
                 profiler = cProfile.Profile() if args.profile else None
-                start = time.perf_counter()
-                if profiler:
-                    profiler.enable()
-                batch.launch([job(n, SamplingConfig())])
-                if profiler:
-                    profiler.disable()
-                launched = time.perf_counter()
-                while not batch.join_ready():
-                    begin = time.perf_counter()
-                    batch.step()
-                    worker.synchronize()
-                    steps.append((time.perf_counter() - begin) * 1000)
-                done = time.perf_counter()
-                batch.place_next()
-                torch.cuda.synchronize(device)
-                row = {"rows": r, "overlap_images": n, "launch_ms": (launched - start) * 1000,
-                       "join_ms": (done - start) * 1000, "steps_beside": len(steps),
-                       "step_ms_beside": statistics.mean(steps) if steps else float("nan")}
+                runs = []
+                for rep in range(1 + args.repeats):
+                    steps = []
+                    torch.cuda.synchronize(device)
+                    profiling = profiler is not None and rep > 0
+                    start = time.perf_counter()
+                    if profiling:
+                        profiler.enable()
+                    batch.launch([job(n, SamplingConfig())])
+                    if profiling:
+                        profiler.disable()
+                    launched = time.perf_counter()
+                    while not batch.join_ready():
+                        begin = time.perf_counter()
+                        batch.step()
+                        worker.synchronize()
+                        steps.append((time.perf_counter() - begin) * 1000)
+                    done = time.perf_counter()
+                    batch.place_next()
+                    torch.cuda.synchronize(device)
+                    runs.append(((launched - start) * 1000, (done - start) * 1000, len(steps),
+                                 statistics.mean(steps) if steps else float("nan")))
+                first, later = runs[0], runs[1:]
+                row = {"rows": r, "overlap_images": n, "first_launch_ms": first[0],
+                       "launch_ms": statistics.median(x[0] for x in later),
+                       "join_ms": statistics.median(x[1] for x in later),
+                       "steps_beside": statistics.median(x[2] for x in later),
+                       "step_ms_beside": statistics.median(x[3] for x in later)}
                 out.append(row)
-                print(f"{r:>5} {n:>6} {row['launch_ms']:>9.2f} {row['join_ms']:>8.2f} {len(steps):>12} "
-                      f"{row['step_ms_beside']:>14.3f}")
+                print(f"{r:>5} {n:>6} {row['first_launch_ms']:>12.2f} {row['launch_ms']:>9.2f} {row['join_ms']:>8.2f} "
+                      f"{row['steps_beside']:>12} {row['step_ms_beside']:>14.3f}")
                 if profiler:
                     text = io.StringIO()
                     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
-                    print(text.getvalue())
+                    print(f"the {args.repeats} launches after the first:\n{text.getvalue()}")
     return out
 
 
