@@ -270,6 +270,7 @@ def test_the_cpu_engine_takes_the_kernels_for_fp32_and_bf16_products_and_the_ref
     assert engine.seq_ops is cpu_step
     with _no_warning():
         assert StepEngine(lm, torch.float16).ops is reference
+        assert StepEngine(lm_on("cpu").half(), torch.bfloat16).ops is reference  # bf16 products, fp16 embedding
     assert StepEngine(lm, reduce=True).ops is reference  # the compiled step traces the reference ops
 
 

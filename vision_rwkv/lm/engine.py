@@ -99,6 +99,8 @@ class StepEngine:
         self.dtype = compute_dtype(lm) if dtype is None else dtype
         if ops is None:  # the compiled CPU step (reduce) traces the reference ops
             ops = reference if reduce else step_ops(lm.emb.weight.device, cfg.head_size, cfg.n_embd, self.dtype)
+            if lm.emb.weight.dtype not in getattr(ops, "WEIGHT_DTYPES", (lm.emb.weight.dtype,)):
+                ops = reference  # the CPU kernels read the embedding as it is: fp32 or bf16 (fp16 weights do not)
         self.ops = ops
         # the ops for the split path and the prefill, whose activations are in the compute dtype: the CPU
         # kernels take fp32 activations only (ACTIVATION_DTYPES), so with bf16 products the references serve
