@@ -45,3 +45,12 @@ def test_count_syncs_counts_what_makes_the_host_wait():
     assert readback.count_syncs(lambda: x.sum().item()) == 1
     assert readback.count_syncs(lambda: x.tolist() + x.tolist()) == 2
     assert readback.count_syncs(lambda: readback.to_device([1, 2], "cuda") + x.sum()) == 0
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_host_copy_holds_the_values_of_when_it_was_queued():
+    values = torch.arange(4, device="cuda")
+    copy = readback.HostCopy(values)
+    values.add_(10)  # launched after the copy: the copy must not see it
+    assert copy.wait()[0].tolist() == [0, 1, 2, 3] and values.tolist() == [10, 11, 12, 13]

@@ -33,14 +33,29 @@ def to_device(values, device, dtype=torch.long) -> torch.Tensor:
 
 def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Device tensors on the host, with one wait for all of them."""
-    cuda = [t.device for t in tensors if t.device.type == "cuda"]
-    if not cuda:
-        return tuple(t.cpu() for t in tensors)
-    host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors)
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(cuda[0]))
-    event.synchronize()
-    return host
+    return HostCopy(*tensors).wait()
+
+
+class HostCopy:
+    """Device tensors' values as they are now, copied to the host without waiting: queued at construction
+    (into pinned memory, on the current stream), waited for by wait(). What is launched in between runs on
+    the device while the host waits only for the copy. CPU tensors are kept as they are (not copied)."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        cuda = [t.device for t in tensors if t.device.type == "cuda"]
+        self.event = None
+        if not cuda:
+            self.host = tuple(t.cpu() for t in tensors)
+            return
+        self.host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                          for t in tensors)
+        self.event = torch.cuda.Event()
+        self.event.record(torch.cuda.current_stream(cuda[0]))
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
 
 
 class LaggedRead:

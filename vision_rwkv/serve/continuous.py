@@ -31,7 +31,9 @@ TokenChooser of its own, with its own generator. A seeded request's rows take th
 seed (row k of image i, of n sequences an image: seed + i * n + k), so its captions do not depend on what
 else decodes beside it. Scores are the log-probabilities of the chosen tokens under the model's own
 distribution, summed in fp64, the stop token's included, as decode_loop reports them; the tokens and scores
-of a step come back to the host in one read, and only the live rows are then looked at in Python. Beam search
+of a step come back to the host in one read, and only the live rows are then looked at in Python; on CUDA the
+step on those tokens is launched before that read (pipelined, see step()), so the device runs it while the
+host books them. Beam search
 ranks hypotheses across a row's beams and runs whole, between two steps. Only the worker thread calls this.
 """
 
@@ -47,7 +49,7 @@ import torch
 
 from ..config import SamplingConfig, Strategy
 from ..lm.graphs import MAX_ENCODER_GRAPH_BATCH, MAX_PREFILL_TOKENS, graphs_enabled, rnn_stepper
-from ..lm.readback import to_device
+from ..lm.readback import HostCopy, to_device
 from ..lm.sampling import TokenChooser
 from ..lm.state import DecoderState
 
@@ -193,9 +195,12 @@ class RunningBatch:
     overlap: joins run on a stream of their own (CUDA only; elsewhere launch() computes the join at once).
     Either way place_next() then writes its rows into free slots: admit() does both at once."""
 
-    def __init__(self, captioner, overlap: bool = False):
+    def __init__(self, captioner, overlap: bool = False, pipelined: bool | None = None):
+        """pipelined: launch each step before reading back the tokens it steps on (see step(); None: on CUDA,
+        where the device then runs the step while the host reads and books the tokens)."""
         self.captioner = captioner
         self.overlaps = overlap and _can_overlap(captioner.device)
+        self.pipelined = captioner.device.type == "cuda" if pipelined is None else pipelined
         self._joins: deque[_Join] = deque()  # launched, not placed yet; in launch order
         self._fence = False  # the next join must wait for the worker's stream (see detach())
         self.read_s = 0.0  # seconds step() spent reading its tokens back (waiting for the device)
@@ -360,7 +365,13 @@ class RunningBatch:
     @torch.no_grad()
     def step(self) -> list:
         """Choose every row's next token; rows that end leave. -> the jobs whose every row has now ended, as
-        (job, captions per image, seconds since it joined, rows in the batch at this step)."""
+        (job, captions per image, seconds since it joined, rows in the batch at this step).
+
+        Pipelined, the step on the chosen tokens is launched before they are read back: the device runs it
+        while the host waits for the tokens alone and books them, instead of idling until the host has
+        launched it. A row that ends at this token is then stepped once more, in its slot, and the result is
+        never looked at (as a free slot's); when every row ends, that step is wasted. The tokens, and so the
+        captions, are the same either way."""
         logits = self.logits  # (C,V) fp32
         tokens = logits.argmax(dim=-1)  # (C,): every plain greedy row's choice
         for slot in self._chosen:  # its own settings and generator, from its own logits
@@ -371,9 +382,13 @@ class RunningBatch:
             tokens[slot] = token[0]
         tokens.masked_fill_(self._free_mask, 0)  # free slots step on a harmless token
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1).double()
-        both = torch.stack([tokens.double(), logprobs])
+        read = HostCopy(torch.stack([tokens.double(), logprobs]))
+        stepped = self.pipelined
+        if stepped:
+            with self._context():
+                self.logits, self.state = self._step(tokens)
         begin = time.perf_counter()
-        read_tokens, read_logprobs = both.tolist()  # one host read a step: it waits for the device
+        read_tokens, read_logprobs = read.wait()[0].tolist()  # one host read a step: it waits for the device
         self.read_s += time.perf_counter() - begin
         size, finished = len(self._live), []
         for slot in self._live:
@@ -386,14 +401,15 @@ class RunningBatch:
             finished.append(slot)
         done = self._finish(sorted((self.slots[s] for s in finished), key=lambda r: r.order), size)
         if finished:
-            tokens = self._leave(finished, tokens)
-        if self._live:
+            tokens = self._leave(finished, tokens, stepped)
+        if self._live and not stepped:
             with self._context():
                 self.logits, self.state = self._step(tokens)
         return done
 
-    def _leave(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
+    def _leave(self, slots: list[int], tokens: torch.Tensor, stepped: bool) -> torch.Tensor:
         """Free the finished rows' slots; drop everything when no row is left, compact when few are.
+        stepped: the step on `tokens` has run (pipelined), so the logits are its own and move with their rows.
         -> the tokens (C,) to step, moved with their rows if they were compacted."""
         for slot in slots:
             self.slots[slot] = None
@@ -403,18 +419,19 @@ class RunningBatch:
             self._live, self._chosen, self._free_mask = [], [], None
             return tokens
         if live <= self.capacity // 4:
-            return self._compact(live, tokens)
+            return self._compact(live, tokens, stepped)
         self._slots_changed()
         return tokens
 
-    def _compact(self, live: int, tokens: torch.Tensor) -> torch.Tensor:
+    def _compact(self, live: int, tokens: torch.Tensor, stepped: bool) -> torch.Tensor:
         """Move the live rows to the first slots of buffers twice their bucket (one gather; the rest of the
         new capacity repeats a live row, stepped and ignored like any free slot)."""
         keep = [s for s, row in enumerate(self.slots) if row is not None]
         capacity = 2 * _bucket(live)
         index = to_device(keep + [keep[0]] * (capacity - live), self.logits.device)
         self.state = self.state[index]
-        self.logits = self.logits[:capacity]  # the step about to run overwrites them
+        # stepped: the logits are the rows' next ones; else the step about to run overwrites them
+        self.logits = self.logits[index] if stepped else self.logits[:capacity]
         self.slots = [self.slots[s] for s in keep] + [None] * (capacity - live)
         self._slots_changed()
         return tokens[index].masked_fill_(self._free_mask, 0)
