@@ -64,6 +64,9 @@ def parse_args(argv):
                    help="CUDA: comma-separated images in a join overlapped with each --rows' decode (empty: none)")
     p.add_argument("--profile", action="store_true",
                    help="cProfile the steps at the largest --rows, and each overlapped join's launch")
+    p.add_argument("--no-pipeline", dest="pipelined", action="store_false", default=None,
+                   help="read each step's tokens back before launching the next step (the server's way before "
+                        "pipelined steps; default: RunningBatch's, pipelined on CUDA)")
     p.add_argument("--join-chunk", type=int, default=None,
                    help="an experiment: raise the encoder's and the prefill's graph limits (lm.graphs) so that "
                         "joins run in graphs of this many images (default: the library's limits)")
@@ -130,7 +133,7 @@ def main(argv=None) -> list[dict]:
     rows_out = []
     print(f"{'rows':>5} {'join ms':>8} {'step ms':>8} {'bare ms':>8} {'host ms/step':>12}")
     for r in args.row_list:
-        batch = RunningBatch(captioner)
+        batch = RunningBatch(captioner, pipelined=args.pipelined)
         join_ms = timed(lambda: batch.admit([job(r, greedy)]), device)  # noqa: B023 (called at once)
         steps = []
         profiler = cProfile.Profile() if args.profile and r == max(args.row_list) else None
@@ -175,7 +178,7 @@ def overlapped(captioner, args, job) -> list[dict]:
         worker = torch.cuda.current_stream(device)
         for r in args.row_list:
             for n in args.overlap_list:
-                batch = RunningBatch(captioner, overlap=True)
+                batch = RunningBatch(captioner, overlap=True, pipelined=args.pipelined)
                 batch.admit([job(r, endless)])
                 batch.step()
                 # the first launch at a size pays one-time costs (pinned and device memory for its buffers);
