@@ -10,7 +10,8 @@ server warms it up (serve.continuous.warm_up: every graph captured first). Then,
 
   join       RunningBatch.admit of R images as one join: encode, prefill, rows placed (median of --repeats)
   step       one RunningBatch.step with R rows decoding, plain greedy: the choice of every row's token, the
-             one host read, the rows' bookkeeping and the stepper's graph (median over --steps steps)
+             one host read, the rows' bookkeeping and the stepper's graph (median over --steps steps, or
+             over those taken before every row ended: the demo model's captions can be shorter)
   bare       the stepper alone at the same capacity, on the same state: the step's floor
 
 and, per --joins N, the join of N images with R = 0 rows decoding. Each figure is wall time on the host
@@ -24,7 +25,8 @@ join is done, as the scheduler does. It prints the host time the first launch to
 costs), then, as medians over --repeats more joins: the host time a launch took, the join's wall time from
 launch to done (seen after each step, so to a step's precision), the steps taken meanwhile and their mean
 time (each step's wall time, its stream synchronised, not the device): beside `join ms` and `step ms`
-above, how much each slows the other. --profile covers the launches after the first.
+above, how much each slows the other; and the host time place_next() took to write the join's rows into
+their slots (`place ms`; the server counts it as placing). --profile covers the launches after the first.
 """
 
 from __future__ import annotations
@@ -138,12 +140,19 @@ def main(argv=None) -> list[dict]:
         steps = []
         profiler = cProfile.Profile() if args.profile and r == max(args.row_list) else None
         for _ in range(args.steps):
+            if not batch:  # every row ended (the demo model's captions can be shorter than --steps)
+                break
             if profiler:
                 profiler.enable()
             steps.append(timed(batch.step, device))
             if profiler:
                 profiler.disable()
-        step_ms = statistics.median(steps)
+        step_ms = statistics.median(steps) if steps else float("nan")
+        if batch.capacity == 0:  # no row left to time the bare stepper on
+            rows_out.append({"rows": r, "join_ms": join_ms, "step_ms": step_ms, "steps": len(steps)})
+            print(f"{r:>5} {join_ms:>8.2f} {step_ms:>8.3f} {'':>8} {'':>12}  (every row ended after "
+                  f"{len(steps)} steps)")
+            continue
         tokens = torch.zeros(batch.capacity, dtype=torch.long, device=device)
         with torch.no_grad(), batch._context():  # as RunningBatch steps: no autograd, so the graphed stepper
             stepper = rnn_stepper(captioner.model.decoder)
@@ -173,7 +182,7 @@ def overlapped(captioner, args, job) -> list[dict]:
     endless = SamplingConfig(max_new_tokens=10_000)  # the decoding rows outlive the measurement
     print("a join on its own stream while R rows decode (the server's overlap_joins):")
     print(f"{'rows':>5} {'images':>6} {'first launch':>12} {'launch ms':>9} {'join ms':>8} {'steps beside':>12} "
-          f"{'step ms beside':>14}")
+          f"{'step ms beside':>14} {'place ms':>8}")
     with worker_stream(device):
         worker = torch.cuda.current_stream(device)
         for r in args.row_list:
@@ -203,18 +212,20 @@ def overlapped(captioner, args, job) -> list[dict]:
                         steps.append((time.perf_counter() - begin) * 1000)
                     done = time.perf_counter()
                     batch.place_next()
+                    placed = time.perf_counter()  # the host's time placing the rows (no device wait)
                     torch.cuda.synchronize(device)
                     runs.append(((launched - start) * 1000, (done - start) * 1000, len(steps),
-                                 statistics.mean(steps) if steps else float("nan")))
+                                 statistics.mean(steps) if steps else float("nan"), (placed - done) * 1000))
                 first, later = runs[0], runs[1:]
                 row = {"rows": r, "overlap_images": n, "first_launch_ms": first[0],
                        "launch_ms": statistics.median(x[0] for x in later),
                        "join_ms": statistics.median(x[1] for x in later),
                        "steps_beside": statistics.median(x[2] for x in later),
-                       "step_ms_beside": statistics.median(x[3] for x in later)}
+                       "step_ms_beside": statistics.median(x[3] for x in later),
+                       "place_ms": statistics.median(x[4] for x in later)}
                 out.append(row)
                 print(f"{r:>5} {n:>6} {row['first_launch_ms']:>12.2f} {row['launch_ms']:>9.2f} {row['join_ms']:>8.2f} "
-                      f"{row['steps_beside']:>12} {row['step_ms_beside']:>14.3f}")
+                      f"{row['steps_beside']:>12} {row['step_ms_beside']:>14.3f} {row['place_ms']:>8.3f}")
                 if profiler:
                     text = io.StringIO()
                     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)

@@ -106,3 +106,14 @@ def test_the_worker_bench_times_joins_and_steps_on_the_cpu(capsys):
     assert joins == [{"join_images": 2, "join_ms": joins[0]["join_ms"]}] and joins[0]["join_ms"] > 0
     out = capsys.readouterr().out
     assert "joins padded in chunks of none" in out and "Ordered by: internal time" in out
+
+
+def test_the_worker_bench_stops_stepping_once_every_row_has_ended(capsys):
+    import serve_worker
+
+    # the demo model's greedy caption of a blank image ends long before 60 steps; the steps ended used to
+    # crash the run (a step on an empty batch)
+    rows = serve_worker.main(["--device", "cpu", "--model", "demo", "--rows", "2", "--joins", "1",
+                              "--steps", "60", "--repeats", "1"])
+    assert 0 < rows[0]["steps"] < 60 and rows[0]["step_ms"] > 0
+    assert "every row ended after" in capsys.readouterr().out

@@ -434,6 +434,8 @@ class RunningBatch:
         self.logits = self.logits[index] if stepped else self.logits[:capacity]
         self.slots = [self.slots[s] for s in keep] + [None] * (capacity - live)
         self._slots_changed()
+        if stepped:  # the step on these tokens has run: step() does not use them again
+            return tokens
         return tokens[index].masked_fill_(self._free_mask, 0)
 
     def _slots_changed(self) -> None:
