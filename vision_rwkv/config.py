@@ -135,9 +135,9 @@ class DecoderConfig:
                 raise VisionRWKVError(f"decoder.{name} must be a positive integer, got {value!r}")
         c = self.n_embd
         if self.arch == DecoderArch.rwkv4:
-            if self.wkv_impl in (WKVImpl.chunked, WKVImpl.cpu):
+            if self.wkv_impl == WKVImpl.chunked:
                 raise VisionRWKVError(f"decoder.wkv_impl is {self.wkv_impl}, which only RWKV-7 has; expected auto, "
-                                      "cuda or reference for decoder.arch=rwkv4")
+                                      "cuda, cpu or reference for decoder.arch=rwkv4")
             return dataclasses.replace(self, dim_ffn=self.dim_ffn or 4 * c)
         if self.n_embd % self.head_size:
             raise VisionRWKVError(

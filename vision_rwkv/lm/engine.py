@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..errors import VisionRWKVError
 from ..ops.rwkv7 import reference, step_ops
 from .rwkv7 import RWKV7
-from .state import RWKVState
+from .state import DecoderState, RWKVState
 
 
 def compute_dtype(lm: RWKV7) -> torch.dtype:
@@ -126,6 +126,12 @@ class StepEngine:
         self._layers: list[torch.Tensor] | None = None  # _step_layers, made again at each packing
         self._version: tuple = ()
         self.sync()
+
+    compilable = True  # EngineStepper may run its step through torch.compile (reduce=True)
+
+    def takes(self, batch_size: int) -> bool:
+        """Every batch size: the fused path up to fused_max_batch rows, the split path above."""
+        return True
 
     @property
     def uses_kernels(self) -> bool:
@@ -463,7 +469,8 @@ class EngineStepper:
     """RNN mode through a StepEngine where there are no graphs (the CPU): a callable
     (tokens (B,), state) -> (logits (B,V), state) with lm.step's checks. As with graphs.GraphedStep, the
     state it returns is its own buffer, updated in place by the next call for the same batch size: select
-    rows from it (which copies) before keeping it across calls.
+    rows from it (which copies) before keeping it across calls. engine_class: StepEngine (RWKV-7), or
+    engine4.Step4Engine (RWKV-4), whose batches above what it takes run lm.step.
 
     With VISION_RWKV_COMPILE_STEP=1 the step is compiled by torch.compile (inductor's C++ on the CPU), with
     one-row products as streaming reductions: about twice the speed at batch 1 (BENCHMARKS.md), after a
@@ -473,10 +480,11 @@ class EngineStepper:
 
     bucketed = False  # decode_loop drops finished rows at once (graphs keep power-of-two batches)
 
-    def __init__(self, lm: RWKV7):
+    def __init__(self, lm, engine_class=None):
         self.lm = lm
-        self.engines: dict[tuple, tuple] = {}  # (compute dtype, compiled) -> (StepEngine, its step function)
-        self.states: dict[int, RWKVState] = {}
+        self.engine_class = StepEngine if engine_class is None else engine_class
+        self.engines: dict[tuple, tuple] = {}  # (compute dtype, compiled) -> (the engine, its step function)
+        self.states: dict[int, DecoderState] = {}
         self.verified: set[tuple] = set()  # (compute dtype, batch size) where the compiled step was checked
         self.fallback_reason: str | None = None  # why a compiled step was found wrong and replaced, if it was
 
@@ -488,12 +496,13 @@ class EngineStepper:
         B = tokens.shape[0]
         state = lm.state_for(state, B)
         dtype = compute_dtype(lm)
-        compiled = compile_step_enabled()
+        compiled = compile_step_enabled() and self.engine_class.compilable
         engine, step = self._engine(dtype, compiled)
+        if not engine.takes(B):
+            return lm.step(tokens, state)
         own = self.states.get(B)
         if state is not own:
-            own = self.states[B] = RWKVState(*(t.clone(memory_format=torch.contiguous_format).float()
-                                                for t in (state.att_shift, state.wkv, state.ffn_shift)))
+            own = self.states[B] = state.contiguous_float()
         tokens = tokens.contiguous()
         if compiled and step != engine.step and (dtype, B) not in self.verified:  # compiled, not yet checked
             return self._verified_step(engine, step, dtype, tokens, own), own
@@ -503,7 +512,7 @@ class EngineStepper:
         """The engine for this compute dtype (compiled: the one whose step torch.compile runs) and its step
         function, with the weights packed as they are now."""
         if (dtype, compiled) not in self.engines:
-            engine = StepEngine(self.lm, dtype, reduce=compiled)
+            engine = self.engine_class(self.lm, dtype, reduce=True) if compiled else self.engine_class(self.lm, dtype)
             self.engines[(dtype, compiled)] = engine, torch.compile(engine.step, dynamic=False) if compiled \
                 else engine.step
         engine, step = self.engines[(dtype, compiled)]

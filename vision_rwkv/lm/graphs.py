@@ -8,7 +8,7 @@ The GPT-mode prefill of an image prefix is the same chain over the prefix's posi
 launch-bound at small batches; it is captured per (batch size, prefix length) up to
 MAX_PREFILL_TOKENS tokens.
 
-    step = rnn_stepper(lm)              # lm.step itself on the CPU, or when graphs are switched off
+    step = rnn_stepper(lm)              # the C++ step on the CPU; lm.step when graphs are switched off
     logits, state = step(tokens, state)
     logits, state = prefill_runner(lm)(inputs_embeds, state)   # = lm(inputs_embeds=..., state=..., last_only=True)
     tokens, pooled = encoder_runner(encoder)(images)           # = encoder(images), small batches only
@@ -18,7 +18,8 @@ about eighty) unless VISION_RWKV_FUSED_STEP=0, which captures lm.step's plain Py
 The prefill likewise runs the same family of fused operations in GPT mode (StepEngine.prefill), or lm(...)
 itself with VISION_RWKV_FUSED_STEP=0.
 The fused step is RWKV-7's; an RWKV-4 decoder's graphs capture lm.step's operations (lm/decoder.py is
-the interface both follow).
+the interface both follow). On the CPU both have a step of C++ kernels (engine.EngineStepper; RWKV-4's
+is engine4.Step4Engine), and RWKV-7 a prefill through the same packed weights.
 
 Contract (what caption_features, decode_loop and beam_search rely on; not a public API):
 - the prefill and the step give lm(...)'s and lm.step's results: exactly with plain operations, and
@@ -42,9 +43,12 @@ import weakref
 
 import torch
 
-from ..ops.rwkv7 import unavailable_reason
+from ..ops._build import CPU_KERNELS_OFF
+from ..ops.rwkv7 import cpu_step, unavailable_reason
+from . import engine4
 from .decoder import Decoder
 from .engine import EngineStepper, StepEngine, compute_dtype, weights_fingerprint
+from .rwkv4 import RWKV4
 from .rwkv7 import RWKV7
 from .state import DecoderState
 
@@ -92,15 +96,22 @@ def rnn_stepper(lm: Decoder):
 
 
 def _cpu_stepper(lm: Decoder) -> EngineStepper | None:
-    """The engine that runs an RWKV-7 decoder's inference on the CPU (the fused step, and the prefill through
-    the same packed weights), or None when lm's plain operations should: training, autograd on, or
-    VISION_RWKV_FUSED_STEP=0."""
-    if not (isinstance(lm, RWKV7) and lm.emb.weight.device.type == "cpu" and fused_step_enabled()
+    """The engine that runs a decoder's inference on the CPU, or None when lm's plain operations should:
+    training, autograd on, or VISION_RWKV_FUSED_STEP=0. RWKV-7: the fused step, and the prefill through the
+    same packed weights. RWKV-4: the C++ step (engine4), where its kernels can run (else None, said once)."""
+    if not (isinstance(lm, (RWKV7, RWKV4)) and lm.emb.weight.device.type == "cpu" and fused_step_enabled()
             and not lm.training and not torch.is_grad_enabled()):
         return None
+    if isinstance(lm, RWKV4):
+        reason = engine4.unavailable_reason(lm)
+        if reason is not None:  # a failed build says so once; fp16, and the kernels switched off, quietly
+            if reason == cpu_step.build() and reason != CPU_KERNELS_OFF and reason not in _warned:
+                _warned.add(reason)
+                warnings.warn(f"vision_rwkv: the RWKV-4 step runs lm.step on the CPU: {reason}", stacklevel=3)
+            return None
     stepper = _cpu_steppers.get(lm)
     if stepper is None:
-        stepper = _cpu_steppers[lm] = EngineStepper(lm)
+        stepper = _cpu_steppers[lm] = EngineStepper(lm, engine4.Step4Engine if isinstance(lm, RWKV4) else None)
     return stepper
 
 
@@ -109,7 +120,7 @@ def prefill_runner(lm: Decoder):
     lm(inputs_embeds=x, state=state, last_only=True): graph replays on CUDA for up to MAX_PREFILL_TOKENS
     tokens; the engine's prefill on the CPU (engine.EngineStepper.prefill)."""
     if not _graphable(lm):
-        stepper = _cpu_stepper(lm)
+        stepper = _cpu_stepper(lm) if isinstance(lm, RWKV7) else None  # RWKV-4's engine is the step's alone
         if stepper is not None:
             return stepper.prefill
         return lambda x, state=None: lm(inputs_embeds=x, state=state, last_only=True)

@@ -1,5 +1,6 @@
 """The one lazy build of our compiled kernels, shared by every op that has them: the CUDA kernels
-(wkv7/cuda.py, wkv4/cuda.py) and the CPU ones (kernels/rwkv7_cpu.cpp: rwkv7/cpu_step.py, wkv7/cpu.py).
+(wkv7/cuda.py, wkv4/cuda.py) and the CPU ones (kernels/rwkv7_cpu.cpp: rwkv7/cpu_step.py, wkv7/cpu.py;
+kernels/rwkv4_cpu.cpp: lm/engine4.py; both on kernels/cpu_common.h), one library.
 
 Sources are found beside the installed package (a wheel ships them as vision_rwkv/kernels/) or in the
 source checkout's kernels/ folder. Each build goes to a cache folder keyed by its sources, torch, and
@@ -124,7 +125,8 @@ def build_extension(tag: str, sources: tuple[str, ...], headers: tuple[str, ...]
     return None
 
 
-CPU_SOURCES = ("rwkv7_cpu.cpp",)
+CPU_SOURCES = ("rwkv7_cpu.cpp", "rwkv4_cpu.cpp")
+CPU_HEADERS = ("cpu_common.h",)
 CPU_KERNELS_OFF = "switched off (VISION_RWKV_CPU_KERNELS=0)"
 _cpu_lock = threading.Lock()
 _cpu_built: list[str | None] = []  # [why the CPU build failed, or None], once tried in this process
@@ -138,7 +140,7 @@ def cpu_kernels() -> str | None:
         return CPU_KERNELS_OFF
     with _cpu_lock:
         if not _cpu_built:
-            reason = build_extension("rwkv7_cpu", CPU_SOURCES, cuda=False)
+            reason = build_extension("cpu", CPU_SOURCES, CPU_HEADERS, cuda=False)
             if reason is None:
                 _register_cpu_fakes()
             _cpu_built.append(reason)
@@ -151,7 +153,7 @@ def _register_cpu_fakes() -> None:
     if getattr(_register_cpu_fakes, "done", False):
         return
     for name in ("ln_mix_matmul_", "linear_", "wkv_step_", "ln_mix_seq_", "wkv_pre_", "wkv_post_", "relu2_",
-                 "lora_act_", "step_fused_"):
+                 "lora_act_", "step_fused_", "rwkv4_step_fused_"):
         torch.library.register_fake(f"vision_rwkv_cpu::{name}", lambda *args, **kw: None)
 
     @torch.library.register_fake("vision_rwkv_cpu::wkv7_forward")

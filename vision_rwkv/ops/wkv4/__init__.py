@@ -4,8 +4,9 @@ Shapes: w and u are (C,) (w = -exp(time_decay), the per-channel log decay; u = t
 the current token); k and v are (B, T, C); the state is the triple (num, den, max), each (B, C) in fp32
 (see reference.py for the math). y comes back in k's dtype, the final state in fp32.
 
-Implementations: "reference" (per step, the CPU path) and "cuda" (the custom kernel, the default for
-CUDA tensors once it builds). "auto" picks the fastest that runs.
+Implementations: "reference" (per step, in PyTorch), "cuda" (the custom kernel, the default for CUDA
+tensors once it builds) and "cpu" (a C++ kernel, forward only: the default for fp32 CPU inputs that need
+no gradients, GPT mode's inference). "auto" picks the fastest that runs.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from ...errors import VisionRWKVError
 from .reference import MAX_INIT, fresh_state, wkv4_reference, wkv4_step
 
-__all__ = ["wkv4", "wkv4_reference", "wkv4_step", "fresh_state", "MAX_INIT", "cuda_unavailable_reason"]
+__all__ = ["wkv4", "wkv4_reference", "wkv4_step", "fresh_state", "MAX_INIT", "cuda_unavailable_reason",
+           "cpu_unavailable_reason"]
 
-IMPLS = ("auto", "cuda", "reference")
+IMPLS = ("auto", "cuda", "cpu", "reference")
 _warned: set[str] = set()
 
 
@@ -30,6 +32,13 @@ def cuda_unavailable_reason(k: torch.Tensor) -> str | None:
     from . import cuda as cuda_impl
 
     return cuda_impl.unavailable_reason() or cuda_impl.unsupported(k)
+
+
+def cpu_unavailable_reason(k: torch.Tensor, *inputs) -> str | None:
+    """Why the CPU kernel cannot serve these inputs (k, and the others with the state's tensors), or None."""
+    from . import cpu as cpu_impl
+
+    return cpu_impl.unavailable_reason(k, *inputs)
 
 
 def _check(w, u, k, v, state):
@@ -57,15 +66,24 @@ def _note_fallback(reason: str, device_type: str) -> None:
 def wkv4(w, u, k, v, state=None, *, impl: str = "auto"):
     """Run the recurrence over T steps. See the module docstring for shapes and meaning."""
     _check(w, u, k, v, state)
+    others = (w, u, v, *(state or ()))
     if impl == "auto":
-        reason = cuda_unavailable_reason(k)
+        on_cpu = k.device.type == "cpu"
+        reason = cpu_unavailable_reason(k, *others) if on_cpu else cuda_unavailable_reason(k)
         if reason is None:
-            impl = "cuda"
+            impl = "cpu" if on_cpu else "cuda"
         else:
             impl = "reference"
             _note_fallback(reason, k.device.type)
     if impl == "reference":
         return wkv4_reference(w, u, k, v, state)
+    if impl == "cpu":
+        reason = cpu_unavailable_reason(k, *others)
+        if reason is not None:
+            raise VisionRWKVError(f"wkv4 impl 'cpu' was asked for but cannot run: {reason}")
+        from . import cpu as cpu_impl
+
+        return cpu_impl.wkv4_cpu(w, u, k, v, state)
     if impl == "cuda":
         reason = cuda_unavailable_reason(k)
         if reason is not None:

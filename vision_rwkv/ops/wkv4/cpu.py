@@ -1,0 +1,39 @@
+"""The WKV-4 recurrence on the CPU, forward only: kernels/rwkv4_cpu.cpp's wkv4_forward, built on first use
+for this machine (../_build.py, with the CPU step's kernels).
+
+GPT mode's inference on the CPU (an RWKV-4 decoder's image prefix or prompt) runs it: each row's channels
+in blocks of 64 through every position, 16 at a time with their state in registers, where the reference
+launches a dozen PyTorch operations a position. fp32 inputs and no gradients; the reference serves the
+rest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _build
+from .reference import MAX_INIT
+
+
+def unavailable_reason(k: torch.Tensor, *inputs: torch.Tensor | None) -> str | None:
+    """Why the kernel cannot serve these inputs (k and the others, the state's tensors included), or None."""
+    if k.device.type != "cpu":
+        return f"inputs are on {k.device.type}, not the CPU"
+    if k.dtype != torch.float32:
+        return f"inputs are {k.dtype}; the CPU kernel takes fp32"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (k, *inputs)):
+        return "gradients are needed, and the CPU kernel is forward only"
+    return _built()
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the answer at trace time, not the build's file I/O
+def _built() -> str | None:
+    return _build.cpu_kernels()
+
+
+def wkv4_cpu(w, u, k, v, state=None):
+    """wkv4's contract (see __init__.py) for fp32 CPU inputs without gradients."""
+    w, u, k, v = (t.float().contiguous() for t in (w, u, k, v))
+    s = (None, None, None) if state is None else tuple(t.float().contiguous() for t in state)
+    y, num, den, mx = torch.ops.vision_rwkv_cpu.wkv4_forward(w, u, k, v, *s, MAX_INIT)
+    return y, (num, den, mx)
