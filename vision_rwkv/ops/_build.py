@@ -161,4 +161,9 @@ def _register_cpu_fakes() -> None:
         B, _, H, N = r.shape
         return torch.empty_like(r), r.new_empty((B, H, N, N), dtype=torch.float32)
 
+    @torch.library.register_fake("vision_rwkv_cpu::wkv4_forward")
+    def _wkv4_forward(w, u, k, v, num, den, max_, max_init):
+        B, _, C = k.shape
+        return (torch.empty_like(k),) + tuple(k.new_empty((B, C)) for _ in range(3))
+
     _register_cpu_fakes.done = True
