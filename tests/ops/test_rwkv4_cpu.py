@@ -6,11 +6,11 @@ measures RWKV-7's). bf16 weights are checked bit for bit against the fp32 step o
 """
 
 import copy
-import math
 import warnings
 
 import pytest
 import torch
+from test_rwkv4 import randomize_
 from test_rwkv7_step import FP32_SLACK, rel
 
 from vision_rwkv import RWKV4, DecoderConfig
@@ -28,24 +28,10 @@ built = pytest.mark.skipif(BUILD_FAILED is not None, reason=f"{BUILD_FAILED}")
 V = 120
 
 
-@torch.no_grad()
 def model(seed=0, **kw) -> RWKV4:
-    """Every parameter random (the initialisation zeroes whole projections, which would hide bugs)."""
+    """Every parameter random (test_rwkv4.randomize_: the initialisation zeroes whole projections)."""
     cfg = DecoderConfig(**{**dict(arch="rwkv4", vocab_size=V, n_layer=3, n_embd=64, dim_ffn=160), **kw})
-    lm = RWKV4(cfg, init=False).eval()
-    g = torch.Generator().manual_seed(seed)
-    for name, p in lm.named_parameters():
-        if "time_mix" in name:
-            p.copy_(torch.rand(p.shape, generator=g))
-        elif name.endswith("time_decay"):
-            p.copy_(torch.randn(p.shape, generator=g) - 1)
-        elif p.dim() == 2:
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]) * (3.0 if "emb" in name else 1.0))
-        elif name.endswith("weight"):
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return lm
+    return randomize_(RWKV4(cfg, init=False).eval(), seed=seed)
 
 
 def tokens(B, T, seed=1):

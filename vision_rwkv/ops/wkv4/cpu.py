@@ -17,18 +17,7 @@ from .reference import MAX_INIT
 
 def unavailable_reason(k: torch.Tensor, *inputs: torch.Tensor | None) -> str | None:
     """Why the kernel cannot serve these inputs (k and the others, the state's tensors included), or None."""
-    if k.device.type != "cpu":
-        return f"inputs are on {k.device.type}, not the CPU"
-    if k.dtype != torch.float32:
-        return f"inputs are {k.dtype}; the CPU kernel takes fp32"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (k, *inputs)):
-        return "gradients are needed, and the CPU kernel is forward only"
-    return _built()
-
-
-@torch.compiler.assume_constant_result  # torch.compile takes the answer at trace time, not the build's file I/O
-def _built() -> str | None:
-    return _build.cpu_kernels()
+    return _build.cpu_forward_unavailable(k, *inputs)
 
 
 def wkv4_cpu(w, u, k, v, state=None):

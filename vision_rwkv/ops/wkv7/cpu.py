@@ -15,20 +15,9 @@ from .. import _build
 from .reference import log_decay
 
 
-def unavailable_reason(r: torch.Tensor, *inputs: torch.Tensor) -> str | None:
+def unavailable_reason(r: torch.Tensor, *inputs: torch.Tensor | None) -> str | None:
     """Why the kernel cannot serve these inputs (r and the others, with the state if any), or None when it can."""
-    if r.device.type != "cpu":
-        return f"inputs are on {r.device.type}, not the CPU"
-    if r.dtype != torch.float32:
-        return f"inputs are {r.dtype}; the CPU kernel takes fp32"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (r, *inputs)):
-        return "gradients are needed, and the CPU kernel is forward only"
-    return _built()
-
-
-@torch.compiler.assume_constant_result  # torch.compile takes the answer at trace time, not the build's file I/O
-def _built() -> str | None:
-    return _build.cpu_kernels()
+    return _build.cpu_forward_unavailable(r, *inputs)
 
 
 def wkv7_cpu(r, w, k, v, a, b, state=None):
