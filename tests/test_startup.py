@@ -46,6 +46,13 @@ def test_the_library_imports_no_heavy_package():
     assert imported("-c", "import vision_rwkv") & HEAVY == set()
 
 
+def test_the_library_leaves_torch_compile_and_triton_unimported():
+    """torch._dynamo (which imports Triton) loads on first use only: imported first, it makes the Triton
+    kernels' tests under Triton's interpreter fail (tests/ops/test_rwkv7_step.py; seen when a module-level
+    torch.compiler decorator in ops/_build.py imported it with the package)."""
+    assert "triton" not in imported("-c", "import vision_rwkv, vision_rwkv.lm.graphs, vision_rwkv.lm.engine4")
+
+
 @pytest.mark.parametrize("package", sorted(HEAVY))
 def test_heavy_packages_are_really_there_to_be_avoided(package):
     """The budget means something only where they are installed, as in CI (pip install -e .[dev])."""

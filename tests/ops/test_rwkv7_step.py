@@ -9,7 +9,10 @@ a fused result is measured rather than guessed: its error against the fp64 truth
 FP32_SLACK times the error of the fp32 reference (lm.step) against the same truth, the noise floor of
 fp32 in another order of reduction. With bf16 matrix inputs the step rounds each product input to 8
 bits of mantissa (relative 2^-9 = 2e-3 per input), through a dozen layers: bound 3e-2 relative to the
-largest logit, against the same step computed with fp32 matrices.
+largest logit, against the same step computed with fp32 matrices. That bound is stated for a few rows; the
+largest error over more rows and logits grows with their number (the reference ops themselves reached
+0.029 at 20 rows of the tiny model), so a step over many rows may also reach BF16_SLACK times the error
+of the reference ops with the same bf16 products on the same rows, whichever is larger.
 """
 
 import functools
@@ -28,6 +31,7 @@ from vision_rwkv.ops.rwkv7 import reference, step_ops, unavailable_reason
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_SLACK = 4.0
 BF16_BOUND = 3e-2
+BF16_SLACK = 2.0
 
 
 with interpreter():
@@ -252,17 +256,20 @@ def test_fused_step_equals_lm_step_within_the_fp32_noise_floor(ops, B, fused_max
 
 @torch.no_grad()
 @pytest.mark.parametrize("ops", _ops_under_test())
-def test_fused_step_with_bf16_matrices_stays_within_its_bound(ops):
+@pytest.mark.parametrize("B", [2, 20])  # the fused path; the split path (and the CPU's reference ops at 20)
+def test_fused_step_with_bf16_matrices_stays_within_its_bound(ops, B):
     """The CPU kernels' fused path keeps its activations and logits in fp32 (only the weights are bf16);
-    the others round the products' inputs and give bf16 logits."""
+    the others round the products' inputs and give bf16 logits. The bound: BF16_BOUND, or BF16_SLACK times
+    the bf16 reference ops' own error on the same rows, the larger (see the module's docstring)."""
     ops = triton_ops() if ops == "triton" else ops
     lm = lm_on(DEVICE, seed=3)
-    tokens = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    tokens = torch.randint(0, 97, (B, 4), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     want, _ = run_steps(lm, reference, tokens)
+    floor = rel(run_steps(lm, reference, tokens, dtype=torch.bfloat16)[0], want)
     got, state = run_steps(lm, ops, tokens, dtype=torch.bfloat16)
-    fp32_logits = getattr(ops, "ACTIVATION_DTYPES", None) == (torch.float32,)
+    fp32_logits = B == 2 and getattr(ops, "ACTIVATION_DTYPES", None) == (torch.float32,)
     assert got.dtype == (torch.float32 if fp32_logits else torch.bfloat16) and state.wkv.dtype == torch.float32
-    assert rel(got, want) <= BF16_BOUND
+    assert 0 < floor and rel(got, want) <= max(BF16_BOUND, BF16_SLACK * floor), (rel(got, want), floor)
 
 
 @torch.no_grad()

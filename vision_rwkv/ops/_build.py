@@ -149,19 +149,14 @@ def cpu_kernels() -> str | None:
 
 def cpu_forward_unavailable(first: torch.Tensor, *others: torch.Tensor | None) -> str | None:
     """Why a forward-only CPU recurrence kernel (wkv7/cpu.py, wkv4/cpu.py) cannot serve these inputs (`first`,
-    whose device and dtype stand for all, and the others, None allowed), or None when it can."""
+    whose device and dtype stand for all, and the others, None allowed), the build aside, or None."""
     if first.device.type != "cpu":
         return f"inputs are on {first.device.type}, not the CPU"
     if first.dtype != torch.float32:
         return f"inputs are {first.dtype}; the CPU kernel takes fp32"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (first, *others)):
         return "gradients are needed, and the CPU kernel is forward only"
-    return _cpu_build_reason()
-
-
-@torch.compiler.assume_constant_result  # torch.compile takes the answer at trace time, not the build's file I/O
-def _cpu_build_reason() -> str | None:
-    return cpu_kernels()
+    return None
 
 
 def _register_cpu_fakes() -> None:

@@ -17,7 +17,15 @@ from .reference import MAX_INIT
 
 def unavailable_reason(k: torch.Tensor, *inputs: torch.Tensor | None) -> str | None:
     """Why the kernel cannot serve these inputs (k and the others, the state's tensors included), or None."""
-    return _build.cpu_forward_unavailable(k, *inputs)
+    return _build.cpu_forward_unavailable(k, *inputs) or _built()
+
+
+# torch.compile takes the answer at trace time, not the build's file I/O. Applied here, on this module's import
+# (a kernel's first use), not in _build: the decorator imports torch._dynamo, which `import vision_rwkv` must
+# not (with torch._dynamo imported first, the Triton kernels' tests under Triton's interpreter fail)
+@torch.compiler.assume_constant_result
+def _built() -> str | None:
+    return _build.cpu_kernels()
 
 
 def wkv4_cpu(w, u, k, v, state=None):

@@ -17,7 +17,15 @@ from .reference import log_decay
 
 def unavailable_reason(r: torch.Tensor, *inputs: torch.Tensor | None) -> str | None:
     """Why the kernel cannot serve these inputs (r and the others, with the state if any), or None when it can."""
-    return _build.cpu_forward_unavailable(r, *inputs)
+    return _build.cpu_forward_unavailable(r, *inputs) or _built()
+
+
+# torch.compile takes the answer at trace time, not the build's file I/O. Applied here, on this module's import
+# (a kernel's first use), not in _build: the decorator imports torch._dynamo, which `import vision_rwkv` must
+# not (with torch._dynamo imported first, the Triton kernels' tests under Triton's interpreter fail)
+@torch.compiler.assume_constant_result
+def _built() -> str | None:
+    return _build.cpu_kernels()
 
 
 def wkv7_cpu(r, w, k, v, a, b, state=None):
