@@ -90,7 +90,7 @@ def test_the_door_rejects_bad_shapes_and_impls_in_one_line():
         with pytest.raises(VisionRWKVError, match=message) as e:
             wkv4(*args)
         assert "\n" not in str(e.value)
-    with pytest.raises(VisionRWKVError, match="impl is 'fast'; expected one of auto, cuda, reference"):
+    with pytest.raises(VisionRWKVError, match="impl is 'fast'; expected one of auto, cuda, cpu, reference"):
         wkv4(w, u, k, v, impl="fast")
 
 
