@@ -26,7 +26,8 @@ costs), then, as medians over --repeats more joins: the host time a launch took,
 launch to done (seen after each step, so to a step's precision), the steps taken meanwhile and their mean
 time (each step's wall time, its stream synchronised, not the device): beside `join ms` and `step ms`
 above, how much each slows the other; and the host time place_next() took to write the join's rows into
-their slots (`place ms`; the server counts it as placing). --profile covers the launches after the first.
+their slots (`place ms`; the server counts it as placing). --profile covers the launches after the first, and
+their placing.
 """
 
 from __future__ import annotations
@@ -211,8 +212,12 @@ def overlapped(captioner, args, job) -> list[dict]:
                         worker.synchronize()
                         steps.append((time.perf_counter() - begin) * 1000)
                     done = time.perf_counter()
+                    if profiling:
+                        profiler.enable()
                     batch.place_next()
                     placed = time.perf_counter()  # the host's time placing the rows (no device wait)
+                    if profiling:
+                        profiler.disable()
                     torch.cuda.synchronize(device)
                     runs.append(((launched - start) * 1000, (done - start) * 1000, len(steps),
                                  statistics.mean(steps) if steps else float("nan"), (placed - done) * 1000))
@@ -229,7 +234,7 @@ def overlapped(captioner, args, job) -> list[dict]:
                 if profiler:
                     text = io.StringIO()
                     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
-                    print(f"the {args.repeats} launches after the first:\n{text.getvalue()}")
+                    print(f"the {args.repeats} launches after the first, and their placing:\n{text.getvalue()}")
     return out
 
 
