@@ -144,7 +144,11 @@ def test_rnn_stepper_takes_the_engine_up_to_its_rows_and_lm_step_above():
     lm = model(seed=8)
     step = rnn_stepper(lm)
     assert isinstance(step, EngineStepper) and step.engine_class is Step4Engine
-    rows = cpu_step.fused_max_batch(lm.config.n_embd)
+    rows = cpu_step.MAX_ROWS  # with fp32 products (bf16 ones: cpu_step.fused_max_batch)
+    assert step._engine(torch.float32, False)[0].max_rows == rows
+    wide = model(seed=8, n_layer=1, n_embd=512, dim_ffn=1024)
+    assert Step4Engine(wide, torch.bfloat16).max_rows == cpu_step.FUSED_MAX_BATCH == 8
+    assert Step4Engine(wide).max_rows == 16
     toks = tokens(rows + 1, 2, seed=8)
     below, below_state = run(step, lm, toks[:rows])
     assert below_state is step.states[rows]  # the engine's own buffer, stepped in place
@@ -200,6 +204,11 @@ def test_fp16_weights_and_the_kernels_switched_off_take_lm_step_quietly(monkeypa
             monkeypatch.setenv("VISION_RWKV_CPU_KERNELS", "0")
             assert rnn_stepper(lm) == lm.step
     assert "fp16" in engine4.unavailable_reason(half) or "float16" in engine4.unavailable_reason(half)
+
+
+def test_the_engine_itself_refuses_what_its_kernels_cannot_run_in_one_line():
+    with pytest.raises(VisionRWKVError, match="the RWKV-4 CPU step cannot run: the CPU kernels read fp32 or bf16"):
+        Step4Engine(model(seed=14), torch.float16)
 
 
 def test_a_failed_build_says_why_once_and_the_step_is_lm_step(monkeypatch):

@@ -14,15 +14,16 @@ reads the weights from copies packed once per weight version:
     decay (C)         -exp(time_decay), as lm.step computes it
 
 The matrices keep the weights' dtype (fp32 or bf16: widened as they are read; under autocast, the autocast
-dtype); everything else is fp32, as is the state. Up to cpu_step.fused_max_batch(n_embd) rows run here;
-more, and anything the kernels cannot run (fp16 weights, no C++ compiler, VISION_RWKV_FUSED_STEP=0), take
-lm.step (graphs.rnn_stepper decides).
+dtype); everything else is fp32, as is the state. Up to 16 rows run here with fp32 products (with bf16 ones
+up to cpu_step.fused_max_batch(n_embd), as RWKV-7's fused path); more, and anything the kernels cannot run
+(fp16 weights, no C++ compiler, VISION_RWKV_FUSED_STEP=0), take lm.step (graphs.rnn_stepper decides).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..errors import VisionRWKVError
 from ..ops.rwkv7 import cpu_step, reference
 from .engine import compute_dtype, weights_fingerprint
 from .rwkv4 import RWKV4
@@ -31,13 +32,14 @@ from .state import RWKV4State
 LAYER_TENSORS = 12  # LAYER_TENSORS in kernels/rwkv4_cpu.cpp
 
 
-def unavailable_reason(lm: RWKV4) -> str | None:
-    """Why the C++ step cannot run this decoder now, or None when it can."""
+def unavailable_reason(lm: RWKV4, dtype: torch.dtype | None = None) -> str | None:
+    """Why the C++ step cannot run this decoder now (its products in `dtype`; None: compute_dtype's), or None
+    when it can. Builds and loads the kernels on first use."""
     if lm.emb.weight.device.type != "cpu":
         return "the RWKV-4 step's kernels are the CPU's"
     if lm.emb.weight.dtype not in cpu_step.WEIGHT_DTYPES:
         return f"the CPU kernels read an fp32 or bf16 embedding, and this decoder's is {lm.emb.weight.dtype}"
-    return cpu_step.unavailable_reason(compute_dtype(lm))
+    return cpu_step.unavailable_reason(compute_dtype(lm) if dtype is None else dtype)
 
 
 def _block_n(C: int, F: int) -> int:
@@ -52,8 +54,15 @@ class Step4Engine:
         cfg = lm.config
         self.lm = lm
         self.dtype = compute_dtype(lm) if dtype is None else dtype
+        reason = unavailable_reason(lm, self.dtype)
+        if reason is not None:
+            raise VisionRWKVError(f"the RWKV-4 CPU step cannot run: {reason}")
         self.block_n = _block_n(cfg.n_embd, cfg.dim_ffn)
-        self.max_rows = cpu_step.fused_max_batch(cfg.n_embd)
+        # rows the C++ step takes (more run lm.step): with fp32 products all it can, MAX_ROWS (at L12-D768 it was
+        # 1.2x lm.step's speed at 12 and 16 rows, 2.0x at 8); with bf16 ones cpu_step.fused_max_batch, as RWKV-7's
+        # fused path (lm.step's bf16 products through oneDNN tie at 8 rows, and are 1.1x and 1.7x at 12 and
+        # 16); an inline timing on this project's 2-core machine, 2026-12-05
+        self.max_rows = cpu_step.MAX_ROWS if self.dtype == torch.float32 else cpu_step.fused_max_batch(cfg.n_embd)
         self._layers: list[torch.Tensor] = []
         self._version: tuple = ()
         self.sync()
