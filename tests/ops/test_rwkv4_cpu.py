@@ -106,6 +106,9 @@ def test_bf16_weights_give_the_fp32_step_of_their_values_bit_for_bit(B):
         assert torch.equal(a, b), name
     assert e16._head.dtype == torch.bfloat16 and e16._layers[2 + 3].dtype == torch.bfloat16  # layer 0's w_att
     assert torch.equal(e16._layers[2 + 3].float(), e32._layers[2 + 3])
+    # a single matrix already in the compute dtype is read where it is, not copied (the head's 154 MB at 169M)
+    assert e32._head.data_ptr() == lm32.head.weight.data_ptr()
+    assert e32._layers[2 + 6].data_ptr() == lm32.blocks[0].att.output.weight.data_ptr()
 
 
 @built

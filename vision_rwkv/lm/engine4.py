@@ -60,8 +60,8 @@ class Step4Engine:
         self.block_n = _block_n(cfg.n_embd, cfg.dim_ffn)
         # rows the C++ step takes (more run lm.step): with fp32 products all it can, MAX_ROWS (at L12-D768 it was
         # 1.2x lm.step's speed at 12 and 16 rows, 2.0x at 8); with bf16 ones cpu_step.fused_max_batch, as RWKV-7's
-        # fused path (lm.step's bf16 products through oneDNN tie at 8 rows, and are 1.1x and 1.7x at 12 and
-        # 16); an inline timing on this project's 2-core machine, 2026-12-05
+        # fused path (lm.step with torch's bf16 products ties at 8 rows, and is 1.1x and 1.7x at 12 and 16:
+        # this CPU has AVX-512 BF16); an inline timing on this project's 2-core machine, 2026-12-05
         self.max_rows = cpu_step.MAX_ROWS if self.dtype == torch.float32 else cpu_step.fused_max_batch(cfg.n_embd)
         self._layers: list[torch.Tensor] = []
         self._version: tuple = ()
@@ -79,7 +79,11 @@ class Step4Engine:
             self._version = version
 
     def _mat(self, *ws: torch.Tensor) -> torch.Tensor:
-        return torch.cat([w.detach() for w in ws]).to(self.dtype).contiguous()
+        """The matrices ws stacked in the compute dtype: one matrix already in it is used as it is (no copy:
+        the head alone is 154 MB in fp32 at RWKV-4 169M's shape)."""
+        if len(ws) == 1 and ws[0].dtype == self.dtype:
+            return ws[0].detach().contiguous()
+        return torch.cat([w.detach() for w in ws]).to(self.dtype)
 
     def _pack(self) -> None:
         lm, C = self.lm, self.lm.config.n_embd
@@ -100,6 +104,7 @@ class Step4Engine:
                 self._mat(ffn.value.weight),
             ]
         self._layers += [f32(lm.ln_out.weight)[0], f32(lm.ln_out.bias)[0]]
+        assert len(self._layers) == 2 + LAYER_TENSORS * lm.config.n_layer + 2
         self._emb = lm.emb.weight.detach()
         self._head = self._mat(lm.head.weight)
         bn, F = self.block_n, lm.config.dim_ffn
