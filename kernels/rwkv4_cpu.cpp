@@ -88,8 +88,11 @@ void rwkv4_step_fused(const at::Tensor& tokens, const at::Tensor& emb, const at:
   const int64_t F = layers[11].size(1);
   for (int64_t i = 0; i < L; ++i) {
     const at::Tensor* w = layers.data() + i * LAYER_TENSORS;
-    TORCH_CHECK(w[2].size(0) == 3 && w[3].size(0) == 3 * C && w[6].size(0) == C && w[9].size(0) == 2 &&
-                    w[10].size(0) == F + C && w[11].size(0) == C && w[11].size(1) == F,
+    TORCH_CHECK(w[0].numel() == C && w[1].numel() == C && w[2].dim() == 2 && w[2].size(0) == 3 &&
+                    w[2].size(1) == C && w[3].size(0) == 3 * C && w[4].numel() == C && w[5].numel() == C &&
+                    w[6].size(0) == C && w[7].numel() == C && w[8].numel() == C && w[9].dim() == 2 &&
+                    w[9].size(0) == 2 && w[9].size(1) == C && w[10].size(0) == F + C && w[11].size(0) == C &&
+                    w[11].size(1) == F,
                 "vision_rwkv_cpu: rwkv4_step_fused_: layer ", i, "'s weights do not have RWKV-4's shapes for width ",
                 C, " and channel-mix width ", F);
     for (int j : {4, 5}) check_contiguous(w[j], "decay and first");

@@ -192,6 +192,11 @@ def test_tokens_and_states_are_checked_in_one_line():
     swapped[3], swapped[6] = swapped[6], swapped[3]  # the output matrix where the key-value-receptance one goes
     with pytest.raises(RuntimeError, match="layer 0's weights do not have RWKV-4's shapes"):
         call(torch.tensor([1]), swapped, state)
+    narrow = list(layers)
+    narrow[12 + 4] = narrow[12 + 4][:32].contiguous()  # layer 1's decay, half as wide
+    with pytest.raises(RuntimeError, match="layer 1's weights do not have RWKV-4's shapes"):
+        call(torch.tensor([1]), narrow, state)
+    assert torch.equal(state.num, lm.init_state(1).num)  # nothing was stepped
 
 
 def test_fp16_weights_and_the_kernels_switched_off_take_lm_step_quietly(monkeypatch):
