@@ -297,6 +297,16 @@ def test_logits_match_the_rwkv_package(model, tmp_path):
     assert logits.abs().max() > 1.0
     torch.testing.assert_close(logits[0], ref["seq"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.stack(steps), ref["steps"], rtol=1e-4, atol=1e-4)
+    # decoding's own path: rnn_stepper (on the CPU the C++ step, lm/engine4.py, where it builds)
+    from vision_rwkv.lm.graphs import rnn_stepper
+
+    with torch.no_grad():
+        _, state = model(torch.tensor([toks]))
+        step, steps = rnn_stepper(model), []
+        for t in extra:
+            out, state = step(torch.tensor([t]), state)
+            steps.append(out[0])
+    torch.testing.assert_close(torch.stack(steps), ref["steps"], rtol=1e-4, atol=1e-4)
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(model, tmp_path):
