@@ -85,6 +85,9 @@ def main():
     ap.add_argument("--batches", default="", help="only time the C++ kernels' fused path against the split path "
                     "(oneDNN's products) at these batch sizes, e.g. 1,2,4,8,16: what cpu_step.fused_max_batch "
                     "is chosen from")
+    ap.add_argument("--bf16", action="store_true", help="with --batches: a bf16 copy of the model (the fused path "
+                    "reads its bf16 weights; the split path runs torch's bf16 products between fp32 activations), "
+                    "and the split path through the PyTorch reference ops in bf16 beside it")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -96,7 +99,7 @@ def main():
     lm = RWKV7(RWKV7Config(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.embd)).eval()
     T, steps = args.prefill, args.steps
     if args.batches:
-        return sweep(lm, [int(b) for b in args.batches.split(",")], steps)
+        return sweep(lm.to(torch.bfloat16) if args.bf16 else lm, [int(b) for b in args.batches.split(",")], steps)
 
     def rnn(batch, step):
         tok = torch.ones(batch, dtype=torch.long)
@@ -218,30 +221,34 @@ def main():
 def sweep(lm, batches, steps):
     """tokens/s of the engine's fused path (the C++ kernels) and its split path at each batch size."""
     from vision_rwkv.lm.engine import StepEngine
-    from vision_rwkv.ops.rwkv7 import cpu_step
+    from vision_rwkv.ops.rwkv7 import cpu_step, reference
 
     engine = StepEngine(lm)
     if engine.ops is not cpu_step:
         raise SystemExit(f"decoder_cpu.py: the CPU kernels cannot run: {cpu_step.build()}")
-    print(f"fused (C++ kernels) against split (oneDNN's products) path, {steps} steps, tokens/s; "
-          f"the engine's fused path takes up to {cpu_step.fused_max_batch(lm.config.n_embd)} rows at this width")
-    print(f"{'batch':>6}{'fused':>10}{'split':>10}")
+    bf16 = lm.head.weight.dtype == torch.bfloat16
+    paths = [("fused", engine, cpu_step.MAX_ROWS), ("split", engine, 0)]
+    if bf16:  # the split path as it ran before: the reference ops, bf16 activations
+        paths.append(("split, ref. ops", StepEngine(lm, ops=reference), 0))
+    print(f"fused (C++ kernels) against split ({'torch bf16' if bf16 else 'oneDNN'} products) path, "
+          f"{'bf16 weights' if bf16 else 'fp32'}, {steps} steps, tokens/s; the engine's fused path takes up to "
+          f"{cpu_step.fused_max_batch(lm.config.n_embd)} rows at this width")
+    print(f"{'batch':>6}" + "".join(f"{name:>17}" for name, _, _ in paths))
     for B in batches:
         tok = torch.ones(B, dtype=torch.long)
         speed = {}
-        for name, fused_max in (("fused", cpu_step.MAX_ROWS), ("split", 0)):
+        for name, eng, fused_max in paths:
             if B > cpu_step.MAX_ROWS and fused_max:
                 continue  # the one-pass products take at most MAX_ROWS rows
-            engine.fused_max_batch = fused_max
+            eng.fused_max_batch = fused_max
             state = lm.init_state(B).contiguous_float()
 
-            def run(tok=tok, state=state):
+            def run(tok=tok, state=state, eng=eng):
                 for _ in range(steps):
-                    engine.step(tok, state)
+                    eng.step(tok, state)
 
             speed[name] = B * steps / timed(run)
-        fused = f"{speed['fused']:10.1f}" if "fused" in speed else f"{'-':>10}"
-        print(f"{B:6d}{fused}{speed['split']:10.1f}")
+        print(f"{B:6d}" + "".join(f"{speed[name]:17.1f}" if name in speed else f"{'-':>17}" for name, _, _ in paths))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ lora2_in (4C, R), the four second low-rank matrices as four groups of one produc
 when it runs. On the CPU the fused path runs the C++ kernels of ops/rwkv7/cpu_step.py (fp32 activations and
 fp32 or bf16 weights, up to cpu_step.fused_max_batch(n_embd) rows, every layer in one call, step_fused_, and
 the head through the one-pass linear_); the split path's products go through oneDNN's packed weights (fp32),
-and with bf16 products the split path and the prefill run the reference ops.
+and with bf16 products the split path and the prefill keep the kernels' fp32 activations, each product's
+input rounded to bf16 on its way in and its output widened (act_dtype).
 
 GPT mode for inference (`engine.prefill(x, state)`: an image prefix or a prompt, forward only) runs each
 layer through the same packed weights and the same family, about fourteen launches a layer: ln_mix_seq_
@@ -102,10 +103,14 @@ class StepEngine:
             if lm.emb.weight.dtype not in getattr(ops, "WEIGHT_DTYPES", (lm.emb.weight.dtype,)):
                 ops = reference  # the CPU kernels read the embedding as it is: fp32 or bf16 (fp16 weights do not)
         self.ops = ops
-        # the ops for the split path and the prefill, whose activations are in the compute dtype: the CPU
-        # kernels take fp32 activations only (ACTIVATION_DTYPES), so with bf16 products the references serve
-        # there, while the fused path's whole step keeps its activations in fp32 and reads the bf16 weights
-        self.seq_ops = ops if self.dtype in getattr(ops, "ACTIVATION_DTYPES", (self.dtype,)) else reference
+        # the activations of the split path and the prefill (the buffers the ops write and the products read):
+        # in the compute dtype, but the CPU kernels take fp32 activations only (ACTIVATION_DTYPES), so with
+        # bf16 products they stay fp32 there, each product's input rounded to bf16 on its way in (where a bf16
+        # buffer would round it) and its output widened (_bmm, _linear); the fused path's whole step keeps
+        # its activations in fp32 too and reads the bf16 weights as they are
+        acts = getattr(ops, "ACTIVATION_DTYPES", None)
+        self.act_dtype = self.dtype if acts is None or self.dtype in acts else acts[0]
+        self.seq_ops = ops
         self.lora_rank = -(-max(cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora) // 16) * 16
         self.fused_max_batch = ops.fused_max_batch(cfg.n_embd) if hasattr(ops, "fused_max_batch") \
             else getattr(ops, "FUSED_MAX_BATCH", FUSED_MAX_BATCH)
@@ -300,7 +305,7 @@ class StepEngine:
     def _step_split(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
         """The same step as eleven operations a layer: the step ops (kernels, or the reference functions)
         and the matrix products apart, batched where they share a shape."""
-        lm, ops, p, dt = self.lm, self.seq_ops, self._buffers, self.dtype
+        lm, ops, p, dt = self.lm, self.seq_ops, self._buffers, self.act_dtype
         B, C = tokens.shape[0], lm.config.n_embd
         dev = tokens.device
         x = torch.empty(B, C, device=dev)  # the residual stream, fp32
@@ -347,7 +352,7 @@ class StepEngine:
     def _prefill(self, x_in: torch.Tensor, state: RWKVState) -> torch.Tensor:
         from ..ops.wkv7 import wkv7
 
-        lm, ops, p, dt = self.lm, self.seq_ops, self._buffers, self.dtype
+        lm, ops, p, dt = self.lm, self.seq_ops, self._buffers, self.act_dtype
         cfg = lm.config
         B, T, C = x_in.shape
         H, N, M = cfg.n_head, cfg.head_size, B * T
@@ -402,7 +407,8 @@ class StepEngine:
             return (self._buffers[name].transpose(1, 2).unsqueeze(1) * x.unsqueeze(2)).sum(-1)
         if self.onednn:
             return torch.stack([_onednn_linear(xg, w) for xg, w in zip(x, self._onednn_weights(name))])
-        return torch.bmm(x, self._buffers[name])
+        w = self._buffers[name]
+        return torch.bmm(x.to(w.dtype), w).to(self.act_dtype)  # .to: nothing, but fp32 activations' bf16 products
 
     def _linear(self, x: torch.Tensor, name: str, one_pass: bool = False) -> torch.Tensor:
         """x (B,K) times the weight `name` (N,K); one_pass: through the kernels' linear_, whose one-pass form
@@ -416,7 +422,8 @@ class StepEngine:
             return (self._buffers[name] * x.unsqueeze(1)).sum(-1)
         if self.onednn:
             return _onednn_linear(x, self._onednn_weights(name)[0])
-        return F.linear(x, self._buffers[name])
+        w = self._buffers[name]
+        return F.linear(x.to(w.dtype), w).to(self.act_dtype)
 
     def _onednn_weights(self, name: str) -> list[torch.Tensor]:
         """oneDNN's packed copies of the weights `name`, made on first use after each packing: the stacked

@@ -12,8 +12,9 @@ what a step at a few rows needs: it is bound by the speed at which its weights s
 BLAS's products at one row read fp32 weights at a fraction of that (BENCHMARKS.md). The products' weights
 (and step_fused_'s embedding) may be fp32 or bf16, widened to fp32 as they are read: bf16 halves the bytes
 a step streams. Everything else is fp32 (ACTIVATION_DTYPES): the engine takes these ops when its products
-are fp32 or bf16 and the build works (`unavailable_reason`), the references otherwise, and with bf16
-products its split path and prefill, whose activations are bf16, run the references.
+are fp32 or bf16 and the build works (`unavailable_reason`), the references otherwise; with bf16 products
+its split path and prefill keep these fp32 activations and round each product's input to bf16 (torch's bf16
+products run between the ops).
 """
 
 from __future__ import annotations
