@@ -12,7 +12,8 @@ needs and as the baseline computes. The baseline is RWKV-LM's own inference code
 RWKV_V7_ON=1, strategy "cpu fp32", and "cpu bf16" beside our bf16 rows), batch 1 only (it has no batched
 mode), run in a subprocess because it sets global TorchScript flags. The bf16 rows run a bf16 copy of the same
 model: our fused step reads its bf16 weights and keeps everything else in fp32 (ops/rwkv7/cpu_step.py); the
-prefill with bf16 weights runs the reference ops around torch's bf16 products. Every timing, ours and the
+prefill with bf16 weights runs torch's bf16 products between the kernels' fp32 activations (and, for comparison,
+the reference ops in bf16 around them, as it did before). Every timing, ours and the
 baseline's, takes two warm-up runs and then the best of three. The floor is the time to read the step's fp32
 weights once (every matrix but the embedding) with torch's sum over a buffer of that size, on the same
 threads: no step can read its weights faster (the bf16 floor: a buffer of half the bytes). The prefill's
@@ -169,6 +170,9 @@ def main():
     lm32, lm = lm, copy.deepcopy(lm).to(torch.bfloat16)  # rnn() and gpt() run `lm`: the bf16 copy, here
     fused16 = rnn_stepper(lm)
     ours |= {"rnn_b1_bf16": rnn(1, fused16), "rnn_b8_bf16": rnn(8, fused16), "gpt_b1_bf16": gpt(1, T)}
+    x16 = lm.emb(torch.randint(1, args.vocab, (1, T)))
+    ref16 = StepEngine(lm, ops=reference)  # the bf16 prefill as it ran before: the reference ops in bf16
+    ours["gpt_b1_bf16_ref"] = T / timed(lambda: ref16.prefill_from(x16, None))
     lm = lm32
     base = base16 = None
     if not args.no_baseline:
@@ -209,7 +213,8 @@ def main():
             ("  bound: the products alone, oneDNN packed", T / gemm[True], base and base["gpt"]),
             ("bf16 weights: RNN step (fused), batch 1", ours["rnn_b1_bf16"], base16 and base16["rnn"]),
             ("bf16 weights: RNN step (fused), batch 8", ours["rnn_b8_bf16"], None),
-            (f"bf16 weights: GPT prefill, batch 1 x T{T}", ours["gpt_b1_bf16"], base16 and base16["gpt"])]
+            (f"bf16 weights: GPT prefill, batch 1 x T{T}", ours["gpt_b1_bf16"], base16 and base16["gpt"]),
+            ("  the same through the reference ops (before)", ours["gpt_b1_bf16_ref"], base16 and base16["gpt"])]
     for name, a, b in rows:
         bs = f"{b:16.1f}" if b else f"{'-':>16}"
         ratio = f"{a / b:8.2f}" if b else f"{'-':>8}"
