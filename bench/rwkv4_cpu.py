@@ -5,12 +5,12 @@
 The defaults are RWKV-4 169M's shape (the Pile models' vocabulary), with random weights. Tokens/s of the RNN
 step through rnn_stepper (the C++ step, lm/engine4.py, kernels/rwkv4_cpu.cpp) and through lm.step (the
 PyTorch operations, the path before it), at batch 1 and 8, with fp32 weights and with a bf16 copy of the
-same model (the C++ step reads the bf16 weights and keeps everything else in fp32). GPT mode (fp32, batch 1,
---prefill tokens, the last position's logits as a prefill needs): lm(...) with the WKV-4 recurrence through
-the C++ kernel (ops/wkv4/cpu.py, the default for fp32 inference) and through the per-step PyTorch reference
-(decoder.wkv_impl=reference, the path before). The baseline is RWKV-LM's own inference code (pip package
-`rwkv`, strategy "cpu fp32", and "cpu bf16" beside our bf16 rows), batch 1 only, in a subprocess
-(bench/decoder_cpu.py's). Every timing takes two warm-up runs and then the best of three. The floor is the
+same model (the C++ step reads the bf16 weights and keeps everything else in fp32). GPT mode (fp32 and bf16
+weights, batch 1, --prefill tokens, the last position's logits as a prefill needs): lm(...) with the WKV-4
+recurrence through the C++ kernel (ops/wkv4/cpu.py, the default for inference) and through the per-step
+PyTorch reference (decoder.wkv_impl=reference, the path before). The baseline is RWKV-LM's own inference
+code (pip package `rwkv`, strategy "cpu fp32", and "cpu bf16" beside our bf16 rows), batch 1 only, in a
+subprocess (bench/decoder_cpu.py's). Every timing takes two warm-up runs and then the best of three. The floor is the
 time to read the step's fp32 weights once (every matrix but the embedding) with torch's sum over a buffer of
 that size, on the same threads (bf16: half the bytes); "of floor" is the floor's time over the step's.
 """
@@ -85,10 +85,13 @@ def main(argv=None) -> list[dict]:
     x = torch.randint(1, args.vocab, (1, args.prefill))
     plain = RWKV4(dataclasses.replace(cfg, wkv_impl="reference"), init=False).eval()
     plain.load_state_dict(lm32.state_dict())
-    gpt = {impl: args.prefill / timed(lambda m=m: m(x, last_only=True)) for impl, m in (("kernel", lm32),
-                                                                                          ("reference", plain))}
+    gpt = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for impl, m in (("kernel", lm32), ("reference", plain)):
+            m = m if dtype == torch.float32 else copy.deepcopy(m).to(dtype)
+            gpt[(dtype, impl)] = args.prefill / timed(lambda m=m: m(x, last_only=True))
 
-    base, base_gpt = {}, None
+    base, base_gpt = {}, {}
     if not args.no_baseline:
         with tempfile.TemporaryDirectory() as d:
             save_official(lm32, Path(d) / "m.pth")
@@ -100,8 +103,7 @@ def main(argv=None) -> list[dict]:
                                        strategy], env=env, capture_output=True, text=True)
                 if proc.returncode == 0:
                     result = json.loads(proc.stdout.strip().splitlines()[-1])
-                    base[dtype] = result["rnn"]
-                    base_gpt = result["gpt"] if dtype == torch.float32 else base_gpt
+                    base[dtype], base_gpt[dtype] = result["rnn"], result["gpt"]
                 else:
                     print(f"baseline ({strategy}) failed:", proc.stderr.strip().splitlines()[-1:], file=sys.stderr)
 
@@ -120,11 +122,12 @@ def main(argv=None) -> list[dict]:
         against = f"{b:16.1f}{fused / b:8.2f}" if b else f"{'-':>16}{'-':>8}"
         print(f"{name:<8}{batch:6d}{fused:16.1f}{plain:15.1f}{against}{fused / plain:11.2f}{at_floor}")
         rows.append({"weights": name, "batch": batch, "cpp_step": fused, "lm_step": plain, "rwkv_pkg": b})
-    print(f"GPT mode, fp32, batch 1 x T{args.prefill}, tokens/s: WKV-4 kernel {gpt['kernel']:.1f}, per-step reference "
-          f"{gpt['reference']:.1f} ({gpt['kernel'] / gpt['reference']:.2f}x)"
-          + (f", rwkv pkg {base_gpt:.1f} ({gpt['kernel'] / base_gpt:.2f}x)" if base_gpt else ""))
-    rows.append({"prefill": args.prefill, "wkv4_kernel": gpt["kernel"], "wkv4_reference": gpt["reference"],
-                 "rwkv_pkg": base_gpt})
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        fast, slow, b = gpt[(dtype, "kernel")], gpt[(dtype, "reference")], base_gpt.get(dtype)
+        print(f"GPT mode, {name} weights, batch 1 x T{args.prefill}, tokens/s: WKV-4 kernel {fast:.1f}, per-step "
+              f"reference {slow:.1f} ({fast / slow:.2f}x)" + (f", rwkv pkg {b:.1f} ({fast / b:.2f}x)" if b else ""))
+        rows.append({"prefill": args.prefill, "weights": name, "wkv4_kernel": fast, "wkv4_reference": slow,
+                     "rwkv_pkg": b})
     return rows
 
 

@@ -17,8 +17,9 @@ BUILD_FAILED = cpu_step.build()
 def test_the_rwkv4_cpu_bench_times_the_cpp_step_lm_step_and_gpt_mode(capsys):
     rows = rwkv4_cpu.main(["--layers", "2", "--embd", "64", "--vocab", "100", "--steps", "2", "--prefill", "8",
                            "--no-baseline"])
-    steps, gpt = rows[:4], rows[4]
+    steps, gpt = rows[:4], rows[4:]
     assert [(r["weights"], r["batch"]) for r in steps] == [("fp32", 1), ("fp32", 8), ("bf16", 1), ("bf16", 8)]
     assert all(r["cpp_step"] > 0 and r["lm_step"] > 0 and r["rwkv_pkg"] is None for r in steps)
-    assert gpt["prefill"] == 8 and gpt["wkv4_kernel"] > 0 and gpt["wkv4_reference"] > 0
+    assert [(r["prefill"], r["weights"]) for r in gpt] == [(8, "fp32"), (8, "bf16")]
+    assert all(r["wkv4_kernel"] > 0 and r["wkv4_reference"] > 0 and r["rwkv_pkg"] is None for r in gpt)
     assert "RWKV-4 L2-D64 V100" in capsys.readouterr().out

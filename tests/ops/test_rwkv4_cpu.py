@@ -317,7 +317,7 @@ def test_an_empty_sequence_returns_the_state_it_was_given():
 
 
 @built
-def test_auto_takes_the_wkv4_kernel_for_fp32_inference_and_the_reference_for_gradients_and_bf16(monkeypatch):
+def test_auto_takes_the_wkv4_kernel_for_inference_and_the_reference_for_gradients_and_fp64(monkeypatch):
     from vision_rwkv.ops import wkv4 as wkv4_pkg
     from vision_rwkv.ops.wkv4 import cpu as cpu_impl
 
@@ -326,16 +326,39 @@ def test_auto_takes_the_wkv4_kernel_for_fp32_inference_and_the_reference_for_gra
     w, u, k, v, state = wkv4_inputs(1, 4, 32, seed=4)
     with torch.no_grad():
         wkv4_pkg.wkv4(w, u, k, v, state)
-        wkv4_pkg.wkv4(w, u, k.bfloat16(), v.bfloat16(), state)  # bf16: the reference, quietly
-    assert calls == ["cpu"]
+        wkv4_pkg.wkv4(w, u, k.bfloat16(), v.bfloat16(), state)  # bf16: the kernel too, in fp32
+        wkv4_pkg.wkv4(w.double(), u.double(), k.double(), v.double(), None)  # fp64: the reference, quietly
+    assert calls == ["cpu", "cpu"]
     k.requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         y, _ = wkv4_pkg.wkv4(w, u, k, v, state)  # gradients needed: the reference, quietly
     y.sum().backward()
-    assert calls == ["cpu"] and k.grad is not None and k.grad.abs().sum() > 0
+    assert calls == ["cpu", "cpu"] and k.grad is not None and k.grad.abs().sum() > 0
     with pytest.raises(VisionRWKVError, match="wkv4 impl 'cpu' was asked for but cannot run: gradients are needed"):
         wkv4_pkg.wkv4(w, u, k, v, state, impl="cpu")
+    with pytest.raises(VisionRWKVError, match="cannot run: inputs are torch.float64; the CPU kernel takes fp32, bf16"):
+        wkv4_pkg.wkv4(w.double(), u.double(), k.detach().double(), v.double(), None, impl="cpu")
+
+
+@built
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_wkv4_kernel_computes_half_precision_inputs_in_fp32_as_the_reference_does(dtype):
+    """k and v in bf16 or fp16: both compute in fp32 from the same rounded values and return y in k's dtype,
+    so they agree to fp32's noise before y's rounding (the state, fp32, within FP32_SLACK of its floor)."""
+    from vision_rwkv.ops.wkv4 import wkv4, wkv4_reference
+
+    w, u, k, v, state = wkv4_inputs(2, 19, 40, seed=6)
+    k, v = k.to(dtype), v.to(dtype)
+    got, got_state = wkv4(w, u, k, v, state, impl="cpu")
+    want, want_state = wkv4_reference(w, u, k, v, state)
+    as64 = (t.double() for t in (w, u, k, v))
+    truth, truth_state = wkv4_reference(*as64, tuple(t.double() for t in state))
+    assert got.dtype == want.dtype == dtype
+    assert rel(got, truth) <= max(rel(want, truth), 1e-7) * FP32_SLACK
+    for name, a, b, t in zip(("num", "den", "max"), got_state, want_state, truth_state):
+        assert a.dtype == torch.float32 and rel(a, t) <= FP32_SLACK * max(rel(b, t), 1e-7), name
 
 
 @built

@@ -147,13 +147,15 @@ def cpu_kernels() -> str | None:
         return _cpu_built[0]
 
 
-def cpu_forward_unavailable(first: torch.Tensor, *others: torch.Tensor | None) -> str | None:
+def cpu_forward_unavailable(first: torch.Tensor, *others: torch.Tensor | None,
+                            dtypes: tuple = (torch.float32,), takes: str = "fp32") -> str | None:
     """Why a forward-only CPU recurrence kernel (wkv7/cpu.py, wkv4/cpu.py) cannot serve these inputs (`first`,
-    whose device and dtype stand for all, and the others, None allowed), the build aside, or None."""
+    whose device and dtype stand for all, and the others, None allowed), the build aside, or None. dtypes: the
+    input dtypes it serves, `takes` naming them."""
     if first.device.type != "cpu":
         return f"inputs are on {first.device.type}, not the CPU"
-    if first.dtype != torch.float32:
-        return f"inputs are {first.dtype}; the CPU kernel takes fp32"
+    if first.dtype not in dtypes:
+        return f"inputs are {first.dtype}; the CPU kernel takes {takes}"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (first, *others)):
         return "gradients are needed, and the CPU kernel is forward only"
     return None

@@ -5,8 +5,9 @@ the current token); k and v are (B, T, C); the state is the triple (num, den, ma
 (see reference.py for the math). y comes back in k's dtype, the final state in fp32.
 
 Implementations: "reference" (per step, in PyTorch), "cuda" (the custom kernel, the default for CUDA
-tensors once it builds) and "cpu" (a C++ kernel, forward only: the default for fp32 CPU inputs that need
-no gradients, GPT mode's inference). "auto" picks the fastest that runs.
+tensors once it builds) and "cpu" (a C++ kernel, forward only, computing in fp32 as the reference does: the
+default for fp32, bf16 and fp16 CPU inputs that need no gradients, GPT mode's inference). "auto" picks the
+fastest that runs.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ for this machine (../_build.py, with the CPU step's kernels).
 
 GPT mode's inference on the CPU (an RWKV-4 decoder's image prefix or prompt) runs it: each row's channels
 in blocks of 64 through every position, 16 at a time with their state in registers, where the reference
-launches a dozen PyTorch operations a position. fp32 inputs and no gradients; the reference serves the
-rest.
+launches a dozen PyTorch operations a position. Inputs in fp32, bf16 or fp16 (computed in fp32, as the
+reference computes them) that need no gradients; the reference serves the rest (fp64, gradients).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .reference import MAX_INIT
 
 def unavailable_reason(k: torch.Tensor, *inputs: torch.Tensor | None) -> str | None:
     """Why the kernel cannot serve these inputs (k and the others, the state's tensors included), or None."""
-    return _build.cpu_forward_unavailable(k, *inputs) or _built()
+    return _build.cpu_forward_unavailable(k, *inputs, dtypes=DTYPES, takes="fp32, bf16 or fp16") or _built()
 
 
 # torch.compile takes the answer at trace time, not the build's file I/O. Applied here, on this module's import
@@ -28,9 +28,15 @@ def _built() -> str | None:
     return _build.cpu_kernels()
 
 
+# what it serves: the reference computes every one of these in fp32 (fp64 inputs, in fp64, stay with it)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def wkv4_cpu(w, u, k, v, state=None):
-    """wkv4's contract (see __init__.py) for fp32 CPU inputs without gradients."""
+    """wkv4's contract (see __init__.py) for CPU inputs in DTYPES without gradients: computed in fp32, as the
+    reference computes them, y returned in k's dtype."""
+    dtype = k.dtype
     w, u, k, v = (t.float().contiguous() for t in (w, u, k, v))
     s = (None, None, None) if state is None else tuple(t.float().contiguous() for t in state)
     y, num, den, mx = torch.ops.vision_rwkv_cpu.wkv4_forward(w, u, k, v, *s, MAX_INIT)
-    return y, (num, den, mx)
+    return y.to(dtype), (num, den, mx)
