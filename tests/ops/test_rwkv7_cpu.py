@@ -177,7 +177,7 @@ def test_a_bf16_step_above_the_fused_rows_and_a_bf16_prefill_keep_fp32_activatio
     assert not torch.equal(got, want)  # the products did round
     x = torch.randn(2, 5, lm.config.n_embd, generator=torch.Generator().manual_seed(4))
     engine = StepEngine(lm, torch.bfloat16)
-    assert engine.seq_ops is cpu_step and engine.act_dtype == torch.float32
+    assert engine.ops is cpu_step and engine.act_dtype == torch.float32
     truth = lm(inputs_embeds=x, last_only=True)[0]
     floor = rel(StepEngine(lm, torch.bfloat16, ops=reference).prefill(x, lm.init_state(2)), truth)
     got = engine.prefill(x, lm.init_state(2))
@@ -273,8 +273,8 @@ def test_the_cpu_engine_takes_the_kernels_for_fp32_and_bf16_products_and_the_ref
     assert StepEngine(lm_on("cpu", n_embd=512, head_size=64)).fused_max_batch == cpu_step.FUSED_MAX_BATCH
     assert engine._onednn == {}  # the fused path made no oneDNN copies
     bf16 = StepEngine(lm, torch.bfloat16)  # bf16 weights in the fused step; fp32 activations around the others
-    assert bf16.ops is cpu_step and bf16.seq_ops is cpu_step and bf16._buffers["0.w_in"].dtype == torch.bfloat16
-    assert bf16.act_dtype == torch.float32 and engine.seq_ops is cpu_step and engine.act_dtype == torch.float32
+    assert bf16.ops is cpu_step and bf16._buffers["0.w_in"].dtype == torch.bfloat16
+    assert bf16.act_dtype == torch.float32 and engine.act_dtype == torch.float32
     with _no_warning():
         assert StepEngine(lm, torch.float16).ops is reference
         assert StepEngine(lm_on("cpu").half(), torch.bfloat16).ops is reference  # bf16 products, fp16 embedding

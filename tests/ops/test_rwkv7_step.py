@@ -256,8 +256,9 @@ def test_fused_step_equals_lm_step_within_the_fp32_noise_floor(ops, B, fused_max
 
 @torch.no_grad()
 @pytest.mark.parametrize("ops", _ops_under_test())
-@pytest.mark.parametrize("B", [2, 20])  # the fused path; the split path (and the CPU's reference ops at 20)
-def test_fused_step_with_bf16_matrices_stays_within_its_bound(ops, B):
+# the fused path; the split path at a few rows (its one-pass products) and at 20 (the library's products)
+@pytest.mark.parametrize("B,fused_max", [(2, 16), (3, 0), (20, 16)])
+def test_fused_step_with_bf16_matrices_stays_within_its_bound(ops, B, fused_max):
     """The CPU kernels keep their activations and logits in fp32 (only the products are bf16: the fused path
     reads bf16 weights, the split path rounds each product's input); the others round the products' inputs
     and give bf16 logits. The bound: BF16_BOUND, or BF16_SLACK times
@@ -267,7 +268,7 @@ def test_fused_step_with_bf16_matrices_stays_within_its_bound(ops, B):
     tokens = torch.randint(0, 97, (B, 4), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     want, _ = run_steps(lm, reference, tokens)
     floor = rel(run_steps(lm, reference, tokens, dtype=torch.bfloat16)[0], want)
-    got, state = run_steps(lm, ops, tokens, dtype=torch.bfloat16)
+    got, state = run_steps(lm, ops, tokens, dtype=torch.bfloat16, fused_max_batch=fused_max)
     fp32_logits = getattr(ops, "ACTIVATION_DTYPES", None) == (torch.float32,)
     assert got.dtype == (torch.float32 if fp32_logits else torch.bfloat16) and state.wkv.dtype == torch.float32
     assert 0 < floor and rel(got, want) <= max(BF16_BOUND, BF16_SLACK * floor), (rel(got, want), floor)

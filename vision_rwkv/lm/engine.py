@@ -110,7 +110,6 @@ class StepEngine:
         # its activations in fp32 too and reads the bf16 weights as they are
         acts = getattr(ops, "ACTIVATION_DTYPES", None)
         self.act_dtype = self.dtype if acts is None or self.dtype in acts else acts[0]
-        self.seq_ops = ops
         self.lora_rank = -(-max(cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora) // 16) * 16
         self.fused_max_batch = ops.fused_max_batch(cfg.n_embd) if hasattr(ops, "fused_max_batch") \
             else getattr(ops, "FUSED_MAX_BATCH", FUSED_MAX_BATCH)
@@ -305,7 +304,7 @@ class StepEngine:
     def _step_split(self, tokens: torch.Tensor, state: RWKVState) -> torch.Tensor:
         """The same step as eleven operations a layer: the step ops (kernels, or the reference functions)
         and the matrix products apart, batched where they share a shape."""
-        lm, ops, p, dt = self.lm, self.seq_ops, self._buffers, self.act_dtype
+        lm, ops, p, dt = self.lm, self.ops, self._buffers, self.act_dtype
         B, C = tokens.shape[0], lm.config.n_embd
         dev = tokens.device
         x = torch.empty(B, C, device=dev)  # the residual stream, fp32
@@ -352,7 +351,7 @@ class StepEngine:
     def _prefill(self, x_in: torch.Tensor, state: RWKVState) -> torch.Tensor:
         from ..ops.wkv7 import wkv7
 
-        lm, ops, p, dt = self.lm, self.seq_ops, self._buffers, self.act_dtype
+        lm, ops, p, dt = self.lm, self.ops, self._buffers, self.act_dtype
         cfg = lm.config
         B, T, C = x_in.shape
         H, N, M = cfg.n_head, cfg.head_size, B * T
@@ -413,10 +412,10 @@ class StepEngine:
     def _linear(self, x: torch.Tensor, name: str, one_pass: bool = False) -> torch.Tensor:
         """x (B,K) times the weight `name` (N,K); one_pass: through the kernels' linear_, whose one-pass form
         (up to GEMV_MAX_ROWS rows) beat cuBLAS on the output and value products (BENCHMARKS.md)."""
-        if one_pass and self.seq_ops is not reference and (self.one_pass_rows is None or
+        if one_pass and self.ops is not reference and (self.one_pass_rows is None or
                                                            x.shape[0] <= self.one_pass_rows):
             out = x.new_empty(x.shape[0], self._buffers[name].shape[0])
-            self.seq_ops.linear_(x, self._buffers[name], out)
+            self.ops.linear_(x, self._buffers[name], out)
             return out
         if self.reduce and x.shape[0] == 1:
             return (self._buffers[name] * x.unsqueeze(1)).sum(-1)
