@@ -163,7 +163,7 @@ def cpu_forward_unavailable(first: torch.Tensor, *others: torch.Tensor | None,
 
 def _register_cpu_fakes() -> None:
     """Shapes-only versions of the CPU ops, so torch.compile can trace a model through them: the in-place
-    ops return nothing, wkv7_forward what it allocates."""
+    ops return nothing, wkv7_forward and wkv4_forward what they allocate."""
     if getattr(_register_cpu_fakes, "done", False):
         return
     for name in ("ln_mix_matmul_", "linear_", "wkv_step_", "ln_mix_seq_", "wkv_pre_", "wkv_post_", "relu2_",

@@ -14,6 +14,9 @@ import torch
 from .. import _build
 from .reference import MAX_INIT
 
+# what it serves: the reference computes every one of these in fp32 (fp64 inputs, in fp64, stay with it)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def unavailable_reason(k: torch.Tensor, *inputs: torch.Tensor | None) -> str | None:
     """Why the kernel cannot serve these inputs (k and the others, the state's tensors included), or None."""
@@ -26,10 +29,6 @@ def unavailable_reason(k: torch.Tensor, *inputs: torch.Tensor | None) -> str | N
 @torch.compiler.assume_constant_result
 def _built() -> str | None:
     return _build.cpu_kernels()
-
-
-# what it serves: the reference computes every one of these in fp32 (fp64 inputs, in fp64, stay with it)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def wkv4_cpu(w, u, k, v, state=None):
