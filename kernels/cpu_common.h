@@ -238,6 +238,34 @@ inline void layer_norm(const float* x, const float* w, const float* b, int64_t C
   });
 }
 
+// A step's first operation: x (B,C) <- LayerNorm(emb[tokens[b]]) row by row (tokens (B,) int64, each checked
+// against the embedding's rows first; emb (V,C) fp32 or bf16). `op` names the caller in the error.
+inline void embed_layer_norm(const at::Tensor& tokens, const at::Tensor& emb, const at::Tensor& weight,
+                             const at::Tensor& bias, const at::Tensor& x, const char* op) {
+  const int64_t B = tokens.size(0), V = emb.size(0), C = emb.size(1);
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(tok[b] >= 0 && tok[b] < V, "vision_rwkv_cpu: ", op, ": token ", tok[b], " is outside 0..", V - 1);
+  std::vector<float> row(C);
+  for (int64_t b = 0; b < B; ++b) {
+    with_weights(emb, [&](auto ep) {
+      for (int64_t c = 0; c < C; ++c) row[c] = to_float(ep[tok[b] * C + c]);
+    });
+    layer_norm(row.data(), weight.data_ptr<float>(), bias.data_ptr<float>(), C, x.data_ptr<float>() + b * C);
+  }
+}
+
+// A step's last operation: x (B,C) += dx; out (B,C) <- LayerNorm(x) row by row (all fp32, contiguous).
+inline void add_layer_norm(const at::Tensor& x, const at::Tensor& dx, const at::Tensor& weight, const at::Tensor& bias,
+                           const at::Tensor& out) {
+  const int64_t B = x.size(0), C = x.size(1);
+  float* xp = x.data_ptr<float>();
+  const float* dp = dx.data_ptr<float>();
+  for (int64_t i = 0; i < B * C; ++i) xp[i] += dp[i];
+  for (int64_t b = 0; b < B; ++b)
+    layer_norm(xp + b * C, weight.data_ptr<float>(), bias.data_ptr<float>(), C, out.data_ptr<float>() + b * C);
+}
+
 // x (B,C) is read; x_out <- x + dx; xl_out <- xl = LayerNorm(x + dx); for each output row n of w (N,C),
 // out[:, n] = act(a_m . w[n]) where a_m = xl + (shift - xl) * mix[m] (xl when shift is None) and
 // (m, act) = segments[n / block_n] as m + 256 * act. prev_shift <- prev_xl first, when given.

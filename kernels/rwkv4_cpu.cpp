@@ -76,7 +76,7 @@ void rwkv4_step_fused(const at::Tensor& tokens, const at::Tensor& emb, const at:
   for (const auto* t : {&ln0_w, &ln0_b, &ln_out_w, &ln_out_b, &xf})
     check_contiguous(*t, "rwkv4_step_fused_'s tensors");
   check_weights(emb, "rwkv4_step_fused_'s emb");
-  const int64_t B = tokens.size(0), C = emb.size(1), V = emb.size(0);
+  const int64_t B = tokens.size(0), C = emb.size(1);
   const int64_t L = static_cast<int64_t>(layers.size()) / LAYER_TENSORS;
   TORCH_CHECK(B <= MAX_ROWS, "vision_rwkv_cpu: rwkv4_step_fused_ takes at most ", MAX_ROWS, " rows, got ", B);
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(layers.size()) == L * LAYER_TENSORS && xf.size(0) == B &&
@@ -101,16 +101,7 @@ void rwkv4_step_fused(const at::Tensor& tokens, const at::Tensor& emb, const at:
   at::Tensor xa = at::empty({B, C}, f32), xb = at::empty({B, C}, f32), xl_att = at::empty({B, C}, f32),
              xl_ffn = at::empty({B, C}, f32), y = at::empty({B, C}, f32), dx = at::empty({B, C}, f32),
              kvr = at::empty({B, 3 * C}, f32), kr = at::empty({B, F + C}, f32), vals = at::empty({B, C}, f32);
-  const int64_t* tok = tokens.data_ptr<int64_t>();
-  std::vector<float> row(C);
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(tok[b] >= 0 && tok[b] < V, "vision_rwkv_cpu: rwkv4_step_fused_: token ", tok[b], " is outside 0..",
-                V - 1);
-    with_weights(emb, [&](auto ep) {
-      for (int64_t c = 0; c < C; ++c) row[c] = to_float(ep[tok[b] * C + c]);
-    });
-    layer_norm(row.data(), ln0_w.data_ptr<float>(), ln0_b.data_ptr<float>(), C, xa.data_ptr<float>() + b * C);
-  }
+  embed_layer_norm(tokens, emb, ln0_w, ln0_b, xa, "rwkv4_step_fused_");
   const at::Tensor keys = kr.narrow(1, 0, F);  // relu(key)^2, rows F + C apart
   float* dxp = dx.data_ptr<float>();
   for (int64_t i = 0; i < L; ++i) {
@@ -131,10 +122,7 @@ void rwkv4_step_fused(const at::Tensor& tokens, const at::Tensor& emb, const at:
       for (int64_t c = 0; c < C; ++c) dxp[b * C + c] = rp[b * (F + C) + c] * vp[b * C + c];
   }
   layer_rows(ffn_shift, L - 1, "ffn_shift").copy_(xl_ffn);
-  float* xp = xa.data_ptr<float>();
-  for (int64_t i = 0; i < B * C; ++i) xp[i] += dxp[i];
-  for (int64_t b = 0; b < B; ++b)
-    layer_norm(xp + b * C, ln_out_w.data_ptr<float>(), ln_out_b.data_ptr<float>(), C, xf.data_ptr<float>() + b * C);
+  add_layer_norm(xa, dx, ln_out_w, ln_out_b, xf);
 }
 
 // The WKV-4 recurrence over a sequence, forward only (ops/wkv4/reference.py's wkv4_reference): w, u (C,);

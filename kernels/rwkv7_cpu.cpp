@@ -424,7 +424,7 @@ void step_fused(const at::Tensor& tokens, const at::Tensor& emb, const at::Tenso
               "vision_rwkv_cpu: step_fused_ takes contiguous int64 tokens (B,)");
   for (const auto* t : {&ln0_w, &ln0_b, &ln_out_w, &ln_out_b, &xf}) check_contiguous(*t, "step_fused_'s tensors");
   check_weights(emb, "step_fused_'s emb");
-  const int64_t B = tokens.size(0), C = emb.size(1), V = emb.size(0), R = lora_rank;
+  const int64_t B = tokens.size(0), C = emb.size(1), R = lora_rank;
   const int64_t L = static_cast<int64_t>(layers.size()) / LAYER_TENSORS;
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(layers.size()) == L * LAYER_TENSORS && xf.size(0) == B &&
                   xf.size(1) == C,
@@ -437,15 +437,7 @@ void step_fused(const at::Tensor& tokens, const at::Tensor& emb, const at::Tenso
              xl_ffn = at::empty({B, C}, f32), v_first = at::empty({B, C}, f32), y = at::empty({B, C}, f32),
              dx = at::empty({B, C}, f32), out_in = at::empty({B, 3 * C + 4 * R}, f32),
              lora_out = at::empty({B, 4 * C}, f32);
-  const int64_t* tok = tokens.data_ptr<int64_t>();
-  std::vector<float> row(C);
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(tok[b] >= 0 && tok[b] < V, "vision_rwkv_cpu: step_fused_: token ", tok[b], " is outside 0..", V - 1);
-    with_weights(emb, [&](auto ep) {
-      for (int64_t c = 0; c < C; ++c) row[c] = to_float(ep[tok[b] * C + c]);
-    });
-    layer_norm(row.data(), ln0_w.data_ptr<float>(), ln0_b.data_ptr<float>(), C, xa.data_ptr<float>() + b * C);
-  }
+  embed_layer_norm(tokens, emb, ln0_w, ln0_b, xa, "step_fused_");
   const at::Tensor rkv = out_in.narrow(1, 0, 3 * C).view({B, 3, C}).transpose(0, 1);
   const at::Tensor lora = lora_out.view({B, 4, C}).transpose(0, 1);
   const at::Tensor lora_in = out_in.narrow(1, 3 * C, 4 * R);
@@ -464,11 +456,7 @@ void step_fused(const at::Tensor& tokens, const at::Tensor& emb, const at::Tenso
     linear(k, w[11], dx, 1);
   }
   ffn_shift.select(0, L - 1).copy_(xl_ffn);
-  float* xp = xa.data_ptr<float>();
-  const float* dp = dx.data_ptr<float>();
-  for (int64_t i = 0; i < B * C; ++i) xp[i] += dp[i];
-  for (int64_t b = 0; b < B; ++b)
-    layer_norm(xp + b * C, ln_out_w.data_ptr<float>(), ln_out_b.data_ptr<float>(), C, xf.data_ptr<float>() + b * C);
+  add_layer_norm(xa, dx, ln_out_w, ln_out_b, xf);
 }
 
 }  // namespace

@@ -87,23 +87,23 @@ class Step4Engine:
 
     def _pack(self) -> None:
         lm, C = self.lm, self.lm.config.n_embd
-        f32 = lambda t: t.detach().float().reshape(-1, C).contiguous()  # noqa: E731
+        vec = lambda t: t.detach().float().reshape(C).contiguous()  # noqa: E731  (C,) fp32: LayerNorms, mixes
         ln0 = lm.blocks[0].ln0
-        self._layers = [f32(ln0.weight)[0], f32(ln0.bias)[0]]
+        self._layers = [vec(ln0.weight), vec(ln0.bias)]
         for block in lm.blocks:
             att, ffn = block.att, block.ffn
             self._layers += [
-                f32(block.ln1.weight)[0], f32(block.ln1.bias)[0],
-                1 - torch.cat([f32(att.time_mix_k), f32(att.time_mix_v), f32(att.time_mix_r)]),
+                vec(block.ln1.weight), vec(block.ln1.bias),
+                1 - torch.stack([vec(att.time_mix_k), vec(att.time_mix_v), vec(att.time_mix_r)]),
                 self._mat(att.key.weight, att.value.weight, att.receptance.weight),
-                -torch.exp(att.time_decay.detach().float()).contiguous(), att.time_first.detach().float().contiguous(),
+                -torch.exp(vec(att.time_decay)), vec(att.time_first),
                 self._mat(att.output.weight),
-                f32(block.ln2.weight)[0], f32(block.ln2.bias)[0],
-                1 - torch.cat([f32(ffn.time_mix_k), f32(ffn.time_mix_r)]),
+                vec(block.ln2.weight), vec(block.ln2.bias),
+                1 - torch.stack([vec(ffn.time_mix_k), vec(ffn.time_mix_r)]),
                 self._mat(ffn.key.weight, ffn.receptance.weight),
                 self._mat(ffn.value.weight),
             ]
-        self._layers += [f32(lm.ln_out.weight)[0], f32(lm.ln_out.bias)[0]]
+        self._layers += [vec(lm.ln_out.weight), vec(lm.ln_out.bias)]
         assert len(self._layers) == 2 + LAYER_TENSORS * lm.config.n_layer + 2
         self._emb = lm.emb.weight.detach()
         self._head = self._mat(lm.head.weight)
