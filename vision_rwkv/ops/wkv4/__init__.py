@@ -67,28 +67,22 @@ def _note_fallback(reason: str, device_type: str) -> None:
 def wkv4(w, u, k, v, state=None, *, impl: str = "auto"):
     """Run the recurrence over T steps. See the module docstring for shapes and meaning."""
     _check(w, u, k, v, state)
-    others = (w, u, v, *(state or ()))
-    if impl == "auto":
-        on_cpu = k.device.type == "cpu"
-        reason = cpu_unavailable_reason(k, *others) if on_cpu else cuda_unavailable_reason(k)
-        if reason is None:
-            impl = "cpu" if on_cpu else "cuda"
-        else:
-            impl = "reference"
-            _note_fallback(reason, k.device.type)
+    if impl in ("auto", "cpu", "cuda"):  # the kernel asked for, or the device's own for "auto": checked once
+        kernel = impl if impl != "auto" else "cpu" if k.device.type == "cpu" else "cuda"
+        reason = cpu_unavailable_reason(k, w, u, v, *(state or ())) if kernel == "cpu" else cuda_unavailable_reason(k)
+        if impl == "auto":
+            impl = kernel if reason is None else "reference"
+            if reason is not None:
+                _note_fallback(reason, k.device.type)
+        elif reason is not None:
+            raise VisionRWKVError(f"wkv4 impl {impl!r} was asked for but cannot run: {reason}")
     if impl == "reference":
         return wkv4_reference(w, u, k, v, state)
     if impl == "cpu":
-        reason = cpu_unavailable_reason(k, *others)
-        if reason is not None:
-            raise VisionRWKVError(f"wkv4 impl 'cpu' was asked for but cannot run: {reason}")
         from . import cpu as cpu_impl
 
         return cpu_impl.wkv4_cpu(w, u, k, v, state)
     if impl == "cuda":
-        reason = cuda_unavailable_reason(k)
-        if reason is not None:
-            raise VisionRWKVError(f"wkv4 impl 'cuda' was asked for but cannot run: {reason}")
         from . import cuda as cuda_impl
 
         return cuda_impl.wkv4_cuda(w, u, k, v, state)
